@@ -1,0 +1,525 @@
+"""Supermask: learned tile masks for Linear and Conv2d layers.
+
+Each prunable layer gets one score per tile of its weight. A target sparsity turns the scores into a
+binary tile mask (the lowest-scoring tiles are pruned), the forward uses `weight * mask`, and the
+backward passes the mask's gradient straight through to the scores.
+
+    model = torchvision.models.vit_b_16()
+    apply_supermask(model, linear_sparsity=0.9, linear_sp_tilesize=32, skip_last_layer_sparsity=True)
+    ...train...
+    sparsify_offline(model)  # plain torchvision model again, with pruned tiles set to zero
+"""
+
+import math
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+##### Mask primitives #####
+
+
+def check_sparsity(sparsity, name="sparsity"):
+    """Raise ValueError unless 0 <= sparsity < 1."""
+    if not (isinstance(sparsity, (int, float)) and 0.0 <= sparsity < 1.0):
+        raise ValueError(f"{name} must be a number in [0, 1), got {sparsity!r}")
+
+
+def check_tile_size(tile_size, name="tile_size"):
+    """Raise ValueError unless tile_size is an integer >= 1."""
+    if isinstance(tile_size, bool) or not isinstance(tile_size, int) or tile_size < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {tile_size!r}")
+
+
+def tile_grid_shape(weight_shape, tile_size):
+    """Shape of the score tensor: one entry per tile along every dimension of the weight."""
+    return tuple(math.ceil(d / tile_size) for d in weight_shape)
+
+
+def max_sparsity(num_tiles):
+    """The largest sparsity a layer with `num_tiles` tiles can reach: one tile always stays."""
+    return 1.0 - 1.0 / num_tiles
+
+
+def num_pruned_tiles(num_tiles, sparsity):
+    """How many of `num_tiles` tiles the mask prunes at `sparsity` (the original's percentile rule)."""
+    return round(sparsity * (num_tiles - 1))
+
+
+def tile_mask(scores, sparsity):
+    """Binary tile mask with the straight-through estimator: the value is {0, 1}, the gradient is identity.
+
+    The threshold is the k-th smallest score, k = 1 + round(sparsity * (n - 1)); tiles scoring below it
+    are pruned and ties are kept, exactly as the original SuperBlock.
+    """
+    k = 1 + num_pruned_tiles(scores.numel(), sparsity)
+    threshold = scores.detach().flatten().kthvalue(k).values
+    hard = (scores.detach() >= threshold).to(scores.dtype)
+    # hard + (s - s.detach()) has the value of `hard` exactly and passes the gradient to `scores`.
+    return hard + (scores - scores.detach())
+
+
+def expand_tiles(tiles, weight_shape, tile_size):
+    """Repeat every tile entry tile_size times along each dimension and crop to the weight's shape."""
+    if tile_size == 1:
+        return tiles
+    grid = tiles.shape
+    # (T0, T1, ...) -> (T0, 1, T1, 1, ...) -> (T0, t, T1, t, ...) -> (T0*t, T1*t, ...)
+    view_shape, expand_shape = [], []
+    for n in grid:
+        view_shape += [n, 1]
+        expand_shape += [n, tile_size]
+    full = tiles.reshape(view_shape).expand(expand_shape).reshape([n * tile_size for n in grid])
+    return full[tuple(slice(0, d) for d in weight_shape)]
+
+
+##### Supermask layers #####
+
+
+class _SupermaskMixin:
+    """Scores, sparsity, tile size and the cached eval-mode weight shared by the Supermask layers."""
+
+    def _init_supermask(self, sparsity, tile_size):
+        check_sparsity(sparsity)
+        check_tile_size(tile_size)
+        grid = tile_grid_shape(self.weight.shape, tile_size)
+        num_tiles = math.prod(grid)
+        if sparsity > max_sparsity(num_tiles):
+            warnings.warn(
+                f"sparsity {sparsity} is above the maximum {max_sparsity(num_tiles):.4f} of a layer with weight "
+                f"{tuple(self.weight.shape)} and tile size {tile_size} ({num_tiles} tiles); lowering it to the maximum"
+            )
+            sparsity = max_sparsity(num_tiles)
+        self.sparsity = float(sparsity)
+        self.tile_size = tile_size
+        self.scores = nn.Parameter(torch.empty(grid, device=self.weight.device, dtype=self.weight.dtype))
+        nn.init.kaiming_uniform_(self.scores, a=math.sqrt(5))
+        self._cached_weight = None
+        self._cache_key = None
+
+    def get_mask(self):
+        """The {0, 1} mask of the weight's shape and dtype (differentiable with respect to the scores)."""
+        tiles = tile_mask(self.scores, self.sparsity)
+        return expand_tiles(tiles, self.weight.shape, self.tile_size).to(self.weight.dtype)
+
+    def masked_weight(self):
+        """weight * mask; cached while neither the weight nor the scores change and no gradient is needed."""
+        needs_grad = torch.is_grad_enabled() and (self.scores.requires_grad or self.weight.requires_grad)
+        if self.training or needs_grad or torch.compiler.is_compiling():
+            return self.weight * self.get_mask()
+        # Tensor versions bump on every in-place change (optimizer step, load_state_dict, copy_),
+        # data_ptr changes when a parameter is replaced or moved, so the cache cannot go stale.
+        key = (
+            self.weight.data_ptr(), self.weight._version, self.weight.dtype,
+            self.scores.data_ptr(), self.scores._version, self.sparsity, self.tile_size,
+        )
+        if key != self._cache_key:
+            with torch.no_grad():
+                self._cached_weight = self.weight * self.get_mask()
+            self._cache_key = key
+        return self._cached_weight
+
+    def extra_repr(self):
+        return f"{super().extra_repr()}, sparsity={self.sparsity}, tile_size={self.tile_size}"
+
+
+class SupermaskLinear(_SupermaskMixin, nn.Linear):
+    """nn.Linear whose weight is multiplied by a learned tile mask."""
+
+    def __init__(self, in_features, out_features, bias=True, *, sparsity, tile_size=1, device=None, dtype=None):
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self._init_supermask(sparsity, tile_size)
+
+    @classmethod
+    def from_linear(cls, linear, *, sparsity, tile_size=1, device=None):
+        """A SupermaskLinear with the weight and bias of `linear` (on its device and dtype unless `device`)."""
+        layer = cls(
+            linear.in_features, linear.out_features, bias=linear.bias is not None,
+            sparsity=sparsity, tile_size=tile_size,
+            device=device or linear.weight.device, dtype=linear.weight.dtype,
+        )
+        _copy_parameters(linear, layer)
+        return layer
+
+    def to_linear(self):
+        """The frozen plain nn.Linear computing what this layer computes in eval mode."""
+        linear = nn.Linear(
+            self.in_features, self.out_features, bias=self.bias is not None,
+            device=self.weight.device, dtype=self.weight.dtype,
+        )
+        _copy_frozen_parameters(self, linear)
+        return linear
+
+    def forward(self, input):
+        return F.linear(input, self.masked_weight(), self.bias)
+
+
+class SupermaskConv2d(_SupermaskMixin, nn.Conv2d):
+    """nn.Conv2d whose weight is multiplied by a learned tile mask (tiles span all four weight dimensions)."""
+
+    def __init__(self, in_channels, out_channels, kernel_size, *, sparsity, tile_size=1, **conv_kwargs):
+        super().__init__(in_channels, out_channels, kernel_size, **conv_kwargs)
+        self._init_supermask(sparsity, tile_size)
+
+    @classmethod
+    def from_conv(cls, conv, *, sparsity, tile_size=1, device=None):
+        """A SupermaskConv2d with the weight, bias and geometry of `conv`."""
+        layer = cls(
+            conv.in_channels, conv.out_channels, conv.kernel_size, sparsity=sparsity, tile_size=tile_size,
+            **_conv_settings(conv), device=device or conv.weight.device, dtype=conv.weight.dtype,
+        )
+        _copy_parameters(conv, layer)
+        return layer
+
+    def to_conv(self):
+        """The frozen plain nn.Conv2d computing what this layer computes in eval mode."""
+        conv = nn.Conv2d(
+            self.in_channels, self.out_channels, self.kernel_size, **_conv_settings(self),
+            device=self.weight.device, dtype=self.weight.dtype,
+        )
+        _copy_frozen_parameters(self, conv)
+        return conv
+
+    def forward(self, input):
+        return self._conv_forward(input, self.masked_weight(), self.bias)
+
+
+SUPERMASK_LAYERS = (SupermaskLinear, SupermaskConv2d)
+
+
+def _conv_settings(conv):
+    return dict(
+        stride=conv.stride, padding=conv.padding, dilation=conv.dilation, groups=conv.groups,
+        bias=conv.bias is not None, padding_mode=conv.padding_mode,
+    )
+
+
+@torch.no_grad()
+def _copy_parameters(source, target):
+    target.weight.copy_(source.weight)
+    if source.bias is not None:
+        target.bias.copy_(source.bias)
+    target.weight.requires_grad_(source.weight.requires_grad)
+
+
+@torch.no_grad()
+def _copy_frozen_parameters(supermask_layer, plain_layer):
+    plain_layer.weight.copy_(supermask_layer.weight * supermask_layer.get_mask())
+    if supermask_layer.bias is not None:
+        plain_layer.bias.copy_(supermask_layer.bias)
+
+
+##### Choosing the layers #####
+
+
+def _attention_out_projections(model):
+    """Names of the out_proj Linears that nn.MultiheadAttention reads functionally (a mask there would be dead)."""
+    return {
+        f"{name}.out_proj" if name else "out_proj"
+        for name, module in model.named_modules()
+        if isinstance(module, nn.MultiheadAttention)
+    }
+
+
+def _is_prunable(module):
+    return isinstance(module, (nn.Linear, nn.Conv2d))
+
+
+def find_classifier(model):
+    """Name of the Linear producing the logits: the last Linear registered in the model (heads.head, fc, classifier[-1])."""
+    dead = _attention_out_projections(model)
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in dead]
+    return names[-1] if names else None
+
+
+def find_first_transformer_block(model):
+    """Name of the first encoder block of a torchvision VisionTransformer, or None."""
+    from torchvision.models.vision_transformer import EncoderBlock
+
+    return next((n for n, m in model.named_modules() if isinstance(m, EncoderBlock)), None)
+
+
+def _is_inside(name, prefix):
+    return prefix is not None and (name == prefix or name.startswith(prefix + "."))
+
+
+@dataclass
+class _LayerChoice:
+    sparsity: float
+    tile_size: int
+
+
+def _choose(module, name, *, settings, skipped, dead, classifier, first_block, filter_fn):
+    """The sparsity and tile size for one layer, or None (and the reason recorded in `skipped`)."""
+    linear_sp, linear_tile, conv1x1_sp, conv1x1_tile, conv_sp, conv_tile = settings
+    if name in dead:
+        skipped[name] = "nn.MultiheadAttention uses this weight functionally; a mask here would never apply"
+        return None
+    if name == classifier:
+        skipped[name] = "classifier (skip_last_layer_sparsity)"
+        return None
+    if _is_inside(name, first_block):
+        skipped[name] = "first transformer block (skip_first_transformer_sparsity)"
+        return None
+    if filter_fn is not None and not filter_fn(module, name):
+        skipped[name] = "excluded by filter_fn"
+        return None
+    if isinstance(module, nn.Linear):
+        choice = _LayerChoice(linear_sp, linear_tile)
+        category = "linear_sparsity"
+    elif module.kernel_size == (1, 1) and conv1x1_sp > 0:
+        choice = _LayerChoice(conv1x1_sp, conv1x1_tile)
+        category = "conv1x1_sparsity"
+    else:
+        choice = _LayerChoice(conv_sp, conv_tile)
+        category = "conv_sparsity"
+    if choice.sparsity == 0:
+        skipped[name] = f"{category} is 0"
+        return None
+    return choice
+
+
+def apply_supermask(
+    model,
+    linear_sparsity=0.0,
+    linear_sp_tilesize=1,
+    conv1x1_sparsity=0.0,
+    conv1x1_sp_tilesize=1,
+    conv_sparsity=0.0,
+    conv_sp_tilesize=1,
+    skip_last_layer_sparsity=False,
+    skip_first_transformer_sparsity=False,
+    device=None,
+    verbose=False,
+    filter_fn: Optional[Callable[[nn.Module, str], bool]] = None,
+):
+    """Replace the model's Linear and Conv2d layers by Supermask layers in place and return the model.
+
+    Args:
+        model: any nn.Module; layers may be direct children.
+        linear_sparsity, linear_sp_tilesize: target sparsity and tile size of nn.Linear layers (0 leaves them dense).
+        conv1x1_sparsity, conv1x1_sp_tilesize: the same for 1x1 convolutions; when 0 they fall under conv_sparsity.
+        conv_sparsity, conv_sp_tilesize: the same for all other nn.Conv2d layers.
+        skip_last_layer_sparsity: keep the classifier (the last Linear) dense.
+        skip_first_transformer_sparsity: keep the first encoder block of a torchvision ViT dense.
+        device: where the new layers live; None keeps each layer's device (and its dtype in any case).
+        verbose: print the sparsity report.
+        filter_fn: optional `filter_fn(module, fqn) -> bool`; layers for which it is False stay dense.
+
+    Example:
+        >>> model = torchvision.models.resnet18(num_classes=10)
+        >>> apply_supermask(model, conv1x1_sparsity=0.5, conv1x1_sp_tilesize=8, linear_sparsity=0.9)
+    """
+    for value, arg in [(linear_sparsity, "linear_sparsity"), (conv1x1_sparsity, "conv1x1_sparsity"),
+                       (conv_sparsity, "conv_sparsity")]:
+        check_sparsity(value, arg)
+    for value, arg in [(linear_sp_tilesize, "linear_sp_tilesize"), (conv1x1_sp_tilesize, "conv1x1_sp_tilesize"),
+                       (conv_sp_tilesize, "conv_sp_tilesize")]:
+        check_tile_size(value, arg)
+
+    skipped = {}
+    context = dict(
+        settings=(linear_sparsity, linear_sp_tilesize, conv1x1_sparsity, conv1x1_sp_tilesize,
+                  conv_sparsity, conv_sp_tilesize),
+        skipped=skipped,
+        dead=_attention_out_projections(model),
+        classifier=find_classifier(model) if skip_last_layer_sparsity else None,
+        first_block=find_first_transformer_block(model) if skip_first_transformer_sparsity else None,
+        filter_fn=filter_fn,
+    )
+    replacements = {}
+    for name, module in model.named_modules():
+        if not _is_prunable(module) or isinstance(module, SUPERMASK_LAYERS):
+            continue
+        choice = _choose(module, name, **context)
+        if choice is None:
+            continue
+        if isinstance(module, nn.Linear):
+            replacements[name] = SupermaskLinear.from_linear(
+                module, sparsity=choice.sparsity, tile_size=choice.tile_size, device=device)
+        else:
+            replacements[name] = SupermaskConv2d.from_conv(
+                module, sparsity=choice.sparsity, tile_size=choice.tile_size, device=device)
+    for name, layer in replacements.items():
+        _set_submodule(model, name, layer)
+    # Remembered so that sparsity_report can say why each dense layer stayed dense.
+    model._supermask_skipped = {**getattr(model, "_supermask_skipped", {}), **skipped}
+    if verbose:
+        print(sparsity_report(model))
+    return model
+
+
+def _set_submodule(model, name, layer):
+    parent_name, _, child_name = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child_name, layer)
+
+
+def sparsify_offline(model):
+    """Freeze every Supermask layer into a plain Linear/Conv2d with weight * mask, in place; returns the model."""
+    frozen = {}
+    for name, module in model.named_modules():
+        if isinstance(module, SupermaskLinear):
+            frozen[name] = module.to_linear()
+        elif isinstance(module, SupermaskConv2d):
+            frozen[name] = module.to_conv()
+    for name, layer in frozen.items():
+        if name == "":
+            raise ValueError("sparsify_offline needs a model that contains Supermask layers, not a Supermask layer itself; "
+                             "call layer.to_linear() / layer.to_conv() instead")
+        _set_submodule(model, name, layer)
+    return model
+
+
+##### Loading checkpoints #####
+
+
+def _strip_prefix(state_dict, prefix):
+    if state_dict and all(k.startswith(prefix) for k in state_dict):
+        return {k[len(prefix):]: v for k, v in state_dict.items()}
+    return state_dict
+
+
+@torch.no_grad()
+def load_supermask_state_dict(model, state_dict):
+    """Load a checkpoint of this project or of the original SuperBlock into a model prepared by apply_supermask.
+
+    The original's `shift`/`scale` are folded into the weight (weight * scale + shift), scores that the
+    original kept on attention out_proj layers (never applied) are dropped with a notice, and a `module.`
+    (DDP) or `_orig_mod.` (torch.compile) prefix is stripped. Scores missing from a dense checkpoint keep
+    their initial values. Raises ValueError naming the layer when an entry does not fit the model.
+    Returns the names of the Supermask layers whose scores were not in the checkpoint.
+    """
+    state_dict = _strip_prefix(_strip_prefix(dict(state_dict), "module."), "_orig_mod.")
+    modules = dict(model.named_modules())
+    dead = _attention_out_projections(model)
+
+    for shift_key in [k for k in state_dict if k.endswith(".shift")]:
+        prefix = shift_key[: -len("shift")]
+        shift = state_dict.pop(shift_key)
+        scale = state_dict.pop(prefix + "scale", torch.ones(()))
+        if prefix + "weight" in state_dict:
+            state_dict[prefix + "weight"] = state_dict[prefix + "weight"] * scale + shift
+
+    dropped = []
+    for key in [k for k in state_dict if k.endswith(".scores")]:
+        layer_name = key[: -len(".scores")]
+        module = modules.get(layer_name)
+        if isinstance(module, SUPERMASK_LAYERS):
+            _check_score_shape(layer_name, module, state_dict[key])
+        elif layer_name in dead:
+            dropped.append(layer_name)
+            del state_dict[key]
+        elif module is not None:
+            reason = getattr(model, "_supermask_skipped", {}).get(layer_name, "it is not a Supermask layer")
+            raise ValueError(f"the checkpoint has a mask for layer {layer_name}, but this model leaves it dense "
+                             f"({reason}): use the sparsity and skip flags the checkpoint was trained with")
+    if dropped:
+        print(f"Dropped the scores of {len(dropped)} attention out_proj layer(s): the original SuperBlock kept "
+              f"them but never applied them, so the model it trained had these layers dense.")
+
+    expected = model.state_dict()
+    for name, found in state_dict.items():
+        if name not in expected:
+            raise ValueError(f"the checkpoint has entry {name}, which this model lacks: was it written for "
+                             f"another model, or with other sparsity flags?")
+        if found.shape != expected[name].shape:
+            raise ValueError(f"checkpoint entry {name} has shape {tuple(found.shape)} but the model expects "
+                             f"{tuple(expected[name].shape)}: was it written for another model or num_classes?")
+    missing = [k for k in expected if k not in state_dict]
+    missing_scores = [k[: -len(".scores")] for k in missing if k.endswith(".scores")]
+    others = [k for k in missing if not k.endswith(".scores")]
+    if others:
+        raise ValueError(f"the checkpoint lacks {len(others)} entries of this model, e.g. {others[0]}: "
+                         f"was it written for another model?")
+    model.load_state_dict(state_dict, strict=False)
+    return missing_scores
+
+
+def _check_score_shape(name, layer, scores):
+    expected = tuple(layer.scores.shape)
+    if tuple(scores.shape) == expected:
+        return
+    fitting = [t for t in range(1, max(layer.weight.shape) + 1)
+               if tile_grid_shape(layer.weight.shape, t) == tuple(scores.shape)]
+    hint = (f"tile size {fitting[0]} would fit" if fitting
+            else "no tile size fits this weight; was it written for another model?")
+    raise ValueError(f"scores of layer {name} have shape {tuple(scores.shape)}, but tile size {layer.tile_size} "
+                     f"gives {expected} for weight {tuple(layer.weight.shape)}: {hint}")
+
+
+##### Reporting #####
+
+
+@dataclass
+class LayerSparsity:
+    """One prunable layer: its shape, tiling and how much of it is pruned (or why it stays dense)."""
+
+    name: str
+    kind: str
+    weight_shape: tuple
+    tile_size: Optional[int]
+    target_sparsity: float
+    actual_sparsity: float
+    numel: int
+    note: str = ""
+
+
+@dataclass
+class SparsityReport:
+    """Per-layer sparsity of a model and its totals; str() renders a table."""
+
+    rows: list = field(default_factory=list)
+
+    @property
+    def total_params(self):
+        return sum(r.numel for r in self.rows)
+
+    @property
+    def pruned_params(self):
+        return sum(round(r.numel * r.actual_sparsity) for r in self.rows)
+
+    @property
+    def overall_sparsity(self):
+        return self.pruned_params / max(self.total_params, 1)
+
+    def __str__(self):
+        header = ("layer", "type", "weight", "tile", "target", "actual", "note")
+        lines = [header] + [
+            (r.name, r.kind, "x".join(map(str, r.weight_shape)), str(r.tile_size or "-"),
+             f"{r.target_sparsity:.3f}", f"{r.actual_sparsity:.3f}", r.note)
+            for r in self.rows
+        ]
+        widths = [max(len(line[i]) for line in lines) for i in range(len(header) - 1)]
+        text = ["  ".join(cell.ljust(w) for cell, w in zip(line[:-1], widths)) + "  " + line[-1] for line in lines]
+        masked = sum(1 for r in self.rows if r.tile_size is not None)
+        text.append(f"{masked} of {len(self.rows)} prunable layers masked; {self.pruned_params:,} of "
+                    f"{self.total_params:,} prunable weights pruned ({100 * self.overall_sparsity:.1f}%)")
+        return "\n".join(line.rstrip() for line in text)
+
+
+@torch.no_grad()
+def sparsity_report(model):
+    """One row per Linear/Conv2d of the model: target and actual sparsity, or why it stays dense."""
+    skipped = getattr(model, "_supermask_skipped", {})
+    dead = _attention_out_projections(model)
+    rows = []
+    for name, module in model.named_modules():
+        if not _is_prunable(module):
+            continue
+        kind = type(module).__name__
+        if isinstance(module, SUPERMASK_LAYERS):
+            actual = 1.0 - module.get_mask().float().mean().item()
+            rows.append(LayerSparsity(name, kind, tuple(module.weight.shape), module.tile_size,
+                                      module.sparsity, actual, module.weight.numel()))
+            continue
+        actual = (module.weight == 0).float().mean().item()
+        note = skipped.get(name) or (
+            "dense: nn.MultiheadAttention uses this weight functionally" if name in dead else "dense")
+        rows.append(LayerSparsity(name, kind, tuple(module.weight.shape), None, 0.0, actual,
+                                  module.weight.numel(), note))
+    return SparsityReport(rows)

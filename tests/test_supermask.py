@@ -1,0 +1,447 @@
+import argparse
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+import torchvision
+
+import supermask
+from supermask import (
+    SupermaskConv2d,
+    SupermaskLinear,
+    apply_supermask,
+    load_supermask_state_dict,
+    sparsify_offline,
+    sparsity_report,
+)
+
+
+def tiny_vit(num_classes=10):
+    """A small torchvision ViT with a random head (torchvision zero-initialises it, which hides bugs)."""
+    torch.manual_seed(0)
+    model = torchvision.models.VisionTransformer(
+        image_size=16, patch_size=4, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=64, num_classes=num_classes)
+    nn.init.normal_(model.heads.head.weight, std=0.5)
+    return model
+
+
+def tiny_resnet():
+    torch.manual_seed(0)
+    return torchvision.models.resnet18(num_classes=7)
+
+
+def pruned_tiles(layer):
+    grid = supermask.tile_mask(layer.scores.detach(), layer.sparsity)
+    return int((grid == 0).sum())
+
+
+# ----- mask semantics -----
+
+
+@pytest.mark.parametrize("shape,tile", [((64, 48), 16), ((50, 30), 16), ((33, 7), 4), ((10, 10), 1), ((5, 100), 32)])
+@pytest.mark.parametrize("sparsity", [0.1, 0.5, 0.77, 0.9])
+def test_linear_mask_prunes_expected_tile_count(shape, tile, sparsity):
+    torch.manual_seed(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        layer = SupermaskLinear(shape[1], shape[0], sparsity=sparsity, tile_size=tile)
+    n = math.prod(math.ceil(d / tile) for d in shape)
+    assert layer.scores.shape == tuple(math.ceil(d / tile) for d in shape)
+    assert pruned_tiles(layer) == round(layer.sparsity * (n - 1))
+    assert layer.get_mask().shape == layer.weight.shape
+
+
+@pytest.mark.parametrize("kernel,tile", [(1, 8), (3, 8), (3, 2), (5, 1)])
+def test_conv_mask_tiles_all_four_dimensions(kernel, tile):
+    torch.manual_seed(2)
+    layer = SupermaskConv2d(12, 20, kernel, sparsity=0.5, tile_size=tile, padding=kernel // 2)
+    expected_grid = tuple(math.ceil(d / tile) for d in (20, 12, kernel, kernel))
+    assert layer.scores.shape == expected_grid
+    n = math.prod(expected_grid)
+    assert pruned_tiles(layer) == round(0.5 * (n - 1))
+    mask = layer.get_mask()
+    assert mask.shape == layer.weight.shape
+    # Each tile is constant: expanding the tile grid back reproduces the mask.
+    grid = supermask.tile_mask(layer.scores.detach(), layer.sparsity)
+    assert torch.equal(supermask.expand_tiles(grid, layer.weight.shape, tile), mask)
+
+
+def test_mask_is_constant_within_each_tile_and_cropped_at_edges():
+    layer = SupermaskLinear(10, 7, sparsity=0.5, tile_size=4)
+    with torch.no_grad():
+        layer.scores.copy_(torch.tensor([[0.0, 1.0, 2.0], [3.0, 4.0, 5.0]]))
+    mask = layer.get_mask()
+    # n=6, k = 1 + round(0.5*5) = 3 -> threshold 2.0, tiles with scores 0 and 1 pruned.
+    expected = torch.ones(7, 10)
+    expected[0:4, 0:8] = 0
+    assert torch.equal(mask, expected)
+
+
+def test_ties_at_threshold_are_kept():
+    layer = SupermaskLinear(4, 4, sparsity=0.5, tile_size=2)
+    with torch.no_grad():
+        layer.scores.fill_(1.0)
+    assert torch.equal(layer.get_mask(), torch.ones(4, 4))
+
+
+def test_sparsity_above_layer_maximum_is_lowered_with_warning():
+    with pytest.warns(UserWarning, match="lowering it to the maximum"):
+        layer = SupermaskLinear(8, 8, sparsity=0.9, tile_size=4)  # 4 tiles: at most 0.75
+    assert layer.sparsity == pytest.approx(0.75)
+    assert pruned_tiles(layer) == round(0.75 * 3)  # the percentile rule, as in the original
+
+
+def test_straight_through_gradients_match_formulas():
+    torch.manual_seed(3)
+    layer = SupermaskLinear(10, 6, sparsity=0.5, tile_size=4)
+    x = torch.randn(5, 10)
+    upstream = torch.randn(5, 6)
+    (layer(x) * upstream).sum().backward()
+
+    mask = layer.get_mask().detach()
+    grad_w_eff = upstream.t() @ x  # dL/dW_eff for y = x W_eff^T
+    torch.testing.assert_close(layer.weight.grad, grad_w_eff * mask)
+    per_element = grad_w_eff * layer.weight.detach()
+    padded = torch.zeros(8, 12)
+    padded[:6, :10] = per_element
+    tile_sums = padded.reshape(2, 4, 3, 4).sum(dim=(1, 3))
+    torch.testing.assert_close(layer.scores.grad, tile_sums)
+    torch.testing.assert_close(layer.bias.grad, upstream.sum(0))
+
+
+def test_conv_straight_through_gradient_is_tile_sum():
+    torch.manual_seed(4)
+    layer = SupermaskConv2d(4, 6, 3, sparsity=0.4, tile_size=2, padding=1)
+    x = torch.randn(2, 4, 5, 5)
+    w_eff = (layer.weight * layer.get_mask()).detach().requires_grad_()
+    out = nn.functional.conv2d(x, w_eff, layer.bias.detach(), padding=1)
+    upstream = torch.randn_like(out)
+    (out * upstream).sum().backward()
+    (layer(x) * upstream).sum().backward()
+    per_element = w_eff.grad * layer.weight.detach()
+    padded = torch.zeros(6, 4, 4, 4)
+    padded[:, :, :3, :3] = per_element
+    expected = padded.reshape(3, 2, 2, 2, 2, 2, 2, 2).sum(dim=(1, 3, 5, 7))
+    torch.testing.assert_close(layer.scores.grad, expected)
+    torch.testing.assert_close(layer.weight.grad, w_eff.grad * layer.get_mask().detach())
+
+
+# ----- every mask acts on the output -----
+
+
+def test_changing_any_score_changes_the_output():
+    torch.manual_seed(5)
+    model = tiny_vit()
+    apply_supermask(model, linear_sparsity=0.5, linear_sp_tilesize=8)
+    model.eval()
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        reference = model(x)
+        for name, layer in model.named_modules():
+            if not isinstance(layer, SupermaskLinear):
+                continue
+            # Push the highest-scoring tile below every other: the mask changes, so must the output.
+            flat = layer.scores.view(-1)
+            top = flat.argmax()
+            saved = flat[top].clone()
+            flat[top] = flat.min() - 1
+            changed = model(x)
+            flat[top] = saved
+            assert not torch.allclose(changed, reference), f"mask of {name} does not act on the output"
+        torch.testing.assert_close(model(x), reference)
+
+
+def test_attention_out_proj_stays_dense_and_is_reported():
+    model = tiny_vit()
+    apply_supermask(model, linear_sparsity=0.5, linear_sp_tilesize=8)
+    attention = model.encoder.layers[0].self_attention
+    assert type(attention.out_proj) is not SupermaskLinear
+    rows = {r.name: r for r in sparsity_report(model).rows}
+    assert "functionally" in rows["encoder.layers.encoder_layer_0.self_attention.out_proj"].note
+    assert rows["encoder.layers.encoder_layer_0.mlp.0"].tile_size == 8
+
+
+# ----- apply_supermask on real architectures -----
+
+
+def test_top_level_layers_are_wrapped():
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+    apply_supermask(model, linear_sparsity=0.5, linear_sp_tilesize=4)
+    assert isinstance(model[0], SupermaskLinear) and isinstance(model[2], SupermaskLinear)
+    assert model(torch.randn(3, 16)).shape == (3, 4)
+
+
+def test_single_layer_model_is_wrapped_as_its_own_child():
+    class Single(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(8, 8)
+
+        def forward(self, x):
+            return self.fc(x)
+
+    model = apply_supermask(Single(), linear_sparsity=0.5, linear_sp_tilesize=2)
+    assert isinstance(model.fc, SupermaskLinear)
+
+
+def test_weights_and_bias_are_copied():
+    model = nn.Sequential(nn.Linear(6, 5))
+    weight, bias = model[0].weight.detach().clone(), model[0].bias.detach().clone()
+    apply_supermask(model, linear_sparsity=0.3, linear_sp_tilesize=1)
+    assert torch.equal(model[0].weight, weight) and torch.equal(model[0].bias, bias)
+
+
+def test_skip_flags_on_vit():
+    model = tiny_vit()
+    apply_supermask(model, linear_sparsity=0.5, linear_sp_tilesize=8,
+                    skip_last_layer_sparsity=True, skip_first_transformer_sparsity=True)
+    assert type(model.heads.head) is nn.Linear
+    assert type(model.encoder.layers[0].mlp[0]) is nn.Linear
+    assert type(model.encoder.layers[0].mlp[3]) is nn.Linear
+    assert isinstance(model.encoder.layers[1].mlp[0], SupermaskLinear)
+    notes = {r.name: r.note for r in sparsity_report(model).rows}
+    assert "skip_last_layer_sparsity" in notes["heads.head"]
+    assert "skip_first_transformer_sparsity" in notes["encoder.layers.encoder_layer_0.mlp.0"]
+
+
+def test_skip_last_layer_on_resnet_and_conv_categories():
+    model = tiny_resnet()
+    apply_supermask(model, linear_sparsity=0.5, conv1x1_sparsity=0.6, conv1x1_sp_tilesize=4,
+                    conv_sparsity=0.3, conv_sp_tilesize=2, skip_last_layer_sparsity=True)
+    assert type(model.fc) is nn.Linear
+    downsample = model.layer2[0].downsample[0]  # a 1x1 conv
+    assert isinstance(downsample, SupermaskConv2d) and downsample.sparsity == 0.6 and downsample.tile_size == 4
+    assert isinstance(model.conv1, SupermaskConv2d) and model.conv1.sparsity == 0.3
+
+
+def test_conv1x1_falls_under_conv_sparsity_when_its_own_is_zero():
+    model = tiny_resnet()
+    apply_supermask(model, conv_sparsity=0.4, conv_sp_tilesize=2)
+    assert model.layer2[0].downsample[0].sparsity == 0.4
+    assert type(model.fc) is nn.Linear  # linear_sparsity 0 leaves it unwrapped
+
+
+def test_skip_last_layer_finds_classifier_of_other_architectures():
+    model = torchvision.models.mobilenet_v3_small(num_classes=5)
+    apply_supermask(model, linear_sparsity=0.5, skip_last_layer_sparsity=True)
+    assert type(model.classifier[-1]) is nn.Linear
+    assert isinstance(model.classifier[0], SupermaskLinear)
+
+
+def test_filter_fn_excludes_layers():
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
+    apply_supermask(model, linear_sparsity=0.5, filter_fn=lambda module, fqn: fqn != "1")
+    assert isinstance(model[0], SupermaskLinear) and type(model[1]) is nn.Linear
+
+
+def test_keeps_dtype_and_device_of_each_layer():
+    model = nn.Sequential(nn.Linear(8, 8)).to(torch.bfloat16)
+    apply_supermask(model, linear_sparsity=0.5, linear_sp_tilesize=2)
+    assert model[0].weight.dtype == torch.bfloat16 and model[0].scores.dtype == torch.bfloat16
+
+
+# ----- online, offline, cache -----
+
+
+def test_online_equals_offline_logits():
+    torch.manual_seed(6)
+    model = tiny_vit()
+    apply_supermask(model, linear_sparsity=0.7, linear_sp_tilesize=8)
+    model.eval()
+    x = torch.randn(4, 3, 16, 16)
+    with torch.no_grad():
+        online = model(x)
+        sparsify_offline(model)
+        offline = model(x)
+    assert not any(isinstance(m, supermask.SUPERMASK_LAYERS) for m in model.modules())
+    assert online.abs().max() > 0
+    torch.testing.assert_close(online, offline, rtol=0, atol=0)
+
+
+def test_offline_state_dict_loads_into_plain_torchvision_model():
+    model = tiny_vit()
+    apply_supermask(model, linear_sparsity=0.7, linear_sp_tilesize=8)
+    sparsify_offline(model)
+    plain = torchvision.models.VisionTransformer(
+        image_size=16, patch_size=4, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=64, num_classes=10)
+    plain.load_state_dict(model.state_dict(), strict=True)
+    # Frozen weights carry the pruned tiles as zeros.
+    assert (plain.encoder.layers[0].mlp[0].weight == 0).float().mean() > 0.5
+
+
+def test_eval_cache_follows_score_changes():
+    torch.manual_seed(7)
+    layer = SupermaskLinear(16, 16, sparsity=0.5, tile_size=4).eval()
+    x = torch.randn(3, 16)
+    with torch.no_grad():
+        first = layer(x)
+        assert layer(x) is not None and layer._cached_weight is not None
+        cached = layer._cached_weight
+        layer(x)
+        assert layer._cached_weight is cached, "mask recomputed although nothing changed"
+        layer.scores.neg_()
+        flipped = layer(x)
+    expected = nn.functional.linear(x, layer.weight * layer.get_mask(), layer.bias)
+    torch.testing.assert_close(flipped, expected.detach())
+    assert not torch.allclose(first, flipped)
+
+
+def test_eval_cache_follows_load_state_dict():
+    torch.manual_seed(8)
+    a = SupermaskLinear(16, 16, sparsity=0.5, tile_size=4).eval()
+    b = SupermaskLinear(16, 16, sparsity=0.5, tile_size=4).eval()
+    x = torch.randn(3, 16)
+    with torch.no_grad():
+        a(x)
+        a.load_state_dict(b.state_dict())
+        torch.testing.assert_close(a(x), b(x))
+
+
+# ----- compile, dtypes -----
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_compile_fullgraph(training):
+    torch.manual_seed(9)
+    model = nn.Sequential(
+        SupermaskLinear(16, 32, sparsity=0.5, tile_size=4), nn.ReLU(),
+        SupermaskLinear(32, 8, sparsity=0.5, tile_size=8))
+    model.train(training)
+    x = torch.randn(4, 16)
+    compiled = torch.compile(model, fullgraph=True, backend="eager" if training else "inductor")
+    if training:
+        compiled(x).sum().backward()
+        assert model[0].scores.grad is not None and model[0].scores.grad.abs().sum() > 0
+    else:
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(x), model(x))
+
+
+def test_conv_compile_fullgraph_eval():
+    torch.manual_seed(10)
+    layer = SupermaskConv2d(3, 8, 3, sparsity=0.5, tile_size=2, padding=1).eval()
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(layer, fullgraph=True, backend="eager")(x), layer(x))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_mask_applied_in_weight_dtype(dtype):
+    torch.manual_seed(11)
+    layer = SupermaskLinear(32, 16, sparsity=0.5, tile_size=8, dtype=dtype)
+    mask = layer.get_mask()
+    assert mask.dtype == dtype
+    x = torch.randn(4, 32, dtype=dtype)
+    out = layer(x)
+    assert out.dtype == dtype
+    expected = nn.functional.linear(x.float(), (layer.weight * mask).float(), layer.bias.float())
+    torch.testing.assert_close(out.float(), expected.detach(), rtol=2e-2, atol=2e-2)
+    out.float().sum().backward()
+    assert layer.scores.grad is not None
+
+
+# ----- loading checkpoints -----
+
+
+def test_loads_original_superblock_checkpoint_with_shift_scale_and_dead_scores(capsys):
+    torch.manual_seed(12)
+    source = tiny_vit()
+    apply_supermask(source, linear_sparsity=0.5, linear_sp_tilesize=8)
+    state = {"module." + k: v for k, v in source.state_dict().items()}
+    for name, module in source.named_modules():
+        if isinstance(module, SupermaskLinear):
+            state[f"module.{name}.shift"] = torch.tensor([0.0])
+            state[f"module.{name}.scale"] = torch.tensor([2.0])
+    # The original wrapped attention out_proj too, with scores that were never applied.
+    out_proj = "encoder.layers.encoder_layer_0.self_attention.out_proj"
+    state[f"module.{out_proj}.scores"] = torch.randn(4, 4)
+    state[f"module.{out_proj}.shift"] = torch.tensor([0.0])
+    state[f"module.{out_proj}.scale"] = torch.tensor([1.0])
+
+    target = tiny_vit()
+    torch.manual_seed(99)
+    apply_supermask(target, linear_sparsity=0.5, linear_sp_tilesize=8)
+    missing = load_supermask_state_dict(target, state)
+    assert missing == []
+    assert "out_proj" in capsys.readouterr().out
+    layer = target.encoder.layers[0].mlp[0]
+    torch.testing.assert_close(layer.weight, source.encoder.layers[0].mlp[0].weight * 2)
+    torch.testing.assert_close(layer.scores, source.encoder.layers[0].mlp[0].scores)
+
+
+def test_loads_original_checkpoint_with_pickled_namespace_weights_only(tmp_path):
+    model = tiny_vit()
+    apply_supermask(model, linear_sparsity=0.5, linear_sp_tilesize=8)
+    path = tmp_path / "model_299.pth"
+    torch.save({"model": model.state_dict(), "args": argparse.Namespace(model="vit_b_16"), "epoch": 299}, path)
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        checkpoint = torch.load(path, weights_only=True)
+    target = tiny_vit()
+    apply_supermask(target, linear_sparsity=0.5, linear_sp_tilesize=8)
+    load_supermask_state_dict(target, checkpoint["model"])
+    torch.testing.assert_close(target.encoder.layers[1].mlp[3].scores, model.encoder.layers[1].mlp[3].scores)
+
+
+def test_dense_checkpoint_loads_and_keeps_initial_scores():
+    dense = tiny_vit()
+    model = tiny_vit()
+    apply_supermask(model, linear_sparsity=0.5, linear_sp_tilesize=8)
+    missing = load_supermask_state_dict(model, dense.state_dict())
+    assert "encoder.layers.encoder_layer_0.mlp.0" in missing
+    torch.testing.assert_close(model.encoder.layers[0].mlp[0].weight, dense.encoder.layers[0].mlp[0].weight)
+
+
+def test_score_shape_mismatch_names_layer_and_fitting_tile_size():
+    source = tiny_vit()
+    apply_supermask(source, linear_sparsity=0.5, linear_sp_tilesize=4)
+    target = tiny_vit()
+    apply_supermask(target, linear_sparsity=0.5, linear_sp_tilesize=8)
+    with pytest.raises(ValueError, match=r"encoder\.layers\.encoder_layer_0\.mlp\.0.*tile size 4 would fit"):
+        load_supermask_state_dict(target, source.state_dict())
+
+
+def test_scores_for_a_dense_layer_are_an_error():
+    source = tiny_vit()
+    apply_supermask(source, linear_sparsity=0.5, linear_sp_tilesize=8)
+    target = tiny_vit()
+    apply_supermask(target, linear_sparsity=0.5, linear_sp_tilesize=8, skip_last_layer_sparsity=True)
+    with pytest.raises(ValueError, match=r"heads\.head.*skip_last_layer_sparsity"):
+        load_supermask_state_dict(target, source.state_dict())
+
+
+def test_checkpoint_of_another_model_is_an_error():
+    with pytest.raises(ValueError, match="shape"):
+        load_supermask_state_dict(tiny_vit(num_classes=10), tiny_vit(num_classes=3).state_dict())
+
+
+# ----- report and errors -----
+
+
+def test_report_totals_match_masks():
+    torch.manual_seed(13)
+    model = tiny_vit()
+    apply_supermask(model, linear_sparsity=0.8, linear_sp_tilesize=8)
+    report = sparsity_report(model)
+    pruned = sum(int((m.get_mask() == 0).sum()) for m in model.modules() if isinstance(m, SupermaskLinear))
+    assert report.pruned_params == pruned
+    assert report.total_params == sum(m.weight.numel() for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d)))
+    text = str(report)
+    assert "encoder.layers.encoder_layer_1.mlp.3" in text and "prunable weights pruned" in text
+
+
+def test_verbose_prints_report(capsys):
+    apply_supermask(tiny_vit(), linear_sparsity=0.5, verbose=True)
+    assert "heads.head" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(linear_sparsity=1.0), "linear_sparsity must be a number in \\[0, 1\\)"),
+    (dict(conv_sparsity=-0.1), "conv_sparsity"),
+    (dict(linear_sparsity=0.5, linear_sp_tilesize=0), "linear_sp_tilesize must be an integer >= 1"),
+    (dict(conv1x1_sp_tilesize=2.5), "conv1x1_sp_tilesize"),
+])
+def test_bad_arguments_raise_value_error(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        apply_supermask(tiny_vit(), **kwargs)
