@@ -5,7 +5,8 @@ binary tile mask (the lowest-scoring tiles are pruned), the forward uses `weight
 backward passes the mask's gradient straight through to the scores.
 
     model = torchvision.models.vit_b_16()
-    apply_supermask(model, linear_sparsity=0.9, linear_sp_tilesize=32, skip_last_layer_sparsity=True)
+    apply_supermask(model, linear_sparsity=0.9, linear_sp_tilesize=32, skip_last_layer_sparsity=True,
+                    attention_sparsity=0.9, attention_sp_tilesize=32)
     ...train...
     sparsify_offline(model)  # plain torchvision model again, with pruned tiles set to zero
 """
@@ -18,6 +19,8 @@ from typing import Callable, Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from attention import ProjectedAttention, unsupported_attention_reason
 
 
 ##### Mask primitives #####
@@ -257,7 +260,7 @@ def _choose(module, name, *, settings, skipped, dead, classifier, first_block, f
     """The sparsity and tile size for one layer, or None (and the reason recorded in `skipped`)."""
     linear_sp, linear_tile, conv1x1_sp, conv1x1_tile, conv_sp, conv_tile = settings
     if name in dead:
-        skipped[name] = "nn.MultiheadAttention uses this weight functionally; a mask here would never apply"
+        skipped[name] = "nn.MultiheadAttention reads this weight functionally: mask it with attention_sparsity"
         return None
     if name == classifier:
         skipped[name] = "classifier (skip_last_layer_sparsity)"
@@ -296,6 +299,8 @@ def apply_supermask(
     device=None,
     verbose=False,
     filter_fn: Optional[Callable[[nn.Module, str], bool]] = None,
+    attention_sparsity=0.0,
+    attention_sp_tilesize=1,
 ):
     """Replace the model's Linear and Conv2d layers by Supermask layers in place and return the model.
 
@@ -309,26 +314,32 @@ def apply_supermask(
         device: where the new layers live; None keeps each layer's device (and its dtype in any case).
         verbose: print the sparsity report.
         filter_fn: optional `filter_fn(module, fqn) -> bool`; layers for which it is False stay dense.
+        attention_sparsity, attention_sp_tilesize: target sparsity and tile size of the q/k/v input projection
+            and the output projection of every nn.MultiheadAttention, which is replaced by a
+            ProjectedAttention with Supermask projections (0 leaves attention dense, as the original did).
 
     Example:
         >>> model = torchvision.models.resnet18(num_classes=10)
         >>> apply_supermask(model, conv1x1_sparsity=0.5, conv1x1_sp_tilesize=8, linear_sparsity=0.9)
     """
     for value, arg in [(linear_sparsity, "linear_sparsity"), (conv1x1_sparsity, "conv1x1_sparsity"),
-                       (conv_sparsity, "conv_sparsity")]:
+                       (conv_sparsity, "conv_sparsity"), (attention_sparsity, "attention_sparsity")]:
         check_sparsity(value, arg)
     for value, arg in [(linear_sp_tilesize, "linear_sp_tilesize"), (conv1x1_sp_tilesize, "conv1x1_sp_tilesize"),
-                       (conv_sp_tilesize, "conv_sp_tilesize")]:
+                       (conv_sp_tilesize, "conv_sp_tilesize"), (attention_sp_tilesize, "attention_sp_tilesize")]:
         check_tile_size(value, arg)
 
     skipped = {}
+    first_block = find_first_transformer_block(model) if skip_first_transformer_sparsity else None
+    _mask_attention(model, sparsity=attention_sparsity, tile_size=attention_sp_tilesize, device=device,
+                    skipped=skipped, first_block=first_block, filter_fn=filter_fn)
     context = dict(
         settings=(linear_sparsity, linear_sp_tilesize, conv1x1_sparsity, conv1x1_sp_tilesize,
                   conv_sparsity, conv_sp_tilesize),
         skipped=skipped,
         dead=_attention_out_projections(model),
         classifier=find_classifier(model) if skip_last_layer_sparsity else None,
-        first_block=find_first_transformer_block(model) if skip_first_transformer_sparsity else None,
+        first_block=first_block,
         filter_fn=filter_fn,
     )
     replacements = {}
@@ -353,6 +364,32 @@ def apply_supermask(
     return model
 
 
+def _mask_attention(model, *, sparsity, tile_size, device, skipped, first_block, filter_fn):
+    """Replace each nn.MultiheadAttention by a ProjectedAttention with Supermask projections."""
+    replacements = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.MultiheadAttention):
+            continue
+        reason = unsupported_attention_reason(module)
+        if sparsity == 0:
+            skipped[name] = "attention_sparsity is 0"
+        elif _is_inside(name, first_block):
+            skipped[name] = "first transformer block (skip_first_transformer_sparsity)"
+        elif filter_fn is not None and not filter_fn(module, name):
+            skipped[name] = "excluded by filter_fn"
+        elif reason is not None:
+            skipped[name] = reason
+        else:
+            replacements[name] = ProjectedAttention.from_attention(
+                module, lambda linear: SupermaskLinear.from_linear(
+                    linear, sparsity=sparsity, tile_size=tile_size, device=device))
+    for name, layer in replacements.items():
+        if name == "":
+            raise ValueError("apply_supermask needs a model that contains the nn.MultiheadAttention, not the "
+                             "attention module itself")
+        _set_submodule(model, name, layer)
+
+
 def _set_submodule(model, name, layer):
     parent_name, _, child_name = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
@@ -363,7 +400,11 @@ def sparsify_offline(model):
     """Freeze every Supermask layer into a plain Linear/Conv2d with weight * mask, in place; returns the model."""
     frozen = {}
     for name, module in model.named_modules():
-        if isinstance(module, SupermaskLinear):
+        if any(_is_inside(name, done) for done in frozen):
+            continue
+        if isinstance(module, ProjectedAttention) and isinstance(module.in_proj, SupermaskLinear):
+            frozen[name] = module.to_attention(_frozen_weight(module.in_proj), _frozen_weight(module.out_proj))
+        elif isinstance(module, SupermaskLinear):
             frozen[name] = module.to_linear()
         elif isinstance(module, SupermaskConv2d):
             frozen[name] = module.to_conv()
@@ -373,6 +414,11 @@ def sparsify_offline(model):
                              "call layer.to_linear() / layer.to_conv() instead")
         _set_submodule(model, name, layer)
     return model
+
+
+@torch.no_grad()
+def _frozen_weight(layer):
+    return layer.weight * layer.get_mask() if isinstance(layer, SUPERMASK_LAYERS) else layer.weight
 
 
 ##### Loading checkpoints #####
@@ -396,7 +442,13 @@ def load_supermask_state_dict(model, state_dict):
     """
     state_dict = _strip_prefix(_strip_prefix(dict(state_dict), "module."), "_orig_mod.")
     modules = dict(model.named_modules())
-    dead = _attention_out_projections(model)
+    # The checkpoint's out_proj scores are dead where it holds a plain nn.MultiheadAttention (in_proj_weight).
+    dead = {k[: -len("in_proj_weight")] + "out_proj" for k in state_dict if k.endswith("in_proj_weight")}
+    for name, module in modules.items():
+        if isinstance(module, ProjectedAttention):
+            for old, new in [("in_proj_weight", "in_proj.weight"), ("in_proj_bias", "in_proj.bias")]:
+                if f"{name}.{old}" in state_dict:
+                    state_dict[f"{name}.{new}"] = state_dict.pop(f"{name}.{old}")
 
     for shift_key in [k for k in state_dict if k.endswith(".shift")]:
         prefix = shift_key[: -len("shift")]
@@ -409,13 +461,14 @@ def load_supermask_state_dict(model, state_dict):
     for key in [k for k in state_dict if k.endswith(".scores")]:
         layer_name = key[: -len(".scores")]
         module = modules.get(layer_name)
-        if isinstance(module, SUPERMASK_LAYERS):
-            _check_score_shape(layer_name, module, state_dict[key])
-        elif layer_name in dead:
+        if layer_name in dead:
             dropped.append(layer_name)
             del state_dict[key]
+        elif isinstance(module, SUPERMASK_LAYERS):
+            _check_score_shape(layer_name, module, state_dict[key])
         elif module is not None:
-            reason = getattr(model, "_supermask_skipped", {}).get(layer_name, "it is not a Supermask layer")
+            skipped = getattr(model, "_supermask_skipped", {})
+            reason = skipped.get(layer_name) or skipped.get(layer_name.rpartition(".")[0]) or "not a Supermask layer"
             raise ValueError(f"the checkpoint has a mask for layer {layer_name}, but this model leaves it dense "
                              f"({reason}): use the sparsity and skip flags the checkpoint was trained with")
     if dropped:
@@ -509,6 +562,12 @@ def sparsity_report(model):
     dead = _attention_out_projections(model)
     rows = []
     for name, module in model.named_modules():
+        if isinstance(module, nn.MultiheadAttention):
+            # Its q/k/v projection is a bare parameter, not a module: report it as a layer of its own.
+            weight = module.in_proj_weight if module._qkv_same_embed_dim else module.q_proj_weight
+            rows.append(LayerSparsity(f"{name}.in_proj_weight", "MultiheadAttention", tuple(weight.shape), None,
+                                      0.0, (weight == 0).float().mean().item(), weight.numel(),
+                                      skipped.get(name, "dense")))
         if not _is_prunable(module):
             continue
         kind = type(module).__name__
@@ -519,7 +578,7 @@ def sparsity_report(model):
             continue
         actual = (module.weight == 0).float().mean().item()
         note = skipped.get(name) or (
-            "dense: nn.MultiheadAttention uses this weight functionally" if name in dead else "dense")
+            "nn.MultiheadAttention reads this weight functionally" if name in dead else "dense")
         rows.append(LayerSparsity(name, kind, tuple(module.weight.shape), None, 0.0, actual,
                                   module.weight.numel(), note))
     return SparsityReport(rows)

@@ -426,7 +426,9 @@ def test_report_totals_match_masks():
     report = sparsity_report(model)
     pruned = sum(int((m.get_mask() == 0).sum()) for m in model.modules() if isinstance(m, SupermaskLinear))
     assert report.pruned_params == pruned
-    assert report.total_params == sum(m.weight.numel() for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d)))
+    layers = sum(m.weight.numel() for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d)))
+    attention_inputs = sum(m.in_proj_weight.numel() for m in model.modules() if isinstance(m, nn.MultiheadAttention))
+    assert report.total_params == layers + attention_inputs
     text = str(report)
     assert "encoder.layers.encoder_layer_1.mlp.3" in text and "prunable weights pruned" in text
 
