@@ -53,17 +53,44 @@ def num_pruned_tiles(num_tiles, sparsity):
     return round(sparsity * (num_tiles - 1))
 
 
-def tile_mask(scores, sparsity):
+def tile_mask(scores, num_pruned):
     """Binary tile mask with the straight-through estimator: the value is {0, 1}, the gradient is identity.
 
-    The threshold is the k-th smallest score, k = 1 + round(sparsity * (n - 1)); tiles scoring below it
-    are pruned and ties are kept, exactly as the original SuperBlock.
+    The threshold is the k-th smallest score, k = 1 + num_pruned (see num_pruned_tiles); tiles scoring below
+    it are pruned and ties are kept, exactly as the original SuperBlock. `num_pruned` may be an int or a
+    0-dim integer tensor: a tensor lets the sparsity change without a host sync or a recompilation.
     """
-    k = 1 + num_pruned_tiles(scores.numel(), sparsity)
-    threshold = scores.detach().flatten().kthvalue(k).values
+    threshold = scores.detach().flatten().sort().values[num_pruned]
     hard = (scores.detach() >= threshold).to(scores.dtype)
     # hard + (s - s.detach()) has the value of `hard` exactly and passes the gradient to `scores`.
     return hard + (scores - scores.detach())
+
+
+def tile_norms(weight, tile_size):
+    """L2 norm of every tile of `weight` (zero-padded at the edges): shape tile_grid_shape(weight.shape, tile_size)."""
+    grid = tile_grid_shape(weight.shape, tile_size)
+    padded = weight.new_zeros([n * tile_size for n in grid])
+    padded[tuple(slice(0, d) for d in weight.shape)] = weight
+    tiled = padded.reshape([x for n in grid for x in (n, tile_size)])
+    return tiled.square().sum(dim=tuple(range(1, 2 * len(grid), 2))).sqrt()
+
+
+def sparsity_schedule(schedule, step, total_steps):
+    """Fraction of the target sparsity to apply at `step` of a ramp lasting `total_steps` (1 after it).
+
+    "constant" applies the target at once, "linear" rises evenly and "cubic" follows Zhu and Gupta (2017),
+    1 - (1 - step / total_steps) ** 3: fast at first, gentle near the target.
+    """
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown sparsity schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
+    if schedule == "constant" or total_steps <= 0 or step >= total_steps:
+        return 1.0
+    progress = max(step, 0) / total_steps
+    return progress if schedule == "linear" else 1.0 - (1.0 - progress) ** 3
+
+
+SCHEDULES = ("constant", "linear", "cubic")
+SCORE_INITS = ("kaiming", "magnitude")
 
 
 def expand_tiles(tiles, weight_shape, tile_size):
@@ -97,16 +124,42 @@ class _SupermaskMixin:
                 f"{tuple(self.weight.shape)} and tile size {tile_size} ({num_tiles} tiles); lowering it to the maximum"
             )
             sparsity = max_sparsity(num_tiles)
-        self.sparsity = float(sparsity)
         self.tile_size = tile_size
+        self.target_sparsity = float(sparsity)
         self.scores = nn.Parameter(torch.empty(grid, device=self.weight.device, dtype=self.weight.dtype))
-        nn.init.kaiming_uniform_(self.scores, a=math.sqrt(5))
+        self.init_scores("kaiming")
+        # The pruned-tile count lives in an integer buffer (untouched by .to(dtype)) so that a sparsity
+        # ramp changes it in place: no host sync, no recompilation. Not saved: it follows the sparsity.
+        self.register_buffer("num_pruned", torch.zeros((), dtype=torch.long, device=self.weight.device),
+                             persistent=False)
+        self.sparsity = sparsity
         self._cached_weight = None
         self._cache_key = None
 
+    @property
+    def sparsity(self):
+        """The sparsity the mask applies now (the target, unless a ramp lowered it)."""
+        return self._sparsity
+
+    @sparsity.setter
+    def sparsity(self, value):
+        check_sparsity(value)
+        self._sparsity = min(float(value), max_sparsity(self.scores.numel()))
+        self.num_pruned.fill_(num_pruned_tiles(self.scores.numel(), self._sparsity))
+
+    @torch.no_grad()
+    def init_scores(self, score_init):
+        """Random scores ("kaiming", as the original) or the L2 norm of each weight tile ("magnitude")."""
+        if score_init == "kaiming":
+            nn.init.kaiming_uniform_(self.scores, a=math.sqrt(5))
+        elif score_init == "magnitude":
+            self.scores.copy_(tile_norms(self.weight.float(), self.tile_size))
+        else:
+            raise ValueError(f"score_init must be one of {', '.join(SCORE_INITS)}, got {score_init!r}")
+
     def get_mask(self):
         """The {0, 1} mask of the weight's shape and dtype (differentiable with respect to the scores)."""
-        tiles = tile_mask(self.scores, self.sparsity)
+        tiles = tile_mask(self.scores, self.num_pruned)
         return expand_tiles(tiles, self.weight.shape, self.tile_size).to(self.weight.dtype)
 
     def masked_weight(self):
@@ -138,7 +191,7 @@ class SupermaskLinear(_SupermaskMixin, nn.Linear):
         self._init_supermask(sparsity, tile_size)
 
     @classmethod
-    def from_linear(cls, linear, *, sparsity, tile_size=1, device=None):
+    def from_linear(cls, linear, *, sparsity, tile_size=1, device=None, score_init="kaiming"):
         """A SupermaskLinear with the weight and bias of `linear` (on its device and dtype unless `device`)."""
         layer = cls(
             linear.in_features, linear.out_features, bias=linear.bias is not None,
@@ -146,6 +199,7 @@ class SupermaskLinear(_SupermaskMixin, nn.Linear):
             device=device or linear.weight.device, dtype=linear.weight.dtype,
         )
         _copy_parameters(linear, layer)
+        layer.init_scores(score_init)
         return layer
 
     def to_linear(self):
@@ -169,13 +223,14 @@ class SupermaskConv2d(_SupermaskMixin, nn.Conv2d):
         self._init_supermask(sparsity, tile_size)
 
     @classmethod
-    def from_conv(cls, conv, *, sparsity, tile_size=1, device=None):
+    def from_conv(cls, conv, *, sparsity, tile_size=1, device=None, score_init="kaiming"):
         """A SupermaskConv2d with the weight, bias and geometry of `conv`."""
         layer = cls(
             conv.in_channels, conv.out_channels, conv.kernel_size, sparsity=sparsity, tile_size=tile_size,
             **_conv_settings(conv), device=device or conv.weight.device, dtype=conv.weight.dtype,
         )
         _copy_parameters(conv, layer)
+        layer.init_scores(score_init)
         return layer
 
     def to_conv(self):
@@ -301,6 +356,7 @@ def apply_supermask(
     filter_fn: Optional[Callable[[nn.Module, str], bool]] = None,
     attention_sparsity=0.0,
     attention_sp_tilesize=1,
+    score_init="kaiming",
 ):
     """Replace the model's Linear and Conv2d layers by Supermask layers in place and return the model.
 
@@ -317,6 +373,8 @@ def apply_supermask(
         attention_sparsity, attention_sp_tilesize: target sparsity and tile size of the q/k/v input projection
             and the output projection of every nn.MultiheadAttention, which is replaced by a
             ProjectedAttention with Supermask projections (0 leaves attention dense, as the original did).
+        score_init: "kaiming" (random scores, as the original) or "magnitude" (each tile's L2 norm, so the
+            first mask keeps the largest tiles: the natural start from pretrained dense weights).
 
     Example:
         >>> model = torchvision.models.resnet18(num_classes=10)
@@ -329,10 +387,12 @@ def apply_supermask(
                        (conv_sp_tilesize, "conv_sp_tilesize"), (attention_sp_tilesize, "attention_sp_tilesize")]:
         check_tile_size(value, arg)
 
+    if score_init not in SCORE_INITS:
+        raise ValueError(f"score_init must be one of {', '.join(SCORE_INITS)}, got {score_init!r}")
     skipped = {}
     first_block = find_first_transformer_block(model) if skip_first_transformer_sparsity else None
     _mask_attention(model, sparsity=attention_sparsity, tile_size=attention_sp_tilesize, device=device,
-                    skipped=skipped, first_block=first_block, filter_fn=filter_fn)
+                    score_init=score_init, skipped=skipped, first_block=first_block, filter_fn=filter_fn)
     context = dict(
         settings=(linear_sparsity, linear_sp_tilesize, conv1x1_sparsity, conv1x1_sp_tilesize,
                   conv_sparsity, conv_sp_tilesize),
@@ -351,10 +411,10 @@ def apply_supermask(
             continue
         if isinstance(module, nn.Linear):
             replacements[name] = SupermaskLinear.from_linear(
-                module, sparsity=choice.sparsity, tile_size=choice.tile_size, device=device)
+                module, sparsity=choice.sparsity, tile_size=choice.tile_size, device=device, score_init=score_init)
         else:
             replacements[name] = SupermaskConv2d.from_conv(
-                module, sparsity=choice.sparsity, tile_size=choice.tile_size, device=device)
+                module, sparsity=choice.sparsity, tile_size=choice.tile_size, device=device, score_init=score_init)
     for name, layer in replacements.items():
         _set_submodule(model, name, layer)
     # Remembered so that sparsity_report can say why each dense layer stayed dense.
@@ -364,7 +424,7 @@ def apply_supermask(
     return model
 
 
-def _mask_attention(model, *, sparsity, tile_size, device, skipped, first_block, filter_fn):
+def _mask_attention(model, *, sparsity, tile_size, device, score_init, skipped, first_block, filter_fn):
     """Replace each nn.MultiheadAttention by a ProjectedAttention with Supermask projections."""
     replacements = {}
     for name, module in model.named_modules():
@@ -382,7 +442,7 @@ def _mask_attention(model, *, sparsity, tile_size, device, skipped, first_block,
         else:
             replacements[name] = ProjectedAttention.from_attention(
                 module, lambda linear: SupermaskLinear.from_linear(
-                    linear, sparsity=sparsity, tile_size=tile_size, device=device))
+                    linear, sparsity=sparsity, tile_size=tile_size, device=device, score_init=score_init))
     for name, layer in replacements.items():
         if name == "":
             raise ValueError("apply_supermask needs a model that contains the nn.MultiheadAttention, not the "
@@ -394,6 +454,17 @@ def _set_submodule(model, name, layer):
     parent_name, _, child_name = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child_name, layer)
+
+
+def supermask_layers(model):
+    """The model's Supermask layers."""
+    return [m for m in model.modules() if isinstance(m, SUPERMASK_LAYERS)]
+
+
+def set_sparsity_fraction(model, fraction):
+    """Set every Supermask layer to `fraction` of its target sparsity (a sparsity ramp's step); no host sync."""
+    for layer in supermask_layers(model):
+        layer.sparsity = layer.target_sparsity * fraction
 
 
 def sparsify_offline(model):

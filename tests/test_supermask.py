@@ -33,7 +33,7 @@ def tiny_resnet():
 
 
 def pruned_tiles(layer):
-    grid = supermask.tile_mask(layer.scores.detach(), layer.sparsity)
+    grid = supermask.tile_mask(layer.scores.detach(), layer.num_pruned)
     return int((grid == 0).sum())
 
 
@@ -64,7 +64,7 @@ def test_conv_mask_tiles_all_four_dimensions(kernel, tile):
     mask = layer.get_mask()
     assert mask.shape == layer.weight.shape
     # Each tile is constant: expanding the tile grid back reproduces the mask.
-    grid = supermask.tile_mask(layer.scores.detach(), layer.sparsity)
+    grid = supermask.tile_mask(layer.scores.detach(), layer.num_pruned)
     assert torch.equal(supermask.expand_tiles(grid, layer.weight.shape, tile), mask)
 
 
