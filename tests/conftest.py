@@ -2,10 +2,16 @@ import os
 import sys
 
 import pytest
+import torch
 
 # Tests import the top-level scripts (supermask.py, train.py, ...) as modules.
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+
+# Without a GPU, Triton kernels run in Triton's interpreter; it is chosen when a kernel is defined, so
+# before any test imports one.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def pytest_addoption(parser):
