@@ -1,0 +1,608 @@
+"""Train a torchvision classification model with Supermask block sparsity.
+
+Flags follow torchvision's references/classification/train.py, so its recipes copy over; the Supermask flags
+(--sparsity-linear, --sp-linear-tile-size, ...) choose which layers learn tile masks. Runs as one process
+(`python train.py`, CPU or one GPU) or several (`torchrun --nproc_per_node=N train.py`, or under SLURM).
+
+Example (the demo; see TRAINING.md for ImageNet recipes):
+    python sample_data.py demo/data
+    python train.py --data-path demo/data --model vit_tiny --device cpu --sparsity-linear 0.9 \
+        --sp-linear-tile-size 16 --output-dir demo/output ...
+"""
+import argparse
+import contextlib
+import datetime
+import os
+import sys
+import time
+
+import torch
+import torch.utils.data
+from torch import nn
+from torchvision.transforms import InterpolationMode
+from tqdm import tqdm
+
+import presets
+import sampler
+import supermask
+import transforms
+import utils
+
+OPTIMIZERS = ("sgd", "sgd_nesterov", "rmsprop", "adamw")
+LR_SCHEDULERS = ("steplr", "cosineannealinglr", "exponentiallr")
+
+
+# ---------------------------------------------------------------- progress
+
+
+class Progress:
+    """Per-step progress on rank 0: a tqdm bar on a terminal, otherwise a log line every print_freq steps.
+
+    Metrics are read from the device only every print_freq steps, so the loop does not sync on every step.
+    With print_freq None there are no log lines and no metrics, only the bar.
+    """
+
+    def __init__(self, *, total, desc, print_freq):
+        self.total = total
+        self.desc = desc
+        self.print_freq = print_freq
+        self.enabled = utils.is_main_process()
+        self.bar = tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True) if self.enabled and sys.stderr.isatty() else None
+        self.last_time = time.time()
+        self.last_images = 0
+
+    def step(self, index, *, images_seen, metrics):
+        """Record that step `index` (0-based) finished; `metrics` is a callable returning a dict, called rarely."""
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.update(1)
+        if self.print_freq is None or (index % self.print_freq != 0 and index + 1 != self.total):
+            return
+        values = metrics()  # syncs with the device
+        now = time.time()
+        values["img/s"] = (images_seen - self.last_images) / max(now - self.last_time, 1e-9)
+        self.last_time, self.last_images = now, images_seen
+        text = {k: (f"{v:.4g}" if isinstance(v, float) else str(v)) for k, v in values.items()}
+        if self.bar is not None:
+            self.bar.set_postfix(text, refresh=False)
+        else:
+            fields = "  ".join(f"{k} {v}" for k, v in text.items())
+            utils.log(f"{self.desc} [{index + 1}/{self.total}]  {fields}")
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+# ---------------------------------------------------------------- one epoch
+
+
+def train_one_epoch(*, model, criterion, optimizer, data_loader, device, epoch, args, model_ema, scaler, autocast):
+    """One pass over the training data; returns (mean loss, images per second) of this process."""
+    model.train()
+    steps = len(data_loader)
+    progress = Progress(total=steps, desc=f"Epoch {epoch}", print_freq=max(args.print_freq, 1))
+    loss_sum = torch.zeros((), device=device)
+    images_seen = 0
+    optimizer_steps = 0
+    start = time.time()
+    optimizer.zero_grad(set_to_none=True)
+    for i, (image, target) in enumerate(data_loader):
+        image = image.to(device, non_blocking=True)
+        target = target.to(device, non_blocking=True)
+        # With gradient accumulation the optimizer steps every accumulation_steps batches and at the epoch's end.
+        is_update = (i + 1) % args.accumulation_steps == 0 or i + 1 == steps
+        # DDP need not all-reduce gradients on the batches that only accumulate.
+        sync = contextlib.nullcontext() if is_update or not args.distributed else model.no_sync()
+        with sync:
+            with autocast():
+                output = model(image)
+                loss = criterion(output, target)
+            scaled = loss / args.accumulation_steps
+            if scaler is not None:
+                scaler.scale(scaled).backward()
+            else:
+                scaled.backward()
+        if is_update:
+            if scaler is not None:
+                if args.clip_grad_norm is not None:
+                    scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+                    nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad_norm)
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                if args.clip_grad_norm is not None:
+                    nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad_norm)
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if model_ema is not None and optimizer_steps % args.model_ema_steps == 0:
+                model_ema.update_parameters(model)
+                if epoch < args.lr_warmup_epochs:
+                    # During warmup the average restarts at every update, i.e. it copies the weights.
+                    model_ema.n_averaged.fill_(0)
+            optimizer_steps += 1
+        loss_sum += loss.detach()
+        images_seen += image.shape[0]
+        progress.step(
+            i,
+            images_seen=images_seen,
+            metrics=lambda: {"loss": (loss_sum / (i + 1)).item(), "lr": optimizer.param_groups[0]["lr"]},
+        )
+    progress.close()
+    mean_loss = (loss_sum / max(steps, 1)).item()
+    return mean_loss, images_seen / max(time.time() - start, 1e-9)
+
+
+@torch.inference_mode()
+def evaluate(*, model, data_loader, device, autocast, num_classes, desc):
+    """Top-1 and top-5 accuracy (percent) over the whole validation set, summed exactly over all processes."""
+    model.eval()
+    topk = (1, min(5, num_classes))
+    counts = torch.zeros(3, dtype=torch.int64, device=device)  # correct@1, correct@5, samples
+    progress = Progress(total=len(data_loader), desc=desc, print_freq=None)
+    for i, (image, target) in enumerate(data_loader):
+        image = image.to(device, non_blocking=True)
+        target = target.to(device, non_blocking=True)
+        with autocast():
+            output = model(image)
+        correct1, correct5 = utils.correct_topk(output, target, topk=topk)
+        counts += torch.stack([correct1, correct5, torch.tensor(target.shape[0], device=device)])
+        progress.step(i, images_seen=0, metrics=None)
+    progress.close()
+    counts = utils.all_reduce_sum(counts).tolist()
+    expected = len(data_loader.dataset)
+    assert counts[2] == expected, f"evaluated {counts[2]} samples but the validation set has {expected}"
+    return 100.0 * counts[0] / counts[2], 100.0 * counts[1] / counts[2]
+
+
+# ---------------------------------------------------------------- setup
+
+
+def check_args(args):
+    """Reject flag values and combinations that cannot work, before any data is read."""
+    args.opt = args.opt.lower()
+    if args.opt not in OPTIMIZERS and not args.opt.startswith("sgd"):
+        raise utils.InputError(f"Invalid optimizer {args.opt}; use one of {', '.join(OPTIMIZERS)}")
+    args.lr_scheduler = args.lr_scheduler.lower()
+    if args.lr_scheduler not in LR_SCHEDULERS:
+        raise utils.InputError(f"Invalid lr scheduler {args.lr_scheduler}; use one of {', '.join(LR_SCHEDULERS)}")
+    if args.lr_warmup_method not in ("linear", "constant"):
+        raise utils.InputError(f"Invalid --lr-warmup-method {args.lr_warmup_method}; use linear or constant")
+    if args.lr_scheduler == "cosineannealinglr" and args.lr_warmup_epochs >= args.epochs and not args.test_only:
+        raise utils.InputError(
+            f"--lr-warmup-epochs {args.lr_warmup_epochs} leaves no epochs for cosine annealing; "
+            f"use fewer than --epochs {args.epochs}"
+        )
+    utils.check_interpolation(args.interpolation)
+    utils.check_model_name(args.model)
+    if utils.is_vit(args.model) and args.train_crop_size != args.val_crop_size and not args.test_only:
+        raise utils.InputError(
+            f"{args.model} is built for one image size, but --train-crop-size {args.train_crop_size} differs from "
+            f"--val-crop-size {args.val_crop_size}; make them equal"
+        )
+    if args.accumulation_steps < 1:
+        raise utils.InputError(f"--accumulation-steps must be at least 1, got {args.accumulation_steps}")
+    if args.auto_augment is not None and args.auto_augment not in presets.AUTO_AUGMENT_POLICIES:
+        raise utils.InputError(
+            f"Invalid --auto-augment {args.auto_augment}; use one of {', '.join(presets.AUTO_AUGMENT_POLICIES)}"
+        )
+    if args.backend == "tv_tensor" and not args.use_v2:
+        raise utils.InputError("--backend tv_tensor needs --use-v2")
+    for flag in ("weights_path",):
+        path = getattr(args, flag)
+        if path and not os.path.isfile(path):
+            raise utils.InputError(f"--weights-path {path} does not exist; pass a checkpoint file")
+    utils.check_data_path(args.data_path)
+
+
+def resolve_resume(args):
+    """The checkpoint to resume from: --resume PATH, or with --resume auto the newest in --output-dir (or None)."""
+    if not args.resume:
+        return None
+    if args.resume == "auto":
+        path = utils.find_latest_checkpoint(args.output_dir)
+        if path is None and args.test_only:
+            raise utils.InputError(f"--resume auto found no checkpoint in --output-dir {args.output_dir}")
+        return path
+    if not os.path.isfile(args.resume):
+        raise utils.InputError(f"--resume {args.resume} does not exist; pass a checkpoint file or --resume auto")
+    return args.resume
+
+
+def load_data(args):
+    """Training and validation data sets, their samplers, and the number of classes."""
+    interpolation = InterpolationMode(args.interpolation)
+    train_transform = presets.ClassificationPresetTrain(
+        crop_size=args.train_crop_size,
+        interpolation=interpolation,
+        crop_scale=tuple(args.train_crop_scale),
+        hflip_prob=args.hflip_prob,
+        auto_augment_policy=args.auto_augment,
+        ra_magnitude=args.ra_magnitude,
+        augmix_severity=args.augmix_severity,
+        random_erase_prob=args.random_erase,
+        backend=args.backend,
+        use_v2=args.use_v2,
+    )
+    dataset = utils.image_folder(os.path.join(args.data_path, "train"), train_transform, cache=args.cache_dataset)
+    dataset_test, test_sampler = utils.load_val_data(args)
+    if dataset_test.classes != dataset.classes:
+        raise utils.InputError(
+            f"train/ and val/ under {args.data_path} have different class folders; give them the same classes"
+        )
+    world_size, rank = utils.get_world_size(), utils.get_rank()
+    if args.ra_sampler:
+        train_sampler = sampler.RASampler(
+            dataset, num_replicas=world_size, rank=rank, seed=args.seed, repetitions=args.ra_reps
+        )
+    else:
+        # Also for one process: it reshuffles by seed + epoch, so a resumed run sees the same order.
+        train_sampler = torch.utils.data.DistributedSampler(
+            dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=args.seed
+        )
+    return dataset, dataset_test, train_sampler, test_sampler, len(dataset.classes)
+
+
+def build_optimizer(model, args):
+    """The optimizer --opt names, with torchvision's per-group weight decay options."""
+    custom_keys = []
+    if args.bias_weight_decay is not None:
+        custom_keys.append(("bias", args.bias_weight_decay))
+    if args.transformer_embedding_decay is not None:
+        for key in ("class_token", "position_embedding", "relative_position_bias_table"):
+            custom_keys.append((key, args.transformer_embedding_decay))
+    parameters = utils.set_weight_decay(
+        model,
+        args.weight_decay,
+        norm_weight_decay=args.norm_weight_decay,
+        custom_keys_weight_decay=custom_keys or None,
+    )
+    if args.opt.startswith("sgd"):
+        return torch.optim.SGD(
+            parameters, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay, nesterov="nesterov" in args.opt
+        )
+    if args.opt == "rmsprop":
+        return torch.optim.RMSprop(
+            parameters, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay, eps=0.0316, alpha=0.9
+        )
+    return torch.optim.AdamW(parameters, lr=args.lr, weight_decay=args.weight_decay)
+
+
+def build_lr_scheduler(optimizer, args):
+    """The per-epoch schedule: optional warmup, then step, cosine or exponential decay."""
+    if args.lr_scheduler == "steplr":
+        main = torch.optim.lr_scheduler.StepLR(optimizer, step_size=args.lr_step_size, gamma=args.lr_gamma)
+    elif args.lr_scheduler == "cosineannealinglr":
+        main = torch.optim.lr_scheduler.CosineAnnealingLR(
+            optimizer, T_max=args.epochs - args.lr_warmup_epochs, eta_min=args.lr_min
+        )
+    else:
+        main = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=args.lr_gamma)
+    if args.lr_warmup_epochs <= 0:
+        return main
+    if args.lr_warmup_method == "linear":
+        warmup = torch.optim.lr_scheduler.LinearLR(
+            optimizer, start_factor=args.lr_warmup_decay, total_iters=args.lr_warmup_epochs
+        )
+    else:
+        warmup = torch.optim.lr_scheduler.ConstantLR(
+            optimizer, factor=args.lr_warmup_decay, total_iters=args.lr_warmup_epochs
+        )
+    return torch.optim.lr_scheduler.SequentialLR(
+        optimizer, schedulers=[warmup, main], milestones=[args.lr_warmup_epochs]
+    )
+
+
+def gather_rng_states():
+    """Every process's generator states, as a list indexed by rank (collective: all ranks must call it)."""
+    state = utils.get_rng_state()
+    if not utils.is_dist_avail_and_initialized():
+        return [state]
+    states = [None] * utils.get_world_size()
+    torch.distributed.all_gather_object(states, state)
+    return states
+
+
+def save_checkpoints(*, checkpoint, output_dir, epoch):
+    """Write model_<epoch>.pth and checkpoint.pth atomically (rank 0 only)."""
+    if not utils.is_main_process():
+        return
+    utils.save_checkpoint(checkpoint, os.path.join(output_dir, f"model_{epoch}.pth"))
+    utils.save_checkpoint(checkpoint, os.path.join(output_dir, "checkpoint.pth"))
+
+
+def load_model_weights(model, state_dict, *, source):
+    """Load weights into a Supermask-prepared model; a mismatch is an InputError naming the checkpoint."""
+    try:
+        supermask.load_supermask_state_dict(model, state_dict)
+    except ValueError as e:
+        raise utils.InputError(f"{source} does not fit this model: {e}") from None
+
+
+# ---------------------------------------------------------------- main
+
+
+def main(args):
+    check_args(args)
+    resume_path = resolve_resume(args)
+    if args.output_dir:
+        os.makedirs(args.output_dir, exist_ok=True)
+    utils.init_distributed_mode(args)
+    device = utils.process_device(args)
+    utils.log(args)
+
+    if args.use_deterministic_algorithms:
+        # cuBLAS needs this to be deterministic; it must be set before the first CUDA matmul.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.backends.cudnn.benchmark = False
+        torch.use_deterministic_algorithms(True)
+    else:
+        torch.backends.cudnn.benchmark = True
+
+    dataset, dataset_test, train_sampler, test_sampler, num_classes = load_data(args)
+    loader_generator = torch.Generator()
+    mix = transforms.get_mixup_cutmix(
+        mixup_alpha=args.mixup_alpha, cutmix_alpha=args.cutmix_alpha, num_classes=num_classes
+    )
+    data_loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=args.batch_size,
+        sampler=train_sampler,
+        num_workers=args.workers,
+        pin_memory=device.type == "cuda",
+        collate_fn=transforms.MixCollate(mix) if mix is not None else None,
+        generator=loader_generator,
+    )
+    data_loader_test = torch.utils.data.DataLoader(
+        dataset_test,
+        batch_size=args.batch_size,
+        sampler=test_sampler,
+        num_workers=args.workers,
+        pin_memory=device.type == "cuda",
+    )
+
+    utils.log("Creating model")
+    # The same seed on every rank gives every rank the same initial model (DDP also broadcasts rank 0's).
+    utils.seed_everything(args.seed)
+    image_size = args.val_crop_size if args.test_only else args.train_crop_size
+    model = utils.build_model(args, num_classes=num_classes, image_size=image_size)
+    supermask.apply_supermask(model, **utils.supermask_kwargs(args))
+    if args.weights_path:
+        load_model_weights(
+            model, utils.model_state_dict(utils.load_checkpoint(args.weights_path)), source=args.weights_path
+        )
+    model.to(device)
+    if args.distributed and args.sync_bn:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    # From here on each rank draws its own augmentation and dropout randomness.
+    utils.seed_everything(args.seed + utils.get_rank())
+
+    criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
+    optimizer = build_optimizer(model, args)
+    scaler = torch.amp.GradScaler("cuda") if args.amp and device.type == "cuda" else None
+    lr_scheduler = build_lr_scheduler(optimizer, args)
+    amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+
+    def autocast():
+        return torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=args.amp)
+
+    model_without_ddp = model
+    if args.distributed:
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[args.gpu] if device.type == "cuda" else None)
+        model_without_ddp = model.module
+
+    model_ema = None
+    if args.model_ema:
+        # Scale the decay so that the averaging horizon, counted in images, does not depend on the number of
+        # processes, the batch size or the update interval (pycls's adjustment, as in torchvision):
+        # updates per epoch ~ dataset / (world_size * batch_size * accumulation_steps * model_ema_steps).
+        adjust = (
+            args.world_size * args.batch_size * args.accumulation_steps * args.model_ema_steps / args.epochs
+        )
+        alpha = min(1.0, (1.0 - args.model_ema_decay) * adjust)
+        model_ema = utils.ExponentialMovingAverage(model_without_ddp, decay=1.0 - alpha, device=device)
+
+    if resume_path:
+        checkpoint = utils.load_checkpoint(resume_path)
+        load_model_weights(model_without_ddp, checkpoint["model"], source=resume_path)
+        if model_ema is not None and checkpoint.get("model_ema") is not None:
+            model_ema.load_state_dict(checkpoint["model_ema"])
+        if not args.test_only:
+            try:
+                optimizer.load_state_dict(checkpoint["optimizer"])
+                lr_scheduler.load_state_dict(checkpoint["lr_scheduler"])
+            except (ValueError, KeyError) as e:
+                raise utils.InputError(
+                    f"the optimizer state in {resume_path} does not fit the optimizer flags ({e}); "
+                    "resume with the flags it was trained with"
+                ) from None
+            if scaler is not None and checkpoint.get("scaler") is not None:
+                scaler.load_state_dict(checkpoint["scaler"])
+            rng_states = checkpoint.get("rng_states") or []
+            if len(rng_states) == utils.get_world_size():
+                utils.set_rng_state(rng_states[utils.get_rank()])
+            else:
+                utils.log(f"{resume_path} was written by {len(rng_states)} processes; random streams restart")
+        args.start_epoch = checkpoint["epoch"] + 1
+        utils.log(f"Resumed from {resume_path} (epoch {checkpoint['epoch']})")
+
+    utils.log(str(supermask.sparsity_report(model_without_ddp)))
+
+    # Evaluate the unwrapped model: DDP's forward would sync buffers across ranks, and the ranks' validation
+    # shards may differ in length by one batch.
+    def run_eval(module, desc):
+        return evaluate(
+            model=module,
+            data_loader=data_loader_test,
+            device=device,
+            autocast=autocast,
+            num_classes=num_classes,
+            desc=desc,
+        )
+
+    if args.test_only:
+        acc1, acc5 = run_eval(model_without_ddp, "Test")
+        utils.log(f"Test  Acc@1 {acc1:.3f}  Acc@5 {acc5:.3f}")
+        if model_ema is not None:
+            acc1, acc5 = run_eval(model_ema, "Test EMA")
+            utils.log(f"Test  EMA Acc@1 {acc1:.3f}  Acc@5 {acc5:.3f}")
+        return
+
+    utils.log("Start training")
+    start_time = time.time()
+    for epoch in range(args.start_epoch, args.epochs):
+        train_sampler.set_epoch(epoch)
+        # Workers seed their augmentation from this generator: a fixed stream per (seed, epoch, rank).
+        loader_generator.manual_seed(utils.derived_seed(args.seed, epoch, utils.get_rank()))
+        loss, images_per_second = train_one_epoch(
+            model=model,
+            criterion=criterion,
+            optimizer=optimizer,
+            data_loader=data_loader,
+            device=device,
+            epoch=epoch,
+            args=args,
+            model_ema=model_ema,
+            scaler=scaler,
+            autocast=autocast,
+        )
+        lr = optimizer.param_groups[0]["lr"]
+        lr_scheduler.step()
+        utils.log(f"Epoch {epoch}  train loss {loss:.4f}  lr {lr:.4g}  img/s {images_per_second:.1f}")
+        acc1, acc5 = run_eval(model_without_ddp, f"Test {epoch}")
+        utils.log(f"Epoch {epoch}  Acc@1 {acc1:.3f}  Acc@5 {acc5:.3f}")
+        if model_ema is not None:
+            acc1, acc5 = run_eval(model_ema, f"Test EMA {epoch}")
+            utils.log(f"Epoch {epoch}  EMA Acc@1 {acc1:.3f}  Acc@5 {acc5:.3f}")
+        if args.output_dir:
+            checkpoint = {
+                "model": model_without_ddp.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "lr_scheduler": lr_scheduler.state_dict(),
+                "scaler": scaler.state_dict() if scaler is not None else None,
+                "model_ema": model_ema.state_dict() if model_ema is not None else None,
+                "epoch": epoch,
+                "args": dict(vars(args)),
+                "rng_states": gather_rng_states(),
+            }
+            save_checkpoints(checkpoint=checkpoint, output_dir=args.output_dir, epoch=epoch)
+
+    total_time = datetime.timedelta(seconds=int(time.time() - start_time))
+    utils.log(f"Training time {total_time}")
+
+
+def get_args_parser(add_help=True):
+    """The command-line flags: torchvision's classification training flags plus the Supermask ones."""
+    parser = argparse.ArgumentParser(
+        description="Train a classification model with Supermask block sparsity (torchvision reference flags)",
+        add_help=add_help,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    utils.add_data_args(parser)
+    utils.add_model_args(parser)
+
+    group = parser.add_argument_group("optimization")
+    group.add_argument("--epochs", default=90, type=int, metavar="N", help="total number of epochs to run")
+    group.add_argument("--opt", default="sgd", type=str, help="optimizer: sgd, sgd_nesterov, rmsprop or adamw")
+    group.add_argument("--lr", default=0.1, type=float, help="initial learning rate")
+    group.add_argument("--momentum", default=0.9, type=float, metavar="M", help="momentum (sgd, rmsprop)")
+    group.add_argument(
+        "--wd", "--weight-decay", default=1e-4, type=float, metavar="W", dest="weight_decay", help="weight decay"
+    )
+    group.add_argument(
+        "--norm-weight-decay", default=None, type=float, help="weight decay of normalization layers (None: --wd)"
+    )
+    group.add_argument("--bias-weight-decay", default=None, type=float, help="weight decay of biases (None: --wd)")
+    group.add_argument(
+        "--transformer-embedding-decay",
+        default=None,
+        type=float,
+        help="weight decay of class token, position embedding and relative position bias (None: --wd)",
+    )
+    group.add_argument("--label-smoothing", default=0.0, type=float, help="label smoothing of the loss")
+    group.add_argument("--mixup-alpha", default=0.0, type=float, help="MixUp alpha (0 turns MixUp off)")
+    group.add_argument("--cutmix-alpha", default=0.0, type=float, help="CutMix alpha (0 turns CutMix off)")
+    group.add_argument(
+        "--lr-scheduler", default="steplr", type=str, help="steplr, cosineannealinglr or exponentiallr"
+    )
+    group.add_argument("--lr-warmup-epochs", default=0, type=int, help="epochs of learning-rate warmup")
+    group.add_argument("--lr-warmup-method", default="constant", type=str, help="warmup: constant or linear")
+    group.add_argument("--lr-warmup-decay", default=0.01, type=float, help="warmup starts at lr times this")
+    group.add_argument("--lr-step-size", default=30, type=int, help="steplr: epochs between decays")
+    group.add_argument("--lr-gamma", default=0.1, type=float, help="steplr / exponentiallr: decay factor")
+    group.add_argument("--lr-min", default=0.0, type=float, help="cosineannealinglr: final learning rate")
+    group.add_argument("--clip-grad-norm", default=None, type=float, help="clip gradients to this norm (None: off)")
+    group.add_argument(
+        "--accumulation-steps",
+        default=1,
+        type=int,
+        metavar="N",
+        help="accumulate gradients over N batches per optimizer step (effective batch: N x batch size x processes)",
+    )
+    group.add_argument("--amp", action="store_true", help="mixed precision: float16 on CUDA, bfloat16 on CPU")
+
+    group = parser.add_argument_group("augmentation")
+    group.add_argument("--train-crop-size", default=224, type=int, help="random-resized-crop size for training")
+    group.add_argument(
+        "--auto-augment", default=None, type=str, help="auto-augment policy: ra, ta_wide, augmix, imagenet, ..."
+    )
+    group.add_argument("--ra-magnitude", default=9, type=int, help="magnitude of RandAugment (ra)")
+    group.add_argument("--augmix-severity", default=3, type=int, help="severity of AugMix")
+    group.add_argument("--random-erase", default=0.0, type=float, help="random erasing probability")
+    group.add_argument("--ra-sampler", action="store_true", help="repeated augmentation sampler")
+    # Not in torchvision's script, whose values these defaults keep: small images such as the demo's digits
+    # lose their content under 8% crops, and mirrored digits are other digits.
+    group.add_argument(
+        "--train-crop-scale",
+        default=[0.08, 1.0],
+        type=float,
+        nargs=2,
+        metavar=("MIN", "MAX"),
+        help="area fraction range of the random-resized crop",
+    )
+    group.add_argument("--hflip-prob", default=0.5, type=float, help="probability of a horizontal flip")
+    group.add_argument("--ra-reps", default=3, type=int, help="repetitions of each image with --ra-sampler")
+
+    group = parser.add_argument_group("model averaging and normalization")
+    group.add_argument("--model-ema", action="store_true", help="also track and evaluate an EMA of the weights")
+    group.add_argument(
+        "--model-ema-steps", default=32, type=int, help="optimizer steps between EMA updates"
+    )
+    group.add_argument(
+        "--model-ema-decay", default=0.99998, type=float, help="EMA decay (adjusted for batch size and steps)"
+    )
+    group.add_argument("--sync-bn", action="store_true", help="synchronize BatchNorm statistics across processes")
+
+    group = parser.add_argument_group("run control")
+    group.add_argument("--print-freq", default=10, type=int, help="steps between progress log lines")
+    group.add_argument("--output-dir", default=".", type=str, help="folder for checkpoint.pth and model_<epoch>.pth")
+    group.add_argument(
+        "--resume", default="", type=str, help="checkpoint to continue from, or 'auto' for the newest in --output-dir"
+    )
+    group.add_argument("--start-epoch", default=0, type=int, metavar="N", help="first epoch (set by --resume)")
+    group.add_argument("--test-only", action="store_true", help="only evaluate the model (e.g. with --resume)")
+    group.add_argument(
+        "--use-deterministic-algorithms", action="store_true", help="force deterministic algorithms (slower)"
+    )
+    group.add_argument("--seed", default=0, type=int, help="seed for initialisation, shuffling and augmentation")
+
+    utils.add_distributed_args(parser)
+    utils.add_supermask_args(parser)
+    return parser
+
+
+if __name__ == "__main__":
+    parser = get_args_parser()
+    args = parser.parse_args()
+    try:
+        main(args)
+    except utils.InputError as e:
+        parser.error(utils.user_error_message(e))
+    except KeyboardInterrupt:
+        # Checkpoints are written atomically, so whatever is on disk is complete.
+        print(f"Interrupted; checkpoints in {args.output_dir} are complete: continue with --resume auto", file=sys.stderr)
+        sys.exit(130)
+    finally:
+        if utils.is_dist_avail_and_initialized():
+            torch.distributed.destroy_process_group()

@@ -1,0 +1,581 @@
+"""Shared plumbing for train.py and evaluate.py: flags, distributed setup, data, models, metrics, checkpoints."""
+import difflib
+import hashlib
+import os
+import random
+import sys
+import tempfile
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torchvision
+from torch import nn
+from torchvision.transforms import InterpolationMode
+
+import presets
+import sampler
+
+
+# ---------------------------------------------------------------- user errors
+
+
+class InputError(ValueError):
+    """A mistake in the user's flags or files; CLIs report it as one line with exit status 2, no traceback."""
+
+
+def user_error_message(error):
+    """The one-line message of an InputError, also when it was raised in a data loader worker.
+
+    A worker's exception reaches the main process re-raised with the worker's whole traceback as its message;
+    the original message is that traceback's last line, after the exception's name.
+    """
+    message = str(error).strip()
+    if "Traceback" in message:
+        last = message.splitlines()[-1]
+        message = last.split(f"{InputError.__name__}: ", 1)[-1]
+    return message
+
+
+# ---------------------------------------------------------------- flags shared by train.py and evaluate.py
+
+
+def add_data_args(parser):
+    """Add the data set and preprocessing flags (torchvision's names and defaults)."""
+    group = parser.add_argument_group("data")
+    group.add_argument(
+        "--data-path",
+        default="/datasets01/imagenet_full_size/061417/",
+        type=str,
+        help="data set root holding train/ and val/ ImageFolder trees",
+    )
+    group.add_argument(
+        "-b", "--batch-size", default=32, type=int, help="images per process; the total batch is processes x this"
+    )
+    group.add_argument("-j", "--workers", default=16, type=int, metavar="N", help="data loading worker processes")
+    group.add_argument(
+        "--cache-dataset",
+        action="store_true",
+        help="cache the list of image files in ~/.torch/vision/datasets/imagefolder to skip the directory scan",
+    )
+    group.add_argument(
+        "--interpolation", default="bilinear", type=str, help="resize interpolation: bilinear, bicubic or nearest"
+    )
+    group.add_argument("--val-resize-size", default=256, type=int, help="resize size for evaluation")
+    group.add_argument("--val-crop-size", default=224, type=int, help="center-crop size for evaluation")
+    group.add_argument(
+        "--backend", default="PIL", type=str.lower, choices=presets.BACKENDS, help="image backend: PIL or tensor"
+    )
+    group.add_argument("--use-v2", action="store_true", help="use torchvision.transforms.v2 for preprocessing")
+
+
+def add_model_args(parser):
+    """Add the model and device flags (torchvision's names and defaults)."""
+    group = parser.add_argument_group("model")
+    group.add_argument(
+        "--model", default="resnet18", type=str, help="torchvision classification model name, or vit_tiny"
+    )
+    group.add_argument(
+        "--weights", default=None, type=str, help="torchvision pretrained weights enum, e.g. ResNet50_Weights.IMAGENET1K_V2"
+    )
+    group.add_argument("--device", default="cuda", type=str, help="device: cuda or cpu")
+
+
+def add_distributed_args(parser):
+    """Add the multi-process flags (torchvision's names and defaults)."""
+    group = parser.add_argument_group("distributed")
+    group.add_argument("--world-size", default=1, type=int, help="number of processes (set by torchrun / SLURM)")
+    group.add_argument("--dist-url", default="env://", type=str, help="URL used to set up the process group")
+
+
+def _fraction(text):
+    """argparse type: a sparsity in [0, 1)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a number") from None
+    if not 0.0 <= value < 1.0:
+        raise ValueError(f"{text!r} is outside [0, 1)")
+    return value
+
+
+_fraction.__name__ = "sparsity in [0, 1)"
+
+
+def _positive_int(text):
+    """argparse type: an integer >= 1."""
+    value = int(text)
+    if value < 1:
+        raise ValueError(f"{text!r} is below 1")
+    return value
+
+
+_positive_int.__name__ = "integer >= 1"
+
+
+def add_supermask_args(parser):
+    """Add the Supermask flags of the original SuperBlock plus --weights-path."""
+    group = parser.add_argument_group("Supermask (learned block sparsity)")
+    group.add_argument(
+        "--sparsity-linear", default=0.0, type=_fraction, help="fraction of each Linear weight's tiles masked off"
+    )
+    group.add_argument(
+        "--sp-linear-tile-size", default=1, type=_positive_int, help="tile (block) side for Linear masks"
+    )
+    group.add_argument(
+        "--sparsity-conv1x1", default=0.0, type=_fraction, help="fraction of each 1x1 Conv2d weight's tiles masked off"
+    )
+    group.add_argument(
+        "--sp-conv1x1-tile-size", default=1, type=_positive_int, help="tile (block) side for 1x1 Conv2d masks"
+    )
+    group.add_argument(
+        "--sparsity-conv", default=0.0, type=_fraction, help="fraction of each other Conv2d weight's tiles masked off"
+    )
+    group.add_argument(
+        "--sp-conv-tile-size", default=1, type=_positive_int, help="tile (block) side for other Conv2d masks"
+    )
+    group.add_argument(
+        "--skip-last-layer-sparsity", action="store_true", help="keep the classifier (last layer) dense"
+    )
+    group.add_argument(
+        "--skip-first-transformer-sparsity",
+        action="store_true",
+        help="keep the first transformer block dense (ViT)",
+    )
+    group.add_argument(
+        "--weights-path",
+        default=None,
+        type=str,
+        help="start from this checkpoint's model weights (this project's or the original SuperBlock's)",
+    )
+
+
+def supermask_kwargs(args):
+    """The keyword arguments of supermask.apply_supermask that the Supermask flags ask for."""
+    return dict(
+        linear_sparsity=args.sparsity_linear,
+        linear_sp_tilesize=args.sp_linear_tile_size,
+        conv1x1_sparsity=args.sparsity_conv1x1,
+        conv1x1_sp_tilesize=args.sp_conv1x1_tile_size,
+        conv_sparsity=args.sparsity_conv,
+        conv_sp_tilesize=args.sp_conv_tile_size,
+        skip_last_layer_sparsity=args.skip_last_layer_sparsity,
+        skip_first_transformer_sparsity=args.skip_first_transformer_sparsity,
+    )
+
+
+# ---------------------------------------------------------------- distributed
+
+
+def is_dist_avail_and_initialized():
+    """True inside a process group (torchrun / SLURM)."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_world_size():
+    """Number of processes; 1 without a process group."""
+    return dist.get_world_size() if is_dist_avail_and_initialized() else 1
+
+
+def get_rank():
+    """This process's rank; 0 without a process group."""
+    return dist.get_rank() if is_dist_avail_and_initialized() else 0
+
+
+def is_main_process():
+    """True on rank 0, the process that prints and writes checkpoints."""
+    return get_rank() == 0
+
+
+def init_distributed_mode(args):
+    """Join a process group when launched by torchrun or SLURM; set args.distributed, rank, gpu, world_size.
+
+    torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; under SLURM the rank is SLURM_PROCID and --world-size and
+    --dist-url come from the command line. NCCL is used on CUDA, Gloo on CPU.
+    """
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        args.rank = int(os.environ["RANK"])
+        args.world_size = int(os.environ["WORLD_SIZE"])
+        args.gpu = int(os.environ.get("LOCAL_RANK", 0))
+    elif "SLURM_PROCID" in os.environ:
+        args.rank = int(os.environ["SLURM_PROCID"])
+        args.gpu = args.rank % max(torch.cuda.device_count(), 1)
+    else:
+        args.distributed = False
+        args.rank = 0
+        args.gpu = 0
+        return
+    args.distributed = True
+    use_cuda = args.device.startswith("cuda")
+    if use_cuda:
+        check_device(args.device)
+        torch.cuda.set_device(args.gpu)
+    backend = "nccl" if use_cuda else "gloo"
+    dist.init_process_group(backend=backend, init_method=args.dist_url, world_size=args.world_size, rank=args.rank)
+    dist.barrier()
+
+
+def check_device(device):
+    """Raise InputError when the requested device does not exist on this machine."""
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError(f"--device {device} requested but CUDA is not available; pass --device cpu")
+
+
+def process_device(args):
+    """The torch.device this process computes on (its own GPU under torchrun)."""
+    check_device(args.device)
+    if args.device.startswith("cuda") and getattr(args, "distributed", False):
+        return torch.device("cuda", args.gpu)
+    return torch.device(args.device)
+
+
+def all_reduce_sum(tensor):
+    """Sum `tensor` over all processes in place (no-op in a single process); returns it."""
+    if is_dist_avail_and_initialized():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def log(*values):
+    """Print on rank 0 only, flushed, without breaking a tqdm bar."""
+    if is_main_process():
+        from tqdm import tqdm
+
+        tqdm.write(" ".join(str(v) for v in values), file=sys.stdout)
+        sys.stdout.flush()
+
+
+# ---------------------------------------------------------------- randomness
+
+
+def seed_everything(seed):
+    """Seed Python's, NumPy's and torch's global generators (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def derived_seed(*keys):
+    """A 63-bit seed mixed from integers (e.g. seed, epoch, rank): distinct keys give unrelated streams."""
+    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+def get_rng_state():
+    """This process's generator states as plain types and tensors, so torch.load(weights_only=True) reads them."""
+    np_state = np.random.get_state(legacy=False)
+    python_version, python_internal, python_gauss = random.getstate()
+    state = {
+        "python": [python_version, list(python_internal), python_gauss],
+        "numpy": {
+            "bit_generator": np_state["bit_generator"],
+            "key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
+            "pos": int(np_state["state"]["pos"]),
+            "has_gauss": int(np_state["has_gauss"]),
+            "gauss": float(np_state["gauss"]),
+        },
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+    return state
+
+
+def set_rng_state(state):
+    """Restore generator states saved by get_rng_state."""
+    python_version, python_internal, python_gauss = state["python"]
+    random.setstate((python_version, tuple(python_internal), python_gauss))
+    np_state = state["numpy"]
+    np.random.set_state(
+        {
+            "bit_generator": np_state["bit_generator"],
+            "state": {"key": np_state["key"].numpy().astype(np.uint32), "pos": np_state["pos"]},
+            "has_gauss": np_state["has_gauss"],
+            "gauss": np_state["gauss"],
+        }
+    )
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ---------------------------------------------------------------- data
+
+
+def load_image(path):
+    """Read an image file as RGB PIL image; an unreadable file is an InputError naming it."""
+    from PIL import Image
+
+    try:
+        with open(path, "rb") as f:
+            img = Image.open(f)
+            return img.convert("RGB")
+    except (OSError, SyntaxError, ValueError) as e:
+        raise InputError(f"cannot read image {path} ({e}); delete or replace the file") from None
+
+
+class _ListedImageFolder(torchvision.datasets.ImageFolder):
+    """An ImageFolder built from a saved file listing instead of a directory scan (for --cache-dataset)."""
+
+    def __init__(self, root, listing, **kwargs):
+        self._listing = listing
+        super().__init__(root, **kwargs)
+
+    def find_classes(self, directory):
+        return list(self._listing["classes"]), dict(self._listing["class_to_idx"])
+
+    def make_dataset(self, directory, class_to_idx, extensions=None, is_valid_file=None, allow_empty=False):
+        return [(path, int(target)) for path, target in self._listing["samples"]]
+
+
+def _listing_cache_path(folder):
+    digest = hashlib.sha1(os.path.abspath(folder).encode()).hexdigest()[:10]
+    return os.path.expanduser(os.path.join("~", ".torch", "vision", "datasets", "imagefolder", digest + ".pt"))
+
+
+def image_folder(folder, transform, *, cache=False):
+    """An ImageFolder over `folder`; problems with the tree are InputErrors that say how to fix it."""
+    if not os.path.isdir(folder):
+        raise InputError(f"{folder} does not exist; --data-path must hold train/ and val/ ImageFolder trees")
+    cache_path = _listing_cache_path(folder)
+    if cache and os.path.exists(cache_path):
+        # Only the file listing is cached (plain lists), not the transforms, so flags still apply.
+        listing = torch.load(cache_path, weights_only=True)
+        return _ListedImageFolder(folder, listing, transform=transform, loader=load_image)
+    try:
+        dataset = torchvision.datasets.ImageFolder(folder, transform=transform, loader=load_image)
+    except FileNotFoundError as e:
+        raise InputError(f"{e}; put each class's images in {folder}/<class name>/") from None
+    if cache and is_main_process():
+        listing = {"classes": dataset.classes, "class_to_idx": dataset.class_to_idx, "samples": dataset.samples}
+        os.makedirs(os.path.dirname(cache_path), exist_ok=True)
+        save_checkpoint(listing, cache_path)
+    return dataset
+
+
+def check_data_path(data_path):
+    """Raise InputError unless data_path holds train/ and val/ folders."""
+    if not data_path:
+        raise InputError("--data-path is empty; pass the folder that holds train/ and val/")
+    if not os.path.isdir(data_path):
+        raise InputError(
+            f"--data-path {data_path} does not exist; pass the folder that holds train/ and val/ "
+            "(`python sample_data.py DIR` writes a small one)"
+        )
+    for split in ("train", "val"):
+        if not os.path.isdir(os.path.join(data_path, split)):
+            raise InputError(
+                f"--data-path {data_path} has no {split}/ folder; it must hold train/ and val/ ImageFolder trees"
+            )
+
+
+def eval_transform(args):
+    """The evaluation preprocessing the flags ask for."""
+    return presets.ClassificationPresetEval(
+        crop_size=args.val_crop_size,
+        resize_size=args.val_resize_size,
+        interpolation=InterpolationMode(args.interpolation),
+        backend=args.backend,
+        use_v2=args.use_v2,
+    )
+
+
+def load_val_data(args):
+    """The validation ImageFolder (data_path/val) and a sampler that visits each image once over all processes."""
+    check_data_path(args.data_path)
+    dataset = image_folder(os.path.join(args.data_path, "val"), eval_transform(args), cache=args.cache_dataset)
+    return dataset, sampler.DistributedEvalSampler(dataset, num_replicas=get_world_size(), rank=get_rank())
+
+
+def check_interpolation(name):
+    """Raise InputError for an interpolation name torchvision does not know."""
+    choices = [mode.value for mode in InterpolationMode]
+    if name not in choices:
+        raise InputError(f"--interpolation {name} is unknown; use one of {', '.join(choices)}")
+
+
+# ---------------------------------------------------------------- models
+
+
+def vit_tiny(*, image_size, num_classes):
+    """A small VisionTransformer for small images: patch 4, 6 layers, 4 heads, hidden 128, MLP 512."""
+    return torchvision.models.VisionTransformer(
+        image_size=image_size,
+        patch_size=4,
+        num_layers=6,
+        num_heads=4,
+        hidden_dim=128,
+        mlp_dim=512,
+        num_classes=num_classes,
+    )
+
+
+def model_names():
+    """Every model name --model accepts."""
+    return sorted(torchvision.models.list_models(module=torchvision.models) + ["vit_tiny"])
+
+
+def is_vit(name):
+    """True for models whose position embedding fixes the input size (torchvision ViTs and vit_tiny)."""
+    if name == "vit_tiny":
+        return True
+    builder = torchvision.models.get_model_builder(name)
+    return builder.__module__ == torchvision.models.vision_transformer.__name__
+
+
+def check_model_name(name):
+    """Raise InputError unless `name` is a torchvision classification model or vit_tiny."""
+    names = model_names()
+    if name not in names:
+        close = difflib.get_close_matches(name, names, n=3)
+        hint = f"did you mean {', '.join(close)}? " if close else ""
+        raise InputError(f"--model {name} is not a classification model; {hint}see torchvision.models.list_models()")
+
+
+def build_model(args, *, num_classes, image_size):
+    """The dense model named by --model (with --weights if given); ViTs are built for `image_size` inputs."""
+    check_model_name(args.model)
+    if args.model == "vit_tiny":
+        if args.weights:
+            raise InputError("vit_tiny has no pretrained weights; drop --weights")
+        return vit_tiny(image_size=image_size, num_classes=num_classes)
+    kwargs = {"num_classes": num_classes}
+    if is_vit(args.model) and not args.weights:
+        # Pretrained ViT weights fix the image size themselves.
+        kwargs["image_size"] = image_size
+    try:
+        return torchvision.models.get_model(args.model, weights=args.weights, **kwargs)
+    except ValueError as e:
+        # Unknown weight names and pretrained heads of another class count land here.
+        raise InputError(f"--weights {args.weights}: {e}") from None
+
+
+# ---------------------------------------------------------------- training pieces
+
+
+def set_weight_decay(model, weight_decay, *, norm_weight_decay=None, custom_keys_weight_decay=None):
+    """Optimizer parameter groups: norm layers' and named parameters' weight decay can differ from the rest.
+
+    custom_keys_weight_decay is a list of (name suffix, weight decay); a parameter whose name ends with a
+    suffix gets that decay.
+    """
+    norm_classes = (
+        nn.modules.batchnorm._BatchNorm,
+        nn.LayerNorm,
+        nn.GroupNorm,
+        nn.modules.instancenorm._InstanceNorm,
+        nn.LocalResponseNorm,
+    )
+    custom_keys = list(custom_keys_weight_decay or [])
+    groups = {"other": []}
+    decays = {"other": weight_decay}
+    if norm_weight_decay is not None:
+        groups["norm"] = []
+        decays["norm"] = norm_weight_decay
+    for key, decay in custom_keys:
+        groups[key] = []
+        decays[key] = decay
+
+    for module_name, module in model.named_modules():
+        for name, p in module.named_parameters(recurse=False):
+            if not p.requires_grad:
+                continue
+            full_name = f"{module_name}.{name}" if module_name else name
+            key = next((k for k, _ in custom_keys if full_name.endswith(k)), None)
+            if key is None and norm_weight_decay is not None and isinstance(module, norm_classes):
+                key = "norm"
+            groups[key or "other"].append(p)
+    return [{"params": groups[k], "weight_decay": decays[k]} for k in groups if groups[k]]
+
+
+class ExponentialMovingAverage(torch.optim.swa_utils.AveragedModel):
+    """An exponential moving average of a model's parameters and buffers: ema = decay * ema + (1 - decay) * new."""
+
+    def __init__(self, model, *, decay, device):
+        super().__init__(
+            model, device=device, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(decay), use_buffers=True
+        )
+
+
+def correct_topk(output, target, *, topk=(1,)):
+    """Per k in topk, the number of samples whose target is among the k highest logits (a tensor, no sync).
+
+    Soft (mixup / cutmix) targets count by their largest entry.
+    """
+    if target.ndim == 2:
+        target = target.argmax(dim=1)
+    maxk = max(topk)
+    top = output.topk(maxk, dim=1).indices  # (B, maxk)
+    hits = top == target[:, None]
+    return [hits[:, :k].any(dim=1).sum() for k in topk]
+
+
+def unwrap_model(model):
+    """The plain module inside DDP and torch.compile wrappers, whose state_dict has no prefixes."""
+    while True:
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def save_checkpoint(state, path):
+    """torch.save `state` to `path` atomically: a crash or Ctrl-C leaves the previous file intact.
+
+    The data goes to a temporary file in the same folder (same file system, so the rename is atomic), which is
+    flushed to disk and then renamed over `path`.
+    """
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp_path = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_path, path)
+    except BaseException:
+        if os.path.exists(tmp_path):
+            os.remove(tmp_path)
+        raise
+
+
+def load_checkpoint(path):
+    """Load a checkpoint with torch.load(weights_only=True); a missing or unreadable file is an InputError.
+
+    The original SuperBlock stored its args as an argparse.Namespace, which is allowed here too.
+    """
+    import argparse
+
+    if not os.path.isfile(path):
+        raise InputError(f"checkpoint {path} does not exist; check the path (or use --resume auto)")
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises several types for corrupt or foreign files
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise InputError(f"cannot load checkpoint {path}: {first_line}") from None
+
+
+def find_latest_checkpoint(output_dir):
+    """The newest checkpoint in output_dir (checkpoint.pth, else the highest model_<epoch>.pth), or None."""
+    if not output_dir or not os.path.isdir(output_dir):
+        return None
+    latest = os.path.join(output_dir, "checkpoint.pth")
+    if os.path.isfile(latest):
+        return latest
+    epochs = []
+    for name in os.listdir(output_dir):
+        stem = name[len("model_") : -len(".pth")]
+        if name.startswith("model_") and name.endswith(".pth") and stem.isdigit():
+            epochs.append(int(stem))
+    return os.path.join(output_dir, f"model_{max(epochs)}.pth") if epochs else None
+
+
+def model_state_dict(checkpoint):
+    """The model weights inside a checkpoint: its "model" entry, or the checkpoint itself when it is a state_dict."""
+    if isinstance(checkpoint, dict) and "model" in checkpoint:
+        return checkpoint["model"]
+    return checkpoint
