@@ -1,0 +1,433 @@
+"""Block-sparse Linear layers for fast inference on CPU, in pure PyTorch.
+
+A frozen ``nn.Linear`` whose weight has whole zero blocks (``blocksize x blocksize``) is packed once, in
+``BlockSparseLinear.from_dense``, into only its kept blocks plus index buffers. The forward pass then runs a
+few dense batched matrix products over those blocks; it never loops over blocks in Python and never builds
+indices. ``apply_bsr`` converts every eligible Linear of a model in place and reports what it left dense.
+
+Kernels (``kernel=``; ``"auto"`` picks one, see ``choose_kernel``):
+
+* ``"bmm"``: block-rows are grouped by their number of kept blocks (a few groups, short ones zero-padded).
+  Per group, the input's needed column-blocks are gathered and one ``torch.baddbmm`` computes all rows of
+  the group; the results are scattered into the output. Tokens stay the rows of every product.
+* ``"bmm_t"``: the same groups on the transposed problem, ``y.T = W @ x.T``: the gather copies whole
+  contiguous rows of ``x.T`` and the products are ``(bs, k*bs) @ (k*bs, tokens)``. Faster than ``"bmm"``
+  for wide outputs at small block sizes.
+* ``"bsr_mm"``: PyTorch's sparse BSR matmul with the sparse operand first, ``torch.mm(W_bsr, x.T)``
+  (MKL on CPU). float32/float64 only.
+* ``"dense"``: plain ``F.linear`` with the (block-sparse) dense weight, for layers too dense to gain.
+* ``"torch"``: the original SuperBlock approach, ``F.linear`` with a ``to_sparse_bsr`` weight; kept as the
+  baseline. float32/float64 only, and slower than dense on CPU.
+
+Example::
+
+    >>> result = apply_bsr(model.eval(), blocksize=64)
+    >>> print(result)          # converted layers and the ones left dense, with reasons
+    >>> with torch.inference_mode():
+    ...     logits = model(images)
+"""
+
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+KERNELS = ("auto", "bmm", "bmm_t", "bsr_mm", "dense", "torch")
+
+# At most this many row groups per layer: a bound on the Python work per forward, whatever the mask.
+MAX_GROUPS = 6
+
+# Below these block sparsities the dense product is as fast as any block-sparse kernel on a 2-core CPU
+# (vit_b_16 MLP shapes, 1576 tokens; benchmarks/RESULTS.md, "Break-even"). Keyed by blocksize; a
+# blocksize between two keys uses the smaller key's (higher) threshold.
+DENSE_BREAK_EVEN = {16: 0.8, 32: 0.6, 64: 0.5, 128: 0.4}
+
+# apply_bsr's default: layers sparser than this are converted. Chosen from the measured break-even.
+DEFAULT_MIN_SPARSITY = 0.5
+
+
+##### Kernel limits #####
+
+
+def blocksize_divides(weight_shape: Tuple[int, int], blocksize: int) -> bool:
+    """True if ``blocksize`` divides both dimensions of a Linear weight of ``weight_shape``."""
+    return blocksize > 0 and weight_shape[0] % blocksize == 0 and weight_shape[1] % blocksize == 0
+
+
+def torch_bsr_supports_dtype(dtype: torch.dtype) -> bool:
+    """True if PyTorch's CPU sparse BSR kernels (``bsr_mm``, ``torch``) accept ``dtype``."""
+    return dtype in (torch.float32, torch.float64)
+
+
+def _check_blocksize(weight_shape: Tuple[int, int], blocksize: int) -> None:
+    if not isinstance(blocksize, int) or blocksize <= 0:
+        raise ValueError(f"blocksize must be a positive int, got {blocksize!r}")
+    if not blocksize_divides(weight_shape, blocksize):
+        out_features, in_features = weight_shape
+        raise ValueError(
+            f"blocksize {blocksize} does not divide the weight shape {out_features}x{in_features} "
+            f"(out_features x in_features); pick a blocksize that divides both"
+        )
+
+
+def _check_kernel_dtype(kernel: str, dtype: torch.dtype) -> None:
+    if kernel in ("bsr_mm", "torch") and not torch_bsr_supports_dtype(dtype):
+        raise ValueError(
+            f"kernel={kernel!r} uses PyTorch's sparse BSR kernels, which support float32/float64 only, "
+            f"not {dtype}; use kernel='bmm' (or 'auto')"
+        )
+
+
+##### Block masks and the auto choice #####
+
+
+def block_mask(weight: torch.Tensor, blocksize: int) -> torch.Tensor:
+    """Bool tensor (out/bs, in/bs): True where a ``blocksize`` block of ``weight`` has a nonzero."""
+    _check_blocksize(tuple(weight.shape), blocksize)
+    nbr, nbc = weight.shape[0] // blocksize, weight.shape[1] // blocksize
+    return weight.detach().reshape(nbr, blocksize, nbc, blocksize).ne(0).any(dim=3).any(dim=1)
+
+
+def block_sparsity(weight: torch.Tensor, blocksize: int) -> float:
+    """Fraction of ``blocksize x blocksize`` blocks of ``weight`` that are entirely zero."""
+    return 1.0 - block_mask(weight, blocksize).float().mean().item()
+
+
+def dense_break_even(blocksize: int) -> float:
+    """Block sparsity below which ``kernel="auto"`` stays dense for this blocksize (measured)."""
+    keys = [k for k in sorted(DENSE_BREAK_EVEN) if k <= blocksize]
+    return DENSE_BREAK_EVEN[keys[-1]] if keys else 1.0
+
+
+def choose_kernel(weight_shape: Tuple[int, int], dtype: torch.dtype, blocksize: int, sparsity: float) -> str:
+    """The kernel ``kernel="auto"`` uses for a weight of this shape, dtype, blocksize and block sparsity."""
+    if sparsity < dense_break_even(blocksize):
+        return "dense"
+    out_features, in_features = weight_shape
+    # Measured: with blocks of 32 or less, an expanding layer (768->3072) has many short rows; gathering
+    # whole rows of x.T beats gathering 32-wide column strips of x.
+    if blocksize <= 32 and out_features >= 2 * in_features:
+        return "bmm_t"
+    return "bmm"
+
+
+##### Packing #####
+
+
+def _partition_counts(counts: List[int], max_groups: int) -> List[Tuple[int, int]]:
+    """Split sorted positive ``counts`` into <= max_groups runs minimising padded blocks; (start, end) pairs."""
+    n = len(counts)
+    inf = float("inf")
+    # cost[g][j]: padded blocks for the first j rows in g runs; each run pads to its last (largest) count.
+    cost = [[inf] * (n + 1) for _ in range(max_groups + 1)]
+    cut = [[0] * (n + 1) for _ in range(max_groups + 1)]
+    cost[0][0] = 0
+    starts = [i for i in range(n) if i == 0 or counts[i] != counts[i - 1]]
+    ends = [i + 1 for i in range(n) if i == n - 1 or counts[i] != counts[i + 1]]
+    for g in range(1, max_groups + 1):
+        for j in ends:
+            for i in starts:
+                if i < j and cost[g - 1][i] + (j - i) * counts[j - 1] < cost[g][j]:
+                    cost[g][j] = cost[g - 1][i] + (j - i) * counts[j - 1]
+                    cut[g][j] = i
+    # Fewest groups within 3% of the best padding: each group is one more set of ops per forward.
+    best = min(cost[g][n] for g in range(1, max_groups + 1))
+    groups = next(g for g in range(1, max_groups + 1) if cost[g][n] <= 1.03 * best)
+    runs, j = [], n
+    for g in range(groups, 0, -1):
+        runs.append((cut[g][j], j))
+        j = cut[g][j]
+    return runs[::-1]
+
+
+def _pack_groups(weight: torch.Tensor, mask: torch.Tensor, blocksize: int, max_groups: int):
+    """Kept blocks grouped by row count: list of (rows, cols, weight) with weight (R, bs, k*bs)."""
+    bs = blocksize
+    nbr, nbc = mask.shape
+    blocks = weight.detach().reshape(nbr, bs, nbc, bs).permute(0, 2, 1, 3)  # (row, col, out, in)
+    counts = mask.sum(dim=1)
+    # Kept column-blocks first, in ascending order, for every block-row.
+    cols_sorted = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)
+    order = torch.argsort(counts, stable=True)
+    order = order[counts[order] > 0]
+    sorted_counts = counts[order].tolist()
+    groups = []
+    for start, end in _partition_counts(sorted_counts, max_groups) if sorted_counts else []:
+        rows = order[start:end]
+        k = sorted_counts[end - 1]
+        cols = cols_sorted[rows, :k]
+        # Short rows are padded with zero blocks (their column index is whatever argsort put there).
+        valid = torch.arange(k)[None, :] < counts[rows][:, None]
+        kept = blocks[rows[:, None], cols] * valid[:, :, None, None].to(weight.dtype)  # (R, k, out, in)
+        packed = kept.permute(0, 2, 1, 3).reshape(len(rows), bs, k * bs).contiguous()
+        groups.append((rows.clone(), cols.reshape(-1).clone(), packed))
+    empty_rows = (counts == 0).nonzero().flatten()
+    return groups, empty_rows
+
+
+##### Forward kernels #####
+
+
+def _bmm_rows(x, groups, empty_rows, nbr, nbc, bs):
+    """Tokens as rows: gather column strips of x (n, in), bmm per group, scatter to (n, out)."""
+    n = x.shape[0]
+    xb = x.reshape(n, nbc, bs)
+    y = x.new_empty(n, nbr, bs)
+    for rows, cols, weight, bias in groups:
+        r = rows.shape[0]
+        a = xb.index_select(1, cols).view(n, r, -1).transpose(0, 1)  # (R, n, k*bs)
+        w = weight.transpose(1, 2)  # (R, k*bs, bs)
+        out = torch.bmm(a, w) if bias is None else torch.baddbmm(bias.view(r, 1, bs), a, w)
+        y.index_copy_(1, rows, out.transpose(0, 1))
+    if empty_rows is not None:
+        rows, bias = empty_rows
+        fill = y.new_zeros(n, rows.shape[0], bs) if bias is None else bias.view(1, -1, bs).expand(n, -1, bs)
+        y.index_copy_(1, rows, fill)
+    return y.view(n, nbr * bs)
+
+
+def _bmm_cols(x, groups, empty_rows, nbr, nbc, bs):
+    """Transposed: gather rows of x.T (in, n), bmm per group, scatter to y.T (out, n), transpose back."""
+    n = x.shape[0]
+    xt = x.t().contiguous().view(nbc, bs * n)
+    yt = x.new_empty(nbr, bs, n)
+    for rows, cols, weight, bias in groups:
+        r = rows.shape[0]
+        a = xt.index_select(0, cols).view(r, -1, n)  # (R, k*bs, n)
+        out = torch.bmm(weight, a) if bias is None else torch.baddbmm(bias.view(r, bs, 1), weight, a)
+        yt.index_copy_(0, rows, out)
+    if empty_rows is not None:
+        rows, bias = empty_rows
+        fill = yt.new_zeros(rows.shape[0], bs, n) if bias is None else bias.view(-1, bs, 1).expand(-1, bs, n)
+        yt.index_copy_(0, rows, fill)
+    return yt.view(nbr * bs, n).t().contiguous()
+
+
+@torch.compiler.disable
+def _torch_bsr_forward(kernel, x, crow, col, values, bias, shape):
+    """Sparse BSR paths; run eagerly because torch.compile cannot trace sparse tensors."""
+    if not torch_bsr_supports_dtype(x.dtype):
+        _check_kernel_dtype(kernel, x.dtype)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse BSR tensor support is in beta")
+        w = torch.sparse_bsr_tensor(crow, col, values, size=shape, check_invariants=False)
+    if kernel == "torch":
+        return F.linear(x, w, bias)
+    yt = torch.mm(w, x.t()) if bias is None else torch.addmm(bias[:, None], w, x.t())
+    return yt.t().contiguous()
+
+
+##### The module #####
+
+
+class BlockSparseLinear(nn.Module):
+    """A frozen Linear stored as its kept ``blocksize x blocksize`` blocks; build with ``from_dense``."""
+
+    def __init__(self, in_features: int, out_features: int, blocksize: int, kernel: str, kept_blocks: int):
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.blocksize = blocksize
+        self.kernel = kernel
+        self.kept_blocks = kept_blocks
+        self.total_blocks = (in_features // blocksize) * (out_features // blocksize)
+        self.num_groups = 0
+        self.has_empty_rows = False
+
+    @property
+    def sparsity(self) -> float:
+        """Fraction of blocks that are entirely zero (and not stored)."""
+        return 1.0 - self.kept_blocks / self.total_blocks
+
+    @classmethod
+    def from_dense(cls, linear: nn.Linear, blocksize: int, kernel: str = "auto") -> "BlockSparseLinear":
+        """Pack ``linear`` (its weight's zero blocks are dropped) for ``kernel``; raises ValueError if it can't."""
+        if kernel not in KERNELS:
+            raise ValueError(f"unknown kernel {kernel!r}; choose one of {', '.join(KERNELS)}")
+        weight = linear.weight.detach()
+        if weight.dim() != 2:
+            raise ValueError(f"expected a 2-D Linear weight, got shape {tuple(weight.shape)}")
+        mask = block_mask(weight, blocksize)
+        kept = int(mask.sum().item())
+        if kernel == "auto":
+            kernel = choose_kernel(tuple(weight.shape), weight.dtype, blocksize, 1.0 - kept / mask.numel())
+        _check_kernel_dtype(kernel, weight.dtype)
+        out_features, in_features = weight.shape
+        module = cls(in_features, out_features, blocksize, kernel, kept)
+        bias = None if linear.bias is None else linear.bias.detach().clone()
+        module.register_buffer("bias", bias)
+        if kernel == "dense":
+            module.register_buffer("weight", weight.clone())
+        elif kernel in ("bsr_mm", "torch"):
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="Sparse BSR tensor support is in beta")
+                bsr = weight.to_sparse_bsr((blocksize, blocksize))
+            module.register_buffer("crow_indices", bsr.crow_indices())
+            module.register_buffer("col_indices", bsr.col_indices())
+            module.register_buffer("values", bsr.values())
+        else:
+            groups, empty_rows = _pack_groups(weight, mask, blocksize, MAX_GROUPS)
+            module.num_groups = len(groups)
+            for i, (rows, cols, packed) in enumerate(groups):
+                module.register_buffer(f"group{i}_rows", rows)
+                module.register_buffer(f"group{i}_cols", cols)
+                module.register_buffer(f"group{i}_weight", packed)
+                module.register_buffer(f"group{i}_bias", None if bias is None else bias.view(-1, blocksize)[rows])
+            module.has_empty_rows = empty_rows.numel() > 0
+            if module.has_empty_rows:
+                module.register_buffer("empty_rows", empty_rows)
+                module.register_buffer("empty_bias", None if bias is None else bias.view(-1, blocksize)[empty_rows])
+        return module
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if input.shape[-1] != self.in_features:
+            raise ValueError(f"expected input with last dimension {self.in_features}, got shape {tuple(input.shape)}")
+        lead = input.shape[:-1]
+        # 2-D keeps every kernel on its fast path (torch's BSR F.linear fails on 3-D input under inference_mode).
+        x = input.reshape(-1, self.in_features)
+        if self.kernel == "dense":
+            y = F.linear(x, self.weight, self.bias)
+        elif self.kernel in ("bsr_mm", "torch"):
+            shape = (self.out_features, self.in_features)
+            y = _torch_bsr_forward(self.kernel, x, self.crow_indices, self.col_indices, self.values, self.bias, shape)
+        else:
+            groups = [
+                (
+                    getattr(self, f"group{i}_rows"),
+                    getattr(self, f"group{i}_cols"),
+                    getattr(self, f"group{i}_weight"),
+                    getattr(self, f"group{i}_bias"),
+                )
+                for i in range(self.num_groups)
+            ]
+            empty = (self.empty_rows, self.empty_bias) if self.has_empty_rows else None
+            run = _bmm_rows if self.kernel == "bmm" else _bmm_cols
+            bs = self.blocksize
+            y = run(x, groups, empty, self.out_features // bs, self.in_features // bs, bs)
+        return y.reshape(*lead, self.out_features)
+
+    def dense_weight(self) -> torch.Tensor:
+        """The dense weight this layer computes with (the reference the kernels are tested against)."""
+        if self.kernel == "dense":
+            return self.weight.clone()
+        shape = (self.out_features, self.in_features)
+        if self.kernel in ("bsr_mm", "torch"):
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="Sparse BSR tensor support is in beta")
+                return torch.sparse_bsr_tensor(self.crow_indices, self.col_indices, self.values, size=shape).to_dense()
+        bs = self.blocksize
+        nbr, nbc = self.out_features // bs, self.in_features // bs
+        floats = [b for b in self.buffers() if b.is_floating_point()] or [torch.empty(0)]
+        blocks = torch.zeros(nbr, nbc, bs, bs, dtype=floats[0].dtype, device=floats[0].device)
+        for i in range(self.num_groups):
+            rows, cols = getattr(self, f"group{i}_rows"), getattr(self, f"group{i}_cols")
+            packed = getattr(self, f"group{i}_weight")
+            k = cols.numel() // rows.numel()
+            kept = packed.view(rows.numel(), bs, k, bs).permute(0, 2, 1, 3)  # (R, k, out, in)
+            # Padding blocks are zero, so accumulating them into any column-block changes nothing.
+            blocks.index_put_((rows[:, None].expand(-1, k), cols.view(-1, k)), kept, accumulate=True)
+        return blocks.permute(0, 2, 1, 3).reshape(shape)
+
+    def to_dense(self) -> nn.Linear:
+        """A plain ``nn.Linear`` computing the same function."""
+        weight = self.dense_weight()
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
+        linear = linear.to(device=weight.device, dtype=weight.dtype)
+        with torch.no_grad():
+            linear.weight.copy_(weight)
+            if self.bias is not None:
+                linear.bias.copy_(self.bias)
+        return linear.requires_grad_(False)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, blocksize={self.blocksize}, "
+            f"kept_blocks={self.kept_blocks}/{self.total_blocks}, sparsity={self.sparsity:.3f}, "
+            f"kernel={self.kernel!r}, bias={self.bias is not None}"
+        )
+
+
+##### Whole-model conversion #####
+
+
+@dataclass
+class BsrResult:
+    """What ``apply_bsr`` did: converted layers (name, kernel, block sparsity) and dense ones (name, reason)."""
+
+    converted: List[Tuple[str, str, float]] = field(default_factory=list)
+    left_dense: List[Tuple[str, str]] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        lines = [f"converted {len(self.converted)} Linear layers to BlockSparseLinear:"]
+        lines += [f"  {name:40s} kernel={kernel:6s} block sparsity={sp:.3f}" for name, kernel, sp in self.converted]
+        lines.append(f"left {len(self.left_dense)} Linear layers dense:")
+        lines += [f"  {name:40s} {reason}" for name, reason in self.left_dense]
+        return "\n".join(lines)
+
+
+def _set_submodule(model: nn.Module, fqn: str, module: nn.Module) -> None:
+    parent, _, name = fqn.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, name, module)
+
+
+def apply_bsr(
+    model: nn.Module,
+    blocksize: int,
+    min_sparsity: float = DEFAULT_MIN_SPARSITY,
+    kernel: str = "auto",
+    filter_fn: Optional[Callable[[nn.Module, str], bool]] = None,
+) -> BsrResult:
+    """Replace every eligible ``nn.Linear`` of ``model`` (in place) by a ``BlockSparseLinear``.
+
+    Args:
+        model: a model with frozen, already-pruned weights (e.g. after ``supermask.sparsify_offline``).
+        blocksize: block edge; a layer whose weight shape it does not divide stays dense.
+        min_sparsity: a layer with a smaller fraction of all-zero blocks stays dense. The default, 0.5, is the
+            measured break-even at blocksize 64 on a 2-core CPU (benchmarks/RESULTS.md); at blocksize 32 the
+            break-even is about 0.6, and ``kernel="auto"`` keeps such layers on the dense kernel.
+        kernel: one of ``KERNELS`` for every converted layer.
+        filter_fn: ``filter_fn(module, fqn) -> bool``; layers it rejects stay dense.
+
+    nn.MultiheadAttention's ``out_proj`` always stays dense: MHA reads its weight directly. So do Linear
+    subclasses (a Supermask layer must be made a plain Linear first, with ``supermask.sparsify_offline``).
+
+    Returns:
+        ``BsrResult`` listing converted layers and the ones left dense, with the reason.
+
+    Example::
+
+        >>> result = apply_bsr(model, blocksize=64)
+        >>> print(result)
+    """
+    if kernel not in KERNELS:
+        raise ValueError(f"unknown kernel {kernel!r}; choose one of {', '.join(KERNELS)}")
+    if not 0.0 <= min_sparsity <= 1.0:
+        raise ValueError(f"min_sparsity must be in [0, 1], got {min_sparsity}")
+    mha_out_proj = {id(m.out_proj) for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
+    result = BsrResult()
+    for fqn, module in list(model.named_modules()):
+        if not isinstance(module, nn.Linear):
+            continue
+        if id(module) in mha_out_proj:
+            result.left_dense.append((fqn, "out_proj of nn.MultiheadAttention, which reads its weight directly"))
+        elif type(module) is not nn.Linear:
+            result.left_dense.append(
+                (fqn, f"{type(module).__name__} is a Linear subclass; make it a plain nn.Linear first")
+            )
+        elif filter_fn is not None and not filter_fn(module, fqn):
+            result.left_dense.append((fqn, "excluded by filter_fn"))
+        elif not blocksize_divides(tuple(module.weight.shape), blocksize):
+            out_features, in_features = module.weight.shape
+            result.left_dense.append((fqn, f"shape {out_features}x{in_features} not divisible by blocksize {blocksize}"))
+        else:
+            sparsity = block_sparsity(module.weight, blocksize)
+            if sparsity < min_sparsity:
+                result.left_dense.append((fqn, f"block sparsity {sparsity:.3f} < min_sparsity {min_sparsity}"))
+                continue
+            sparse = BlockSparseLinear.from_dense(module, blocksize, kernel=kernel)
+            _set_submodule(model, fqn, sparse)
+            result.converted.append((fqn, sparse.kernel, sparsity))
+    return result
