@@ -1,0 +1,418 @@
+"""Time dense, Supermask and block-sparse variants of a model on the same input, in one process.
+
+    python benchmark.py --model vit_b_16 --batch-size 8 --sparsity-linear 0.9 --sp-linear-tile-size 64 --device cpu
+
+Variants: ``dense`` (the model without masks), ``online`` (Supermask layers computing their masks every
+forward), ``offline`` (masks frozen into dense weights), ``torch`` (the original SuperBlock: F.linear with
+``to_sparse_bsr`` weights) and ``bsr`` (blocksparse.apply_bsr, kernel auto; ``--kernels`` adds others).
+Every variant except ``dense`` must match ``offline``'s output; the check is printed. Masks are random at
+the given sparsity (the Supermask score init is random) unless ``--weights-path`` loads trained ones.
+
+``--layer 768x3072`` times one Linear (in x out) instead: dense against each block-sparse kernel.
+``--sweep-sparsity`` / ``--sweep-tile-size`` time dense against bsr over a grid; ``--plot`` draws it.
+"""
+
+import argparse
+import copy
+import csv
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+import blocksparse
+import supermask
+import utils
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+# Output check against the offline model, relative to the largest |logit|.
+TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 5e-2}
+
+
+def get_args_parser(add_help=True):
+    """The benchmark's flags."""
+    parser = argparse.ArgumentParser(description="SuperBlock inference benchmark", add_help=add_help)
+    utils.add_model_args(parser)
+    utils.add_supermask_args(parser)
+    group = parser.add_argument_group("benchmark")
+    group.add_argument("-b", "--batch-size", default=8, type=int, help="images per forward (default: 8)")
+    group.add_argument("--image-size", default=224, type=int, help="input height and width (default: 224)")
+    group.add_argument("--num-classes", default=1000, type=int, help="classifier outputs (default: 1000)")
+    group.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="weights and input (default: float32)")
+    group.add_argument("--compile", action="store_true", help="torch.compile every variant (default: off)")
+    group.add_argument("--iters", default=10, type=int, help="timed forwards per variant; the median is reported (default: 10)")
+    group.add_argument("--warmup", default=2, type=int, help="untimed forwards before timing (default: 2)")
+    group.add_argument("--blocksize", default=None, type=int,
+                       help="block size for apply_bsr (default: --sp-linear-tile-size)")
+    group.add_argument("--kernels", default="auto", type=str,
+                       help=f"comma-separated blocksparse kernels to time as bsr-<kernel>, or 'all' "
+                            f"({', '.join(blocksparse.KERNELS[:-1])}; default: auto)")
+    group.add_argument("--min-sparsity", default=blocksparse.DEFAULT_MIN_SPARSITY, type=float,
+                       help=f"apply_bsr's min_sparsity (default: {blocksparse.DEFAULT_MIN_SPARSITY})")
+    group.add_argument("--threads", default=None, type=int, help="torch.set_num_threads (default: torch's choice)")
+    group.add_argument("--seed", default=0, type=int, help="seed for masks, weights and input (default: 0)")
+    group.add_argument("--smoke", action="store_true",
+                       help="seconds-long check: vit_tiny on 32x32 images, 10 classes, 2 iterations (default: off)")
+    group.add_argument("--layer", default=None, type=str, metavar="INxOUT",
+                       help="time one Linear of this shape (e.g. 768x3072) instead of a model (default: off)")
+    group.add_argument("--tokens", default=1576, type=int,
+                       help="rows of the --layer input (default: 1576, vit_b_16's tokens at batch 8)")
+    group.add_argument("--sweep-sparsity", default=None, type=str,
+                       help="comma-separated linear sparsities to sweep, dense vs bsr (default: off)")
+    group.add_argument("--sweep-tile-size", default=None, type=str,
+                       help="comma-separated tile sizes to sweep (default: --sp-linear-tile-size)")
+    group.add_argument("--output-json", default=None, type=str, help="write the results to this JSON file (default: none)")
+    group.add_argument("--csv", default=None, type=str, help="write the result rows to this CSV file (default: none)")
+    group.add_argument("--plot", default=None, type=str, metavar="FILE.png",
+                       help="plot speed-up vs sparsity per tile size (needs a sweep and matplotlib; default: none)")
+    return parser
+
+
+def _int_list(text, flag):
+    try:
+        return [int(v) for v in text.split(",") if v]
+    except ValueError:
+        raise utils.InputError(f"{flag} {text!r} must be comma-separated integers, e.g. 32,64") from None
+
+
+def _fraction_list(text, flag):
+    try:
+        values = [float(v) for v in text.split(",") if v]
+    except ValueError:
+        raise utils.InputError(f"{flag} {text!r} must be comma-separated numbers, e.g. 0.5,0.9") from None
+    if not values or any(not 0.0 <= v < 1.0 for v in values):
+        raise utils.InputError(f"{flag} {text!r}: every sparsity must be in [0, 1)")
+    return values
+
+
+def check_args(args):
+    """Validate flag combinations; raises utils.InputError with a one-line message."""
+    if args.smoke:
+        args.model, args.image_size, args.num_classes = "vit_tiny", 32, 10
+        args.iters, args.warmup = 2, 1
+        if args.sp_linear_tile_size == 1:
+            args.sp_linear_tile_size = 32
+        if args.sparsity_linear == 0.0:
+            args.sparsity_linear = 0.9
+    utils.check_model_name(args.model)
+    if args.device != "cpu" and not args.device.startswith("cuda"):
+        raise utils.InputError(f"--device {args.device} is not cpu or cuda")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise utils.InputError("--device cuda but CUDA is not available; use --device cpu")
+    for flag, value in [("--batch-size", args.batch_size), ("--iters", args.iters), ("--image-size", args.image_size),
+                        ("--tokens", args.tokens), ("--num-classes", args.num_classes)]:
+        if value < 1:
+            raise utils.InputError(f"{flag} {value} must be at least 1")
+    if args.warmup < 0:
+        raise utils.InputError(f"--warmup {args.warmup} must be at least 0")
+    if args.threads is not None and args.threads < 1:
+        raise utils.InputError(f"--threads {args.threads} must be at least 1")
+    if not 0.0 <= args.min_sparsity <= 1.0:
+        raise utils.InputError(f"--min-sparsity {args.min_sparsity} must be in [0, 1]")
+    args.blocksize = args.blocksize or args.sp_linear_tile_size
+    kernels = [k for k in blocksparse.KERNELS if k != "torch"] if args.kernels == "all" else args.kernels.split(",")
+    unknown = [k for k in kernels if k not in blocksparse.KERNELS]
+    if unknown:
+        raise utils.InputError(f"--kernels: unknown {', '.join(unknown)}; choose from {', '.join(blocksparse.KERNELS)}")
+    args.kernel_list = kernels
+    if args.layer is not None:
+        try:
+            args.layer_shape = tuple(int(v) for v in args.layer.lower().split("x"))
+            assert len(args.layer_shape) == 2 and min(args.layer_shape) > 0
+        except (ValueError, AssertionError):
+            raise utils.InputError(f"--layer {args.layer!r} must be INxOUT, e.g. 768x3072") from None
+        if not blocksparse.blocksize_divides(args.layer_shape[::-1], args.blocksize):
+            raise utils.InputError(f"--layer {args.layer}: block size {args.blocksize} does not divide both sides")
+    args.sweep_sparsities = _fraction_list(args.sweep_sparsity, "--sweep-sparsity") if args.sweep_sparsity else None
+    args.sweep_tiles = _int_list(args.sweep_tile_size, "--sweep-tile-size") if args.sweep_tile_size else None
+    if args.sweep_tiles and not args.sweep_sparsities:
+        args.sweep_sparsities = [args.sparsity_linear]
+    if args.sweep_sparsities and not args.sweep_tiles:
+        args.sweep_tiles = [args.sp_linear_tile_size]
+    if args.plot and not args.sweep_sparsities:
+        raise utils.InputError("--plot needs a sweep: add --sweep-sparsity and/or --sweep-tile-size")
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise utils.InputError("--plot needs matplotlib: pip install matplotlib") from None
+    if args.layer is None and not args.sweep_sparsities and args.sparsity_linear == 0.0 and not args.weights_path:
+        raise utils.InputError("--sparsity-linear is 0: nothing to make sparse; set it (e.g. 0.9) or --weights-path")
+
+
+##### Timing #####
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.inference_mode()
+def time_forward(fn, x, *, warmup, iters, device):
+    """Median seconds of `iters` calls of fn(x) after `warmup` calls; also the first call's time and output."""
+    _sync(device)
+    start = time.perf_counter()
+    out = fn(x)
+    _sync(device)
+    first = time.perf_counter() - start
+    for _ in range(max(warmup - 1, 0)):
+        fn(x)
+    times = []
+    for _ in range(iters):
+        _sync(device)
+        start = time.perf_counter()
+        fn(x)
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), first, out
+
+
+def compare(out, ref, dtype):
+    """(max abs difference, allowed difference, ok) of `out` against the reference output."""
+    diff = (out.float() - ref.float()).abs().max().item()
+    allowed = TOLERANCE[dtype] * max(ref.float().abs().max().item(), 1.0)
+    return diff, allowed, diff <= allowed
+
+
+##### Models #####
+
+
+def build_variants(args, dense, sparsity, tile_size, blocksize, variants):
+    """The models to time, by name, built from the dense model; dense itself is not copied."""
+    torch.manual_seed(args.seed)
+    online = copy.deepcopy(dense)
+    supermask.apply_supermask(online, linear_sparsity=sparsity, linear_sp_tilesize=tile_size)
+    if args.weights_path:
+        checkpoint = utils.load_checkpoint(args.weights_path)
+        try:
+            supermask.load_supermask_state_dict(online, utils.model_state_dict(checkpoint))
+        except ValueError as e:
+            raise utils.InputError(f"--weights-path {args.weights_path}: {e}") from None
+    online.eval()
+    offline = supermask.sparsify_offline(copy.deepcopy(online))
+    models, notes = {"dense": dense, "online": online, "offline": offline}, {}
+    for name in variants:
+        if not name.startswith(("torch", "bsr")):
+            continue
+        kernel = "torch" if name == "torch" else name.partition("-")[2] or "auto"
+        if kernel in ("torch", "bsr_mm") and not blocksparse.torch_bsr_supports_dtype(args.torch_dtype):
+            notes[name] = f"skipped: kernel {kernel} is float32/float64 only"
+            continue
+        model = copy.deepcopy(offline)
+        result = blocksparse.apply_bsr(model, blocksize=blocksize, min_sparsity=args.min_sparsity, kernel=kernel)
+        notes[name] = f"{len(result.converted)} Linear converted, {len(result.left_dense)} left dense"
+        models[name] = model
+    return {k: v for k, v in models.items() if k in variants}, notes
+
+
+def base_model(args):
+    """The dense model, in eval mode on the device and dtype, with a random classifier so logits are not all zero."""
+    torch.manual_seed(args.seed)
+    model = utils.build_model(argparse.Namespace(model=args.model, weights=args.weights),
+                              num_classes=args.num_classes, image_size=args.image_size)
+    for module in model.modules():
+        # torchvision zero-initialises the ViT head: every variant would output zeros and "match".
+        if isinstance(module, nn.Linear) and not module.weight.detach().abs().sum():
+            nn.init.normal_(module.weight, std=0.02)
+    return model.eval().requires_grad_(False)
+
+
+def _prepare(model, args):
+    model = model.to(device=args.torch_device, dtype=args.torch_dtype)
+    if args.compile:
+        model = torch.compile(model)
+    return model
+
+
+##### Modes #####
+
+
+def run_model(args):
+    """Time every variant at the flags' sparsity; returns result rows."""
+    variants = ["dense", "online", "offline", "torch"] + [f"bsr-{k}" if k != "auto" else "bsr" for k in args.kernel_list]
+    dense = base_model(args)
+    models, notes = build_variants(args, dense, args.sparsity_linear, args.sp_linear_tile_size, args.blocksize, variants)
+    x = torch.randn(args.batch_size, 3, args.image_size, args.image_size, generator=torch.Generator().manual_seed(args.seed))
+    x = x.to(device=args.torch_device, dtype=args.torch_dtype)
+    rows, ref = [], None
+    for name in tqdm(variants, desc="variants", leave=False):
+        if name not in models:
+            rows.append(dict(variant=name, note=notes.get(name, "")))
+            continue
+        model = _prepare(models[name], args)
+        median, first, out = time_forward(model, x, warmup=args.warmup, iters=args.iters, device=args.torch_device)
+        row = dict(variant=name, ms=median * 1e3, first_ms=first * 1e3, images_per_s=args.batch_size / median,
+                   note=notes.get(name, ""))
+        if name == "offline":
+            ref = out
+        rows.append(row)
+        row["out"] = out
+    dense_ms = next(r["ms"] for r in rows if r["variant"] == "dense")
+    torch_ms = next((r["ms"] for r in rows if r["variant"] == "torch" and "ms" in r), None)
+    for row in rows:
+        out = row.pop("out", None)
+        if "ms" not in row:
+            continue
+        row["speedup_vs_dense"] = dense_ms / row["ms"]
+        if torch_ms:
+            row["speedup_vs_torch"] = torch_ms / row["ms"]
+        if row["variant"] != "dense":
+            row["max_diff"], row["allowed_diff"], row["matches_offline"] = compare(out, ref, args.torch_dtype)
+    return rows
+
+
+def run_sweep(args):
+    """Dense vs bsr (and torch where it runs) at every sweep sparsity and tile size; returns result rows."""
+    dense = base_model(args)
+    x = torch.randn(args.batch_size, 3, args.image_size, args.image_size, generator=torch.Generator().manual_seed(args.seed))
+    x = x.to(device=args.torch_device, dtype=args.torch_dtype)
+    rows = []
+    grid = [(t, s) for t in args.sweep_tiles for s in args.sweep_sparsities]
+    for tile, sparsity in tqdm(grid, desc="sweep", leave=False):
+        models, _ = build_variants(args, dense, sparsity, tile, tile, ["dense", "offline", "bsr"])
+        times = {}
+        for name in ["dense", "bsr"]:
+            times[name], _, out = time_forward(_prepare(models[name], args), x, warmup=args.warmup,
+                                               iters=args.iters, device=args.torch_device)
+            if name == "bsr":
+                with torch.inference_mode():
+                    ref = _prepare(models["offline"], args)(x)
+                diff, allowed, ok = compare(out, ref, args.torch_dtype)
+        rows.append(dict(tile_size=tile, sparsity=sparsity, dense_ms=times["dense"] * 1e3, bsr_ms=times["bsr"] * 1e3,
+                         speedup_vs_dense=times["dense"] / times["bsr"], max_diff=diff, matches_offline=ok))
+    return rows
+
+
+def run_layer(args):
+    """One Linear (--layer INxOUT) with a random block mask: dense vs every requested kernel; result rows."""
+    in_features, out_features = args.layer_shape
+    bs = args.blocksize
+    gen = torch.Generator().manual_seed(args.seed)
+    linear = nn.Linear(in_features, out_features).requires_grad_(False)
+    keep = torch.rand(out_features // bs, in_features // bs, generator=gen) >= args.sparsity_linear
+    linear.weight.mul_(keep.repeat_interleave(bs, 0).repeat_interleave(bs, 1))
+    linear = linear.to(device=args.torch_device, dtype=args.torch_dtype)
+    x = torch.randn(args.tokens, in_features, generator=gen).to(device=args.torch_device, dtype=args.torch_dtype)
+    kernels = ["torch"] + [k for k in args.kernel_list if k != "torch"]
+    with torch.inference_mode():
+        ref = F.linear(x, linear.weight, linear.bias)
+    rows = []
+    dense_ms = None
+    for name in tqdm(["dense"] + kernels, desc="kernels", leave=False):
+        if name == "dense":
+            fn = linear
+        elif name in ("torch", "bsr_mm") and not blocksparse.torch_bsr_supports_dtype(args.torch_dtype):
+            rows.append(dict(variant=name, note="skipped: float32/float64 only"))
+            continue
+        else:
+            fn = blocksparse.BlockSparseLinear.from_dense(linear, bs, kernel=name)
+        fn = torch.compile(fn) if args.compile else fn
+        median, _, out = time_forward(fn, x, warmup=args.warmup, iters=args.iters, device=args.torch_device)
+        dense_ms = dense_ms or median * 1e3
+        diff, allowed, ok = compare(out, ref, args.torch_dtype)
+        label = name if name in ("dense", "torch") or not isinstance(fn, blocksparse.BlockSparseLinear) else f"{name} ({fn.kernel})"
+        rows.append(dict(variant=label, ms=median * 1e3, speedup_vs_dense=dense_ms / (median * 1e3),
+                         max_diff=diff, matches_dense=ok))
+    return rows
+
+
+##### Reporting #####
+
+
+def machine_info(args):
+    """Thread count, versions and machine, as printed in the header."""
+    return dict(torch=torch.__version__, threads=torch.get_num_threads(), processor=platform.processor() or platform.machine(),
+                cpu_count=os.cpu_count(), platform=platform.platform(), device=str(args.torch_device),
+                dtype=args.dtype, compile=args.compile, command=" ".join(["python"] + sys.argv))
+
+
+def format_rows(rows):
+    """A fixed-width table of result rows."""
+    keys = [k for k in rows[0] if k != "note"] if rows else []
+    for row in rows:
+        keys += [k for k in row if k not in keys and k != "note"]
+    keys.append("note")
+
+    def cell(v):
+        if isinstance(v, float):
+            return f"{v:.4g}" if abs(v) < 1e-2 else f"{v:.2f}"
+        return "" if v is None else str(v)
+
+    table = [keys] + [[cell(row.get(k)) for k in keys] for row in rows]
+    widths = [max(len(r[i]) for r in table) for i in range(len(keys))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in table)
+
+
+def plot(rows, path):
+    """Speed-up of bsr over dense against sparsity, one line per tile size."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for tile in sorted({r["tile_size"] for r in rows}):
+        points = sorted((r["sparsity"], r["speedup_vs_dense"]) for r in rows if r["tile_size"] == tile)
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=f"block {tile}")
+    ax.axhline(1.0, color="gray", linestyle="--", linewidth=1)
+    ax.set_xlabel("linear sparsity (fraction of tiles pruned)")
+    ax.set_ylabel("speed-up vs dense")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def main(args):
+    """Run the benchmark the flags describe and print (and save) its results."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.torch_device = torch.device(args.device)
+    args.torch_dtype = DTYPES[args.dtype]
+    info = machine_info(args)
+    print(f"torch {info['torch']}, {info['threads']} threads, {info['processor']} ({info['cpu_count']} CPUs), "
+          f"device {info['device']}, {args.dtype}, compile {'on' if args.compile else 'off'}")
+    if args.layer:
+        print(f"Linear {args.layer_shape[0]}x{args.layer_shape[1]}, {args.tokens} tokens, block {args.blocksize}, "
+              f"sparsity {args.sparsity_linear}")
+        rows = run_layer(args)
+    elif args.sweep_sparsities:
+        print(f"{args.model}, batch {args.batch_size}, sweep sparsity {args.sweep_sparsities} x tile {args.sweep_tiles}")
+        rows = run_sweep(args)
+    else:
+        print(f"{args.model}, batch {args.batch_size}, linear sparsity {args.sparsity_linear}, "
+              f"tile {args.sp_linear_tile_size}, block {args.blocksize}, median of {args.iters} after {args.warmup} warm-up")
+        rows = run_model(args)
+    print(format_rows(rows))
+    if args.output_json:
+        with open(args.output_json, "w") as f:
+            json.dump(dict(machine=info, rows=rows), f, indent=2)
+    if args.csv:
+        keys = []
+        for row in rows:
+            keys += [k for k in row if k not in keys]
+        with open(args.csv, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=keys)
+            writer.writeheader()
+            writer.writerows(rows)
+    if args.plot:
+        plot(rows, args.plot)
+        print(f"plot written to {args.plot}")
+    return rows
+
+
+if __name__ == "__main__":
+    parser = get_args_parser()
+    args = parser.parse_args()
+    try:
+        check_args(args)
+        main(args)
+    except utils.InputError as e:
+        parser.error(utils.user_error_message(e))

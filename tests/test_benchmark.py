@@ -1,0 +1,82 @@
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import benchmark
+import utils
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run(argv):
+    parser = benchmark.get_args_parser()
+    args = parser.parse_args(argv)
+    benchmark.check_args(args)
+    return benchmark.main(args)
+
+
+def test_smoke_benchmark_times_every_variant_and_they_match_offline(tmp_path):
+    out_json, out_csv = tmp_path / "r.json", tmp_path / "r.csv"
+    rows = run(["--smoke", "--device", "cpu", "--kernels", "auto,bmm_t", "--output-json", str(out_json),
+                "--csv", str(out_csv)])
+    by_name = {row["variant"]: row for row in rows}
+    assert list(by_name) == ["dense", "online", "offline", "torch", "bsr", "bsr-bmm_t"]
+    for name in ["online", "torch", "bsr", "bsr-bmm_t"]:
+        assert by_name[name]["matches_offline"], f"{name} differs from offline by {by_name[name]['max_diff']}"
+        assert by_name[name]["ms"] > 0
+    assert "converted" in by_name["bsr"]["note"]
+    saved = json.loads(out_json.read_text())
+    assert saved["machine"]["threads"] == torch.get_num_threads()
+    assert [row["variant"] for row in saved["rows"]] == list(by_name)
+    assert out_csv.read_text().splitlines()[0].startswith("variant,ms")
+
+
+def test_output_check_catches_a_wrong_output():
+    ref = torch.randn(4, 10)
+    assert benchmark.compare(ref + 1e-6, ref, torch.float32)[2]
+    assert not benchmark.compare(ref + 1.0, ref, torch.float32)[2]
+
+
+def test_layer_mode_checks_every_kernel_against_dense():
+    rows = run(["--layer", "64x128", "--tokens", "20", "--sparsity-linear", "0.5", "--sp-linear-tile-size", "32",
+                "--device", "cpu", "--kernels", "all", "--iters", "1", "--warmup", "0"])
+    names = [row["variant"].split(" ")[0] for row in rows]
+    assert names == ["dense", "torch", "auto", "bmm", "bmm_t", "bsr_mm", "dense"]
+    assert all(row["matches_dense"] for row in rows)
+
+
+def test_sweep_writes_a_plot(tmp_path):
+    pytest.importorskip("matplotlib")
+    path = tmp_path / "sweep.png"
+    rows = run(["--smoke", "--device", "cpu", "--sweep-sparsity", "0.5,0.75", "--sweep-tile-size", "16",
+                "--plot", str(path)])
+    assert [(r["tile_size"], r["sparsity"]) for r in rows] == [(16, 0.5), (16, 0.75)]
+    assert all(r["matches_offline"] for r in rows)
+    assert path.stat().st_size > 0
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--layer", "64by128"], "must be INxOUT"),
+    (["--layer", "64x100", "--sp-linear-tile-size", "32"], "does not divide"),
+    (["--smoke", "--kernels", "fast"], "unknown fast"),
+    (["--smoke", "--sweep-sparsity", "0.5,1.5"], "must be in [0, 1)"),
+    (["--smoke", "--plot", "x.png"], "--plot needs a sweep"),
+    (["--model", "vit_b_16", "--device", "cpu"], "nothing to make sparse"),
+    (["--model", "no_such_net", "--sparsity-linear", "0.9"], "not a classification model"),
+])
+def test_rejects_bad_flags_with_a_clear_message(argv, message):
+    args = benchmark.get_args_parser().parse_args(argv + ["--device", "cpu"])
+    with pytest.raises(utils.InputError, match=message.replace("[", r"\[").replace(")", r"\)")):
+        benchmark.check_args(args)
+
+
+def test_bad_flag_exits_2_with_one_line():
+    proc = subprocess.run([sys.executable, "benchmark.py", "--layer", "64by128", "--device", "cpu"], cwd=ROOT, capture_output=True,
+                          text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == "benchmark.py: error: --layer '64by128' must be INxOUT, e.g. 768x3072"
+    assert "Traceback" not in proc.stderr

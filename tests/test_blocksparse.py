@@ -1,0 +1,262 @@
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+import blocksparse
+from blocksparse import BlockSparseLinear, apply_bsr
+
+FAST_KERNELS = ["bmm", "bmm_t", "dense"]
+BSR_KERNELS = ["bsr_mm", "torch"]
+TOL = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.bfloat16: dict(atol=3e-2, rtol=2e-2)}
+
+
+def block_sparse_linear(in_features, out_features, blocksize, keep, *, bias=True, dtype=torch.float32, seed=0):
+    """An nn.Linear whose weight is zero outside the blocks where `keep` (out/bs, in/bs) is True."""
+    torch.manual_seed(seed)
+    linear = nn.Linear(in_features, out_features, bias=bias).requires_grad_(False)
+    if bias:
+        nn.init.normal_(linear.bias)
+    mask = keep.repeat_interleave(blocksize, 0).repeat_interleave(blocksize, 1)
+    linear.weight.mul_(mask)
+    return linear.to(dtype)
+
+
+def random_keep(out_features, in_features, blocksize, sparsity, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.rand(out_features // blocksize, in_features // blocksize, generator=gen) >= sparsity
+
+
+def dense_reference(linear, x):
+    """The exact product in float64, as the kernels' reference."""
+    bias = None if linear.bias is None else linear.bias.double()
+    return nn.functional.linear(x.double(), linear.weight.double(), bias)
+
+
+@pytest.mark.parametrize("kernel", FAST_KERNELS + BSR_KERNELS)
+@pytest.mark.parametrize("shape,blocksize,sparsity", [((64, 128), 16, 0.7), ((256, 64), 32, 0.5), ((128, 128), 64, 0.5)])
+def test_bsr_linear_matches_dense_float32(kernel, shape, blocksize, sparsity):
+    in_features, out_features = shape
+    keep = random_keep(out_features, in_features, blocksize, sparsity)
+    keep[0] = False  # a fully empty block-row: its outputs are just the bias
+    linear = block_sparse_linear(in_features, out_features, blocksize, keep)
+    layer = BlockSparseLinear.from_dense(linear, blocksize, kernel=kernel)
+    for x in [torch.randn(in_features), torch.randn(5, in_features), torch.randn(2, 3, in_features)]:
+        y = layer(x)
+        assert y.shape == x.shape[:-1] + (out_features,)
+        torch.testing.assert_close(y.double(), dense_reference(linear, x), **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("kernel", FAST_KERNELS)
+@pytest.mark.parametrize("blocksize", [16, 32])
+def test_bsr_linear_matches_dense_bfloat16(kernel, blocksize):
+    keep = random_keep(128, 256, blocksize, 0.6, seed=1)
+    linear = block_sparse_linear(256, 128, blocksize, keep, dtype=torch.bfloat16)
+    layer = BlockSparseLinear.from_dense(linear, blocksize, kernel=kernel)
+    x = torch.randn(4, 7, 256, dtype=torch.bfloat16)
+    y = layer(x)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.double(), dense_reference(linear, x), **TOL[torch.bfloat16])
+
+
+@pytest.mark.parametrize("kernel", FAST_KERNELS + BSR_KERNELS)
+@pytest.mark.parametrize("keep_all", [True, False], ids=["fully_dense", "all_blocks_zero"])
+def test_bsr_linear_handles_fully_dense_and_empty_weights(kernel, keep_all):
+    keep = torch.full((4, 2), keep_all)
+    linear = block_sparse_linear(64, 128, 32, keep)
+    layer = BlockSparseLinear.from_dense(linear, 32, kernel=kernel)
+    x = torch.randn(3, 64)
+    torch.testing.assert_close(layer(x).double(), dense_reference(linear, x), **TOL[torch.float32])
+    assert layer.kept_blocks == (8 if keep_all else 0)
+
+
+@pytest.mark.parametrize("kernel", FAST_KERNELS + BSR_KERNELS)
+def test_bsr_linear_without_bias_matches_dense(kernel):
+    keep = random_keep(96, 64, 32, 0.5, seed=2)
+    keep[1] = False
+    linear = block_sparse_linear(64, 96, 32, keep, bias=False)
+    layer = BlockSparseLinear.from_dense(linear, 32, kernel=kernel)
+    x = torch.randn(6, 64)
+    torch.testing.assert_close(layer(x).double(), dense_reference(linear, x), **TOL[torch.float32])
+
+
+def test_uneven_rows_are_grouped_with_bounded_groups():
+    # Every block-row has a different kept count (0..15): more counts than MAX_GROUPS, so rows get padded.
+    keep = torch.arange(16)[None, :] < torch.arange(16)[:, None]
+    linear = block_sparse_linear(256, 256, 16, keep)
+    layer = BlockSparseLinear.from_dense(linear, 16, kernel="bmm")
+    assert 1 < layer.num_groups <= blocksparse.MAX_GROUPS
+    x = torch.randn(9, 256)
+    torch.testing.assert_close(layer(x).double(), dense_reference(linear, x), **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("kernel", FAST_KERNELS + BSR_KERNELS)
+def test_dense_weight_and_to_dense_reproduce_the_original(kernel):
+    keep = random_keep(128, 64, 16, 0.75, seed=3)
+    linear = block_sparse_linear(64, 128, 16, keep)
+    layer = BlockSparseLinear.from_dense(linear, 16, kernel=kernel)
+    torch.testing.assert_close(layer.dense_weight(), linear.weight)
+    back = layer.to_dense()
+    assert type(back) is nn.Linear
+    torch.testing.assert_close(back.weight, linear.weight)
+    torch.testing.assert_close(back.bias, linear.bias)
+
+
+def test_packing_stores_only_kept_blocks():
+    keep = random_keep(512, 512, 32, 0.9, seed=4)
+    linear = block_sparse_linear(512, 512, 32, keep)
+    layer = BlockSparseLinear.from_dense(linear, 32, kernel="bmm")
+    stored = sum(b.numel() for name, b in layer.named_buffers() if name.endswith("_weight"))
+    assert stored < 0.25 * linear.weight.numel(), "the packed weights should hold ~10% of the dense weight"
+    assert layer.kept_blocks == int(keep.sum())
+    assert not hasattr(layer, "weight"), "the bmm kernel must not keep the dense weight"
+
+
+@pytest.mark.parametrize("kernel", ["bmm", "bmm_t", "torch"])
+@pytest.mark.parametrize("mode", ["inference_mode", "no_grad"])
+def test_bsr_linear_runs_under_inference_mode_and_no_grad(kernel, mode):
+    keep = random_keep(128, 64, 32, 0.5, seed=5)
+    linear = block_sparse_linear(64, 128, 32, keep)
+    layer = BlockSparseLinear.from_dense(linear, 32, kernel=kernel)
+    x = torch.randn(2, 5, 64)  # 3-D input: torch's own BSR F.linear fails on it under inference_mode
+    with getattr(torch, mode)():
+        y = layer(x)
+    torch.testing.assert_close(y.double(), dense_reference(linear, x), **TOL[torch.float32])
+
+
+def test_bsr_linear_under_torch_compile_matches_dense():
+    keep = random_keep(128, 64, 32, 0.5, seed=6)
+    keep[2] = False
+    linear = block_sparse_linear(64, 128, 32, keep)
+    layer = BlockSparseLinear.from_dense(linear, 32, kernel="bmm")
+    x = torch.randn(3, 4, 64)
+    with torch.inference_mode():
+        y = torch.compile(layer)(x)
+    torch.testing.assert_close(y.double(), dense_reference(linear, x), **TOL[torch.float32])
+
+
+def test_module_to_converts_packed_weights():
+    keep = random_keep(128, 64, 32, 0.5, seed=7)
+    linear = block_sparse_linear(64, 128, 32, keep)
+    layer = BlockSparseLinear.from_dense(linear, 32, kernel="bmm").to(torch.bfloat16)
+    assert all(b.dtype == torch.bfloat16 for b in layer.buffers() if b.is_floating_point())
+    assert layer.group0_rows.dtype == torch.int64, "index buffers must keep their integer dtype"
+    x = torch.randn(5, 64, dtype=torch.bfloat16)
+    torch.testing.assert_close(layer(x).double(), dense_reference(linear, x), **TOL[torch.bfloat16])
+
+
+def test_auto_kernel_follows_sparsity_and_shows_in_repr():
+    sparse = block_sparse_linear(256, 256, 64, random_keep(256, 256, 64, 0.9, seed=8) | torch.eye(4, dtype=torch.bool))
+    dense = block_sparse_linear(256, 256, 64, torch.ones(4, 4, dtype=torch.bool))
+    sparse_layer = BlockSparseLinear.from_dense(sparse, 64)
+    dense_layer = BlockSparseLinear.from_dense(dense, 64)
+    assert sparse_layer.kernel in ("bmm", "bmm_t")
+    assert dense_layer.kernel == "dense"
+    text = repr(sparse_layer)
+    assert "blocksize=64" in text and f"kernel='{sparse_layer.kernel}'" in text and "sparsity=" in text
+    assert blocksparse.choose_kernel((3072, 768), torch.float32, 32, 0.9) == "bmm_t"
+    assert blocksparse.choose_kernel((768, 3072), torch.float32, 64, 0.9) == "bmm"
+
+
+def test_rejects_blocksize_not_dividing_weight():
+    linear = nn.Linear(100, 64)
+    with pytest.raises(ValueError, match="does not divide the weight shape 64x100"):
+        BlockSparseLinear.from_dense(linear, 32)
+
+
+def test_rejects_unknown_kernel_and_bad_blocksize():
+    linear = nn.Linear(64, 64)
+    with pytest.raises(ValueError, match="unknown kernel 'fast'"):
+        BlockSparseLinear.from_dense(linear, 32, kernel="fast")
+    with pytest.raises(ValueError, match="positive int"):
+        BlockSparseLinear.from_dense(linear, 0)
+
+
+@pytest.mark.parametrize("kernel", BSR_KERNELS)
+def test_torch_bsr_kernels_reject_bfloat16_with_a_clear_error(kernel):
+    linear = nn.Linear(64, 64).to(torch.bfloat16)
+    with pytest.raises(ValueError, match="float32/float64 only"):
+        BlockSparseLinear.from_dense(linear, 32, kernel=kernel)
+    layer = BlockSparseLinear.from_dense(nn.Linear(64, 64), 32, kernel=kernel)
+    with pytest.raises(ValueError, match="float32/float64 only"):
+        layer(torch.randn(2, 64, dtype=torch.bfloat16))
+
+
+def test_rejects_input_of_wrong_width():
+    layer = BlockSparseLinear.from_dense(nn.Linear(64, 64), 32, kernel="bmm")
+    with pytest.raises(ValueError, match="last dimension 64"):
+        layer(torch.randn(2, 32))
+
+
+##### apply_bsr on whole models #####
+
+
+def small_vit(blocksize=16, sparsity=0.75):
+    torch.manual_seed(0)
+    model = torchvision.models.VisionTransformer(
+        image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=64, mlp_dim=128, num_classes=10
+    )
+    nn.init.normal_(model.heads.head.weight)  # torchvision zero-initialises the head: logits would all be 0
+    with torch.no_grad():
+        for i, layer in enumerate(model.encoder.layers):
+            for linear in (layer.mlp[0], layer.mlp[3]):
+                out_f, in_f = linear.weight.shape
+                keep = random_keep(out_f, in_f, blocksize, sparsity, seed=i)
+                linear.weight.mul_(keep.repeat_interleave(blocksize, 0).repeat_interleave(blocksize, 1))
+    return model.eval()
+
+
+@pytest.mark.parametrize("kernel", ["auto", "bmm_t", "torch"])
+def test_apply_bsr_keeps_vit_logits_and_reports_dense_layers(kernel):
+    model = small_vit()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.inference_mode():
+        expected = model(x)
+    result = apply_bsr(model, blocksize=16, kernel=kernel)
+    converted = {name for name, _, _ in result.converted}
+    assert converted == {f"encoder.layers.encoder_layer_{i}.mlp.{j}" for i in range(2) for j in (0, 3)}
+    assert all(isinstance(model.get_submodule(name), BlockSparseLinear) for name in converted)
+    reasons = dict(result.left_dense)
+    assert "out_proj of nn.MultiheadAttention" in reasons["encoder.layers.encoder_layer_0.self_attention.out_proj"]
+    assert reasons["heads.head"] == "shape 10x64 not divisible by blocksize 16"
+    assert "heads.head" in str(result) and "mlp.0" in str(result)
+    with torch.inference_mode():
+        torch.testing.assert_close(model(x), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_apply_bsr_leaves_layers_below_min_sparsity_dense():
+    model = small_vit(sparsity=0.0)  # MLP weights keep every block
+    result = apply_bsr(model, blocksize=16, min_sparsity=0.5)
+    assert not result.converted
+    assert any(name.endswith("mlp.0") and "block sparsity 0.000 < min_sparsity 0.5" in reason
+               for name, reason in result.left_dense)
+    assert not any(isinstance(m, BlockSparseLinear) for m in model.modules())
+
+
+def test_apply_bsr_respects_filter_fn_and_skips_linear_subclasses():
+    class TaggedLinear(nn.Linear):
+        pass
+
+    model = nn.Sequential(nn.Linear(32, 32), TaggedLinear(32, 32), nn.Linear(32, 32))
+    with torch.no_grad():
+        for m in model:
+            m.weight[:16].zero_()
+    result = apply_bsr(model, blocksize=16, filter_fn=lambda module, fqn: fqn != "2")
+    assert [name for name, _, _ in result.converted] == ["0"]
+    reasons = dict(result.left_dense)
+    assert "Linear subclass" in reasons["1"] and reasons["2"] == "excluded by filter_fn"
+
+
+def test_apply_bsr_keeps_resnet_logits():
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=64).eval()
+    with torch.no_grad():
+        model.fc.weight[:, :256].zero_()  # half of the fc's column-blocks are zero
+    x = torch.randn(2, 3, 32, 32)
+    with torch.inference_mode():
+        expected = model(x)
+    result = apply_bsr(model, blocksize=32)
+    assert [name for name, _, _ in result.converted] == ["fc"]
+    assert isinstance(model.fc, BlockSparseLinear) and model.fc.sparsity == 0.5
+    with torch.inference_mode():
+        torch.testing.assert_close(model(x), expected, atol=1e-4, rtol=1e-4)
