@@ -369,6 +369,12 @@ def check_data_path(data_path):
 
 def eval_transform(args):
     """The evaluation preprocessing the flags ask for."""
+    if args.weights and getattr(args, "test_only", False):
+        # As torchvision's reference: pretrained weights are evaluated with the preprocessing they were trained for.
+        try:
+            return torchvision.models.get_weight(args.weights).transforms(antialias=True)
+        except (ValueError, KeyError, AttributeError) as e:
+            raise InputError(f"--weights {args.weights} is unknown ({e}); see torchvision.models.list_models()") from None
     return presets.ClassificationPresetEval(
         crop_size=args.val_crop_size,
         resize_size=args.val_resize_size,

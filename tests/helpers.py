@@ -1,0 +1,41 @@
+"""Shared test helpers: a tiny synthetic ImageFolder and running the CLI scripts as a user does."""
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def write_image_folder(root, *, classes=3, train_per_class=8, val_per_class=3, size=16, seed=0):
+    """Write root/train/<class>/*.png and root/val/<class>/*.png: each class a bright square at its own place."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for split, count in (("train", train_per_class), ("val", val_per_class)):
+        for c in range(classes):
+            folder = os.path.join(root, split, f"class_{c}")
+            os.makedirs(folder, exist_ok=True)
+            for i in range(count):
+                img = rng.integers(0, 60, size=(size, size, 3), dtype=np.uint8)
+                offset = c * size // (classes + 1)
+                img[offset : offset + size // 3, offset : offset + size // 3] = 255
+                Image.fromarray(img).save(os.path.join(folder, f"{i}.png"))
+    return root
+
+
+def free_port():
+    """A TCP port that nothing listens on right now (for torchrun's rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_script(args, *, timeout=180):
+    """Run `python <args>` from the repository root with one thread per process; returns CompletedProcess."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    return subprocess.run(
+        [sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+    )

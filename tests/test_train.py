@@ -1,0 +1,234 @@
+"""train.py as a user runs it: checkpoints, exact resume, torchrun, and clean errors on bad input."""
+import os
+import random
+import re
+import shutil
+
+import pytest
+import torch
+
+from helpers import free_port, run_script, write_image_folder
+
+# vit_tiny on 16x16 crops of a 3-class, 24-image data set: a few steps per epoch.
+TINY = [
+    "--model", "vit_tiny", "--device", "cpu", "-b", "8", "-j", "0",
+    "--train-crop-size", "16", "--val-crop-size", "16", "--val-resize-size", "16",
+    "--opt", "adamw", "--lr", "1e-3", "--print-freq", "1",
+]
+SPARSE = ["--sparsity-linear", "0.5", "--sp-linear-tile-size", "8"]
+# Every source of randomness a resumed run must replay: shuffling, crops, flips, auto-augment, random
+# erasing, mixup/cutmix, the EMA and the learning-rate schedule.
+RANDOM_EVERYTHING = [
+    "--auto-augment", "ta_wide", "--random-erase", "0.5", "--mixup-alpha", "0.2",
+    "--cutmix-alpha", "1.0", "--label-smoothing", "0.1", "--model-ema", "--model-ema-steps", "1",
+    "--lr-scheduler", "steplr", "--lr-step-size", "1", "--lr-gamma", "0.5", "--use-deterministic-algorithms",
+]
+
+
+def assert_ok(result):
+    assert result.returncode == 0, f"exit {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+
+
+def accuracy_lines(stdout, prefix):
+    return re.findall(rf"^{prefix} +Acc@1 ([\d.]+)  Acc@5 ([\d.]+)$", stdout, flags=re.MULTILINE)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return write_image_folder(str(tmp_path_factory.mktemp("data")))
+
+
+@pytest.fixture(scope="module")
+def one_epoch(data, tmp_path_factory):
+    """A finished one-epoch run with Supermask and EMA, started with --resume auto: (output dir, result)."""
+    out = str(tmp_path_factory.mktemp("one_epoch"))
+    result = run_script(
+        ["train.py", "--data-path", data, *TINY, *SPARSE, "--epochs", "1", "--model-ema", "--resume", "auto",
+         "--output-dir", out]
+    )
+    assert_ok(result)
+    return out, result
+
+
+# Without workers augmentation draws from the main process's generators (restored from the checkpoint); with
+# workers it draws from worker seeds (derived from seed and epoch).
+@pytest.fixture(scope="module", params=["0", "1"], ids=["no_workers", "one_worker"])
+def resume_runs(request, data, tmp_path_factory):
+    """Two epochs in one run, and the same run resumed by --resume auto from its epoch-0 checkpoint.
+
+    An interrupted run leaves exactly model_0.pth behind (checkpoints are atomic), so copying that file into
+    an empty folder is the state a run stopped during its second epoch leaves. Returns (straight dir,
+    resumed dir, results).
+    """
+    straight = str(tmp_path_factory.mktemp("straight"))
+    resumed = str(tmp_path_factory.mktemp("resumed"))
+    common = ["train.py", "--data-path", data, *TINY, *SPARSE, *RANDOM_EVERYTHING, "--epochs", "2", "-j", request.param]
+    runs = {"straight": run_script([*common, "--output-dir", straight])}
+    assert_ok(runs["straight"])
+    shutil.copy(os.path.join(straight, "model_0.pth"), resumed)
+    runs["resumed"] = run_script([*common, "--output-dir", resumed, "--resume", "auto"])
+    assert_ok(runs["resumed"])
+    return straight, resumed, runs
+
+
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def test_one_epoch_writes_checkpoints_that_load_with_weights_only(one_epoch):
+    out, result = one_epoch
+    for name in ("checkpoint.pth", "model_0.pth"):
+        checkpoint = load(os.path.join(out, name))
+        assert {"model", "optimizer", "lr_scheduler", "scaler", "model_ema", "epoch", "args", "rng_states"} <= set(
+            checkpoint
+        )
+        assert checkpoint["epoch"] == 0
+        assert isinstance(checkpoint["args"], dict) and checkpoint["args"]["sparsity_linear"] == 0.5
+        keys = list(checkpoint["model"])
+        assert any(k.endswith(".scores") for k in keys), "the checkpoint holds no Supermask scores"
+        assert not any(k.startswith(("module.", "_orig_mod.")) for k in keys), "the model was saved wrapped"
+    assert not [f for f in os.listdir(out) if f.endswith(".tmp")], "a temporary checkpoint file was left behind"
+    assert accuracy_lines(result.stdout, "Epoch 0"), result.stdout
+    assert accuracy_lines(result.stdout, "Epoch 0  EMA"), result.stdout
+    assert "SupermaskLinear" in result.stdout, "the sparsity report was not printed"
+
+
+def test_checkpoint_rng_states_restore_every_generator(one_epoch):
+    import numpy as np
+
+    import utils
+
+    state = load(os.path.join(one_epoch[0], "checkpoint.pth"))["rng_states"][0]
+    utils.set_rng_state(state)
+    expected = (random.random(), np.random.rand(), torch.rand(()).item())
+    random.seed(123), np.random.seed(123), torch.manual_seed(123)
+    utils.set_rng_state(state)
+    assert (random.random(), np.random.rand(), torch.rand(()).item()) == expected
+
+
+def test_resume_auto_starts_fresh_in_an_empty_output_dir(one_epoch):
+    stdout = one_epoch[1].stdout
+    assert "Resumed from" not in stdout
+    assert accuracy_lines(stdout, "Epoch 0"), stdout
+
+
+def test_resume_auto_continues_from_the_latest_checkpoint(resume_runs):
+    resumed = resume_runs[2]["resumed"].stdout
+    assert "Resumed from" in resumed and "model_0.pth" in resumed, resumed
+    assert not accuracy_lines(resumed, "Epoch 0"), "the resumed run repeated epoch 0"
+    assert accuracy_lines(resumed, "Epoch 1"), resumed
+
+
+def test_resumed_training_matches_uninterrupted_training_bitwise(resume_runs):
+    straight, resumed, runs = resume_runs
+    a = load(os.path.join(straight, "checkpoint.pth"))
+    b = load(os.path.join(resumed, "checkpoint.pth"))
+    assert a["epoch"] == b["epoch"] == 1
+    for part in ("model", "model_ema"):
+        for key in a[part]:
+            assert torch.equal(a[part][key], b[part][key]), f"{part}.{key} differs after resuming"
+    for index, state in a["optimizer"]["state"].items():
+        for name, value in state.items():
+            assert torch.equal(value, b["optimizer"]["state"][index][name]), f"optimizer {index}.{name} differs"
+    assert accuracy_lines(runs["straight"].stdout, "Epoch 1") == accuracy_lines(runs["resumed"].stdout, "Epoch 1")
+
+
+def test_test_only_evaluates_the_checkpoint_given_to_resume(one_epoch, data):
+    out, result = one_epoch
+    checkpoint = os.path.join(out, "checkpoint.pth")
+    test = run_script(
+        ["train.py", "--data-path", data, *TINY, *SPARSE, "--model-ema", "--test-only", "--resume", checkpoint]
+    )
+    assert_ok(test)
+    assert accuracy_lines(test.stdout, "Test") == accuracy_lines(result.stdout, "Epoch 0")
+    assert accuracy_lines(test.stdout, "Test  EMA") == accuracy_lines(result.stdout, "Epoch 0  EMA")
+
+
+def test_torchrun_two_processes_train_and_evaluate_every_sample_once(data, tmp_path):
+    # 9 validation images on 2 processes in batches of 2: shards of 5 and 4, no padding.
+    out = str(tmp_path / "ddp")
+    launcher = ["-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}"]
+    common = ["--data-path", data, *TINY, *SPARSE, "-b", "2", "--epochs", "1"]
+    ddp = run_script([*launcher, "train.py", *common, "--output-dir", out])
+    assert_ok(ddp)
+    single = run_script(["train.py", *common, "--test-only", "--resume", os.path.join(out, "checkpoint.pth")])
+    assert_ok(single)
+    # Each line is printed once (rank 0), and the 2-process accuracy equals the single-process one.
+    assert len(accuracy_lines(ddp.stdout, "Epoch 0")) == 1, ddp.stdout
+    assert accuracy_lines(ddp.stdout, "Epoch 0") == accuracy_lines(single.stdout, "Test")
+    assert len(load(os.path.join(out, "checkpoint.pth"))["rng_states"]) == 2
+
+
+def _corrupt_image(data, tmp_path):
+    broken = str(tmp_path / "broken")
+    shutil.copytree(data, broken)
+    with open(os.path.join(broken, "train", "class_1", "3.png"), "wb") as f:
+        f.write(b"not a png")
+    return ["--data-path", broken, "-j", "1"], "3.png"
+
+
+def _missing_split(data, tmp_path):
+    partial = str(tmp_path / "partial")
+    shutil.copytree(os.path.join(data, "train"), os.path.join(partial, "train"))
+    return ["--data-path", partial], "no val/ folder"
+
+
+def _empty_data(data, tmp_path):
+    return ["--data-path", str(tmp_path)], "no train/ folder"
+
+
+def _missing_data(data, tmp_path):
+    return ["--data-path", str(tmp_path / "nowhere")], "does not exist"
+
+
+def _unknown_model(data, tmp_path):
+    return ["--data-path", data, "--model", "vit_tinyy"], "did you mean vit_tiny"
+
+
+def _missing_resume(data, tmp_path):
+    return ["--data-path", data, "--resume", str(tmp_path / "gone.pth")], "gone.pth does not exist"
+
+
+def _sparsity_out_of_range(data, tmp_path):
+    return ["--data-path", data, "--sparsity-linear", "1.5"], "--sparsity-linear"
+
+
+BAD_INPUTS = [_missing_data, _empty_data, _missing_split, _unknown_model, _corrupt_image, _missing_resume,
+              _sparsity_out_of_range]
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS, ids=lambda f: f.__name__.strip("_"))
+def test_bad_input_exits_2_with_one_line_and_no_traceback(case, data, tmp_path):
+    flags, expected = case(data, tmp_path)
+    result = run_script(["train.py", *TINY, *flags, "--epochs", "1", "--output-dir", str(tmp_path / "out")])
+    assert result.returncode == 2, f"exit {result.returncode}\n{result.stderr}"
+    assert "Traceback" not in result.stderr, result.stderr
+    error_lines = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert len(error_lines) == 1 and expected in error_lines[0], result.stderr
+
+
+def test_checkpoint_of_another_tile_size_exits_2_naming_the_layer(one_epoch, data, tmp_path):
+    checkpoint = os.path.join(one_epoch[0], "checkpoint.pth")
+    flags = ["--sparsity-linear", "0.5", "--sp-linear-tile-size", "4", "--test-only", "--resume", checkpoint]
+    result = run_script(["train.py", "--data-path", data, *TINY, *flags])
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    assert "scores of layer" in result.stderr and "tile size 8 would fit" in result.stderr, result.stderr
+
+
+def test_interrupted_save_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch):
+    import utils
+
+    path = str(tmp_path / "checkpoint.pth")
+    utils.save_checkpoint({"epoch": 0}, path)
+
+    def interrupted_save(obj, f, *args, **kwargs):
+        f.write(b"half a checkpoint")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", interrupted_save)
+    with pytest.raises(KeyboardInterrupt):
+        utils.save_checkpoint({"epoch": 1}, path)
+    monkeypatch.undo()
+    assert load(path) == {"epoch": 0}
+    assert os.listdir(tmp_path) == ["checkpoint.pth"], "the temporary file was left behind"
