@@ -1,0 +1,256 @@
+"""Measure a trained SuperBlock model: accuracy and inference speed, with masks online, offline or block-sparse.
+
+    online:   the Supermask layers compute weight * mask (the mask is cached between batches)
+    offline:  --sparsify-weights freezes the masks into plain Linear/Conv2d weights
+    BSR:      --bsr N also packs every eligible frozen Linear into N x N blocks (implies --sparsify-weights)
+
+All three give the same accuracy; only the speed differs. Runs as one process or under torchrun, where
+every validation image is counted exactly once.
+
+Example:
+    torchrun --nproc_per_node=8 evaluate.py --model vit_b_16 --batch-size 256 --sparsity-linear 0.9 \
+        --sp-linear-tile-size 32 --weights-path model_299.pth --data-path /path/to/imagenet --bsr 32
+"""
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+
+import torch
+import torch.utils.data
+from tqdm import tqdm
+
+import supermask
+import utils
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+# ---------------------------------------------------------------- the model
+
+
+def load_weights(model, args):
+    """Load --weights-path into the Supermask-prepared model; mistakes are InputErrors naming the fix."""
+    checkpoint = utils.load_checkpoint(args.weights_path)
+    if args.model_ema:
+        if not isinstance(checkpoint, dict) or checkpoint.get("model_ema") is None:
+            raise utils.InputError(f"--model-ema: {args.weights_path} holds no EMA weights (train with --model-ema)")
+        # AveragedModel's state: the model's entries under "module." plus its step counter.
+        state_dict = {k[len("module."):]: v for k, v in checkpoint["model_ema"].items() if k.startswith("module.")}
+    else:
+        state_dict = utils.model_state_dict(checkpoint)
+    if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
+        raise utils.InputError(f"{args.weights_path} holds no model weights (expected a state_dict or a "
+                               f"checkpoint with a 'model' entry)")
+    try:
+        missing_scores = supermask.load_supermask_state_dict(model, state_dict)
+    except ValueError as e:
+        raise utils.InputError(f"{args.weights_path} does not fit --model {args.model} with these sparsity "
+                               f"flags: {e}") from None
+    if missing_scores:
+        raise utils.InputError(
+            f"{args.weights_path} has no masks for {len(missing_scores)} layer(s) that the sparsity flags "
+            f"mask, e.g. {missing_scores[0]}: pass the sparsity flags the model was trained with")
+    return checkpoint
+
+
+def prepare_model(args, *, num_classes):
+    """The model the flags describe: built, masked, loaded, frozen and block-sparse as asked. Returns (model, bsr)."""
+    model = utils.build_model(args, num_classes=num_classes, image_size=args.val_crop_size)
+    try:
+        supermask.apply_supermask(model, **utils.supermask_kwargs(args))
+    except ValueError as e:
+        raise utils.InputError(str(e)) from None
+    if args.weights_path:
+        load_weights(model, args)
+    model.eval()
+    if args.sparsify_weights:
+        supermask.sparsify_offline(model)
+    model.to(device=utils.process_device(args), dtype=DTYPES[args.dtype])
+    bsr = None
+    if args.bsr:
+        import blocksparse
+
+        bsr = blocksparse.apply_bsr(model, blocksize=args.bsr, kernel=args.bsr_kernel)
+        if not bsr.converted:
+            raise utils.InputError(f"--bsr {args.bsr} converted no layer ({bsr.skipped_summary()}); use a block "
+                                   f"size that divides the layers' shapes, e.g. the tile size of the masks")
+    return model, bsr
+
+
+# ---------------------------------------------------------------- measuring
+
+
+@torch.inference_mode()
+def evaluate(model, data_loader, *, device, num_classes, dtype=torch.float32, autocast=contextlib.nullcontext,
+             warmup=1, desc="Test"):
+    """Top-1/top-5 accuracy (percent) over every validation image exactly once, and per-batch model times (s).
+
+    Times cover the model's forward only (no data loading), synchronised with the device, skipping the
+    first `warmup` batches.
+    """
+    model.eval()
+    topk = (1, min(5, num_classes))
+    counts = torch.zeros(3, dtype=torch.int64, device=device)  # correct@1, correct@5, images
+    times = []
+    show_bar = utils.is_main_process() and sys.stderr.isatty()
+    for i, (images, target) in enumerate(tqdm(data_loader, desc=desc, disable=not show_bar, leave=False)):
+        images = images.to(device, dtype=dtype, non_blocking=True)
+        target = target.to(device, non_blocking=True)
+        _synchronize(device)
+        start = time.perf_counter()
+        with autocast():
+            output = model(images)
+        _synchronize(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+        correct1, correct5 = utils.correct_topk(output, target, topk=topk)
+        counts += torch.stack([correct1, correct5, torch.tensor(target.shape[0], device=device)])
+    counts = utils.all_reduce_sum(counts).tolist()
+    expected = len(data_loader.dataset)
+    assert counts[2] == expected, f"evaluated {counts[2]} images but the validation set has {expected}"
+    return 100.0 * counts[0] / counts[2], 100.0 * counts[1] / counts[2], times
+
+
+def _synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def peak_memory_mb(device):
+    """Peak memory of this process: allocated on the GPU, or resident set size on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+# ---------------------------------------------------------------- main
+
+
+def check_args(args, parser):
+    """Reject flag combinations that cannot work, with one line saying how to fix them."""
+    if args.bsr is not None and args.bsr < 1:
+        parser.error(f"--bsr must be a block size >= 1, got {args.bsr}")
+    if args.bsr and not args.sparsify_weights:
+        # Block-sparse weights are frozen weights: --bsr implies --sparsify-weights (documented in --help).
+        args.sparsify_weights = True
+    if args.weights and args.weights_path:
+        parser.error("--weights and --weights-path both give weights; pass one of them")
+    if args.model_ema and not args.weights_path:
+        parser.error("--model-ema evaluates the EMA weights of a checkpoint: pass --weights-path too")
+    if args.batch_size < 1:
+        parser.error(f"--batch-size must be at least 1, got {args.batch_size}")
+
+
+def main(args):
+    utils.check_interpolation(args.interpolation)
+    utils.check_model_name(args.model)
+    if args.weights_path and not os.path.isfile(args.weights_path):
+        raise utils.InputError(f"--weights-path {args.weights_path} does not exist; pass a checkpoint file")
+    utils.init_distributed_mode(args)
+    device = utils.process_device(args)
+    torch.set_grad_enabled(False)
+
+    dataset, eval_sampler = utils.load_val_data(args)
+    data_loader = torch.utils.data.DataLoader(
+        dataset, batch_size=args.batch_size, sampler=eval_sampler, num_workers=args.workers,
+        pin_memory=device.type == "cuda")
+    model, bsr = prepare_model(args, num_classes=len(dataset.classes))
+    utils.log(supermask.sparsity_report(model))
+    if bsr is not None:
+        utils.log(bsr)
+    if args.plot_masks and utils.is_main_process():
+        import plots
+
+        tile_size = args.bsr or max(args.sp_linear_tile_size, args.sp_conv1x1_tile_size, args.sp_conv_tile_size)
+        try:
+            utils.log(f"Mask picture: {plots.plot_masks(model, args.plot_masks, tile_size=tile_size)}")
+        except (ImportError, ValueError) as e:
+            raise utils.InputError(f"--plot-masks: {e}") from None
+    if args.compile:
+        model = torch.compile(model)
+
+    autocast = contextlib.nullcontext
+    if args.amp:
+        amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+        autocast = lambda: torch.autocast(device.type, dtype=amp_dtype)  # noqa: E731
+    mode = "bsr" if args.bsr else "offline" if args.sparsify_weights else "online"
+    acc1, acc5, times = evaluate(model, data_loader, device=device, num_classes=len(dataset.classes),
+                                 dtype=DTYPES[args.dtype], autocast=autocast, warmup=args.warmup_batches, desc=f"Test ({mode})")
+    batch_time = statistics.median(times) if times else float("nan")
+    result = {
+        "acc1": acc1, "acc5": acc5, "images": len(dataset),
+        "batch_time_ms": 1000 * batch_time, "images_per_s": args.batch_size / batch_time,
+        "timed_batches": len(times), "peak_memory_mb": peak_memory_mb(device),
+        "mode": mode,
+        "bsr_converted": {name: kernel for name, kernel, _ in bsr.converted} if bsr else {},
+        "bsr_dense": dict(bsr.left_dense) if bsr else {},
+        "config": {
+            "model": args.model, "flags": {k: v for k, v in vars(args).items() if _is_plain(v)},
+            "dtype": args.dtype, "device": str(device), "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "processes": utils.get_world_size(),
+            "machine": platform.processor() or platform.machine(),
+        },
+    }
+    utils.log(f"Acc@1 {acc1:.3f} Acc@5 {acc5:.3f}")
+    utils.log(f"Model time per batch {result['batch_time_ms']:.2f} ms (median of {len(times)} batches of "
+              f"{args.batch_size}, {mode}, {args.dtype}), {result['images_per_s']:.1f} images/s, "
+              f"peak memory {result['peak_memory_mb']:.0f} MB")
+    if args.output_json and utils.is_main_process():
+        with open(args.output_json, "w") as f:
+            json.dump(result, f, indent=2)
+    return result
+
+
+def _is_plain(value):
+    return value is None or isinstance(value, (bool, int, float, str))
+
+
+def get_args_parser(add_help=True):
+    parser = argparse.ArgumentParser(description="SuperBlock evaluation: accuracy and speed of a sparse model",
+                                     add_help=add_help)
+    utils.add_data_args(parser)
+    utils.add_model_args(parser)
+    utils.add_supermask_args(parser)
+    utils.add_distributed_args(parser)
+    group = parser.add_argument_group("evaluation")
+    group.add_argument("--model-ema", action="store_true",
+                       help="evaluate the checkpoint's EMA weights instead of its model weights (default: off)")
+    group.add_argument("--sparsify-weights", action="store_true",
+                       help="freeze the masks into the weights before evaluating (offline; default: online)")
+    group.add_argument("--bsr", default=None, type=int, metavar="N",
+                       help="also convert the frozen Linear layers to N x N block-sparse weights; implies "
+                            "--sparsify-weights (default: off)")
+    group.add_argument("--bsr-kernel", default="auto", type=str,
+                       help="block-sparse kernel, see blocksparse.py (default: auto)")
+    group.add_argument("--dtype", default="float32", choices=sorted(DTYPES),
+                       help="dtype of the weights and inputs (default: float32)")
+    group.add_argument("--amp", action="store_true",
+                       help="autocast: float16 on CUDA, bfloat16 on CPU (default: off)")
+    group.add_argument("--compile", action="store_true", help="torch.compile the model (default: off)")
+    group.add_argument("--warmup-batches", default=1, type=int,
+                       help="batches left out of the timing (default: 1)")
+    group.add_argument("--output-json", default=None, type=str,
+                       help="write accuracy, timings and the configuration to this JSON file (default: none)")
+    group.add_argument("--plot-masks", default=None, type=str, metavar="FILE.png",
+                       help="draw each sparse layer's tile mask to this PNG (needs matplotlib; default: none)")
+    return parser
+
+
+if __name__ == "__main__":
+    parser = get_args_parser()
+    args = parser.parse_args()
+    check_args(args, parser)
+    try:
+        main(args)
+    except utils.InputError as e:
+        parser.error(utils.user_error_message(e))
+    finally:
+        if utils.is_dist_avail_and_initialized():
+            torch.distributed.destroy_process_group()

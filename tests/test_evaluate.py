@@ -1,0 +1,174 @@
+"""evaluate.py as a user runs it, on a checkpoint written by train.py: online, offline and block-sparse
+accuracy agree, torchrun counts every image once, original-format checkpoints load safely, bad input exits 2.
+"""
+import argparse
+import json
+import os
+import re
+import runpy
+import sys
+
+import pytest
+import torch
+
+from helpers import ROOT, free_port, run_script, write_image_folder
+
+SIZE = ["--val-crop-size", "16", "--val-resize-size", "16"]
+MODEL = ["--model", "vit_tiny", "--device", "cpu", "-j", "0", *SIZE]
+SPARSE = ["--sparsity-linear", "0.75", "--sp-linear-tile-size", "16"]
+
+
+def assert_ok(result):
+    assert result.returncode == 0, f"exit {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+
+
+def accuracy(stdout):
+    lines = re.findall(r"^Acc@1 ([\d.]+) Acc@5 ([\d.]+)$", stdout, flags=re.MULTILINE)
+    assert len(lines) == 1, f"expected one accuracy line:\n{stdout}"
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    # 4 classes so that top-5 is not trivially 100%; 5 validation images per class.
+    return write_image_folder(str(tmp_path_factory.mktemp("data")), classes=4, train_per_class=10,
+                              val_per_class=5)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(data, tmp_path_factory):
+    """A one-epoch Supermask run with EMA, trained by train.py."""
+    out = str(tmp_path_factory.mktemp("trained"))
+    result = run_script(["train.py", "--data-path", data, *MODEL, *SPARSE, "-b", "8", "--train-crop-size", "16",
+                         "--epochs", "2", "--opt", "adamw", "--lr", "3e-3", "--model-ema", "--model-ema-steps", "1",
+                         "--output-dir", out])
+    assert_ok(result)
+    return os.path.join(out, "checkpoint.pth"), result.stdout
+
+
+def evaluate(data, weights, *flags, launcher=()):
+    result = run_script([*launcher, "evaluate.py", "--data-path", data, *MODEL, *SPARSE, "-b", "4",
+                         "--weights-path", weights, *flags])
+    assert_ok(result)
+    return result
+
+
+def test_online_offline_and_bsr_accuracy_agree(data, checkpoint, tmp_path):
+    path, train_stdout = checkpoint
+    online = evaluate(data, path)
+    offline = evaluate(data, path, "--sparsify-weights")
+    json_path = str(tmp_path / "bsr.json")
+    bsr = evaluate(data, path, "--bsr", "16", "--output-json", json_path)  # --bsr implies --sparsify-weights
+    # The last epoch's accuracy printed by train.py is the same model's.
+    last_epoch = re.findall(r"^Epoch 1 +Acc@1 ([\d.]+) +Acc@5 ([\d.]+)$", train_stdout, flags=re.MULTILINE)
+    assert accuracy(online.stdout) == accuracy(offline.stdout) == accuracy(bsr.stdout) == last_epoch[0]
+    result = json.load(open(json_path))
+    assert result["mode"] == "bsr"
+    assert any(name.endswith("mlp.0") for name in result["bsr_converted"]), result["bsr_converted"]
+    assert "BlockSparseLinear" in bsr.stdout
+
+
+def test_json_output_has_accuracy_timing_and_configuration(data, checkpoint, tmp_path):
+    json_path = str(tmp_path / "result.json")
+    result = evaluate(data, checkpoint[0], "--sparsify-weights", "--dtype", "bfloat16", "--output-json", json_path)
+    saved = json.load(open(json_path))
+    acc1, acc5 = accuracy(result.stdout)
+    assert f"{saved['acc1']:.3f}" == acc1 and f"{saved['acc5']:.3f}" == acc5
+    assert saved["images"] == 20 and saved["timed_batches"] == 4  # 5 batches of 4, the first is warm-up
+    assert saved["batch_time_ms"] > 0 and saved["images_per_s"] > 0 and saved["peak_memory_mb"] > 0
+    config = saved["config"]
+    assert config["model"] == "vit_tiny" and config["dtype"] == "bfloat16" and config["device"] == "cpu"
+    assert config["torch"] == torch.__version__ and config["threads"] >= 1
+    assert config["flags"]["sparsity_linear"] == 0.75 and config["flags"]["sparsify_weights"] is True
+    assert "Model time per batch" in result.stdout and "images/s" in result.stdout
+
+
+def test_two_processes_print_the_accuracy_of_one(data, checkpoint):
+    launcher = ["-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}"]
+    two = evaluate(data, checkpoint[0], "-b", "3", launcher=launcher)  # 20 images: shards of 10, no padding
+    one = evaluate(data, checkpoint[0], "-b", "3")
+    assert accuracy(two.stdout) == accuracy(one.stdout)
+
+
+def test_ema_weights_are_evaluated_with_model_ema(data, checkpoint):
+    path, train_stdout = checkpoint
+    ema = evaluate(data, path, "--model-ema")
+    last_ema = re.findall(r"^Epoch 1 +EMA Acc@1 ([\d.]+) +Acc@5 ([\d.]+)$", train_stdout, flags=re.MULTILINE)
+    assert last_ema, train_stdout
+    assert accuracy(ema.stdout) == last_ema[0]
+
+
+def test_original_superblock_checkpoint_loads_with_weights_only(data, checkpoint, tmp_path):
+    """The original saved args as an argparse.Namespace, DDP's module. prefix and shift/scale per layer."""
+    ours = torch.load(checkpoint[0], weights_only=True)
+    state = {}
+    for key, value in ours["model"].items():
+        state[f"module.{key}"] = value
+        if key.endswith(".scores"):
+            layer = key[: -len(".scores")]
+            state[f"module.{layer}.shift"] = torch.zeros(1)
+            state[f"module.{layer}.scale"] = torch.ones(1)
+    original = str(tmp_path / "model_299.pth")
+    torch.save({"model": state, "args": argparse.Namespace(model="vit_tiny", sparsity_linear=0.75), "epoch": 299},
+               original)
+    assert accuracy(evaluate(data, original).stdout) == accuracy(evaluate(data, checkpoint[0]).stdout)
+
+
+# ----- bad input: one line, exit status 2 (run in this process: each fails within a second) -----
+
+
+def run_cli_in_process(argv, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["evaluate.py", *argv])
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_path(os.path.join(ROOT, "evaluate.py"), run_name="__main__")
+    return exit_info.value.code, capsys.readouterr().err
+
+
+def _missing_weights(checkpoint, tmp_path):
+    return ["--weights-path", str(tmp_path / "gone.pth")], "gone.pth does not exist"
+
+
+def _truncated_checkpoint(checkpoint, tmp_path):
+    truncated = tmp_path / "truncated.pth"
+    truncated.write_bytes(open(checkpoint, "rb").read()[:5000])
+    return ["--weights-path", str(truncated)], "cannot load checkpoint"
+
+
+def _another_model(checkpoint, tmp_path):
+    other = tmp_path / "resnet.pth"
+    import torchvision
+
+    torch.save(torchvision.models.resnet18(num_classes=4).state_dict(), other)
+    return ["--weights-path", str(other)], "does not fit --model vit_tiny"
+
+
+def _other_tile_size(checkpoint, tmp_path):
+    return ["--weights-path", checkpoint, "--sp-linear-tile-size", "8"], "tile size 16 would fit"
+
+
+def _dense_flags_for_sparse_checkpoint(checkpoint, tmp_path):
+    return ["--weights-path", checkpoint, "--sparsity-linear", "0"], "mask for layer"
+
+
+def _block_size_dividing_no_layer(checkpoint, tmp_path):
+    return ["--weights-path", checkpoint, "--bsr", "48"], "--bsr 48 converted no layer"
+
+
+def _model_ema_without_weights(checkpoint, tmp_path):
+    return ["--model-ema"], "--model-ema"
+
+
+BAD_INPUTS = [_missing_weights, _truncated_checkpoint, _another_model, _other_tile_size,
+              _dense_flags_for_sparse_checkpoint, _block_size_dividing_no_layer, _model_ema_without_weights]
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS, ids=lambda f: f.__name__.strip("_"))
+def test_bad_input_exits_2_with_one_error_line(case, data, checkpoint, tmp_path, monkeypatch, capsys):
+    flags, expected = case(checkpoint[0], tmp_path)
+    argv = ["--data-path", data, *MODEL, *SPARSE, "-b", "4"]
+    # Later flags win: the case's flags override the defaults above.
+    status, stderr = run_cli_in_process([*argv, *flags], monkeypatch, capsys)
+    assert status == 2, stderr
+    error_lines = [line for line in stderr.splitlines() if "error:" in line]
+    assert len(error_lines) == 1 and expected in error_lines[0], stderr
+    assert "Traceback" not in stderr
