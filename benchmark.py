@@ -156,23 +156,30 @@ def _sync(device):
 
 
 @torch.inference_mode()
-def time_forward(fn, x, *, warmup, iters, device):
-    """Median seconds of `iters` calls of fn(x) after `warmup` calls; also the first call's time and output."""
-    _sync(device)
-    start = time.perf_counter()
-    out = fn(x)
-    _sync(device)
-    first = time.perf_counter() - start
-    for _ in range(max(warmup - 1, 0)):
-        fn(x)
-    times = []
-    for _ in range(iters):
+def time_forwards(fns, x, *, warmup, iters, device):
+    """Median seconds per call of each fn(x), first-call seconds and outputs, as dicts keyed like `fns`.
+
+    Calls are interleaved (one call of every fn per round), so that load from other processes on a shared
+    machine hits all variants alike and their ratios stay comparable.
+    """
+    outs, first, times = {}, {}, {name: [] for name in fns}
+    for name, fn in fns.items():
         _sync(device)
         start = time.perf_counter()
-        fn(x)
+        outs[name] = fn(x)
         _sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), first, out
+        first[name] = time.perf_counter() - start
+    for _ in range(max(warmup - 1, 0)):
+        for fn in fns.values():
+            fn(x)
+    for _ in tqdm(range(iters), desc="timing rounds", leave=False):
+        for name, fn in fns.items():
+            _sync(device)
+            start = time.perf_counter()
+            fn(x)
+            _sync(device)
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}, first, outs
 
 
 def compare(out, ref, dtype):
@@ -242,19 +249,15 @@ def run_model(args):
     models, notes = build_variants(args, dense, args.sparsity_linear, args.sp_linear_tile_size, args.blocksize, variants)
     x = torch.randn(args.batch_size, 3, args.image_size, args.image_size, generator=torch.Generator().manual_seed(args.seed))
     x = x.to(device=args.torch_device, dtype=args.torch_dtype)
-    rows, ref = [], None
-    for name in tqdm(variants, desc="variants", leave=False):
+    fns = {name: _prepare(models[name], args) for name in tqdm(variants, desc="variants", leave=False) if name in models}
+    medians, first, outs = time_forwards(fns, x, warmup=args.warmup, iters=args.iters, device=args.torch_device)
+    rows, ref = [], outs["offline"]
+    for name in variants:
         if name not in models:
             rows.append(dict(variant=name, note=notes.get(name, "")))
             continue
-        model = _prepare(models[name], args)
-        median, first, out = time_forward(model, x, warmup=args.warmup, iters=args.iters, device=args.torch_device)
-        row = dict(variant=name, ms=median * 1e3, first_ms=first * 1e3, images_per_s=args.batch_size / median,
-                   note=notes.get(name, ""))
-        if name == "offline":
-            ref = out
-        rows.append(row)
-        row["out"] = out
+        rows.append(dict(variant=name, ms=medians[name] * 1e3, first_ms=first[name] * 1e3,
+                         images_per_s=args.batch_size / medians[name], note=notes.get(name, ""), out=outs[name]))
     dense_ms = next(r["ms"] for r in rows if r["variant"] == "dense")
     torch_ms = next((r["ms"] for r in rows if r["variant"] == "torch" and "ms" in r), None)
     for row in rows:
@@ -278,16 +281,12 @@ def run_sweep(args):
     grid = [(t, s) for t in args.sweep_tiles for s in args.sweep_sparsities]
     for tile, sparsity in tqdm(grid, desc="sweep", leave=False):
         models, _ = build_variants(args, dense, sparsity, tile, tile, ["dense", "offline", "bsr"])
-        times = {}
-        for name in ["dense", "bsr"]:
-            times[name], _, out = time_forward(_prepare(models[name], args), x, warmup=args.warmup,
-                                               iters=args.iters, device=args.torch_device)
-            if name == "bsr":
-                with torch.inference_mode():
-                    ref = _prepare(models["offline"], args)(x)
-                diff, allowed, ok = compare(out, ref, args.torch_dtype)
+        fns = {name: _prepare(models[name], args) for name in ["dense", "bsr", "offline"]}
+        times, _, outs = time_forwards(fns, x, warmup=args.warmup, iters=args.iters, device=args.torch_device)
+        diff, allowed, ok = compare(outs["bsr"], outs["offline"], args.torch_dtype)
         rows.append(dict(tile_size=tile, sparsity=sparsity, dense_ms=times["dense"] * 1e3, bsr_ms=times["bsr"] * 1e3,
-                         speedup_vs_dense=times["dense"] / times["bsr"], max_diff=diff, matches_offline=ok))
+                         offline_ms=times["offline"] * 1e3, speedup_vs_dense=times["dense"] / times["bsr"],
+                         max_diff=diff, matches_offline=ok))
     return rows
 
 
@@ -304,22 +303,18 @@ def run_layer(args):
     kernels = ["torch"] + [k for k in args.kernel_list if k != "torch"]
     with torch.inference_mode():
         ref = F.linear(x, linear.weight, linear.bias)
-    rows = []
-    dense_ms = None
-    for name in tqdm(["dense"] + kernels, desc="kernels", leave=False):
-        if name == "dense":
-            fn = linear
-        elif name in ("torch", "bsr_mm") and not blocksparse.torch_bsr_supports_dtype(args.torch_dtype):
+    rows, fns = [], {"dense": linear}
+    for name in kernels:
+        if name in ("torch", "bsr_mm") and not blocksparse.torch_bsr_supports_dtype(args.torch_dtype):
             rows.append(dict(variant=name, note="skipped: float32/float64 only"))
             continue
-        else:
-            fn = blocksparse.BlockSparseLinear.from_dense(linear, bs, kernel=name)
-        fn = torch.compile(fn) if args.compile else fn
-        median, _, out = time_forward(fn, x, warmup=args.warmup, iters=args.iters, device=args.torch_device)
-        dense_ms = dense_ms or median * 1e3
-        diff, allowed, ok = compare(out, ref, args.torch_dtype)
-        label = name if name in ("dense", "torch") or not isinstance(fn, blocksparse.BlockSparseLinear) else f"{name} ({fn.kernel})"
-        rows.append(dict(variant=label, ms=median * 1e3, speedup_vs_dense=dense_ms / (median * 1e3),
+        layer = blocksparse.BlockSparseLinear.from_dense(linear, bs, kernel=name)
+        fns["torch" if name == "torch" else f"bsr-{name}" + (f" ({layer.kernel})" if name == "auto" else "")] = layer
+    fns = {name: torch.compile(fn) if args.compile else fn for name, fn in fns.items()}
+    medians, _, outs = time_forwards(fns, x, warmup=args.warmup, iters=args.iters, device=args.torch_device)
+    for name in fns:
+        diff, allowed, ok = compare(outs[name], ref, args.torch_dtype)
+        rows.append(dict(variant=name, ms=medians[name] * 1e3, speedup_vs_dense=medians["dense"] / medians[name],
                          max_diff=diff, matches_dense=ok))
     return rows
 

@@ -40,13 +40,14 @@ KERNELS = ("auto", "bmm", "bmm_t", "bsr_mm", "dense", "torch")
 # At most this many row groups per layer: a bound on the Python work per forward, whatever the mask.
 MAX_GROUPS = 6
 
-# Below these block sparsities the dense product is as fast as any block-sparse kernel on a 2-core CPU
-# (vit_b_16 MLP shapes, 1576 tokens; benchmarks/RESULTS.md, "Break-even"). Keyed by blocksize; a
-# blocksize between two keys uses the smaller key's (higher) threshold.
-DENSE_BREAK_EVEN = {16: 0.8, 32: 0.6, 64: 0.5, 128: 0.4}
+# Below these block sparsities the dense product is as fast as the best block-sparse kernel on this 2-core
+# CPU (768x3072 Linear, 1576 tokens; benchmarks/RESULTS.md, "Break-even"): 0.7 at blocksize 64 and 0.8 at
+# 32 were measured; 16 and 128 were not and reuse their neighbours' values. A blocksize between two keys
+# uses the smaller key's (higher) threshold.
+DENSE_BREAK_EVEN = {16: 0.8, 32: 0.8, 64: 0.7, 128: 0.7}
 
-# apply_bsr's default: layers sparser than this are converted. Chosen from the measured break-even.
-DEFAULT_MIN_SPARSITY = 0.5
+# apply_bsr's default: layers at least this block-sparse are converted; the measured break-even at blocksize 64.
+DEFAULT_MIN_SPARSITY = 0.7
 
 
 ##### Kernel limits #####
@@ -159,9 +160,8 @@ def _pack_groups(weight: torch.Tensor, mask: torch.Tensor, blocksize: int, max_g
         rows = order[start:end]
         k = sorted_counts[end - 1]
         cols = cols_sorted[rows, :k]
-        # Short rows are padded with zero blocks (their column index is whatever argsort put there).
-        valid = torch.arange(k)[None, :] < counts[rows][:, None]
-        kept = blocks[rows[:, None], cols] * valid[:, :, None, None].to(weight.dtype)  # (R, k, out, in)
+        # A short row is padded with its first dropped column-blocks, which are all zero: exact, no masking.
+        kept = blocks[rows[:, None], cols]  # (R, k, out, in)
         packed = kept.permute(0, 2, 1, 3).reshape(len(rows), bs, k * bs).contiguous()
         groups.append((rows.clone(), cols.reshape(-1).clone(), packed))
     empty_rows = (counts == 0).nonzero().flatten()
@@ -390,9 +390,9 @@ def apply_bsr(
     Args:
         model: a model with frozen, already-pruned weights (e.g. after ``supermask.sparsify_offline``).
         blocksize: block edge; a layer whose weight shape it does not divide stays dense.
-        min_sparsity: a layer with a smaller fraction of all-zero blocks stays dense. The default, 0.5, is the
+        min_sparsity: a layer with a smaller fraction of all-zero blocks stays dense. The default, 0.7, is the
             measured break-even at blocksize 64 on a 2-core CPU (benchmarks/RESULTS.md); at blocksize 32 the
-            break-even is about 0.6, and ``kernel="auto"`` keeps such layers on the dense kernel.
+            break-even is about 0.8, and ``kernel="auto"`` runs layers below it with the dense kernel.
         kernel: one of ``KERNELS`` for every converted layer.
         filter_fn: ``filter_fn(module, fqn) -> bool``; layers it rejects stay dense.
 

@@ -45,7 +45,7 @@ def test_layer_mode_checks_every_kernel_against_dense():
     rows = run(["--layer", "64x128", "--tokens", "20", "--sparsity-linear", "0.5", "--sp-linear-tile-size", "32",
                 "--device", "cpu", "--kernels", "all", "--iters", "1", "--warmup", "0"])
     names = [row["variant"].split(" ")[0] for row in rows]
-    assert names == ["dense", "torch", "auto", "bmm", "bmm_t", "bsr_mm", "dense"]
+    assert names == ["dense", "torch", "bsr-auto", "bsr-bmm", "bsr-bmm_t", "bsr-bsr_mm", "bsr-dense"]
     assert all(row["matches_dense"] for row in rows)
 
 
