@@ -35,6 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from attention import ProjectedAttention, unsupported_attention_reason
+
 KERNELS = ("auto", "bmm", "bmm_t", "bsr_mm", "dense", "torch")
 
 # At most this many row groups per layer: a bound on the Python work per forward, whatever the mask.
@@ -396,8 +398,11 @@ def apply_bsr(
         kernel: one of ``KERNELS`` for every converted layer.
         filter_fn: ``filter_fn(module, fqn) -> bool``; layers it rejects stay dense.
 
-    nn.MultiheadAttention's ``out_proj`` always stays dense: MHA reads its weight directly. So do Linear
-    subclasses (a Supermask layer must be made a plain Linear first, with ``supermask.sparsify_offline``).
+    An ``nn.MultiheadAttention`` reads its projection weights directly, so when its q/k/v input projection
+    (``in_proj_weight``) or its ``out_proj`` is worth converting, the module is replaced by an
+    ``attention.ProjectedAttention`` computing the same attention through the converted projections
+    (reported as ``<name>.in_proj`` and ``<name>.out_proj``). Linear subclasses stay dense (a Supermask
+    layer must be made a plain Linear first, with ``supermask.sparsify_offline``).
 
     Returns:
         ``BsrResult`` listing converted layers and the ones left dense, with the reason.
@@ -411,28 +416,64 @@ def apply_bsr(
         raise ValueError(f"unknown kernel {kernel!r}; choose one of {', '.join(KERNELS)}")
     if not 0.0 <= min_sparsity <= 1.0:
         raise ValueError(f"min_sparsity must be in [0, 1], got {min_sparsity}")
-    mha_out_proj = {id(m.out_proj) for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
     result = BsrResult()
+
+    def reason_to_stay_dense(module, fqn):
+        if filter_fn is not None and not filter_fn(module, fqn):
+            return "excluded by filter_fn"
+        if not blocksize_divides(tuple(module.weight.shape), blocksize):
+            out_features, in_features = module.weight.shape
+            return f"shape {out_features}x{in_features} not divisible by blocksize {blocksize}"
+        sparsity = block_sparsity(module.weight, blocksize)
+        if sparsity < min_sparsity:
+            return f"block sparsity {sparsity:.3f} < min_sparsity {min_sparsity}"
+        return None
+
+    def convert(module, fqn):
+        reason = reason_to_stay_dense(module, fqn)
+        if reason is not None:
+            result.left_dense.append((fqn, reason))
+            return module
+        sparse = BlockSparseLinear.from_dense(module, blocksize, kernel=kernel)
+        result.converted.append((fqn, sparse.kernel, 1.0 - sparse.kept_blocks / sparse.total_blocks))
+        return sparse
+
     for fqn, module in list(model.named_modules()):
-        if not isinstance(module, nn.Linear):
+        if isinstance(module, nn.MultiheadAttention):
+            _convert_attention(model, fqn, module, convert, reason_to_stay_dense, result)
+    decided = {name for name, _ in result.left_dense}  # the attention projections
+    for fqn, module in list(model.named_modules()):
+        if not isinstance(module, nn.Linear) or fqn in decided:
             continue
-        if id(module) in mha_out_proj:
-            result.left_dense.append((fqn, "out_proj of nn.MultiheadAttention, which reads its weight directly"))
-        elif type(module) is not nn.Linear:
+        if type(module) is not nn.Linear:
             result.left_dense.append(
                 (fqn, f"{type(module).__name__} is a Linear subclass; make it a plain nn.Linear first")
             )
-        elif filter_fn is not None and not filter_fn(module, fqn):
-            result.left_dense.append((fqn, "excluded by filter_fn"))
-        elif not blocksize_divides(tuple(module.weight.shape), blocksize):
-            out_features, in_features = module.weight.shape
-            result.left_dense.append((fqn, f"shape {out_features}x{in_features} not divisible by blocksize {blocksize}"))
         else:
-            sparsity = block_sparsity(module.weight, blocksize)
-            if sparsity < min_sparsity:
-                result.left_dense.append((fqn, f"block sparsity {sparsity:.3f} < min_sparsity {min_sparsity}"))
-                continue
-            sparse = BlockSparseLinear.from_dense(module, blocksize, kernel=kernel)
-            _set_submodule(model, fqn, sparse)
-            result.converted.append((fqn, sparse.kernel, sparsity))
+            converted = convert(module, fqn)
+            if converted is not module:
+                _set_submodule(model, fqn, converted)
     return result
+
+
+def _convert_attention(model, fqn, mha, convert, reason_to_stay_dense, result):
+    """Replace `mha` by a ProjectedAttention with block-sparse projections, when either one is worth it."""
+    in_name, out_name = f"{fqn}.in_proj", f"{fqn}.out_proj"
+    unsupported = unsupported_attention_reason(mha)
+    if unsupported is not None:
+        result.left_dense.append((in_name, unsupported))
+        result.left_dense.append((out_name, unsupported))
+        return
+    projected = ProjectedAttention.from_attention(mha, lambda linear: linear)
+    if all(reason_to_stay_dense(layer, name) is not None
+           for layer, name in [(projected.in_proj, in_name), (projected.out_proj, out_name)]):
+        # Neither projection gains: keep nn.MultiheadAttention and its fused fast path.
+        result.left_dense.append((in_name, reason_to_stay_dense(projected.in_proj, in_name)))
+        result.left_dense.append((out_name, reason_to_stay_dense(projected.out_proj, out_name)))
+        return
+    projected.in_proj = convert(projected.in_proj, in_name)
+    projected.out_proj = convert(projected.out_proj, out_name)
+    projected.train(mha.training)
+    if fqn == "":
+        raise ValueError("apply_bsr needs a model that contains the nn.MultiheadAttention, not the module itself")
+    _set_submodule(model, fqn, projected)

@@ -217,7 +217,10 @@ def test_apply_bsr_keeps_vit_logits_and_reports_dense_layers(kernel):
     assert converted == {f"encoder.layers.encoder_layer_{i}.mlp.{j}" for i in range(2) for j in (0, 3)}
     assert all(isinstance(model.get_submodule(name), BlockSparseLinear) for name in converted)
     reasons = dict(result.left_dense)
-    assert "out_proj of nn.MultiheadAttention" in reasons["encoder.layers.encoder_layer_0.self_attention.out_proj"]
+    assert "block sparsity 0.000" in reasons["encoder.layers.encoder_layer_0.self_attention.out_proj"]
+    assert "block sparsity 0.000" in reasons["encoder.layers.encoder_layer_0.self_attention.in_proj"]
+    # Dense attention keeps nn.MultiheadAttention (and its fused fast path).
+    assert isinstance(model.encoder.layers[0].self_attention, nn.MultiheadAttention)
     assert reasons["heads.head"] == "shape 10x64 not divisible by blocksize 16"
     assert "heads.head" in str(result) and "mlp.0" in str(result)
     with torch.inference_mode():
@@ -260,3 +263,47 @@ def test_apply_bsr_keeps_resnet_logits():
     assert isinstance(model.fc, BlockSparseLinear) and model.fc.sparsity == 0.75
     with torch.inference_mode():
         torch.testing.assert_close(model(x), expected, atol=1e-4, rtol=1e-4)
+
+
+def attention_sparse_vit(blocksize=16, sparsity=0.75, attention=True):
+    """small_vit with the attention projections (q/k/v and output) pruned in blocks too, via Supermask."""
+    from supermask import apply_supermask, sparsify_offline
+
+    torch.manual_seed(1)
+    model = torchvision.models.VisionTransformer(
+        image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=64, mlp_dim=128, num_classes=10)
+    nn.init.normal_(model.heads.head.weight)
+    apply_supermask(model, linear_sparsity=sparsity, linear_sp_tilesize=blocksize,
+                    attention_sparsity=sparsity if attention else 0.0, attention_sp_tilesize=blocksize)
+    return sparsify_offline(model).eval()
+
+
+@pytest.mark.parametrize("kernel", ["auto", "bmm", "bmm_t"])
+def test_apply_bsr_converts_attention_projections_and_keeps_logits(kernel):
+    from attention import ProjectedAttention
+
+    model = attention_sparse_vit()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.inference_mode():
+        expected = model(x)
+    result = apply_bsr(model, blocksize=16, min_sparsity=0.5, kernel=kernel)
+    converted = {name for name, _, _ in result.converted}
+    for i in range(2):
+        attention = model.encoder.layers[i].self_attention
+        assert isinstance(attention, ProjectedAttention)
+        assert isinstance(attention.in_proj, BlockSparseLinear) and isinstance(attention.out_proj, BlockSparseLinear)
+        assert {f"encoder.layers.encoder_layer_{i}.self_attention.in_proj",
+                f"encoder.layers.encoder_layer_{i}.self_attention.out_proj"} <= converted
+    with torch.inference_mode():
+        out = model(x)
+    assert expected.abs().max() > 0.1
+    torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_apply_bsr_on_attention_compiles():
+    model = attention_sparse_vit()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.inference_mode():
+        expected = model(x)
+        apply_bsr(model, blocksize=16, min_sparsity=0.5, kernel="bmm")
+        torch.testing.assert_close(torch.compile(model, backend="eager")(x), expected, atol=1e-4, rtol=1e-4)
