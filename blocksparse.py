@@ -18,6 +18,8 @@ Kernels (``kernel=``; ``"auto"`` picks one, see ``choose_kernel``):
 * ``"dense"``: plain ``F.linear`` with the (block-sparse) dense weight, for layers too dense to gain.
 * ``"torch"``: the original SuperBlock approach, ``F.linear`` with a ``to_sparse_bsr`` weight; kept as the
   baseline. float32/float64 only, and slower than dense on CPU.
+* ``"triton"``: CUDA only (or Triton's interpreter, for tests): the kernel of ``blocksparse_triton.py``, a
+  custom op that torch.compile keeps in its graph. ``"auto"`` picks it for CUDA weights.
 
 Example::
 
@@ -35,9 +37,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import blocksparse_triton
 from attention import ProjectedAttention, unsupported_attention_reason
 
-KERNELS = ("auto", "bmm", "bmm_t", "bsr_mm", "dense", "torch")
+KERNELS = ("auto", "bmm", "bmm_t", "bsr_mm", "dense", "torch", "triton")
+
+# On CUDA, "auto" runs the Triton kernel from this block sparsity up, and the dense product below it.
+# An estimate, not yet a measurement: no GPU was available when it was set (benchmarks/RESULTS.md).
+CUDA_BREAK_EVEN = 0.5
 
 # At most this many row groups per layer: a bound on the Python work per forward, whatever the mask.
 MAX_GROUPS = 6
@@ -76,7 +83,13 @@ def _check_blocksize(weight_shape: Tuple[int, int], blocksize: int) -> None:
         )
 
 
-def _check_kernel_dtype(kernel: str, dtype: torch.dtype) -> None:
+def _check_kernel_dtype(kernel: str, dtype: torch.dtype, blocksize: int = 16) -> None:
+    if kernel == "triton":
+        reason = blocksparse_triton.unsupported_triton_reason(blocksize, dtype)
+        if reason is not None:
+            raise ValueError(f"kernel='triton' cannot run this layer: {reason}")
+        if not blocksparse_triton.triton_available():
+            raise ValueError("kernel='triton' needs a CUDA device (or TRITON_INTERPRET=1 for tests); use 'auto'")
     if kernel in ("bsr_mm", "torch") and not torch_bsr_supports_dtype(dtype):
         raise ValueError(
             f"kernel={kernel!r} uses PyTorch's sparse BSR kernels, which support float32/float64 only, "
@@ -105,8 +118,12 @@ def dense_break_even(blocksize: int) -> float:
     return DENSE_BREAK_EVEN[keys[-1]] if keys else 1.0
 
 
-def choose_kernel(weight_shape: Tuple[int, int], dtype: torch.dtype, blocksize: int, sparsity: float) -> str:
+def choose_kernel(weight_shape: Tuple[int, int], dtype: torch.dtype, blocksize: int, sparsity: float,
+                  device: torch.device = torch.device("cpu")) -> str:
     """The kernel ``kernel="auto"`` uses for a weight of this shape, dtype, blocksize and block sparsity."""
+    if device.type == "cuda":
+        triton_ok = blocksparse_triton.unsupported_triton_reason(blocksize, dtype) is None
+        return "triton" if triton_ok and sparsity >= CUDA_BREAK_EVEN else "dense"
     if sparsity < dense_break_even(blocksize):
         return "dense"
     out_features, in_features = weight_shape
@@ -255,14 +272,20 @@ class BlockSparseLinear(nn.Module):
         mask = block_mask(weight, blocksize)
         kept = int(mask.sum().item())
         if kernel == "auto":
-            kernel = choose_kernel(tuple(weight.shape), weight.dtype, blocksize, 1.0 - kept / mask.numel())
-        _check_kernel_dtype(kernel, weight.dtype)
+            kernel = choose_kernel(tuple(weight.shape), weight.dtype, blocksize, 1.0 - kept / mask.numel(),
+                                   device=weight.device)
+        _check_kernel_dtype(kernel, weight.dtype, blocksize)
         out_features, in_features = weight.shape
         module = cls(in_features, out_features, blocksize, kernel, kept)
         bias = None if linear.bias is None else linear.bias.detach().clone()
         module.register_buffer("bias", bias)
         if kernel == "dense":
             module.register_buffer("weight", weight.clone())
+        elif kernel == "triton":
+            values, crow, col = blocksparse_triton.pack_blocks(weight, blocksize)
+            module.register_buffer("block_values", values)  # (kept, in, out): each block transposed
+            module.register_buffer("block_crow", crow)
+            module.register_buffer("block_col", col)
         elif kernel in ("bsr_mm", "torch"):
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message="Sparse BSR tensor support is in beta")
@@ -292,6 +315,9 @@ class BlockSparseLinear(nn.Module):
         x = input.reshape(-1, self.in_features)
         if self.kernel == "dense":
             y = F.linear(x, self.weight, self.bias)
+        elif self.kernel == "triton":
+            y = blocksparse_triton.bsr_linear(x, self.block_values, self.block_crow, self.block_col, self.bias,
+                                              self.out_features)
         elif self.kernel in ("bsr_mm", "torch"):
             shape = (self.out_features, self.in_features)
             y = _torch_bsr_forward(self.kernel, x, self.crow_indices, self.col_indices, self.values, self.bias, shape)
@@ -316,6 +342,13 @@ class BlockSparseLinear(nn.Module):
         if self.kernel == "dense":
             return self.weight.clone()
         shape = (self.out_features, self.in_features)
+        if self.kernel == "triton":
+            bs = self.blocksize
+            blocks = self.block_values.new_zeros(self.out_features // bs, self.in_features // bs, bs, bs)
+            rows = torch.repeat_interleave(torch.arange(blocks.shape[0], device=blocks.device),
+                                           self.block_crow.diff().long())
+            blocks[rows, self.block_col.long()] = self.block_values.transpose(1, 2)
+            return blocks.permute(0, 2, 1, 3).reshape(shape)
         if self.kernel in ("bsr_mm", "torch"):
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message="Sparse BSR tensor support is in beta")
@@ -333,6 +366,10 @@ class BlockSparseLinear(nn.Module):
             # Padding blocks are zero, so accumulating them into any column-block changes nothing.
             blocks.index_put_((rows[:, None].expand(-1, k), cols.view(-1, k)), kept, accumulate=True)
         return blocks.permute(0, 2, 1, 3).reshape(shape)
+
+    def tile_mask(self) -> torch.Tensor:
+        """Bool (out/bs, in/bs): True where a block is stored (for pictures of the mask)."""
+        return block_mask(self.dense_weight(), self.blocksize)
 
     def to_dense(self) -> nn.Linear:
         """A plain ``nn.Linear`` computing the same function."""

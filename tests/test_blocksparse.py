@@ -6,7 +6,10 @@ from torch import nn
 import blocksparse
 from blocksparse import BlockSparseLinear, apply_bsr
 
-FAST_KERNELS = ["bmm", "bmm_t", "dense"]
+import blocksparse_triton
+
+# "triton" runs in Triton's interpreter here (conftest.py sets TRITON_INTERPRET=1 without a GPU).
+FAST_KERNELS = ["bmm", "bmm_t", "dense"] + (["triton"] if blocksparse_triton.triton_available() else [])
 BSR_KERNELS = ["bsr_mm", "torch"]
 TOL = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.bfloat16: dict(atol=3e-2, rtol=2e-2)}
 
@@ -307,3 +310,17 @@ def test_apply_bsr_on_attention_compiles():
         expected = model(x)
         apply_bsr(model, blocksize=16, min_sparsity=0.5, kernel="bmm")
         torch.testing.assert_close(torch.compile(model, backend="eager")(x), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_auto_picks_triton_for_cuda_weights_and_dense_below_break_even():
+    cuda = torch.device("cuda")
+    assert blocksparse.choose_kernel((3072, 768), torch.bfloat16, 64, 0.9, device=cuda) == "triton"
+    assert blocksparse.choose_kernel((3072, 768), torch.bfloat16, 64, 0.2, device=cuda) == "dense"
+    assert blocksparse.choose_kernel((3072, 768), torch.bfloat16, 24, 0.9, device=cuda) == "dense"
+    assert blocksparse.choose_kernel((3072, 768), torch.float32, 64, 0.9) != "triton"
+
+
+def test_tile_mask_shows_the_stored_blocks():
+    keep = random_keep(64, 32, 16, 0.5, seed=3)
+    layer = BlockSparseLinear.from_dense(block_sparse_linear(32, 64, 16, keep), 16, kernel="bmm")
+    assert torch.equal(layer.tile_mask(), keep)
