@@ -47,7 +47,8 @@ class Progress:
         self.desc = desc
         self.print_freq = print_freq
         self.enabled = utils.is_main_process()
-        self.bar = tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True) if self.enabled and sys.stderr.isatty() else None
+        show_bar = self.enabled and sys.stderr.isatty()
+        self.bar = tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True) if show_bar else None
         self.last_time = time.time()
         self.last_images = 0
 
@@ -71,6 +72,7 @@ class Progress:
             utils.log(f"{self.desc} [{index + 1}/{self.total}]  {fields}")
 
     def close(self):
+        """Remove the bar (the epoch's summary line follows)."""
         if self.bar is not None:
             self.bar.close()
 
@@ -189,10 +191,8 @@ def check_args(args):
         )
     if args.backend == "tv_tensor" and not args.use_v2:
         raise utils.InputError("--backend tv_tensor needs --use-v2")
-    for flag in ("weights_path",):
-        path = getattr(args, flag)
-        if path and not os.path.isfile(path):
-            raise utils.InputError(f"--weights-path {path} does not exist; pass a checkpoint file")
+    if args.weights_path and not os.path.isfile(args.weights_path):
+        raise utils.InputError(f"--weights-path {args.weights_path} does not exist; pass a checkpoint file")
     utils.check_data_path(args.data_path)
 
 
@@ -260,7 +260,11 @@ def build_optimizer(model, args):
     )
     if args.opt.startswith("sgd"):
         return torch.optim.SGD(
-            parameters, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay, nesterov="nesterov" in args.opt
+            parameters,
+            lr=args.lr,
+            momentum=args.momentum,
+            weight_decay=args.weight_decay,
+            nesterov="nesterov" in args.opt,
         )
     if args.opt == "rmsprop":
         return torch.optim.RMSprop(
@@ -601,7 +605,9 @@ if __name__ == "__main__":
         parser.error(utils.user_error_message(e))
     except KeyboardInterrupt:
         # Checkpoints are written atomically, so whatever is on disk is complete.
-        print(f"Interrupted; checkpoints in {args.output_dir} are complete: continue with --resume auto", file=sys.stderr)
+        print(
+            f"Interrupted; checkpoints in {args.output_dir} are complete: continue with --resume auto", file=sys.stderr
+        )
         sys.exit(130)
     finally:
         if utils.is_dist_avail_and_initialized():

@@ -76,7 +76,10 @@ def add_model_args(parser):
         "--model", default="resnet18", type=str, help="torchvision classification model name, or vit_tiny"
     )
     group.add_argument(
-        "--weights", default=None, type=str, help="torchvision pretrained weights enum, e.g. ResNet50_Weights.IMAGENET1K_V2"
+        "--weights",
+        default=None,
+        type=str,
+        help="torchvision pretrained weights enum, e.g. ResNet50_Weights.IMAGENET1K_V2",
     )
     group.add_argument("--device", default="cuda", type=str, help="device: cuda or cpu")
 
@@ -374,7 +377,7 @@ def eval_transform(args):
         try:
             return torchvision.models.get_weight(args.weights).transforms(antialias=True)
         except (ValueError, KeyError, AttributeError) as e:
-            raise InputError(f"--weights {args.weights} is unknown ({e}); see torchvision.models.list_models()") from None
+            raise InputError(f"--weights {args.weights} is unknown ({e}); see the model's docs for its weights") from None
     return presets.ClassificationPresetEval(
         crop_size=args.val_crop_size,
         resize_size=args.val_resize_size,
