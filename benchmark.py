@@ -31,9 +31,9 @@ import blocksparse
 import supermask
 import utils
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Output check against the offline model, relative to the largest |logit|.
-TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 5e-2}
+TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 5e-2, torch.float16: 1e-2}
 
 
 def get_args_parser(add_help=True):
@@ -46,7 +46,9 @@ def get_args_parser(add_help=True):
     group.add_argument("--image-size", default=224, type=int, help="input height and width (default: 224)")
     group.add_argument("--num-classes", default=1000, type=int, help="classifier outputs (default: 1000)")
     group.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="weights and input (default: float32)")
-    group.add_argument("--compile", action="store_true", help="torch.compile every variant (default: off)")
+    group.add_argument("--compile", default="off", nargs="?", const="on", choices=["off", "on", "both"],
+                       help="torch.compile every variant; 'both' times each variant eager and compiled "
+                            "(default: off; --compile alone means on)")
     group.add_argument("--iters", default=10, type=int, help="timed forwards per variant; the median is reported (default: 10)")
     group.add_argument("--warmup", default=2, type=int, help="untimed forwards before timing (default: 2)")
     group.add_argument("--blocksize", default=None, type=int,
@@ -117,7 +119,9 @@ def check_args(args):
     if not 0.0 <= args.min_sparsity <= 1.0:
         raise utils.InputError(f"--min-sparsity {args.min_sparsity} must be in [0, 1]")
     args.blocksize = args.blocksize or args.sp_linear_tile_size
-    kernels = [k for k in blocksparse.KERNELS if k != "torch"] if args.kernels == "all" else args.kernels.split(",")
+    # "all": every kernel that can run here at speed (Triton's CPU interpreter is for tests only).
+    runnable = [k for k in blocksparse.KERNELS if k != "torch" and (k != "triton" or args.device.startswith("cuda"))]
+    kernels = runnable if args.kernels == "all" else args.kernels.split(",")
     unknown = [k for k in kernels if k not in blocksparse.KERNELS]
     if unknown:
         raise utils.InputError(f"--kernels: unknown {', '.join(unknown)}; choose from {', '.join(blocksparse.KERNELS)}")
@@ -210,10 +214,12 @@ def build_variants(args, dense, sparsity, tile_size, blocksize, variants):
         if not name.startswith(("torch", "bsr")):
             continue
         kernel = "torch" if name == "torch" else name.partition("-")[2] or "auto"
-        if kernel in ("torch", "bsr_mm") and not blocksparse.torch_bsr_supports_dtype(args.torch_dtype):
-            notes[name] = f"skipped: kernel {kernel} is float32/float64 only"
+        if kernel in ("torch", "bsr_mm") and not blocksparse.torch_bsr_supports_dtype(args.torch_dtype,
+                                                                                         args.torch_device):
+            notes[name] = f"skipped: kernel {kernel} does not take {args.dtype} on {args.torch_device.type}"
             continue
-        model = copy.deepcopy(offline)
+        # Converted where it runs: the kernel choice and packing depend on device and dtype.
+        model = copy.deepcopy(offline).to(device=args.torch_device, dtype=args.torch_dtype)
         result = blocksparse.apply_bsr(model, blocksize=blocksize, min_sparsity=args.min_sparsity, kernel=kernel)
         notes[name] = f"{len(result.converted)} Linear converted, {len(result.left_dense)} left dense"
         models[name] = model
@@ -232,11 +238,14 @@ def base_model(args):
     return model.eval().requires_grad_(False)
 
 
-def _prepare(model, args):
+def _prepare(name, model, args):
+    """{variant name: callable}: the model eager, compiled, or both (compiled ones named '<name>+compile')."""
     model = model.to(device=args.torch_device, dtype=args.torch_dtype)
-    if args.compile:
-        model = torch.compile(model)
-    return model
+    if args.compile == "off":
+        return {name: model}
+    if args.compile == "on":
+        return {name: torch.compile(model)}
+    return {name: model, f"{name}+compile": torch.compile(model)}
 
 
 ##### Modes #####
@@ -249,15 +258,20 @@ def run_model(args):
     models, notes = build_variants(args, dense, args.sparsity_linear, args.sp_linear_tile_size, args.blocksize, variants)
     x = torch.randn(args.batch_size, 3, args.image_size, args.image_size, generator=torch.Generator().manual_seed(args.seed))
     x = x.to(device=args.torch_device, dtype=args.torch_dtype)
-    fns = {name: _prepare(models[name], args) for name in tqdm(variants, desc="variants", leave=False) if name in models}
+    fns = {}
+    for name in tqdm(variants, desc="variants", leave=False):
+        if name in models:
+            fns.update(_prepare(name, models[name], args))
     medians, first, outs = time_forwards(fns, x, warmup=args.warmup, iters=args.iters, device=args.torch_device)
     rows, ref = [], outs["offline"]
     for name in variants:
         if name not in models:
             rows.append(dict(variant=name, note=notes.get(name, "")))
             continue
-        rows.append(dict(variant=name, ms=medians[name] * 1e3, first_ms=first[name] * 1e3,
-                         images_per_s=args.batch_size / medians[name], note=notes.get(name, ""), out=outs[name]))
+        for timed in [n for n in fns if n.partition("+")[0] == name]:
+            rows.append(dict(variant=timed, ms=medians[timed] * 1e3, first_ms=first[timed] * 1e3,
+                             images_per_s=args.batch_size / medians[timed], note=notes.get(name, ""),
+                             out=outs[timed]))
     dense_ms = next(r["ms"] for r in rows if r["variant"] == "dense")
     torch_ms = next((r["ms"] for r in rows if r["variant"] == "torch" and "ms" in r), None)
     for row in rows:
@@ -267,7 +281,7 @@ def run_model(args):
         row["speedup_vs_dense"] = dense_ms / row["ms"]
         if torch_ms:
             row["speedup_vs_torch"] = torch_ms / row["ms"]
-        if row["variant"] != "dense":
+        if row["variant"].partition("+")[0] != "dense":  # dense has the unmasked weights
             row["max_diff"], row["allowed_diff"], row["matches_offline"] = compare(out, ref, args.torch_dtype)
     return rows
 
@@ -281,7 +295,9 @@ def run_sweep(args):
     grid = [(t, s) for t in args.sweep_tiles for s in args.sweep_sparsities]
     for tile, sparsity in tqdm(grid, desc="sweep", leave=False):
         models, _ = build_variants(args, dense, sparsity, tile, tile, ["dense", "offline", "bsr"])
-        fns = {name: _prepare(models[name], args) for name in ["dense", "bsr", "offline"]}
+        fns = {}
+        for name in ["dense", "bsr", "offline"]:
+            fns.update(_prepare(name, models[name], args))
         times, _, outs = time_forwards(fns, x, warmup=args.warmup, iters=args.iters, device=args.torch_device)
         diff, allowed, ok = compare(outs["bsr"], outs["offline"], args.torch_dtype)
         rows.append(dict(tile_size=tile, sparsity=sparsity, dense_ms=times["dense"] * 1e3, bsr_ms=times["bsr"] * 1e3,
@@ -305,12 +321,13 @@ def run_layer(args):
         ref = F.linear(x, linear.weight, linear.bias)
     rows, fns = [], {"dense": linear}
     for name in kernels:
-        if name in ("torch", "bsr_mm") and not blocksparse.torch_bsr_supports_dtype(args.torch_dtype):
-            rows.append(dict(variant=name, note="skipped: float32/float64 only"))
+        if name in ("torch", "bsr_mm") and not blocksparse.torch_bsr_supports_dtype(args.torch_dtype,
+                                                                                      args.torch_device):
+            rows.append(dict(variant=name, note=f"skipped: does not take {args.dtype} on {args.device}"))
             continue
         layer = blocksparse.BlockSparseLinear.from_dense(linear, bs, kernel=name)
         fns["torch" if name == "torch" else f"bsr-{name}" + (f" ({layer.kernel})" if name == "auto" else "")] = layer
-    fns = {name: torch.compile(fn) if args.compile else fn for name, fn in fns.items()}
+    fns = {timed: fn for name, layer in fns.items() for timed, fn in _prepare(name, layer, args).items()}
     medians, _, outs = time_forwards(fns, x, warmup=args.warmup, iters=args.iters, device=args.torch_device)
     for name in fns:
         diff, allowed, ok = compare(outs[name], ref, args.torch_dtype)
@@ -373,7 +390,7 @@ def main(args):
     args.torch_dtype = DTYPES[args.dtype]
     info = machine_info(args)
     print(f"torch {info['torch']}, {info['threads']} threads, {info['processor']} ({info['cpu_count']} CPUs), "
-          f"device {info['device']}, {args.dtype}, compile {'on' if args.compile else 'off'}")
+          f"device {info['device']}, {args.dtype}, compile {args.compile}")
     if args.layer:
         print(f"Linear {args.layer_shape[0]}x{args.layer_shape[1]}, {args.tokens} tokens, block {args.blocksize}, "
               f"sparsity {args.sparsity_linear}")

@@ -67,8 +67,10 @@ def blocksize_divides(weight_shape: Tuple[int, int], blocksize: int) -> bool:
     return blocksize > 0 and weight_shape[0] % blocksize == 0 and weight_shape[1] % blocksize == 0
 
 
-def torch_bsr_supports_dtype(dtype: torch.dtype) -> bool:
-    """True if PyTorch's CPU sparse BSR kernels (``bsr_mm``, ``torch``) accept ``dtype``."""
+def torch_bsr_supports_dtype(dtype: torch.dtype, device: torch.device = torch.device("cpu")) -> bool:
+    """True if PyTorch's sparse BSR kernels (``bsr_mm``, ``torch``) accept ``dtype`` on ``device``'s type."""
+    if device.type == "cuda":  # PyTorch's own Triton BSR kernels take half precision too
+        return dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64)
     return dtype in (torch.float32, torch.float64)
 
 
@@ -83,14 +85,15 @@ def _check_blocksize(weight_shape: Tuple[int, int], blocksize: int) -> None:
         )
 
 
-def _check_kernel_dtype(kernel: str, dtype: torch.dtype, blocksize: int = 16) -> None:
+def _check_kernel_dtype(kernel: str, dtype: torch.dtype, blocksize: int = 16,
+                        device: torch.device = torch.device("cpu")) -> None:
     if kernel == "triton":
         reason = blocksparse_triton.unsupported_triton_reason(blocksize, dtype)
         if reason is not None:
             raise ValueError(f"kernel='triton' cannot run this layer: {reason}")
         if not blocksparse_triton.triton_available():
             raise ValueError("kernel='triton' needs a CUDA device (or TRITON_INTERPRET=1 for tests); use 'auto'")
-    if kernel in ("bsr_mm", "torch") and not torch_bsr_supports_dtype(dtype):
+    if kernel in ("bsr_mm", "torch") and not torch_bsr_supports_dtype(dtype, device):
         raise ValueError(
             f"kernel={kernel!r} uses PyTorch's sparse BSR kernels, which support float32/float64 only, "
             f"not {dtype}; use kernel='bmm' (or 'auto')"
@@ -228,8 +231,8 @@ def _bmm_cols(x, groups, empty_rows, nbr, nbc, bs):
 @torch.compiler.disable
 def _torch_bsr_forward(kernel, x, crow, col, values, bias, shape):
     """Sparse BSR paths; run eagerly because torch.compile cannot trace sparse tensors."""
-    if not torch_bsr_supports_dtype(x.dtype):
-        _check_kernel_dtype(kernel, x.dtype)
+    if not torch_bsr_supports_dtype(x.dtype, x.device):
+        _check_kernel_dtype(kernel, x.dtype, device=x.device)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Sparse BSR tensor support is in beta")
         w = torch.sparse_bsr_tensor(crow, col, values, size=shape, check_invariants=False)
@@ -274,7 +277,7 @@ class BlockSparseLinear(nn.Module):
         if kernel == "auto":
             kernel = choose_kernel(tuple(weight.shape), weight.dtype, blocksize, 1.0 - kept / mask.numel(),
                                    device=weight.device)
-        _check_kernel_dtype(kernel, weight.dtype, blocksize)
+        _check_kernel_dtype(kernel, weight.dtype, blocksize, weight.device)
         out_features, in_features = weight.shape
         module = cls(in_features, out_features, blocksize, kernel, kept)
         bias = None if linear.bias is None else linear.bias.detach().clone()
