@@ -4,10 +4,11 @@ Flags follow torchvision's references/classification/train.py, so its recipes co
 (--sparsity-linear, --sp-linear-tile-size, ...) choose which layers learn tile masks. Runs as one process
 (`python train.py`, CPU or one GPU) or several (`torchrun --nproc_per_node=N train.py`, or under SLURM).
 
-Example (the demo; see TRAINING.md for ImageNet recipes):
+Example (`make demo` runs the full command; TRAINING.md has it and the ImageNet recipes):
     python sample_data.py demo/data
-    python train.py --data-path demo/data --model vit_tiny --device cpu --sparsity-linear 0.9 \
-        --sp-linear-tile-size 16 --output-dir demo/output ...
+    python train.py --data-path demo/data --model vit_tiny --device cpu --train-crop-size 16 \
+        --val-resize-size 16 --val-crop-size 16 --sparsity-linear 0.9 --sp-linear-tile-size 16 \
+        --opt adamw --lr 2e-3 --lr-scheduler cosineannealinglr --epochs 30 --output-dir demo/output
 """
 import argparse
 import contextlib
