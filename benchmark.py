@@ -147,8 +147,10 @@ def check_args(args):
             import matplotlib  # noqa: F401
         except ImportError:
             raise utils.InputError("--plot needs matplotlib: pip install matplotlib") from None
-    if args.layer is None and not args.sweep_sparsities and args.sparsity_linear == 0.0 and not args.weights_path:
-        raise utils.InputError("--sparsity-linear is 0: nothing to make sparse; set it (e.g. 0.9) or --weights-path")
+    nothing_sparse = args.sparsity_linear == 0.0 and args.sparsity_attention == 0.0 and not args.weights_path
+    if args.layer is None and not args.sweep_sparsities and nothing_sparse:
+        raise utils.InputError("--sparsity-linear and --sparsity-attention are 0: nothing to make sparse; "
+                               "set one (e.g. 0.9) or --weights-path")
 
 
 ##### Timing #####
@@ -200,7 +202,8 @@ def build_variants(args, dense, sparsity, tile_size, blocksize, variants):
     """The models to time, by name, built from the dense model; dense itself is not copied."""
     torch.manual_seed(args.seed)
     online = copy.deepcopy(dense)
-    supermask.apply_supermask(online, linear_sparsity=sparsity, linear_sp_tilesize=tile_size)
+    kwargs = {**utils.supermask_kwargs(args), "linear_sparsity": sparsity, "linear_sp_tilesize": tile_size}
+    supermask.apply_supermask(online, **kwargs)
     if args.weights_path:
         checkpoint = utils.load_checkpoint(args.weights_path)
         try:
@@ -400,7 +403,8 @@ def main(args):
         rows = run_sweep(args)
     else:
         print(f"{args.model}, batch {args.batch_size}, linear sparsity {args.sparsity_linear}, "
-              f"tile {args.sp_linear_tile_size}, block {args.blocksize}, median of {args.iters} after {args.warmup} warm-up")
+              f"tile {args.sp_linear_tile_size}, attention sparsity {args.sparsity_attention} "
+              f"tile {args.sp_attention_tile_size}, block {args.blocksize}, median of {args.iters} after {args.warmup} warm-up")
         rows = run_model(args)
     print(format_rows(rows))
     if args.output_json:

@@ -62,6 +62,8 @@ def load_weights(model, args):
 
 def prepare_model(args, *, num_classes):
     """The model the flags describe: built, masked, loaded, frozen and block-sparse as asked. Returns (model, bsr)."""
+    if args.compact is not None:
+        return load_compact_model(args, num_classes=num_classes)
     model = utils.build_model(args, num_classes=num_classes, image_size=args.val_crop_size)
     try:
         supermask.apply_supermask(model, **utils.supermask_kwargs(args))
@@ -82,6 +84,34 @@ def prepare_model(args, *, num_classes):
             raise utils.InputError(f"--bsr {args.bsr} converted no layer ({bsr.skipped_summary()}); use a block "
                                    f"size that divides the layers' shapes, e.g. the tile size of the masks")
     return model, bsr
+
+
+def load_compact_model(args, *, num_classes):
+    """The block-sparse model of a compact checkpoint (evaluate.py --save-compact), ready to run."""
+    import blocksparse
+
+    architecture = args.compact["architecture"]
+    if architecture["num_classes"] != num_classes:
+        raise utils.InputError(f"{args.weights_path} classifies {architecture['num_classes']} classes but the data "
+                               f"has {num_classes}")
+    try:
+        model, bsr = blocksparse.model_from_compact(args.compact, kernel=args.bsr_kernel,
+                                                    device=utils.process_device(args))
+    except (ValueError, KeyError, RuntimeError) as e:
+        raise utils.InputError(f"cannot rebuild the model of compact checkpoint {args.weights_path}: {e}") from None
+    return model.to(dtype=DTYPES[args.dtype]), bsr
+
+
+def save_compact(model, args, *, num_classes):
+    """Write --save-compact and report its size against the dense model's."""
+    import blocksparse
+
+    sizes = blocksparse.save_compact(model, args.save_compact, blocksize=args.bsr, architecture=dict(
+        model=args.model, num_classes=num_classes, image_size=args.val_crop_size))
+    utils.log(f"Compact checkpoint {args.save_compact}: {sizes['bytes'] / 2**20:.2f} MiB, "
+              f"{100 * sizes['bytes'] / sizes['dense_bytes']:.1f}% of the dense weights "
+              f"({sizes['dense_bytes'] / 2**20:.2f} MiB)")
+    return sizes
 
 
 # ---------------------------------------------------------------- measuring
@@ -146,6 +176,8 @@ def check_args(args, parser):
         parser.error("--model-ema evaluates the EMA weights of a checkpoint: pass --weights-path too")
     if args.batch_size < 1:
         parser.error(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.save_compact and not args.bsr:
+        parser.error("--save-compact stores block-sparse layers: add --bsr N (e.g. the tile size of the masks)")
 
 
 def main(args):
@@ -153,6 +185,17 @@ def main(args):
     utils.check_model_name(args.model)
     if args.weights_path and not os.path.isfile(args.weights_path):
         raise utils.InputError(f"--weights-path {args.weights_path} does not exist; pass a checkpoint file")
+    args.compact = None
+    if args.weights_path:
+        import blocksparse
+
+        checkpoint = utils.load_checkpoint(args.weights_path)
+        if blocksparse.is_compact(checkpoint):
+            # A compact file knows its model and sparsity: the flags that describe them do not apply.
+            args.compact = checkpoint
+            args.model = checkpoint["architecture"]["model"]
+            args.bsr = checkpoint["blocksize"]
+            args.sparsify_weights = True
     utils.init_distributed_mode(args)
     device = utils.process_device(args)
     torch.set_grad_enabled(False)
@@ -165,6 +208,8 @@ def main(args):
     utils.log(supermask.sparsity_report(model))
     if bsr is not None:
         utils.log(bsr)
+    if args.save_compact and utils.is_main_process():
+        save_compact(model, args, num_classes=len(dataset.classes))
     if args.plot_masks and utils.is_main_process():
         import plots
 
@@ -238,6 +283,10 @@ def get_args_parser(add_help=True):
                        help="batches left out of the timing (default: 1)")
     group.add_argument("--output-json", default=None, type=str,
                        help="write accuracy, timings and the configuration to this JSON file (default: none)")
+    group.add_argument("--save-compact", default=None, type=str, metavar="FILE",
+                       help="write the block-sparse model (kept blocks only, no scores or optimizer state) to FILE; "
+                            "needs --bsr; evaluate it later with --weights-path FILE and no sparsity flags "
+                            "(default: none)")
     group.add_argument("--plot-masks", default=None, type=str, metavar="FILE.png",
                        help="draw each sparse layer's tile mask to this PNG (needs matplotlib; default: none)")
     return parser

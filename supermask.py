@@ -461,6 +461,13 @@ def supermask_layers(model):
     return [m for m in model.modules() if isinstance(m, SUPERMASK_LAYERS)]
 
 
+def mean_sparsity(model):
+    """The sparsity the model's masks apply now, averaged over their weights (0 without masks)."""
+    layers = supermask_layers(model)
+    total = sum(layer.weight.numel() for layer in layers)
+    return sum(layer.sparsity * layer.weight.numel() for layer in layers) / total if total else 0.0
+
+
 def set_sparsity_fraction(model, fraction):
     """Set every Supermask layer to `fraction` of its target sparsity (a sparsity ramp's step); no host sync."""
     for layer in supermask_layers(model):

@@ -23,6 +23,7 @@ from torch import nn
 from torchvision.transforms import InterpolationMode
 from tqdm import tqdm
 
+import distillation
 import presets
 import sampler
 import supermask
@@ -81,7 +82,8 @@ class Progress:
 # ---------------------------------------------------------------- one epoch
 
 
-def train_one_epoch(*, model, criterion, optimizer, data_loader, device, epoch, args, model_ema, scaler, autocast):
+def train_one_epoch(*, model, criterion, optimizer, data_loader, device, epoch, args, model_ema, scaler, autocast,
+                    teacher=None):
     """One pass over the training data; returns (mean loss, images per second) of this process."""
     model.train()
     steps = len(data_loader)
@@ -91,9 +93,17 @@ def train_one_epoch(*, model, criterion, optimizer, data_loader, device, epoch, 
     optimizer_steps = 0
     start = time.time()
     optimizer.zero_grad(set_to_none=True)
+    ramp_steps = args.sparsity_warmup_epochs * steps
     for i, (image, target) in enumerate(data_loader):
         image = image.to(device, non_blocking=True)
         target = target.to(device, non_blocking=True)
+        step = epoch * steps + i
+        if step <= ramp_steps:
+            # The ramp sets integer buffers in place: no host sync, no recompilation; after it, the targets hold.
+            fraction = supermask.sparsity_schedule(args.sparsity_schedule, step, ramp_steps)
+            for module in (model, model_ema):
+                if module is not None:
+                    supermask.set_sparsity_fraction(module, fraction)
         # With gradient accumulation the optimizer steps every accumulation_steps batches and at the epoch's end.
         is_update = (i + 1) % args.accumulation_steps == 0 or i + 1 == steps
         # DDP need not all-reduce gradients on the batches that only accumulate.
@@ -102,6 +112,12 @@ def train_one_epoch(*, model, criterion, optimizer, data_loader, device, epoch, 
             with autocast():
                 output = model(image)
                 loss = criterion(output, target)
+                if teacher is not None:
+                    with torch.no_grad():
+                        teacher_output = teacher(image)
+                    loss = distillation.distillation_loss(
+                        output, teacher_output, loss, alpha=args.distill_alpha, temperature=args.distill_temperature
+                    )
             scaled = loss / args.accumulation_steps
             if scaler is not None:
                 scaler.scale(scaled).backward()
@@ -194,6 +210,11 @@ def check_args(args):
         raise utils.InputError("--backend tv_tensor needs --use-v2")
     if args.weights_path and not os.path.isfile(args.weights_path):
         raise utils.InputError(f"--weights-path {args.weights_path} does not exist; pass a checkpoint file")
+    if args.sparsity_warmup_epochs < 0 or args.sparsity_warmup_epochs > args.epochs:
+        raise utils.InputError(f"--sparsity-warmup-epochs {args.sparsity_warmup_epochs} must be between 0 and "
+                               f"--epochs {args.epochs}")
+    if not 0.0 <= args.distill_alpha <= 1.0 or args.distill_temperature <= 0:
+        raise utils.InputError("--distill-alpha must be in [0, 1] and --distill-temperature above 0")
     utils.check_data_path(args.data_path)
 
 
@@ -372,11 +393,22 @@ def main(args):
     utils.seed_everything(args.seed)
     image_size = args.val_crop_size if args.test_only else args.train_crop_size
     model = utils.build_model(args, num_classes=num_classes, image_size=image_size)
-    supermask.apply_supermask(model, **utils.supermask_kwargs(args))
-    if args.weights_path:
-        load_model_weights(
-            model, utils.model_state_dict(utils.load_checkpoint(args.weights_path)), source=args.weights_path
-        )
+    start_state = utils.model_state_dict(utils.load_checkpoint(args.weights_path)) if args.weights_path else None
+    starts_dense = bool(args.weights) or (start_state is not None and not any(k.endswith(".scores") for k in start_state))
+    if starts_dense and start_state is not None:
+        load_model_weights(model, start_state, source=args.weights_path)  # before the masks: magnitude init reads it
+    if args.distill and not starts_dense:
+        raise utils.InputError("--distill learns from the dense model the run starts from: pass --weights or a "
+                               "dense --weights-path checkpoint")
+    teacher = distillation.frozen_teacher(model).to(device) if args.distill else None
+    score_init = args.score_init if args.score_init != "auto" else "magnitude" if starts_dense else "kaiming"
+    utils.log(f"Mask scores: {score_init} initialisation" + (" (from the dense starting weights)" if starts_dense else ""))
+    try:
+        supermask.apply_supermask(model, **utils.supermask_kwargs(args, score_init=score_init))
+    except ValueError as e:
+        raise utils.InputError(str(e)) from None
+    if start_state is not None and not starts_dense:
+        load_model_weights(model, start_state, source=args.weights_path)
     model.to(device)
     if args.distributed and args.sync_bn:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -471,10 +503,12 @@ def main(args):
             model_ema=model_ema,
             scaler=scaler,
             autocast=autocast,
+            teacher=teacher,
         )
         lr = optimizer.param_groups[0]["lr"]
         lr_scheduler.step()
-        utils.log(f"Epoch {epoch}  train loss {loss:.4f}  lr {lr:.4g}  img/s {images_per_second:.1f}")
+        utils.log(f"Epoch {epoch}  train loss {loss:.4f}  lr {lr:.4g}  img/s {images_per_second:.1f}"
+                  f"  mask sparsity {supermask.mean_sparsity(model_without_ddp):.3f}")
         acc1, acc5 = run_eval(model_without_ddp, f"Test {epoch}")
         utils.log(f"Epoch {epoch}  Acc@1 {acc1:.3f}  Acc@5 {acc5:.3f}")
         if model_ema is not None:
@@ -594,6 +628,29 @@ def get_args_parser(add_help=True):
 
     utils.add_distributed_args(parser)
     utils.add_supermask_args(parser)
+
+    group = parser.add_argument_group("sparsifying a dense model (start from --weights or --weights-path)")
+    group.add_argument(
+        "--sparsity-warmup-epochs",
+        default=0,
+        type=int,
+        help="raise every layer's sparsity from 0 to its target over this many epochs, per step (default: 0, no ramp)",
+    )
+    group.add_argument(
+        "--sparsity-schedule",
+        default="cubic",
+        choices=supermask.SCHEDULES,
+        help="shape of the ramp: constant, linear, or cubic as in Zhu and Gupta 2017 (default: cubic)",
+    )
+    group.add_argument(
+        "--distill", action="store_true", help="distill from the dense starting model, frozen (default: off)"
+    )
+    group.add_argument(
+        "--distill-alpha", default=0.5, type=float, help="weight of the distillation term in the loss (default: 0.5)"
+    )
+    group.add_argument(
+        "--distill-temperature", default=2.0, type=float, help="softmax temperature of distillation (default: 2.0)"
+    )
     return parser
 
 

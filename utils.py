@@ -138,6 +138,22 @@ def add_supermask_args(parser):
         "--sp-conv-tile-size", default=1, type=_positive_int, help="tile (block) side for other Conv2d masks"
     )
     group.add_argument(
+        "--sparsity-attention",
+        default=0.0,
+        type=_fraction,
+        help="fraction of the tiles masked off in every attention q/k/v and output projection (default: 0)",
+    )
+    group.add_argument(
+        "--sp-attention-tile-size", default=1, type=_positive_int, help="tile (block) side for attention masks"
+    )
+    group.add_argument(
+        "--score-init",
+        default="auto",
+        choices=("auto", "kaiming", "magnitude"),
+        help="mask scores: kaiming (random), magnitude (each tile's L2 norm: keep the largest tiles first); "
+        "auto is magnitude when starting from dense weights, else kaiming (default: auto)",
+    )
+    group.add_argument(
         "--skip-last-layer-sparsity", action="store_true", help="keep the classifier (last layer) dense"
     )
     group.add_argument(
@@ -153,9 +169,12 @@ def add_supermask_args(parser):
     )
 
 
-def supermask_kwargs(args):
+def supermask_kwargs(args, *, score_init="kaiming"):
     """The keyword arguments of supermask.apply_supermask that the Supermask flags ask for."""
     return dict(
+        attention_sparsity=args.sparsity_attention,
+        attention_sp_tilesize=args.sp_attention_tile_size,
+        score_init=score_init,
         linear_sparsity=args.sparsity_linear,
         linear_sp_tilesize=args.sp_linear_tile_size,
         conv1x1_sparsity=args.sparsity_conv1x1,

@@ -114,6 +114,18 @@ def test_original_superblock_checkpoint_loads_with_weights_only(data, checkpoint
     assert accuracy(evaluate(data, original).stdout) == accuracy(evaluate(data, checkpoint[0]).stdout)
 
 
+def test_compact_checkpoint_runs_without_sparsity_flags_at_the_same_accuracy(data, checkpoint, tmp_path):
+    compact = str(tmp_path / "compact.pth")
+    saved = evaluate(data, checkpoint[0], "--bsr", "16", "--save-compact", compact)
+    assert re.search(r"Compact checkpoint .*: [\d.]+ MiB, [\d.]+% of the dense weights", saved.stdout), saved.stdout
+    # No --sparsity-* flags: the file knows its model and blocks.
+    rerun = run_script(["evaluate.py", "--data-path", data, "--device", "cpu", "-j", "0", *SIZE, "-b", "4",
+                        "--weights-path", compact])
+    assert_ok(rerun)
+    assert accuracy(rerun.stdout) == accuracy(saved.stdout)
+    assert "BlockSparseLinear" in rerun.stdout
+
+
 # ----- bad input: one line, exit status 2 (run in this process: each fails within a second) -----
 
 
@@ -158,7 +170,21 @@ def _model_ema_without_weights(checkpoint, tmp_path):
     return ["--model-ema"], "--model-ema"
 
 
-BAD_INPUTS = [_missing_weights, _truncated_checkpoint, _another_model, _other_tile_size,
+def _save_compact_without_bsr(checkpoint, tmp_path):
+    return ["--weights-path", checkpoint, "--save-compact", str(tmp_path / "c.pth")], "--save-compact"
+
+
+def _compact_of_a_newer_format(checkpoint, tmp_path):
+    import blocksparse
+
+    newer = tmp_path / "newer.pth"
+    torch.save({"format": blocksparse.COMPACT_FORMAT, "version": blocksparse.COMPACT_VERSION + 1,
+                "architecture": {"model": "vit_tiny", "num_classes": 4, "image_size": 16}, "blocksize": 16,
+                "dense": {}, "sparse": {}}, newer)
+    return ["--weights-path", str(newer)], "newer than this SuperBlock reads"
+
+
+BAD_INPUTS = [_save_compact_without_bsr, _compact_of_a_newer_format, _missing_weights, _truncated_checkpoint, _another_model, _other_tile_size,
               _dense_flags_for_sparse_checkpoint, _block_size_dividing_no_layer, _model_ema_without_weights]
 
 

@@ -1,0 +1,72 @@
+"""Compact checkpoints: only the kept blocks are stored, and the model comes back exactly."""
+import argparse
+
+import pytest
+import torch
+from torch import nn
+
+import blocksparse
+import utils
+from supermask import apply_supermask, sparsify_offline
+
+ARCH = dict(model="vit_tiny", num_classes=10, image_size=32)
+
+
+def block_sparse_vit(attention_sparsity):
+    """vit_tiny, 90% of its MLP blocks (and optionally attention blocks) pruned at random, block-sparse."""
+    torch.manual_seed(0)
+    model = utils.build_model(argparse.Namespace(model="vit_tiny", weights=None), num_classes=10, image_size=32)
+    nn.init.normal_(model.heads.head.weight, std=0.1)
+    apply_supermask(model, linear_sparsity=0.9, linear_sp_tilesize=16, skip_last_layer_sparsity=True,
+                    attention_sparsity=attention_sparsity, attention_sp_tilesize=16)
+    sparsify_offline(model).eval()
+    blocksparse.apply_bsr(model, 16, kernel="bmm")
+    return model
+
+
+@pytest.mark.parametrize("attention_sparsity", [0.0, 0.9])
+def test_compact_round_trip_gives_the_same_logits(attention_sparsity, tmp_path):
+    model = block_sparse_vit(attention_sparsity)
+    x = torch.randn(3, 3, 32, 32)
+    with torch.inference_mode():
+        expected = model(x)
+    path = str(tmp_path / "compact.pth")
+    blocksparse.save_compact(model, path, architecture=ARCH, blocksize=16)
+    loaded = blocksparse.load_compact(path)
+    converted = [m for m in loaded.modules() if isinstance(m, blocksparse.BlockSparseLinear)]
+    assert len(converted) == (24 if attention_sparsity else 12)
+    with torch.inference_mode():
+        torch.testing.assert_close(loaded(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_compact_file_holds_only_kept_blocks_and_no_training_state(tmp_path):
+    model = block_sparse_vit(0.9)
+    path = str(tmp_path / "compact.pth")
+    sizes = blocksparse.save_compact(model, path, architecture=ARCH, blocksize=16)
+    saved = torch.load(path, weights_only=True)
+    assert set(saved) == {"format", "version", "architecture", "blocksize", "dense", "sparse"}
+    assert not any("scores" in k for k in saved["dense"])
+    # vit_tiny: 6 blocks x (in_proj 384x128 + out_proj 128x128 + 2 MLP 512x128) = 1,179,648 prunable weights; 10%
+    # of their blocks are kept (plus ceil rounding), everything else (~85k weights) stays dense.
+    kept = sum(layer["values"].numel() for layer in saved["sparse"].values())
+    assert 0.08 < kept / 1_179_648 < 0.12
+    assert sizes["bytes"] < 0.25 * sizes["dense_bytes"], sizes
+    plain = utils.build_model(argparse.Namespace(model="vit_tiny", weights=None), num_classes=10, image_size=32)
+    assert sizes["dense_bytes"] == sum(t.numel() * t.element_size() for t in plain.state_dict().values())
+
+
+def test_truncated_and_newer_files_are_clear_errors(tmp_path):
+    path = tmp_path / "compact.pth"
+    blocksparse.save_compact(block_sparse_vit(0.0), str(path), architecture=ARCH, blocksize=16)
+    truncated = tmp_path / "truncated.pth"
+    truncated.write_bytes(path.read_bytes()[:4000])
+    with pytest.raises(ValueError, match="cannot load checkpoint"):
+        blocksparse.load_compact(str(truncated))
+    newer = torch.load(path, weights_only=True)
+    newer["version"] = blocksparse.COMPACT_VERSION + 1
+    torch.save(newer, tmp_path / "newer.pth")
+    with pytest.raises(ValueError, match="newer than this SuperBlock reads"):
+        blocksparse.load_compact(str(tmp_path / "newer.pth"))
+    with pytest.raises(ValueError, match="not a compact SuperBlock checkpoint"):
+        torch.save({"model": {}}, tmp_path / "plain.pth")
+        blocksparse.load_compact(str(tmp_path / "plain.pth"))
