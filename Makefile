@@ -21,11 +21,14 @@ test-slow: $(VENV)/.installed
 	$(PY) -m pytest -q --runslow tests
 
 # The README's first command: make a small real data set (scikit-learn's digits), train a tiny ViT with 90%
-# of its encoder MLP weights masked in 16x16 tiles on CPU, then evaluate the checkpoint (TRAINING.md logs the run).
+# of its encoder MLP weights masked in 16x16 tiles on CPU, then evaluate it block-sparse, save the compact model
+# and draw its masks (TRAINING.md logs the run).
 # The digits are 8x8 at heart, so 16x16 crops lose nothing and cost a quarter of 32x32; mild crops and no flips
 # because a mirrored or mostly cropped-away digit is another digit or none.
 DEMO_MODEL := --model vit_tiny --device cpu --sparsity-linear 0.9 --sp-linear-tile-size 16 --skip-last-layer-sparsity \
 	--train-crop-size 16 --val-resize-size 16 --val-crop-size 16 -b 32 -j 1
+DEMO_EVAL := --model vit_tiny --device cpu --sparsity-linear 0.9 --sp-linear-tile-size 16 --skip-last-layer-sparsity \
+	--val-resize-size 16 --val-crop-size 16 -b 64 -j 1
 DEMO_TRAIN := --epochs 30 --opt adamw --lr 2e-3 --wd 0.05 --label-smoothing 0.1 \
 	--lr-scheduler cosineannealinglr --lr-warmup-epochs 2 --lr-warmup-method linear \
 	--train-crop-scale 0.8 1 --hflip-prob 0 --print-freq 20
@@ -34,7 +37,8 @@ demo: $(VENV)/.installed
 	test -d demo/data/train || $(PY) sample_data.py demo/data
 	rm -rf demo/output
 	$(PY) train.py --data-path demo/data $(DEMO_MODEL) $(DEMO_TRAIN) --output-dir demo/output
-	$(PY) train.py --data-path demo/data $(DEMO_MODEL) --test-only --resume demo/output/checkpoint.pth
+	$(PY) evaluate.py --data-path demo/data $(DEMO_EVAL) --weights-path demo/output/checkpoint.pth \
+		--bsr 16 --save-compact demo/output/compact.pth --plot-masks demo/output/masks.png
 
 clean:
 	rm -rf $(VENV) demo

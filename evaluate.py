@@ -119,11 +119,11 @@ def save_compact(model, args, *, num_classes):
 
 @torch.inference_mode()
 def evaluate(model, data_loader, *, device, num_classes, dtype=torch.float32, autocast=contextlib.nullcontext,
-             warmup=1, desc="Test"):
+             warmup=1, desc="Test", timed=True):
     """Top-1/top-5 accuracy (percent) over every validation image exactly once, and per-batch model times (s).
 
     Times cover the model's forward only (no data loading), synchronised with the device, skipping the
-    first `warmup` batches.
+    first `warmup` batches; with timed=False nothing waits for the device and no times are taken.
     """
     model.eval()
     topk = (1, min(5, num_classes))
@@ -133,13 +133,15 @@ def evaluate(model, data_loader, *, device, num_classes, dtype=torch.float32, au
     for i, (images, target) in enumerate(tqdm(data_loader, desc=desc, disable=not show_bar, leave=False)):
         images = images.to(device, dtype=dtype, non_blocking=True)
         target = target.to(device, non_blocking=True)
-        _synchronize(device)
-        start = time.perf_counter()
+        if timed:
+            _synchronize(device)
+            start = time.perf_counter()
         with autocast():
             output = model(images)
-        _synchronize(device)
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
+        if timed:
+            _synchronize(device)
+            if i >= warmup:
+                times.append(time.perf_counter() - start)
         correct1, correct5 = utils.correct_topk(output, target, topk=topk)
         counts += torch.stack([correct1, correct5, torch.tensor(target.shape[0], device=device)])
     counts = utils.all_reduce_sum(counts).tolist()

@@ -24,6 +24,7 @@ from torchvision.transforms import InterpolationMode
 from tqdm import tqdm
 
 import distillation
+import evaluate
 import presets
 import sampler
 import supermask
@@ -41,7 +42,6 @@ class Progress:
     """Per-step progress on rank 0: a tqdm bar on a terminal, otherwise a log line every print_freq steps.
 
     Metrics are read from the device only every print_freq steps, so the loop does not sync on every step.
-    With print_freq None there are no log lines and no metrics, only the bar.
     """
 
     def __init__(self, *, total, desc, print_freq):
@@ -60,7 +60,7 @@ class Progress:
             return
         if self.bar is not None:
             self.bar.update(1)
-        if self.print_freq is None or (index % self.print_freq != 0 and index + 1 != self.total):
+        if index % self.print_freq != 0 and index + 1 != self.total:
             return
         values = metrics()  # syncs with the device
         now = time.time()
@@ -151,28 +151,6 @@ def train_one_epoch(*, model, criterion, optimizer, data_loader, device, epoch, 
     progress.close()
     mean_loss = (loss_sum / max(steps, 1)).item()
     return mean_loss, images_seen / max(time.time() - start, 1e-9)
-
-
-@torch.inference_mode()
-def evaluate(*, model, data_loader, device, autocast, num_classes, desc):
-    """Top-1 and top-5 accuracy (percent) over the whole validation set, summed exactly over all processes."""
-    model.eval()
-    topk = (1, min(5, num_classes))
-    counts = torch.zeros(3, dtype=torch.int64, device=device)  # correct@1, correct@5, samples
-    progress = Progress(total=len(data_loader), desc=desc, print_freq=None)
-    for i, (image, target) in enumerate(data_loader):
-        image = image.to(device, non_blocking=True)
-        target = target.to(device, non_blocking=True)
-        with autocast():
-            output = model(image)
-        correct1, correct5 = utils.correct_topk(output, target, topk=topk)
-        counts += torch.stack([correct1, correct5, torch.tensor(target.shape[0], device=device)])
-        progress.step(i, images_seen=0, metrics=None)
-    progress.close()
-    counts = utils.all_reduce_sum(counts).tolist()
-    expected = len(data_loader.dataset)
-    assert counts[2] == expected, f"evaluated {counts[2]} samples but the validation set has {expected}"
-    return 100.0 * counts[0] / counts[2], 100.0 * counts[1] / counts[2]
 
 
 # ---------------------------------------------------------------- setup
@@ -469,14 +447,10 @@ def main(args):
     # Evaluate the unwrapped model: DDP's forward would sync buffers across ranks, and the ranks' validation
     # shards may differ in length by one batch.
     def run_eval(module, desc):
-        return evaluate(
-            model=module,
-            data_loader=data_loader_test,
-            device=device,
-            autocast=autocast,
-            num_classes=num_classes,
-            desc=desc,
+        acc1, acc5, _ = evaluate.evaluate(
+            module, data_loader_test, device=device, autocast=autocast, num_classes=num_classes, desc=desc, timed=False
         )
+        return acc1, acc5
 
     if args.test_only:
         acc1, acc5 = run_eval(model_without_ddp, "Test")

@@ -5,7 +5,6 @@ in this process (runpy, as `python train.py` does), because each of them fails w
 fresh interpreter would spend four importing torch.
 """
 import argparse
-import contextlib
 import os
 import random
 import re
@@ -163,8 +162,8 @@ def test_test_only_evaluates_the_checkpoint_given_to_resume(one_epoch, data):
 
 def evaluate_checkpoint(path):
     """Acc@1 and Acc@5 of a checkpoint's model on its validation set, in this single process."""
+    import evaluate
     import supermask
-    import train
     import utils
 
     checkpoint = load(path)
@@ -174,14 +173,8 @@ def evaluate_checkpoint(path):
     supermask.apply_supermask(model, **utils.supermask_kwargs(args))
     supermask.load_supermask_state_dict(model, checkpoint["model"])
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, sampler=eval_sampler)
-    return train.evaluate(
-        model=model,
-        data_loader=loader,
-        device=torch.device("cpu"),
-        autocast=contextlib.nullcontext,
-        num_classes=len(dataset.classes),
-        desc="Test",
-    )
+    acc1, acc5, _ = evaluate.evaluate(model, loader, device=torch.device("cpu"), num_classes=len(dataset.classes))
+    return acc1, acc5
 
 
 def test_torchrun_two_processes_train_and_evaluate_every_sample_once(data, tmp_path):
