@@ -198,3 +198,21 @@ def test_bad_input_exits_2_with_one_error_line(case, data, checkpoint, tmp_path,
     error_lines = [line for line in stderr.splitlines() if "error:" in line]
     assert len(error_lines) == 1 and expected in error_lines[0], stderr
     assert "Traceback" not in stderr
+
+
+def test_attention_sparsity_end_to_end_through_train_and_evaluate(data, tmp_path):
+    flags = [*SPARSE, "--sparsity-attention", "0.75", "--sp-attention-tile-size", "16"]
+    out = str(tmp_path / "attention")
+    trained = run_script(["train.py", "--data-path", data, *MODEL, *flags, "-b", "8", "--train-crop-size", "16",
+                          "--epochs", "1", "--output-dir", out])
+    assert_ok(trained)
+    assert re.search(r"self_attention\.in_proj +SupermaskLinear +384x128 +16 +0\.750", trained.stdout), trained.stdout
+    weights = os.path.join(out, "checkpoint.pth")
+    online = run_script(["evaluate.py", "--data-path", data, *MODEL, *flags, "-b", "4", "--weights-path", weights])
+    bsr = run_script(["evaluate.py", "--data-path", data, *MODEL, *flags, "-b", "4", "--weights-path", weights,
+                      "--bsr", "16"])
+    assert_ok(online)
+    assert_ok(bsr)
+    assert accuracy(online.stdout) == accuracy(bsr.stdout)
+    assert re.search(r"self_attention\.in_proj +kernel=", bsr.stdout) and re.search(
+        r"self_attention\.out_proj +kernel=", bsr.stdout), bsr.stdout
