@@ -646,6 +646,11 @@ def sparsity_report(model):
             rows.append(LayerSparsity(f"{name}.in_proj_weight", "MultiheadAttention", tuple(weight.shape), None,
                                       0.0, (weight == 0).float().mean().item(), weight.numel(),
                                       skipped.get(name, "dense")))
+        if hasattr(module, "tile_mask") and hasattr(module, "blocksize"):  # blocksparse.BlockSparseLinear
+            rows.append(LayerSparsity(name, type(module).__name__, (module.out_features, module.in_features),
+                                      module.blocksize, 0.0, module.sparsity,
+                                      module.out_features * module.in_features, f"kernel={module.kernel}"))
+            continue
         if not _is_prunable(module):
             continue
         kind = type(module).__name__

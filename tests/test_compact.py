@@ -70,3 +70,13 @@ def test_truncated_and_newer_files_are_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="not a compact SuperBlock checkpoint"):
         torch.save({"model": {}}, tmp_path / "plain.pth")
         blocksparse.load_compact(str(tmp_path / "plain.pth"))
+
+
+def test_sparsity_report_lists_block_sparse_layers():
+    from supermask import sparsity_report
+
+    rows = {row.name: row for row in sparsity_report(block_sparse_vit(0.9)).rows}
+    row = rows["encoder.layers.encoder_layer_0.self_attention.in_proj"]
+    assert row.kind == "BlockSparseLinear" and row.weight_shape == (384, 128) and row.tile_size == 16
+    assert 0.85 < row.actual_sparsity < 0.95
+    assert rows["encoder.layers.encoder_layer_0.mlp.0"].kind == "BlockSparseLinear"
