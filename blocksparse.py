@@ -11,8 +11,12 @@ Kernels (``kernel=``; ``"auto"`` picks one, see ``choose_kernel``):
   Per group, the input's needed column-blocks are gathered and one ``torch.baddbmm`` computes all rows of
   the group; the results are scattered into the output. Tokens stay the rows of every product.
 * ``"bmm_t"``: the same groups on the transposed problem, ``y.T = W @ x.T``: the gather copies whole
-  contiguous rows of ``x.T`` and the products are ``(bs, k*bs) @ (k*bs, tokens)``. Faster than ``"bmm"``
-  for wide outputs at small block sizes.
+  contiguous rows of ``x.T`` and the products are ``(bs, k*bs) @ (k*bs, tokens)``. The output is returned
+  column-major (a transposed view, not copied back), which the next ``"bmm_t"`` layer reads for free.
+  Faster than ``"bmm"`` for wide outputs and for both Linears of an MLP.
+
+In both, a group whose block-rows are consecutive (``apply_bsr`` reorders MLP hidden units to make them
+so) is written straight into its slice of the output instead of being scattered.
 * ``"bsr_mm"``: PyTorch's sparse BSR matmul with the sparse operand first, ``torch.mm(W_bsr, x.T)``
   (MKL on CPU). float32/float64 only.
 * ``"dense"``: plain ``F.linear`` with the (block-sparse) dense weight, for layers too dense to gain.
@@ -131,9 +135,10 @@ def choose_kernel(weight_shape: Tuple[int, int], dtype: torch.dtype, blocksize: 
     if sparsity < dense_break_even(blocksize):
         return "dense"
     out_features, in_features = weight_shape
-    # Measured: with blocks of 32 or less, an expanding layer (768->3072) has many short rows; gathering
-    # whole rows of x.T beats gathering 32-wide column strips of x.
-    if blocksize <= 32 and out_features >= 2 * in_features:
+    # Measured (768->3072, 1 thread): an expanding layer has many short rows; gathering whole rows of x.T
+    # and leaving the output column-major beats gathering column strips of x (1.2x at blocksize 64 and 32).
+    # apply_bsr also runs both Linears of an MLP pair with "bmm_t", whatever their shapes (see there).
+    if out_features >= 2 * in_features:
         return "bmm_t"
     return "bmm"
 
@@ -194,39 +199,72 @@ def _pack_groups(weight: torch.Tensor, mask: torch.Tensor, blocksize: int, max_g
 ##### Forward kernels #####
 
 
+def _span(rows: torch.Tensor) -> Optional[Tuple[int, int]]:
+    """(start, end) if ``rows`` is a run of consecutive block-rows, else None (then results are scattered)."""
+    if rows.numel() == 0:
+        return None
+    start = int(rows[0])
+    return (start, start + rows.numel()) if torch.equal(rows, torch.arange(start, start + rows.numel())) else None
+
+
 def _bmm_rows(x, groups, empty_rows, nbr, nbc, bs):
-    """Tokens as rows: gather column strips of x (n, in), bmm per group, scatter to (n, out)."""
+    """Tokens as rows: gather column strips of x (n, in), bmm per group into y (n, out)."""
     n = x.shape[0]
     xb = x.reshape(n, nbc, bs)
     y = x.new_empty(n, nbr, bs)
-    for rows, cols, weight, bias in groups:
+    for rows, cols, weight, bias, span in groups:
         r = rows.shape[0]
         a = xb.index_select(1, cols).view(n, r, -1).transpose(0, 1)  # (R, n, k*bs)
         w = weight.transpose(1, 2)  # (R, k*bs, bs)
+        if span is not None:  # consecutive rows: the product writes straight into y (a strided view, no copy)
+            out = y[:, span[0]:span[1]].transpose(0, 1)
+            if bias is None:
+                torch.bmm(a, w, out=out)
+            else:
+                torch.baddbmm(bias.view(r, 1, bs), a, w, out=out)
+            continue
         out = torch.bmm(a, w) if bias is None else torch.baddbmm(bias.view(r, 1, bs), a, w)
         y.index_copy_(1, rows, out.transpose(0, 1))
     if empty_rows is not None:
-        rows, bias = empty_rows
+        rows, bias, span = empty_rows
         fill = y.new_zeros(n, rows.shape[0], bs) if bias is None else bias.view(1, -1, bs).expand(n, -1, bs)
-        y.index_copy_(1, rows, fill)
+        if span is not None:
+            y[:, span[0]:span[1]] = fill
+        else:
+            y.index_copy_(1, rows, fill)
     return y.view(n, nbr * bs)
 
 
 def _bmm_cols(x, groups, empty_rows, nbr, nbc, bs):
-    """Transposed: gather rows of x.T (in, n), bmm per group, scatter to y.T (out, n), transpose back."""
+    """Transposed: gather rows of x.T (in, n), bmm per group into y.T (out, n); returns the (n, out) view of it.
+
+    The result is column-major (``y.t()`` of a contiguous tensor), not copied back: an elementwise op keeps
+    that layout and a following "bmm_t" layer reads its ``x.T`` for free, so an MLP never transposes its
+    hidden activations.
+    """
     n = x.shape[0]
     xt = x.t().contiguous().view(nbc, bs * n)
     yt = x.new_empty(nbr, bs, n)
-    for rows, cols, weight, bias in groups:
+    for rows, cols, weight, bias, span in groups:
         r = rows.shape[0]
         a = xt.index_select(0, cols).view(r, -1, n)  # (R, k*bs, n)
+        if span is not None:  # consecutive rows: a contiguous slice of y.T takes the product directly
+            out = yt[span[0]:span[1]]
+            if bias is None:
+                torch.bmm(weight, a, out=out)
+            else:
+                torch.baddbmm(bias.view(r, bs, 1), weight, a, out=out)
+            continue
         out = torch.bmm(weight, a) if bias is None else torch.baddbmm(bias.view(r, bs, 1), weight, a)
         yt.index_copy_(0, rows, out)
     if empty_rows is not None:
-        rows, bias = empty_rows
+        rows, bias, span = empty_rows
         fill = yt.new_zeros(rows.shape[0], bs, n) if bias is None else bias.view(-1, bs, 1).expand(-1, bs, n)
-        yt.index_copy_(0, rows, fill)
-    return yt.view(nbr * bs, n).t().contiguous()
+        if span is not None:
+            yt[span[0]:span[1]] = fill
+        else:
+            yt.index_copy_(0, rows, fill)
+    return yt.view(nbr * bs, n).t()
 
 
 @torch.compiler.disable
@@ -258,7 +296,9 @@ class BlockSparseLinear(nn.Module):
         self.kept_blocks = kept_blocks
         self.total_blocks = (in_features // blocksize) * (out_features // blocksize)
         self.num_groups = 0
+        self.group_spans: List[Optional[Tuple[int, int]]] = []  # per group: its rows' (start, end) if consecutive
         self.has_empty_rows = False
+        self.empty_span: Optional[Tuple[int, int]] = None
 
     @property
     def sparsity(self) -> float:
@@ -300,6 +340,8 @@ class BlockSparseLinear(nn.Module):
         else:
             groups, empty_rows = _pack_groups(weight, mask, blocksize, MAX_GROUPS)
             module.num_groups = len(groups)
+            module.group_spans = [_span(rows) for rows, _, _ in groups]
+            module.empty_span = _span(empty_rows)
             for i, (rows, cols, packed) in enumerate(groups):
                 module.register_buffer(f"group{i}_rows", rows)
                 module.register_buffer(f"group{i}_cols", cols)
@@ -332,10 +374,11 @@ class BlockSparseLinear(nn.Module):
                     getattr(self, f"group{i}_cols"),
                     getattr(self, f"group{i}_weight"),
                     getattr(self, f"group{i}_bias"),
+                    self.group_spans[i],
                 )
                 for i in range(self.num_groups)
             ]
-            empty = (self.empty_rows, self.empty_bias) if self.has_empty_rows else None
+            empty = (self.empty_rows, self.empty_bias, self.empty_span) if self.has_empty_rows else None
             run = _bmm_rows if self.kernel == "bmm" else _bmm_cols
             bs = self.blocksize
             y = run(x, groups, empty, self.out_features // bs, self.in_features // bs, bs)
@@ -403,6 +446,9 @@ class BsrResult:
 
     converted: List[Tuple[str, str, float]] = field(default_factory=list)
     left_dense: List[Tuple[str, str]] = field(default_factory=list)
+    # (first Linear, second Linear, what was done) for each Linear -> elementwise -> Linear pair whose
+    # hidden units were reordered (and dead ones dropped) before packing; see _prepare_mlp_pair.
+    mlp_pairs: List[Tuple[str, str, str]] = field(default_factory=list)
 
     def skipped_summary(self) -> str:
         """The layers left dense and why, on one line."""
@@ -413,7 +459,85 @@ class BsrResult:
         lines += [f"  {name:40s} kernel={kernel:6s} block sparsity={sp:.3f}" for name, kernel, sp in self.converted]
         lines.append(f"left {len(self.left_dense)} Linear layers dense:")
         lines += [f"  {name:40s} {reason}" for name, reason in self.left_dense]
+        if self.mlp_pairs:
+            lines.append(f"reordered the hidden units of {len(self.mlp_pairs)} Linear pairs:")
+            lines += [f"  {first} -> {second}: {what}" for first, second, what in self.mlp_pairs]
         return "\n".join(lines)
+
+
+# Modules that act on each hidden unit independently: between two Linears they let the hidden units be
+# permuted (and a constant unit be folded into the next bias) without changing the function.
+ELEMENTWISE = (nn.GELU, nn.ReLU, nn.ReLU6, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.LeakyReLU, nn.ELU, nn.Hardswish,
+               nn.Mish, nn.Identity, nn.Dropout)
+
+
+def _mlp_pairs(model: nn.Module) -> List[Tuple[str, str, List[nn.Module]]]:
+    """(first, second, between) for each nn.Sequential run Linear, elementwise modules, Linear in ``model``."""
+    pairs = []
+    for fqn, seq in model.named_modules():
+        if not isinstance(seq, nn.Sequential):
+            continue
+        children = list(seq.named_children())
+        for i, (first_name, first) in enumerate(children):
+            if type(first) is not nn.Linear:
+                continue
+            j = i + 1
+            while j < len(children) and type(children[j][1]) in ELEMENTWISE:
+                j += 1
+            if j < len(children) and j > i + 1 and type(children[j][1]) is nn.Linear:
+                second = children[j][1]
+                if second.in_features == first.out_features:
+                    prefix = f"{fqn}." if fqn else ""
+                    pairs.append((prefix + first_name, prefix + children[j][0], [m for _, m in children[i + 1:j]]))
+    return pairs
+
+
+@torch.no_grad()
+def _prepare_mlp_pair(first: nn.Linear, second: nn.Linear, between: List[nn.Module], blocksize: int):
+    """New (first, second) Linears computing the same function, hidden units reordered for the bmm kernels.
+
+    Hidden block h (``blocksize`` units) is *dead* when ``second`` has no kept block in its column h: its
+    values are never used, so ``first``'s block-row h is zeroed (fewer blocks to multiply). When ``first``
+    has no kept block in row h, the unit is the constant ``act(bias)``; if every Dropout between has p=0 and
+    ``second`` has a bias, ``second @ act(bias)`` is folded into that bias and the unit becomes dead too.
+    Then the hidden blocks are sorted by ``first``'s kept count per row, the order ``_pack_groups`` groups
+    them in, so every group of ``first`` is a run of consecutive rows that the kernels write without a
+    scatter. Returns (first, second, description).
+    """
+    bs = blocksize
+    w1, w2 = first.weight.detach().clone(), second.weight.detach().clone()
+    b1 = None if first.bias is None else first.bias.detach().clone()
+    b2 = None if second.bias is None else second.bias.detach().clone()
+    hidden = w1.shape[0] // bs
+    folded = 0
+    if b1 is not None and b2 is not None and all(not isinstance(m, nn.Dropout) or m.p == 0 for m in between):
+        constant = ~block_mask(w1, bs).any(dim=1) & block_mask(w2, bs).any(dim=0)
+        units = constant.repeat_interleave(bs)
+        value = b1[units]
+        for module in between:
+            value = module(value)
+        b2 += w2[:, units] @ value
+        w2[:, units] = 0
+        folded = int(constant.sum())
+    dead = ~block_mask(w2, bs).any(dim=0)
+    units = dead.repeat_interleave(bs)
+    w1[units] = 0
+    if b1 is not None:
+        b1[units] = 0
+    order = torch.argsort(block_mask(w1, bs).sum(dim=1), stable=True)
+    units = (order[:, None] * bs + torch.arange(bs)).flatten()
+    pair = []
+    for layer, weight, bias in ((first, w1[units], None if b1 is None else b1[units]), (second, w2[:, units], b2)):
+        new = nn.Linear(layer.in_features, layer.out_features, bias=bias is not None,
+                        device=weight.device, dtype=weight.dtype)
+        new.weight.copy_(weight)
+        if bias is not None:
+            new.bias.copy_(bias)
+        pair.append(new.requires_grad_(layer.weight.requires_grad).train(layer.training))
+    what = (f"{int(dead.sum())} of {hidden} hidden blocks unused ({folded} constant ones folded into the "
+            f"second bias), blocks sorted by kept count")
+    return pair[0], pair[1], what
+
 
 
 def _set_submodule(model: nn.Module, fqn: str, module: nn.Module) -> None:
@@ -445,6 +569,13 @@ def apply_bsr(
     (reported as ``<name>.in_proj`` and ``<name>.out_proj``). Linear subclasses stay dense (a Supermask
     layer must be made a plain Linear first, with ``supermask.sparsify_offline``).
 
+    Two Linears in an ``nn.Sequential`` with only elementwise modules between them (``ELEMENTWISE``, e.g.
+    torchvision's ``MLPBlock``: Linear, GELU, Dropout, Linear, Dropout), both converted by a bmm kernel,
+    are replaced by an equivalent pair first (``_prepare_mlp_pair``, listed in ``BsrResult.mlp_pairs``):
+    hidden units the second Linear never reads are dropped from the first, constant ones are folded into
+    the second's bias, and the hidden units are reordered so the first Linear writes its output without a
+    scatter. The model computes the same function; its hidden activations come in another order.
+
     Returns:
         ``BsrResult`` listing converted layers and the ones left dense, with the reason.
 
@@ -470,18 +601,35 @@ def apply_bsr(
             return f"block sparsity {sparsity:.3f} < min_sparsity {min_sparsity}"
         return None
 
+    pair_kernels = {}  # "auto" on an MLP pair: both Linears run "bmm_t", unless one is better off dense
+
     def convert(module, fqn):
         reason = reason_to_stay_dense(module, fqn)
         if reason is not None:
             result.left_dense.append((fqn, reason))
             return module
-        sparse = BlockSparseLinear.from_dense(module, blocksize, kernel=kernel)
+        sparse = BlockSparseLinear.from_dense(module, blocksize, kernel=pair_kernels.get(fqn, kernel))
         result.converted.append((fqn, sparse.kernel, 1.0 - sparse.kept_blocks / sparse.total_blocks))
         return sparse
 
     for fqn, module in list(model.named_modules()):
         if isinstance(module, nn.MultiheadAttention):
             _convert_attention(model, fqn, module, convert, reason_to_stay_dense, result)
+    if kernel in ("auto", "bmm", "bmm_t"):
+        for first_name, second_name, between in _mlp_pairs(model):
+            first, second = model.get_submodule(first_name), model.get_submodule(second_name)
+            if reason_to_stay_dense(first, first_name) is None and reason_to_stay_dense(second, second_name) is None:
+                first, second, what = _prepare_mlp_pair(first, second, between, blocksize)
+                _set_submodule(model, first_name, first)
+                _set_submodule(model, second_name, second)
+                result.mlp_pairs.append((first_name, second_name, what))
+                if kernel == "auto":
+                    # "bmm_t" leaves the hidden activations column-major, which the second "bmm_t" reads
+                    # without a transpose: measured faster than any other pair of kernels (1 thread).
+                    for name, layer in ((first_name, first), (second_name, second)):
+                        choice = choose_kernel(tuple(layer.weight.shape), layer.weight.dtype, blocksize,
+                                               block_sparsity(layer.weight, blocksize), device=layer.weight.device)
+                        pair_kernels[name] = "bmm_t" if choice in ("bmm", "bmm_t") else choice
     decided = {name for name, _ in result.left_dense}  # the attention projections
     for fqn, module in list(model.named_modules()):
         if not isinstance(module, nn.Linear) or fqn in decided:

@@ -324,3 +324,104 @@ def test_tile_mask_shows_the_stored_blocks():
     keep = random_keep(64, 32, 16, 0.5, seed=3)
     layer = BlockSparseLinear.from_dense(block_sparse_linear(32, 64, 16, keep), 16, kernel="bmm")
     assert torch.equal(layer.tile_mask(), keep)
+
+
+##### Consecutive row groups and MLP pairs #####
+
+
+@pytest.mark.parametrize("kernel", ["bmm", "bmm_t"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_consecutive_row_groups_write_in_place_and_match_dense(kernel, bias):
+    # Block-rows sorted by kept count (0, 0, 1, 1, 2, 3): every group and the empty rows are consecutive.
+    keep = torch.tensor([[0, 0, 0, 0], [0, 0, 0, 0], [1, 0, 0, 0], [0, 0, 1, 0], [0, 1, 1, 0], [1, 1, 0, 1]],
+                        dtype=torch.bool)
+    linear = block_sparse_linear(64, 96, 16, keep, bias=bias)
+    layer = BlockSparseLinear.from_dense(linear, 16, kernel=kernel)
+    assert layer.empty_span == (0, 2) and all(span is not None for span in layer.group_spans)
+    for x in [torch.randn(64), torch.randn(5, 64), torch.randn(2, 3, 64)]:
+        torch.testing.assert_close(layer(x).double(), dense_reference(linear, x), **TOL[torch.float32])
+    with torch.inference_mode():
+        y = torch.compile(layer)(torch.randn(2, 3, 64))
+    assert y.shape == (2, 3, 96)
+
+
+def bsr_mlp(blocksize=16, hidden=128, dim=64, dropout=0.0, bias=True, sparsity=0.5, seed=0):
+    """torchvision's MLPBlock (Linear, GELU, Dropout, Linear, Dropout) with block-sparse weights that have an
+    empty block-row in the first Linear (a constant hidden block) and an empty block-column in the second
+    (an unused hidden block)."""
+    from torchvision.models.vision_transformer import MLPBlock
+
+    torch.manual_seed(seed)
+    mlp = MLPBlock(dim, hidden, dropout).eval().requires_grad_(False)
+    if not bias:
+        mlp[0].bias = mlp[3].bias = None
+    keep1 = random_keep(hidden, dim, blocksize, sparsity, seed=seed)
+    keep1[0] = False  # hidden block 0 is GELU(bias): constant
+    keep1[1] = True
+    keep2 = random_keep(dim, hidden, blocksize, sparsity, seed=seed + 1)
+    keep2[:, 1] = False  # hidden block 1 is never read
+    keep2[:, 0] = True
+    for linear, keep in ((mlp[0], keep1), (mlp[3], keep2)):
+        linear.weight.mul_(keep.repeat_interleave(blocksize, 0).repeat_interleave(blocksize, 1))
+        if bias:
+            nn.init.normal_(linear.bias)
+    return nn.Sequential(mlp).eval()
+
+
+@pytest.mark.parametrize("kernel", ["auto", "bmm", "bmm_t"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_mlp_pair_is_reordered_and_keeps_outputs(kernel, bias):
+    model = bsr_mlp(bias=bias)
+    first_kept = int(blocksparse.block_mask(model[0][0].weight, 16).sum())
+    xs = [torch.randn(64), torch.randn(5, 64), torch.randn(2, 3, 64)]
+    with torch.inference_mode():
+        expected = [model(x) for x in xs]
+    result = apply_bsr(model, blocksize=16, min_sparsity=0.3, kernel=kernel)
+    assert [(a, b) for a, b, _ in result.mlp_pairs] == [("0.0", "0.3")]
+    assert "reordered the hidden units" in str(result)
+    first, second = model[0][0], model[0][3]
+    assert isinstance(first, BlockSparseLinear) and isinstance(second, BlockSparseLinear)
+    # The unused block-row (and, with biases, the constant one folded into the second bias) is gone.
+    assert first.kept_blocks < first_kept
+    assert all(span is not None for span in first.group_spans), "the first Linear's groups must be consecutive"
+    with torch.inference_mode():
+        for x, y in zip(xs, expected):
+            torch.testing.assert_close(model(x), y, atol=1e-5, rtol=1e-5)
+
+
+def test_auto_runs_both_linears_of_a_sparse_mlp_pair_with_bmm_t():
+    model = bsr_mlp(sparsity=0.9)
+    x = torch.randn(2, 3, 64)
+    with torch.inference_mode():
+        expected = model(x)
+    apply_bsr(model, blocksize=16, min_sparsity=0.5)
+    assert model[0][0].kernel == model[0][3].kernel == "bmm_t"
+    with torch.inference_mode():
+        torch.testing.assert_close(model(x), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_mlp_pair_with_dropout_keeps_constant_units_and_outputs():
+    model = bsr_mlp(dropout=0.1)
+    x = torch.randn(4, 64)
+    with torch.inference_mode():
+        expected = model(x)
+    result = apply_bsr(model, blocksize=16, min_sparsity=0.3)
+    assert "(0 constant ones folded" in result.mlp_pairs[0][2], "Dropout p>0: constant units must not be folded"
+    with torch.inference_mode():
+        torch.testing.assert_close(model(x), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_mlp_pair_in_bfloat16_and_under_torch_compile_matches():
+    model = bsr_mlp().to(torch.bfloat16)
+    x = torch.randn(2, 5, 64, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        expected = model(x).double()
+        apply_bsr(model, blocksize=16, min_sparsity=0.3)
+        torch.testing.assert_close(model(x).double(), expected, **TOL[torch.bfloat16])
+        torch.testing.assert_close(torch.compile(model)(x).double(), expected, **TOL[torch.bfloat16])
+
+
+def test_mlp_pair_is_left_alone_with_dense_kernels():
+    model = bsr_mlp()
+    result = apply_bsr(model, blocksize=16, min_sparsity=0.3, kernel="dense")
+    assert result.mlp_pairs == []
