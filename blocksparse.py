@@ -14,9 +14,6 @@ Kernels (``kernel=``; ``"auto"`` picks one, see ``choose_kernel``):
   contiguous rows of ``x.T`` and the products are ``(bs, k*bs) @ (k*bs, tokens)``. The output is returned
   column-major (a transposed view, not copied back), which the next ``"bmm_t"`` layer reads for free.
   Faster than ``"bmm"`` for wide outputs and for both Linears of an MLP.
-
-In both, a group whose block-rows are consecutive (``apply_bsr`` reorders MLP hidden units to make them
-so) is written straight into its slice of the output instead of being scattered.
 * ``"bsr_mm"``: PyTorch's sparse BSR matmul with the sparse operand first, ``torch.mm(W_bsr, x.T)``
   (MKL on CPU). float32/float64 only.
 * ``"dense"``: plain ``F.linear`` with the (block-sparse) dense weight, for layers too dense to gain.
@@ -24,6 +21,9 @@ so) is written straight into its slice of the output instead of being scattered.
   baseline. float32/float64 only, and slower than dense on CPU.
 * ``"triton"``: CUDA only (or Triton's interpreter, for tests): the kernel of ``blocksparse_triton.py``, a
   custom op that torch.compile keeps in its graph. ``"auto"`` picks it for CUDA weights.
+
+In ``"bmm"`` and ``"bmm_t"``, a group whose block-rows are consecutive (``apply_bsr`` reorders MLP hidden
+units to make them so) is written straight into its slice of the output instead of being scattered.
 
 Example::
 
@@ -203,8 +203,8 @@ def _span(rows: torch.Tensor) -> Optional[Tuple[int, int]]:
     """(start, end) if ``rows`` is a run of consecutive block-rows, else None (then results are scattered)."""
     if rows.numel() == 0:
         return None
-    start = int(rows[0])
-    return (start, start + rows.numel()) if torch.equal(rows, torch.arange(start, start + rows.numel())) else None
+    start, end = int(rows[0]), int(rows[0]) + rows.numel()
+    return (start, end) if torch.equal(rows, torch.arange(start, end, device=rows.device)) else None
 
 
 def _bmm_rows(x, groups, empty_rows, nbr, nbc, bs):
