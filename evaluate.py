@@ -200,7 +200,6 @@ def main(args):
             args.sparsify_weights = True
     utils.init_distributed_mode(args)
     device = utils.process_device(args)
-    torch.set_grad_enabled(False)
 
     dataset, eval_sampler = utils.load_val_data(args)
     data_loader = torch.utils.data.DataLoader(

@@ -198,6 +198,7 @@ def test_bad_input_exits_2_with_one_error_line(case, data, checkpoint, tmp_path,
     error_lines = [line for line in stderr.splitlines() if "error:" in line]
     assert len(error_lines) == 1 and expected in error_lines[0], stderr
     assert "Traceback" not in stderr
+    assert torch.is_grad_enabled(), "evaluate.py switched autograd off for the whole process"
 
 
 def test_attention_sparsity_end_to_end_through_train_and_evaluate(data, tmp_path):
