@@ -83,8 +83,8 @@ class ProjectedAttention(nn.Module):
                 mha.out_proj.bias.copy_(out_bias)
         return mha
 
-    def _project_qkv(self, query, key, value):
-        if query is key and key is value:  # self-attention: one matmul for q, k and v
+    def _project_qkv(self, query, key, value, self_attention):
+        if self_attention:  # one matmul for q, k and v
             return self.in_proj(query).chunk(3, dim=-1)
         # Separate inputs: run the stacked projection on each and keep its third.
         e = self.embed_dim
@@ -92,20 +92,22 @@ class ProjectedAttention(nn.Module):
 
     def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
                 average_attn_weights=True, is_causal=False):
+        # Decided before any reshaping: views of one tensor are different Python objects.
+        self_attention = query is key and key is value
         unbatched = query.dim() == 2
         if unbatched:
-            query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
+            query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
             if key_padding_mask is not None:
                 key_padding_mask = key_padding_mask.unsqueeze(0)
-        elif self.batch_first:
+        elif not self.batch_first:
             query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
-        # (L, N, E) from here on
-        target_len, batch, _ = query.shape
-        source_len = key.shape[0]
-        q, k, v = self._project_qkv(query, key, value)
+        # (N, L, E) from here on: torchvision's ViT is batch-first, so it pays no transposes.
+        batch, target_len, _ = query.shape
+        source_len = key.shape[1]
+        q, k, v = self._project_qkv(query, key, value, self_attention)
 
-        def heads(t, length):  # (len, N, E) -> (N, H, len, head_dim)
-            return t.reshape(length, batch, self.num_heads, self.head_dim).permute(1, 2, 0, 3)
+        def heads(t, length):  # (N, len, E) -> (N, H, len, head_dim)
+            return t.reshape(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
 
         q, k, v = heads(q, target_len), heads(k, source_len), heads(v, source_len)
         mask = _additive_mask(attn_mask, key_padding_mask, batch, self.num_heads, target_len, source_len, q.dtype)
@@ -123,10 +125,10 @@ class ProjectedAttention(nn.Module):
             weights = None
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
                                                  is_causal=is_causal and mask is None)
-        out = self.out_proj(out.permute(2, 0, 1, 3).reshape(target_len, batch, self.embed_dim))
+        out = self.out_proj(out.transpose(1, 2).reshape(batch, target_len, self.embed_dim))
         if unbatched:
-            out = out.squeeze(1)
-        elif self.batch_first:
+            out = out.squeeze(0)
+        elif not self.batch_first:
             out = out.transpose(0, 1)
         if weights is not None:
             if average_attn_weights:

@@ -167,3 +167,13 @@ def test_unsupported_attention_stays_dense_with_reason():
     apply_supermask(model, attention_sparsity=0.5)
     assert isinstance(model.attn, nn.MultiheadAttention)
     assert "key/value dimensions" in model._supermask_skipped["attn"]
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_self_attention_projects_q_k_and_v_in_one_call(batch_first):
+    projected = plain_projections(random_attention(batch_first)).eval()
+    calls = []
+    projected.in_proj.register_forward_hook(lambda module, args, output: calls.append(output.shape))
+    x = torch.randn(3, 7, 32)
+    projected(x, x, x, need_weights=False)
+    assert len(calls) == 1, f"in_proj ran {len(calls)} times for self-attention"
