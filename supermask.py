@@ -126,7 +126,9 @@ class _SupermaskMixin:
             sparsity = max_sparsity(num_tiles)
         self.tile_size = tile_size
         self.target_sparsity = float(sparsity)
-        self.scores = nn.Parameter(torch.empty(grid, device=self.weight.device, dtype=self.weight.dtype))
+        # Scores stay float32 whatever the weight's dtype (see _apply): in bfloat16 neighbouring scores round
+        # to ties, and the mask would change with the dtype.
+        self.scores = nn.Parameter(torch.empty(grid, device=self.weight.device, dtype=torch.float32))
         self.init_scores("kaiming")
         # The pruned-tile count lives in an integer buffer (untouched by .to(dtype)) so that a sparsity
         # ramp changes it in place: no host sync, no recompilation. Not saved: it follows the sparsity.
@@ -135,6 +137,13 @@ class _SupermaskMixin:
         self.sparsity = sparsity
         self._cached_weight = None
         self._cache_key = None
+
+    def _apply(self, fn, recurse=True):
+        scores = self.scores.data
+        super()._apply(fn, recurse)
+        if self.scores.dtype != torch.float32:  # .to(dtype) / .half(): move the float32 scores, keep their values
+            self.scores.data = scores.to(self.scores.device)
+        return self
 
     @property
     def sparsity(self):

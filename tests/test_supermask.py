@@ -236,10 +236,20 @@ def test_filter_fn_excludes_layers():
     assert isinstance(model[0], SupermaskLinear) and type(model[1]) is nn.Linear
 
 
-def test_keeps_dtype_and_device_of_each_layer():
+def test_keeps_dtype_of_each_layer_and_float32_scores():
     model = nn.Sequential(nn.Linear(8, 8)).to(torch.bfloat16)
     apply_supermask(model, linear_sparsity=0.5, linear_sp_tilesize=2)
-    assert model[0].weight.dtype == torch.bfloat16 and model[0].scores.dtype == torch.bfloat16
+    assert model[0].weight.dtype == torch.bfloat16 and model[0].scores.dtype == torch.float32
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_converting_the_model_dtype_keeps_the_mask(dtype):
+    torch.manual_seed(14)
+    layer = SupermaskLinear(256, 256, sparsity=0.9, tile_size=2)  # 16k close scores: bf16 would make ties
+    mask = layer.get_mask()
+    layer.to(dtype)
+    assert layer.weight.dtype == dtype and layer.scores.dtype == torch.float32
+    assert torch.equal(layer.get_mask().float(), mask)
 
 
 # ----- online, offline, cache -----
