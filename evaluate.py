@@ -63,7 +63,9 @@ def load_weights(model, args):
 def prepare_model(args, *, num_classes):
     """The model the flags describe: built, masked, loaded, frozen and block-sparse as asked. Returns (model, bsr)."""
     if args.compact is not None:
-        return load_compact_model(args, num_classes=num_classes)
+        model, bsr = load_compact_model(args, num_classes=num_classes)
+        plot_masks(model, args)
+        return model, bsr
     model = utils.build_model(args, num_classes=num_classes, image_size=args.val_crop_size)
     try:
         supermask.apply_supermask(model, **utils.supermask_kwargs(args))
@@ -72,6 +74,7 @@ def prepare_model(args, *, num_classes):
     if args.weights_path:
         load_weights(model, args)
     model.eval()
+    plot_masks(model, args)  # the masks as learned, before block-sparse packing reorders anything
     if args.sparsify_weights:
         supermask.sparsify_offline(model)
     model.to(device=utils.process_device(args), dtype=DTYPES[args.dtype])
@@ -84,6 +87,20 @@ def prepare_model(args, *, num_classes):
             raise utils.InputError(f"--bsr {args.bsr} converted no layer ({bsr.skipped_summary()}); use a block "
                                    f"size that divides the layers' shapes, e.g. the tile size of the masks")
     return model, bsr
+
+
+def plot_masks(model, args):
+    """Draw --plot-masks (rank 0 only)."""
+    if not args.plot_masks or not utils.is_main_process():
+        return
+    import plots
+
+    tile_size = args.bsr or max(args.sp_linear_tile_size, args.sp_conv1x1_tile_size, args.sp_conv_tile_size,
+                                args.sp_attention_tile_size)
+    try:
+        utils.log(f"Mask picture: {plots.plot_masks(model, args.plot_masks, tile_size=tile_size)}")
+    except (ImportError, ValueError) as e:
+        raise utils.InputError(f"--plot-masks: {e}") from None
 
 
 def load_compact_model(args, *, num_classes):
@@ -211,14 +228,6 @@ def main(args):
         utils.log(bsr)
     if args.save_compact and utils.is_main_process():
         save_compact(model, args, num_classes=len(dataset.classes))
-    if args.plot_masks and utils.is_main_process():
-        import plots
-
-        tile_size = args.bsr or max(args.sp_linear_tile_size, args.sp_conv1x1_tile_size, args.sp_conv_tile_size)
-        try:
-            utils.log(f"Mask picture: {plots.plot_masks(model, args.plot_masks, tile_size=tile_size)}")
-        except (ImportError, ValueError) as e:
-            raise utils.InputError(f"--plot-masks: {e}") from None
     if args.compile:
         model = torch.compile(model)
 

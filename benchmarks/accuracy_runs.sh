@@ -37,6 +37,11 @@ for s in 0.8 0.9 0.95 0.98; do
   run "dense_start_ramp_$s" $THIRD $from_dense --sparsity-warmup-epochs 3 --sparsity-schedule cubic
   run "dense_start_ramp_distill_$s" $THIRD $from_dense --sparsity-warmup-epochs 3 --sparsity-schedule cubic --distill
 done
+# References for the budget comparison: from scratch with a third of the epochs, and from dense at the
+# from-scratch learning rate.
+run scratch_third_0.9 $THIRD --sparsity-linear 0.9 --sp-linear-tile-size 16
+run dense_start_distill_lr2e-3_0.9 --epochs 10 --lr 2e-3 --lr-warmup-epochs 1 --sparsity-linear 0.9 \
+  --sp-linear-tile-size 16 --weights-path "$out/dense/checkpoint.pth" --distill
 run attention_0.9 $FULL --sparsity-linear 0.9 --sp-linear-tile-size 16 --sparsity-attention 0.9 --sp-attention-tile-size 16
 run attention_0.8 $FULL --sparsity-linear 0.8 --sp-linear-tile-size 16 --sparsity-attention 0.8 --sp-attention-tile-size 16
 

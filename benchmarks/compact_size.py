@@ -1,0 +1,31 @@
+"""Size of a compact checkpoint against the dense state_dict: vit_b_16, random masks at tile 32 (RESULTS.md).
+
+    python benchmarks/compact_size.py
+"""
+import argparse
+import os
+import sys
+import tempfile
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import blocksparse  # noqa: E402
+import utils  # noqa: E402
+from supermask import apply_supermask, sparsify_offline  # noqa: E402
+
+torch.manual_seed(0)
+folder = tempfile.mkdtemp()
+dense_path, compact_path = os.path.join(folder, "dense.pth"), os.path.join(folder, "compact.pth")
+for attention in (0.0, 0.9):
+    model = utils.build_model(argparse.Namespace(model="vit_b_16", weights=None), num_classes=1000, image_size=224)
+    apply_supermask(model, linear_sparsity=0.9, linear_sp_tilesize=32, skip_last_layer_sparsity=True,
+                    attention_sparsity=attention, attention_sp_tilesize=32)
+    sparsify_offline(model.eval())
+    torch.save(model.state_dict(), dense_path)
+    blocksparse.apply_bsr(model, 32)
+    sizes = blocksparse.save_compact(model, compact_path, blocksize=32,
+                                     architecture=dict(model="vit_b_16", num_classes=1000, image_size=224))
+    dense = os.path.getsize(dense_path)
+    print(f"attention sparsity {attention}: compact {sizes['bytes'] / 2**20:.1f} MiB, dense state_dict "
+          f"{dense / 2**20:.1f} MiB: {100 * sizes['bytes'] / dense:.1f}%")
