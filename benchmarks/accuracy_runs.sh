@@ -47,6 +47,7 @@ run attention_0.8 $FULL --sparsity-linear 0.8 --sp-linear-tile-size 16 --sparsit
 
 echo "name  final Acc@1  Acc@5  seconds"
 for d in "$out"/*/; do
+  [ -f "$d/command" ] || continue  # not one of these runs
   name=$(basename "$d")
   line=$(grep -E "^Epoch [0-9]+  Acc@1" "$d/log" | tail -1 || true)
   echo "$name  ${line#*Acc@1 }  $(cat "$d/done" 2>/dev/null)"
