@@ -8,7 +8,7 @@ import re
 import torch
 import torch.nn as nn
 
-from supermask import SUPERMASK_LAYERS, tile_grid_shape, tile_mask
+from supermask import SUPERMASK_LAYERS, tile_mask, tiled, within_tile_dims
 
 
 def require_matplotlib():
@@ -53,11 +53,7 @@ def tile_masks(model, tile_size=None):
 
 
 def _zero_tile_grid(weight, tile_size):
-    grid = tile_grid_shape(weight.shape, tile_size)
-    padded = weight.new_zeros([n * tile_size for n in grid])
-    padded[tuple(slice(0, d) for d in weight.shape)] = weight
-    tiled = padded.reshape([x for n in grid for x in (n, tile_size)])
-    return tiled.ne(0).any(dim=tuple(range(1, 2 * len(grid), 2)))
+    return tiled(weight, tile_size).ne(0).any(dim=within_tile_dims(weight))
 
 
 def _block_and_layer(name):

@@ -66,13 +66,22 @@ def tile_mask(scores, num_pruned):
     return hard + (scores - scores.detach())
 
 
-def tile_norms(weight, tile_size):
-    """L2 norm of every tile of `weight` (zero-padded at the edges): shape tile_grid_shape(weight.shape, tile_size)."""
+def tiled(weight, tile_size):
+    """`weight` zero-padded to whole tiles, viewed as (T0, t, T1, t, ...): reduce over dims 1, 3, ... per tile."""
     grid = tile_grid_shape(weight.shape, tile_size)
     padded = weight.new_zeros([n * tile_size for n in grid])
     padded[tuple(slice(0, d) for d in weight.shape)] = weight
-    tiled = padded.reshape([x for n in grid for x in (n, tile_size)])
-    return tiled.square().sum(dim=tuple(range(1, 2 * len(grid), 2))).sqrt()
+    return padded.reshape([x for n in grid for x in (n, tile_size)])
+
+
+def within_tile_dims(weight):
+    """The dimensions of tiled(weight, t) that run inside a tile."""
+    return tuple(range(1, 2 * weight.dim(), 2))
+
+
+def tile_norms(weight, tile_size):
+    """L2 norm of every tile of `weight` (zero-padded at the edges): shape tile_grid_shape(weight.shape, tile_size)."""
+    return tiled(weight, tile_size).square().sum(dim=within_tile_dims(weight)).sqrt()
 
 
 def sparsity_schedule(schedule, step, total_steps):
