@@ -603,12 +603,18 @@ def apply_bsr(
 
     pair_kernels = {}  # "auto" on an MLP pair: both Linears run "bmm_t", unless one is better off dense
 
-    def convert(module, fqn):
+    def convert(module, fqn, row_major=False):
         reason = reason_to_stay_dense(module, fqn)
         if reason is not None:
             result.left_dense.append((fqn, reason))
             return module
-        sparse = BlockSparseLinear.from_dense(module, blocksize, kernel=pair_kernels.get(fqn, kernel))
+        chosen = pair_kernels.get(fqn, kernel)
+        if chosen == "auto" and row_major:
+            weight = module.weight
+            chosen = choose_kernel(tuple(weight.shape), weight.dtype, blocksize, block_sparsity(weight, blocksize),
+                                   device=weight.device)
+            chosen = "bmm" if chosen == "bmm_t" else chosen
+        sparse = BlockSparseLinear.from_dense(module, blocksize, kernel=chosen)
         result.converted.append((fqn, sparse.kernel, 1.0 - sparse.kept_blocks / sparse.total_blocks))
         return sparse
 
@@ -660,8 +666,10 @@ def _convert_attention(model, fqn, mha, convert, reason_to_stay_dense, result):
         result.left_dense.append((in_name, reason_to_stay_dense(projected.in_proj, in_name)))
         result.left_dense.append((out_name, reason_to_stay_dense(projected.out_proj, out_name)))
         return
-    projected.in_proj = convert(projected.in_proj, in_name)
-    projected.out_proj = convert(projected.out_proj, out_name)
+    # Attention splits its projections into heads: "bmm_t"'s column-major output would cost a copy there
+    # (vit_b_16, block 64, 90%: 2.62x dense with "bmm" against 2.09x with "bmm_t", same run).
+    projected.in_proj = convert(projected.in_proj, in_name, row_major=True)
+    projected.out_proj = convert(projected.out_proj, out_name, row_major=True)
     projected.train(mha.training)
     if fqn == "":
         raise ValueError("apply_bsr needs a model that contains the nn.MultiheadAttention, not the module itself")

@@ -425,3 +425,12 @@ def test_mlp_pair_is_left_alone_with_dense_kernels():
     model = bsr_mlp()
     result = apply_bsr(model, blocksize=16, min_sparsity=0.3, kernel="dense")
     assert result.mlp_pairs == []
+
+
+def test_auto_runs_attention_projections_row_major():
+    model = attention_sparse_vit(blocksize=16, sparsity=0.9)
+    result = apply_bsr(model, blocksize=16, min_sparsity=0.5)
+    kernels = {name: kernel for name, kernel, _ in result.converted}
+    in_proj = "encoder.layers.encoder_layer_0.self_attention.in_proj"  # 384x128: "auto" alone would pick bmm_t
+    assert blocksparse.choose_kernel((384, 128), torch.float32, 16, 0.9) == "bmm_t"
+    assert kernels[in_proj] == "bmm"
