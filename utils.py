@@ -120,22 +120,22 @@ def add_supermask_args(parser):
     """Add the Supermask flags of the original SuperBlock plus --weights-path."""
     group = parser.add_argument_group("Supermask (learned block sparsity)")
     group.add_argument(
-        "--sparsity-linear", default=0.0, type=_fraction, help="fraction of each Linear weight's tiles masked off"
+        "--sparsity-linear", default=0.0, type=_fraction, help="fraction of each Linear weight's tiles masked off (default: 0)"
     )
     group.add_argument(
-        "--sp-linear-tile-size", default=1, type=_positive_int, help="tile (block) side for Linear masks"
+        "--sp-linear-tile-size", default=1, type=_positive_int, help="tile (block) side for Linear masks (default: 1)"
     )
     group.add_argument(
-        "--sparsity-conv1x1", default=0.0, type=_fraction, help="fraction of each 1x1 Conv2d weight's tiles masked off"
+        "--sparsity-conv1x1", default=0.0, type=_fraction, help="fraction of each 1x1 Conv2d weight's tiles masked off (default: 0)"
     )
     group.add_argument(
-        "--sp-conv1x1-tile-size", default=1, type=_positive_int, help="tile (block) side for 1x1 Conv2d masks"
+        "--sp-conv1x1-tile-size", default=1, type=_positive_int, help="tile (block) side for 1x1 Conv2d masks (default: 1)"
     )
     group.add_argument(
-        "--sparsity-conv", default=0.0, type=_fraction, help="fraction of each other Conv2d weight's tiles masked off"
+        "--sparsity-conv", default=0.0, type=_fraction, help="fraction of each other Conv2d weight's tiles masked off (default: 0)"
     )
     group.add_argument(
-        "--sp-conv-tile-size", default=1, type=_positive_int, help="tile (block) side for other Conv2d masks"
+        "--sp-conv-tile-size", default=1, type=_positive_int, help="tile (block) side for other Conv2d masks (default: 1)"
     )
     group.add_argument(
         "--sparsity-attention",
@@ -144,7 +144,7 @@ def add_supermask_args(parser):
         help="fraction of the tiles masked off in every attention q/k/v and output projection (default: 0)",
     )
     group.add_argument(
-        "--sp-attention-tile-size", default=1, type=_positive_int, help="tile (block) side for attention masks"
+        "--sp-attention-tile-size", default=1, type=_positive_int, help="tile (block) side for attention masks (default: 1)"
     )
     group.add_argument(
         "--score-init",
@@ -154,18 +154,18 @@ def add_supermask_args(parser):
         "auto is magnitude when starting from dense weights, else kaiming (default: auto)",
     )
     group.add_argument(
-        "--skip-last-layer-sparsity", action="store_true", help="keep the classifier (last layer) dense"
+        "--skip-last-layer-sparsity", action="store_true", help="keep the classifier (last layer) dense (default: off)"
     )
     group.add_argument(
         "--skip-first-transformer-sparsity",
         action="store_true",
-        help="keep the first transformer block dense (ViT)",
+        help="keep the first transformer block dense (ViT; default: off)",
     )
     group.add_argument(
         "--weights-path",
         default=None,
         type=str,
-        help="start from this checkpoint's model weights (this project's or the original SuperBlock's)",
+        help="start from this checkpoint's model weights (this project's or the original SuperBlock's; default: none)",
     )
 
 

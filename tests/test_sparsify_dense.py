@@ -8,16 +8,11 @@ import torch
 import torch.nn.functional as F
 
 import distillation
-from helpers import run_script, write_image_folder
-from test_train import TINY, assert_ok, load, run_cli_in_process
+from helpers import run_script
+from test_train import TINY, assert_ok, data, load, run_cli_in_process  # noqa: F401 (data: a fixture)
 
 SPARSE = ["--sparsity-linear", "0.8", "--sp-linear-tile-size", "8", "--skip-last-layer-sparsity"]
 RAMP = ["--sparsity-warmup-epochs", "2", "--sparsity-schedule", "cubic"]
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return write_image_folder(str(tmp_path_factory.mktemp("data")))
 
 
 @pytest.fixture(scope="module")
