@@ -1,5 +1,6 @@
 """Shared test helpers: a tiny synthetic ImageFolder and running the CLI scripts as a user does."""
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -39,3 +40,24 @@ def run_script(args, *, timeout=180):
     return subprocess.run(
         [sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
     )
+
+
+def straight_and_resumed_runs(common, tmp_path_factory):
+    """Run `python COMMON` to the end, and again resumed (--resume auto) from the first run's model_0.pth.
+
+    An interrupted run leaves exactly model_0.pth behind (checkpoints are atomic), so copying that file into an
+    empty folder is the state a run stopped after its first epoch leaves. Returns (straight dir, resumed dir,
+    {"straight": result, "resumed": result}); both runs must succeed.
+    """
+    straight = str(tmp_path_factory.mktemp("straight"))
+    resumed = str(tmp_path_factory.mktemp("resumed"))
+    runs = {"straight": run_script([*common, "--output-dir", straight])}
+    _assert_ok(runs["straight"])
+    shutil.copy(os.path.join(straight, "model_0.pth"), resumed)
+    runs["resumed"] = run_script([*common, "--output-dir", resumed, "--resume", "auto"])
+    _assert_ok(runs["resumed"])
+    return straight, resumed, runs
+
+
+def _assert_ok(result):
+    assert result.returncode == 0, f"exit {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"

@@ -1,14 +1,13 @@
 """Sparsifying a dense model with train.py: magnitude score init, the sparsity ramp, distillation."""
 import os
 import re
-import shutil
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import distillation
-from helpers import run_script
+from helpers import run_script, straight_and_resumed_runs
 from test_train import TINY, assert_ok, data, load, run_cli_in_process  # noqa: F401 (data: a fixture)
 
 SPARSE = ["--sparsity-linear", "0.8", "--sp-linear-tile-size", "8", "--skip-last-layer-sparsity"]
@@ -25,16 +24,9 @@ def dense_checkpoint(data, tmp_path_factory):
 @pytest.fixture(scope="module")
 def ramp_runs(data, dense_checkpoint, tmp_path_factory):
     """From the dense checkpoint with ramp and distillation: 3 epochs straight, and resumed after epoch 0."""
-    straight = str(tmp_path_factory.mktemp("straight"))
-    resumed = str(tmp_path_factory.mktemp("resumed"))
     common = ["train.py", "--data-path", data, *TINY, *SPARSE, *RAMP, "--distill", "--weights-path", dense_checkpoint,
               "--epochs", "3", "--use-deterministic-algorithms"]
-    runs = {"straight": run_script([*common, "--output-dir", straight])}
-    assert_ok(runs["straight"])
-    shutil.copy(os.path.join(straight, "model_0.pth"), resumed)
-    runs["resumed"] = run_script([*common, "--output-dir", resumed, "--resume", "auto"])
-    assert_ok(runs["resumed"])
-    return straight, resumed, runs
+    return straight_and_resumed_runs(common, tmp_path_factory)
 
 
 def test_starting_from_dense_weights_uses_magnitude_scores(ramp_runs, dense_checkpoint):

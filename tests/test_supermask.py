@@ -131,26 +131,32 @@ def test_conv_straight_through_gradient_is_tile_sum():
 # ----- every mask acts on the output -----
 
 
+@torch.no_grad()
+def assert_every_mask_acts(model, x):
+    """Push each Supermask layer's highest-scoring tile below every other: the output must change. Returns names."""
+    reference = model(x)
+    checked = []
+    for name, layer in model.named_modules():
+        if not isinstance(layer, SupermaskLinear):
+            continue
+        flat = layer.scores.view(-1)
+        top = flat.argmax()
+        saved = flat[top].clone()
+        flat[top] = flat.min() - 1
+        changed = model(x)
+        flat[top] = saved
+        assert not torch.allclose(changed, reference), f"mask of {name} does not act on the output"
+        checked.append(name)
+    torch.testing.assert_close(model(x), reference)
+    return checked
+
+
 def test_changing_any_score_changes_the_output():
     torch.manual_seed(5)
     model = tiny_vit()
     apply_supermask(model, linear_sparsity=0.5, linear_sp_tilesize=8)
-    model.eval()
-    x = torch.randn(2, 3, 16, 16)
-    with torch.no_grad():
-        reference = model(x)
-        for name, layer in model.named_modules():
-            if not isinstance(layer, SupermaskLinear):
-                continue
-            # Push the highest-scoring tile below every other: the mask changes, so must the output.
-            flat = layer.scores.view(-1)
-            top = flat.argmax()
-            saved = flat[top].clone()
-            flat[top] = flat.min() - 1
-            changed = model(x)
-            flat[top] = saved
-            assert not torch.allclose(changed, reference), f"mask of {name} does not act on the output"
-        torch.testing.assert_close(model(x), reference)
+    checked = assert_every_mask_acts(model.eval(), torch.randn(2, 3, 16, 16))
+    assert len(checked) == 5  # 2 blocks x 2 MLP Linears + the classifier
 
 
 def test_attention_out_proj_stays_dense_and_is_reported():

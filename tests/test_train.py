@@ -15,7 +15,7 @@ import sys
 import pytest
 import torch
 
-from helpers import ROOT, free_port, run_script, write_image_folder
+from helpers import ROOT, free_port, run_script, straight_and_resumed_runs, write_image_folder
 
 # vit_tiny on 16x16 crops of a 3-class, 24-image data set: a few steps per epoch.
 TINY = [
@@ -68,15 +68,8 @@ def resume_runs(request, data, tmp_path_factory):
     an empty folder is the state a run stopped during its second epoch leaves. Returns (straight dir,
     resumed dir, results).
     """
-    straight = str(tmp_path_factory.mktemp("straight"))
-    resumed = str(tmp_path_factory.mktemp("resumed"))
     common = ["train.py", "--data-path", data, *TINY, *SPARSE, *RANDOM_EVERYTHING, "--epochs", "2", "-j", request.param]
-    runs = {"straight": run_script([*common, "--output-dir", straight])}
-    assert_ok(runs["straight"])
-    shutil.copy(os.path.join(straight, "model_0.pth"), resumed)
-    runs["resumed"] = run_script([*common, "--output-dir", resumed, "--resume", "auto"])
-    assert_ok(runs["resumed"])
-    return straight, resumed, runs
+    return straight_and_resumed_runs(common, tmp_path_factory)
 
 
 def load(path):
