@@ -60,6 +60,9 @@ def get_args_parser(add_help=True):
                        help=f"apply_bsr's min_sparsity (default: {blocksparse.DEFAULT_MIN_SPARSITY})")
     group.add_argument("--threads", default=None, type=int, help="torch.set_num_threads (default: torch's choice)")
     group.add_argument("--seed", default=0, type=int, help="seed for masks, weights and input (default: 0)")
+    group.add_argument("--default-malloc", action="store_true",
+                       help="leave glibc's malloc as it is; by default freed memory is kept for reuse "
+                            "(utils.keep_freed_memory), which spares every variant page faults (default: off)")
     group.add_argument("--smoke", action="store_true",
                        help="seconds-long check: vit_tiny on 32x32 images, 10 classes, 2 iterations (default: off)")
     group.add_argument("--layer", default=None, type=str, metavar="INxOUT",
@@ -346,7 +349,7 @@ def machine_info(args):
     """Thread count, versions and machine, as printed in the header."""
     return dict(torch=torch.__version__, threads=torch.get_num_threads(), processor=platform.processor() or platform.machine(),
                 cpu_count=os.cpu_count(), platform=platform.platform(), device=str(args.torch_device),
-                dtype=args.dtype, compile=args.compile, command=" ".join(["python"] + sys.argv))
+                dtype=args.dtype, compile=args.compile, malloc=args.malloc, command=" ".join(["python"] + sys.argv))
 
 
 def format_rows(rows):
@@ -389,11 +392,12 @@ def main(args):
     """Run the benchmark the flags describe and print (and save) its results."""
     if args.threads:
         torch.set_num_threads(args.threads)
+    args.malloc = "keep freed memory" if not args.default_malloc and utils.keep_freed_memory() else "unchanged"
     args.torch_device = torch.device(args.device)
     args.torch_dtype = DTYPES[args.dtype]
     info = machine_info(args)
     print(f"torch {info['torch']}, {info['threads']} threads, {info['processor']} ({info['cpu_count']} CPUs), "
-          f"device {info['device']}, {args.dtype}, compile {args.compile}")
+          f"device {info['device']}, {args.dtype}, compile {args.compile}, malloc {info['malloc']}")
     if args.layer:
         print(f"Linear {args.layer_shape[0]}x{args.layer_shape[1]}, {args.tokens} tokens, block {args.blocksize}, "
               f"sparsity {args.sparsity_linear}")

@@ -200,6 +200,7 @@ def check_args(args, parser):
 
 
 def main(args):
+    utils.keep_freed_memory()  # no page faults for buffers freed and reallocated every step
     utils.check_interpolation(args.interpolation)
     utils.check_model_name(args.model)
     if args.weights_path and not os.path.isfile(args.weights_path):

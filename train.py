@@ -328,6 +328,7 @@ def load_model_weights(model, state_dict, *, source):
 
 
 def main(args):
+    utils.keep_freed_memory()  # no page faults for buffers freed and reallocated every step
     check_args(args)
     resume_path = resolve_resume(args)
     if args.output_dir:

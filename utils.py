@@ -1,7 +1,9 @@
 """Shared plumbing for train.py and evaluate.py: flags, distributed setup, data, models, metrics, checkpoints."""
+import ctypes
 import difflib
 import hashlib
 import os
+import platform
 import random
 import sys
 import tempfile
@@ -249,6 +251,33 @@ def process_device(args):
     if args.device.startswith("cuda") and getattr(args, "distributed", False):
         return torch.device("cuda", args.gpu)
     return torch.device(args.device)
+
+
+# glibc's mallopt parameters, and the values keep_freed_memory sets.
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_TRIM_THRESHOLD = 1 << 30  # keep up to 1 GiB of freed heap instead of handing it back to the kernel
+_MMAP_THRESHOLD = 32 << 20  # glibc's largest: blocks up to 32 MiB come from the reusable heap
+
+
+def keep_freed_memory():
+    """Make glibc's malloc keep freed memory for reuse; True if it applied.
+
+    By default glibc returns large freed blocks to the kernel, and the next forward pass page-faults them
+    back in: on CPU a vit_b_16 forward then spends a large part of its time in the kernel (benchmarks/
+    RESULTS.md, "Allocator": block-sparse inference lost a fifth of its speed to it). The same as running
+    with MALLOC_TRIM_THRESHOLD_=1073741824 MALLOC_MMAP_THRESHOLD_=33554432; settings the user made through
+    those variables win. Does nothing (False) where the C library is not glibc.
+    """
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    if any(name in os.environ for name in ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_")):
+        return False
+    try:
+        libc = ctypes.CDLL(None)
+        return bool(libc.mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD)) and bool(
+            libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD))
+    except (OSError, AttributeError):
+        return False
 
 
 def all_reduce_sum(tensor):
