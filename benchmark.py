@@ -165,11 +165,13 @@ def _sync(device):
 
 
 @torch.inference_mode()
-def time_forwards(fns, x, *, warmup, iters, device):
+def time_forwards(fns, x, *, warmup, iters, device, rewarm=False):
     """Median seconds per call of each fn(x), first-call seconds and outputs, as dicts keyed like `fns`.
 
     Calls are interleaved (one call of every fn per round), so that load from other processes on a shared
-    machine hits all variants alike and their ratios stay comparable.
+    machine hits all variants alike and their ratios stay comparable. With ``rewarm``, each timed call follows
+    an untimed one of the same fn: for calls of milliseconds, whose data the previous variant evicted from the
+    caches (timing one Linear right after the ``torch`` variant made it 12% slower).
     """
     outs, first, times = {}, {}, {name: [] for name in fns}
     for name, fn in fns.items():
@@ -183,6 +185,8 @@ def time_forwards(fns, x, *, warmup, iters, device):
             fn(x)
     for _ in tqdm(range(iters), desc="timing rounds", leave=False):
         for name, fn in fns.items():
+            if rewarm:
+                fn(x)
             _sync(device)
             start = time.perf_counter()
             fn(x)
@@ -334,7 +338,8 @@ def run_layer(args):
         layer = blocksparse.BlockSparseLinear.from_dense(linear, bs, kernel=name)
         fns["torch" if name == "torch" else f"bsr-{name}" + (f" ({layer.kernel})" if name == "auto" else "")] = layer
     fns = {timed: fn for name, layer in fns.items() for timed, fn in _prepare(name, layer, args).items()}
-    medians, _, outs = time_forwards(fns, x, warmup=args.warmup, iters=args.iters, device=args.torch_device)
+    medians, _, outs = time_forwards(fns, x, warmup=args.warmup, iters=args.iters, device=args.torch_device,
+                                     rewarm=True)
     for name in fns:
         diff, allowed, ok = compare(outs[name], ref, args.torch_dtype)
         rows.append(dict(variant=name, ms=medians[name] * 1e3, speedup_vs_dense=medians["dense"] / medians[name],

@@ -60,6 +60,12 @@ MAX_GROUPS = 6
 # uses the smaller key's (higher) threshold.
 DENSE_BREAK_EVEN = {16: 0.8, 32: 0.8, 64: 0.7, 128: 0.7}
 
+# "bmm_t" with a row-major input: from this blocksize up it gathers the input's column strips (bs floats each)
+# instead of transposing the whole input first (2 ms for vit_b_16's 1576x768 at one thread or two). Measured in
+# one process, 768x3072 at 90%: faster at block 64 (an MLP pair 5.7x -> 6.0x dense, 2 threads), slower at
+# block 32, whose 128-byte strips gather poorly (3.3x -> 3.2x).
+STRIP_GATHER_MIN_BLOCKSIZE = 64
+
 # apply_bsr's default: layers at least this block-sparse are converted; the measured break-even at blocksize 64.
 DEFAULT_MIN_SPARSITY = 0.7
 
@@ -236,18 +242,24 @@ def _bmm_rows(x, groups, empty_rows, nbr, nbc, bs):
 
 
 def _bmm_cols(x, groups, empty_rows, nbr, nbc, bs):
-    """Transposed: gather rows of x.T (in, n), bmm per group into y.T (out, n); returns the (n, out) view of it.
+    """Transposed: bmm per group of W's blocks with the input's gathered rows of x.T (in, n), into y.T (out, n).
 
-    The result is column-major (``y.t()`` of a contiguous tensor), not copied back: an elementwise op keeps
-    that layout and a following "bmm_t" layer reads its ``x.T`` for free, so an MLP never transposes its
-    hidden activations.
+    Returns the (n, out) view of y.T: column-major (``y.t()`` of a contiguous tensor), not copied back. An
+    elementwise op keeps that layout, and a following "bmm_t" layer then gathers whole contiguous rows of its
+    x.T, so an MLP never transposes its hidden activations. A row-major input is transposed once, except from
+    ``STRIP_GATHER_MIN_BLOCKSIZE`` up: there its column strips are gathered and the product reads them
+    transposed.
     """
     n = x.shape[0]
-    xt = x.t().contiguous().view(nbc, bs * n)
+    transposed = x.t().is_contiguous() or bs < STRIP_GATHER_MIN_BLOCKSIZE
+    source = x.t().contiguous().view(nbc, bs * n) if transposed else x.contiguous().view(n, nbc, bs)
     yt = x.new_empty(nbr, bs, n)
     for rows, cols, weight, bias, span in groups:
         r = rows.shape[0]
-        a = xt.index_select(0, cols).view(r, -1, n)  # (R, k*bs, n)
+        if transposed:
+            a = source.index_select(0, cols).view(r, -1, n)  # (R, k*bs, n)
+        else:
+            a = source.index_select(1, cols).view(n, r, -1).permute(1, 2, 0)  # (R, k*bs, n), a strided view
         if span is not None:  # consecutive rows: a contiguous slice of y.T takes the product directly
             out = yt[span[0]:span[1]]
             if bias is None:

@@ -80,3 +80,17 @@ def test_bad_flag_exits_2_with_one_line():
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1] == "benchmark.py: error: --layer '64by128' must be INxOUT, e.g. 768x3072"
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("rewarm", [False, True])
+def test_time_forwards_interleaves_variants_and_rewarms_on_request(rewarm):
+    calls = []
+
+    def variant(name):
+        return lambda x: calls.append(name) or x
+
+    medians, first, outs = benchmark.time_forwards({"a": variant("a"), "b": variant("b")}, torch.zeros(1), warmup=2,
+                                                   iters=3, device=torch.device("cpu"), rewarm=rewarm)
+    assert set(medians) == set(first) == set(outs) == {"a", "b"}
+    timed_rounds = calls[4:]  # first calls and one warm-up round come before
+    assert timed_rounds == (["a", "a", "b", "b"] if rewarm else ["a", "b"]) * 3

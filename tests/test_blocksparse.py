@@ -51,7 +51,7 @@ def test_bsr_linear_matches_dense_float32(kernel, shape, blocksize, sparsity):
 
 
 @pytest.mark.parametrize("kernel", FAST_KERNELS)
-@pytest.mark.parametrize("blocksize", [16, 32])
+@pytest.mark.parametrize("blocksize", [16, 32, 64])
 def test_bsr_linear_matches_dense_bfloat16(kernel, blocksize):
     keep = random_keep(128, 256, blocksize, 0.6, seed=1)
     linear = block_sparse_linear(256, 128, blocksize, keep, dtype=torch.bfloat16)
@@ -60,6 +60,18 @@ def test_bsr_linear_matches_dense_bfloat16(kernel, blocksize):
     y = layer(x)
     assert y.dtype == torch.bfloat16
     torch.testing.assert_close(y.double(), dense_reference(linear, x), **TOL[torch.bfloat16])
+
+
+@pytest.mark.parametrize("blocksize", [16, 64])  # below and from STRIP_GATHER_MIN_BLOCKSIZE
+@pytest.mark.parametrize("layout", ["row_major", "column_major", "strided"])
+def test_bmm_t_reads_any_input_layout(blocksize, layout):
+    keep = random_keep(256, 128, blocksize, 0.5, seed=2)
+    keep[1] = False
+    linear = block_sparse_linear(128, 256, blocksize, keep)
+    layer = BlockSparseLinear.from_dense(linear, blocksize, kernel="bmm_t")
+    x = {"row_major": torch.randn(9, 128), "column_major": torch.randn(128, 9).t(),
+         "strided": torch.randn(9, 256)[:, ::2]}[layout]
+    torch.testing.assert_close(layer(x).double(), dense_reference(linear, x), **TOL[torch.float32])
 
 
 @pytest.mark.parametrize("kernel", FAST_KERNELS + BSR_KERNELS)
