@@ -10,8 +10,9 @@ Kernels (``kernel=``; ``"auto"`` picks one, see ``choose_kernel``):
 * ``"bmm"``: block-rows are grouped by their number of kept blocks (a few groups, short ones zero-padded).
   Per group, the input's needed column-blocks are gathered and one ``torch.baddbmm`` computes all rows of
   the group; the results are scattered into the output. Tokens stay the rows of every product.
-* ``"bmm_t"``: the same groups on the transposed problem, ``y.T = W @ x.T``: the gather copies whole
-  contiguous rows of ``x.T`` and the products are ``(bs, k*bs) @ (k*bs, tokens)``. The output is returned
+* ``"bmm_t"``: the same groups on the transposed problem, ``y.T = W @ x.T``: the products are
+  ``(bs, k*bs) @ (k*bs, tokens)`` over gathered rows of ``x.T`` (whole contiguous rows when the input is
+  column-major, column strips of a row-major float32 input read transposed from block 64 up). The output is returned
   column-major (a transposed view, not copied back), which the next ``"bmm_t"`` layer reads for free.
   Faster than ``"bmm"`` for wide outputs and for both Linears of an MLP.
 * ``"bsr_mm"``: PyTorch's sparse BSR matmul with the sparse operand first, ``torch.mm(W_bsr, x.T)``
@@ -31,6 +32,10 @@ Example::
     >>> print(result)          # converted layers and the ones left dense, with reasons
     >>> with torch.inference_mode():
     ...     logits = model(images)
+
+In a process of your own, also call ``utils.keep_freed_memory()`` once (evaluate.py and benchmark.py do): with
+glibc's default settings the buffers each forward frees are handed back to the kernel and page-faulted in
+again, which cost vit_b_16 a fifth of its block-sparse speed on CPU (benchmarks/RESULTS.md, "Allocator").
 """
 
 import os
@@ -60,10 +65,11 @@ MAX_GROUPS = 6
 # uses the smaller key's (higher) threshold.
 DENSE_BREAK_EVEN = {16: 0.8, 32: 0.8, 64: 0.7, 128: 0.7}
 
-# "bmm_t" with a row-major input: from this blocksize up it gathers the input's column strips (bs floats each)
-# instead of transposing the whole input first (2 ms for vit_b_16's 1576x768 at one thread or two). Measured in
-# one process, 768x3072 at 90%: faster at block 64 (an MLP pair 5.7x -> 6.0x dense, 2 threads), slower at
-# block 32, whose 128-byte strips gather poorly (3.3x -> 3.2x).
+# "bmm_t" with a row-major float32 input: from this blocksize up it gathers the input's column strips (bs floats
+# each) instead of transposing the whole input first (2 ms for vit_b_16's 1576x768 at one thread or two).
+# Measured in one process, 768x3072 at 90%, 2 threads: faster at block 64 (an MLP pair 5.5x -> 5.9x dense),
+# slower at block 32, whose 128-byte strips gather poorly (3.3x -> 3.2x), and slower in bfloat16, whose
+# products read the strips transposed on a slower path (3.7x -> 3.3x at block 64).
 STRIP_GATHER_MIN_BLOCKSIZE = 64
 
 # apply_bsr's default: layers at least this block-sparse are converted; the measured break-even at blocksize 64.
@@ -246,12 +252,12 @@ def _bmm_cols(x, groups, empty_rows, nbr, nbc, bs):
 
     Returns the (n, out) view of y.T: column-major (``y.t()`` of a contiguous tensor), not copied back. An
     elementwise op keeps that layout, and a following "bmm_t" layer then gathers whole contiguous rows of its
-    x.T, so an MLP never transposes its hidden activations. A row-major input is transposed once, except from
-    ``STRIP_GATHER_MIN_BLOCKSIZE`` up: there its column strips are gathered and the product reads them
+    x.T, so an MLP never transposes its hidden activations. A row-major input is transposed once, except in float32
+    from ``STRIP_GATHER_MIN_BLOCKSIZE`` up: there its column strips are gathered and the product reads them
     transposed.
     """
     n = x.shape[0]
-    transposed = x.t().is_contiguous() or bs < STRIP_GATHER_MIN_BLOCKSIZE
+    transposed = x.t().is_contiguous() or bs < STRIP_GATHER_MIN_BLOCKSIZE or x.dtype != torch.float32
     source = x.t().contiguous().view(nbc, bs * n) if transposed else x.contiguous().view(n, nbc, bs)
     yt = x.new_empty(nbr, bs, n)
     for rows, cols, weight, bias, span in groups:
