@@ -506,12 +506,21 @@ def main(args):
     utils.log(f"Training time {total_time}")
 
 
+class _DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends each flag's default to its help, unless the help already states it (the shared Supermask flags do)."""
+
+    def _get_help_string(self, action):
+        if "(default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def get_args_parser(add_help=True):
     """The command-line flags: torchvision's classification training flags plus the Supermask ones."""
     parser = argparse.ArgumentParser(
         description="Train a classification model with Supermask block sparsity (torchvision reference flags)",
         add_help=add_help,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_DefaultsHelpFormatter,
     )
     utils.add_data_args(parser)
     utils.add_model_args(parser)

@@ -291,3 +291,12 @@ def test_torchvision_flag_combinations_train_and_checkpoint(flags, one_epoch, da
     stdout = capsys.readouterr().out
     assert accuracy_lines(stdout, "Epoch 1"), stdout
     assert load(os.path.join(out, "checkpoint.pth"))["epoch"] == 1
+
+
+def test_help_states_each_default_once():
+    import train
+
+    help_text = " ".join(train.get_args_parser().format_help().split())  # unwrap argparse's line breaks
+    assert "(default: 0) (default: 0.0)" not in help_text
+    assert help_text.count("(default: cubic)") == 1  # --sparsity-schedule, whose help states it
+    assert "(default: 90)" in help_text  # --epochs, whose help does not: the formatter adds it
