@@ -9,7 +9,7 @@ Kernels (``kernel=``; ``"auto"`` picks one, see ``choose_kernel``):
 
 * ``"bmm"``: block-rows are grouped by their number of kept blocks (a few groups, short ones zero-padded).
   Per group, the input's needed column-blocks are gathered and one ``torch.baddbmm`` computes all rows of
-  the group. Tokens stay the rows of every product.
+  the group; the results are scattered into the output. Tokens stay the rows of every product.
 * ``"bmm_t"``: the same groups on the transposed problem, ``y.T = W @ x.T``: the products are
   ``(bs, k*bs) @ (k*bs, tokens)`` over gathered rows of ``x.T`` (whole contiguous rows when the input is
   column-major, column strips of a row-major float32 input read transposed from block 64 up). The output is returned
@@ -23,9 +23,8 @@ Kernels (``kernel=``; ``"auto"`` picks one, see ``choose_kernel``):
 * ``"triton"``: CUDA only (or Triton's interpreter, for tests): the kernel of ``blocksparse_triton.py``, a
   custom op that torch.compile keeps in its graph. ``"auto"`` picks it for CUDA weights.
 
-In ``"bmm"`` and ``"bmm_t"``, every product writes in place into a slice of the output, laid out in packed
-order (the empty block-rows, then each group's); one gather puts the block-rows back in their true order,
-unless they already are in it (``apply_bsr`` reorders MLP hidden units to make them so).
+In ``"bmm"`` and ``"bmm_t"``, a group whose block-rows are consecutive (``apply_bsr`` reorders MLP hidden
+units to make them so) is written straight into its slice of the output instead of being scattered.
 
 Example::
 
@@ -212,61 +211,77 @@ def _pack_groups(weight: torch.Tensor, mask: torch.Tensor, blocksize: int, max_g
 ##### Forward kernels #####
 
 
-def _bmm_rows(x, groups, empty, order, nbr, nbc, bs):
-    """Tokens as rows: per group, gather column strips of x (n, in) and bmm them into y (n, out).
+def _span(rows: torch.Tensor) -> Optional[Tuple[int, int]]:
+    """(start, end) if ``rows`` is a run of consecutive block-rows, else None (then results are scattered)."""
+    if rows.numel() == 0:
+        return None
+    start, end = int(rows[0]), int(rows[0]) + rows.numel()
+    return (start, end) if torch.equal(rows, torch.arange(start, end, device=rows.device)) else None
 
-    Every product writes in place into its slice of the output in packed order (the empty block-rows, then
-    each group's); ``order`` (None when that is the true order) puts the block-rows back with one gather.
-    """
+
+def _bmm_rows(x, groups, empty_rows, nbr, nbc, bs):
+    """Tokens as rows: gather column strips of x (n, in), bmm per group into y (n, out)."""
     n = x.shape[0]
     xb = x.reshape(n, nbc, bs)
     y = x.new_empty(n, nbr, bs)
-    for start, cols, weight, bias in groups:
-        r = weight.shape[0]
+    for rows, cols, weight, bias, span in groups:
+        r = rows.shape[0]
         a = xb.index_select(1, cols).view(n, r, -1).transpose(0, 1)  # (R, n, k*bs)
-        out = y[:, start:start + r].transpose(0, 1)  # (R, n, bs), a strided view of y
-        if bias is None:
-            torch.bmm(a, weight.transpose(1, 2), out=out)
+        w = weight.transpose(1, 2)  # (R, k*bs, bs)
+        if span is not None:  # consecutive rows: the product writes straight into y (a strided view, no copy)
+            out = y[:, span[0]:span[1]].transpose(0, 1)
+            if bias is None:
+                torch.bmm(a, w, out=out)
+            else:
+                torch.baddbmm(bias.view(r, 1, bs), a, w, out=out)
+            continue
+        out = torch.bmm(a, w) if bias is None else torch.baddbmm(bias.view(r, 1, bs), a, w)
+        y.index_copy_(1, rows, out.transpose(0, 1))
+    if empty_rows is not None:
+        rows, bias, span = empty_rows
+        fill = y.new_zeros(n, rows.shape[0], bs) if bias is None else bias.view(1, -1, bs).expand(n, -1, bs)
+        if span is not None:
+            y[:, span[0]:span[1]] = fill
         else:
-            torch.baddbmm(bias.view(r, 1, bs), a, weight.transpose(1, 2), out=out)
-    if empty is not None:
-        count, bias = empty
-        y[:, :count] = 0 if bias is None else bias.view(1, -1, bs)
-    if order is not None:
-        y = y.index_select(1, order)
+            y.index_copy_(1, rows, fill)
     return y.view(n, nbr * bs)
 
 
-def _bmm_cols(x, groups, empty, order, nbr, nbc, bs):
-    """Transposed: per group, bmm W's blocks with gathered rows of x.T (in, n) into y.T (out, n).
+def _bmm_cols(x, groups, empty_rows, nbr, nbc, bs):
+    """Transposed: bmm per group of W's blocks with the input's gathered rows of x.T (in, n), into y.T (out, n).
 
-    Block-rows are computed in packed order and put back with one gather, as in ``_bmm_rows``. Returns the
-    (n, out) view of y.T: column-major (``y.t()`` of a contiguous tensor), not copied back. An elementwise op
-    keeps that layout, and a following "bmm_t" layer then gathers whole contiguous rows of its x.T, so an MLP
-    never transposes its hidden activations. A row-major input is transposed once, except in float32 from
-    ``STRIP_GATHER_MIN_BLOCKSIZE`` up: there its column strips are gathered and the product reads them
+    Returns the (n, out) view of y.T: column-major (``y.t()`` of a contiguous tensor), not copied back. An
+    elementwise op keeps that layout, and a following "bmm_t" layer then gathers whole contiguous rows of its
+    x.T, so an MLP never transposes its hidden activations. A row-major input is transposed once, except in float32
+    from ``STRIP_GATHER_MIN_BLOCKSIZE`` up: there its column strips are gathered and the product reads them
     transposed.
     """
     n = x.shape[0]
     transposed = x.t().is_contiguous() or bs < STRIP_GATHER_MIN_BLOCKSIZE or x.dtype != torch.float32
     source = x.t().contiguous().view(nbc, bs * n) if transposed else x.contiguous().view(n, nbc, bs)
     yt = x.new_empty(nbr, bs, n)
-    for start, cols, weight, bias in groups:
-        r = weight.shape[0]
+    for rows, cols, weight, bias, span in groups:
+        r = rows.shape[0]
         if transposed:
             a = source.index_select(0, cols).view(r, -1, n)  # (R, k*bs, n)
         else:
             a = source.index_select(1, cols).view(n, r, -1).permute(1, 2, 0)  # (R, k*bs, n), a strided view
-        out = yt[start:start + r]
-        if bias is None:
-            torch.bmm(weight, a, out=out)
+        if span is not None:  # consecutive rows: a contiguous slice of y.T takes the product directly
+            out = yt[span[0]:span[1]]
+            if bias is None:
+                torch.bmm(weight, a, out=out)
+            else:
+                torch.baddbmm(bias.view(r, bs, 1), weight, a, out=out)
+            continue
+        out = torch.bmm(weight, a) if bias is None else torch.baddbmm(bias.view(r, bs, 1), weight, a)
+        yt.index_copy_(0, rows, out)
+    if empty_rows is not None:
+        rows, bias, span = empty_rows
+        fill = yt.new_zeros(rows.shape[0], bs, n) if bias is None else bias.view(-1, bs, 1).expand(-1, bs, n)
+        if span is not None:
+            yt[span[0]:span[1]] = fill
         else:
-            torch.baddbmm(bias.view(r, bs, 1), weight, a, out=out)
-    if empty is not None:
-        count, bias = empty
-        yt[:count] = 0 if bias is None else bias.view(-1, bs, 1)
-    if order is not None:
-        yt = yt.index_select(0, order)
+            yt.index_copy_(0, rows, fill)
     return yt.view(nbr * bs, n).t()
 
 
@@ -298,11 +313,10 @@ class BlockSparseLinear(nn.Module):
         self.kernel = kernel
         self.kept_blocks = kept_blocks
         self.total_blocks = (in_features // blocksize) * (out_features // blocksize)
-        # bmm kernels: output block-rows are computed in packed order: the empty ones, then each group's.
         self.num_groups = 0
-        self.group_starts: List[int] = []
-        self.empty_rows = 0  # block-rows without a kept block (their output is the bias)
-        self.register_buffer("output_order", None)  # see from_dense
+        self.group_spans: List[Optional[Tuple[int, int]]] = []  # per group: its rows' (start, end) if consecutive
+        self.has_empty_rows = False
+        self.empty_span: Optional[Tuple[int, int]] = None
 
     @property
     def sparsity(self) -> float:
@@ -344,20 +358,17 @@ class BlockSparseLinear(nn.Module):
         else:
             groups, empty_rows = _pack_groups(weight, mask, blocksize, MAX_GROUPS)
             module.num_groups = len(groups)
-            module.empty_rows = start = empty_rows.numel()
+            module.group_spans = [_span(rows) for rows, _, _ in groups]
+            module.empty_span = _span(empty_rows)
             for i, (rows, cols, packed) in enumerate(groups):
-                module.group_starts.append(start)
-                start += rows.numel()
                 module.register_buffer(f"group{i}_rows", rows)
                 module.register_buffer(f"group{i}_cols", cols)
                 module.register_buffer(f"group{i}_weight", packed)
                 module.register_buffer(f"group{i}_bias", None if bias is None else bias.view(-1, blocksize)[rows])
-            module.register_buffer("empty_bias", None if bias is None else bias.view(-1, blocksize)[empty_rows])
-            packed_rows = torch.cat([empty_rows] + [rows for rows, _, _ in groups])
-            in_order = torch.equal(packed_rows, torch.arange(packed_rows.numel(), device=packed_rows.device))
-            # output_order[r]: the packed position of block-row r (None when packed order is the true one, as
-            # apply_bsr arranges for the first Linear of an MLP pair).
-            module.register_buffer("output_order", None if in_order else torch.argsort(packed_rows))
+            module.has_empty_rows = empty_rows.numel() > 0
+            if module.has_empty_rows:
+                module.register_buffer("empty_rows", empty_rows)
+                module.register_buffer("empty_bias", None if bias is None else bias.view(-1, blocksize)[empty_rows])
         return module
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
@@ -376,14 +387,19 @@ class BlockSparseLinear(nn.Module):
             y = _torch_bsr_forward(self.kernel, x, self.crow_indices, self.col_indices, self.values, self.bias, shape)
         else:
             groups = [
-                (self.group_starts[i], getattr(self, f"group{i}_cols"), getattr(self, f"group{i}_weight"),
-                 getattr(self, f"group{i}_bias"))
+                (
+                    getattr(self, f"group{i}_rows"),
+                    getattr(self, f"group{i}_cols"),
+                    getattr(self, f"group{i}_weight"),
+                    getattr(self, f"group{i}_bias"),
+                    self.group_spans[i],
+                )
                 for i in range(self.num_groups)
             ]
-            empty = (self.empty_rows, self.empty_bias) if self.empty_rows else None
+            empty = (self.empty_rows, self.empty_bias, self.empty_span) if self.has_empty_rows else None
             run = _bmm_rows if self.kernel == "bmm" else _bmm_cols
             bs = self.blocksize
-            y = run(x, groups, empty, self.output_order, self.out_features // bs, self.in_features // bs, bs)
+            y = run(x, groups, empty, self.out_features // bs, self.in_features // bs, bs)
         return y.reshape(*lead, self.out_features)
 
     def dense_weight(self) -> torch.Tensor:
@@ -503,8 +519,8 @@ def _prepare_mlp_pair(first: nn.Linear, second: nn.Linear, between: List[nn.Modu
     has no kept block in row h, the unit is the constant ``act(bias)``; if every Dropout between has p=0 and
     ``second`` has a bias, ``second @ act(bias)`` is folded into that bias and the unit becomes dead too.
     Then the hidden blocks are sorted by ``first``'s kept count per row, the order ``_pack_groups`` groups
-    them in, so ``first``'s packed order is its true order and its output needs no
-    final gather. Returns (first, second, description).
+    them in, so every group of ``first`` is a run of consecutive rows that the kernels write without a
+    scatter. Returns (first, second, description).
     """
     bs = blocksize
     w1, w2 = first.weight.detach().clone(), second.weight.detach().clone()

@@ -343,33 +343,18 @@ def test_tile_mask_shows_the_stored_blocks():
 
 @pytest.mark.parametrize("kernel", ["bmm", "bmm_t"])
 @pytest.mark.parametrize("bias", [True, False])
-def test_rows_sorted_by_kept_count_need_no_final_gather(kernel, bias):
-    # Block-rows sorted by kept count (0, 0, 1, 1, 2, 3): packed order is the true order.
+def test_consecutive_row_groups_write_in_place_and_match_dense(kernel, bias):
+    # Block-rows sorted by kept count (0, 0, 1, 1, 2, 3): every group and the empty rows are consecutive.
     keep = torch.tensor([[0, 0, 0, 0], [0, 0, 0, 0], [1, 0, 0, 0], [0, 0, 1, 0], [0, 1, 1, 0], [1, 1, 0, 1]],
                         dtype=torch.bool)
     linear = block_sparse_linear(64, 96, 16, keep, bias=bias)
     layer = BlockSparseLinear.from_dense(linear, 16, kernel=kernel)
-    assert layer.output_order is None and layer.empty_rows == 2
+    assert layer.empty_span == (0, 2) and all(span is not None for span in layer.group_spans)
     for x in [torch.randn(64), torch.randn(5, 64), torch.randn(2, 3, 64)]:
         torch.testing.assert_close(layer(x).double(), dense_reference(linear, x), **TOL[torch.float32])
     with torch.inference_mode():
         y = torch.compile(layer)(torch.randn(2, 3, 64))
     assert y.shape == (2, 3, 96)
-
-
-@pytest.mark.parametrize("kernel", ["bmm", "bmm_t"])
-def test_unsorted_rows_are_put_back_in_order(kernel):
-    # Kept counts 2, 0, 1, 0, 3, 1 by block-row: packed order (0, 0, 1, 1, 2, 3) differs from the true one.
-    keep = torch.tensor([[1, 1, 0, 0], [0, 0, 0, 0], [0, 1, 0, 0], [0, 0, 0, 0], [1, 1, 0, 1], [0, 0, 1, 0]],
-                        dtype=torch.bool)
-    linear = block_sparse_linear(64, 96, 16, keep)
-    layer = BlockSparseLinear.from_dense(linear, 16, kernel=kernel)
-    assert layer.output_order.tolist() == [4, 0, 2, 1, 5, 3]  # packed position of each block-row
-    x = torch.randn(2, 3, 64)
-    torch.testing.assert_close(layer(x).double(), dense_reference(linear, x), **TOL[torch.float32])
-    with torch.inference_mode():
-        compiled = torch.compile(layer)(x)
-    torch.testing.assert_close(compiled.double(), dense_reference(linear, x), **TOL[torch.float32])
 
 
 def bsr_mlp(blocksize=16, hidden=128, dim=64, dropout=0.0, bias=True, sparsity=0.5, seed=0):
@@ -410,8 +395,7 @@ def test_mlp_pair_is_reordered_and_keeps_outputs(kernel, bias):
     assert isinstance(first, BlockSparseLinear) and isinstance(second, BlockSparseLinear)
     # The unused block-row (and, with biases, the constant one folded into the second bias) is gone.
     assert first.kept_blocks < first_kept
-    # auto runs these half-sparse layers dense; the bmm kernels must find the block-rows in packed order.
-    assert first.kernel == "dense" or first.output_order is None
+    assert all(span is not None for span in first.group_spans), "the first Linear's groups must be consecutive"
     with torch.inference_mode():
         for x, y in zip(xs, expected):
             torch.testing.assert_close(model(x), y, atol=1e-5, rtol=1e-5)
