@@ -395,7 +395,8 @@ def test_mlp_pair_is_reordered_and_keeps_outputs(kernel, bias):
     assert isinstance(first, BlockSparseLinear) and isinstance(second, BlockSparseLinear)
     # The unused block-row (and, with biases, the constant one folded into the second bias) is gone.
     assert first.kept_blocks < first_kept
-    assert all(span is not None for span in first.group_spans), "the first Linear's groups must be consecutive"
+    # auto runs these half-sparse layers dense; the bmm kernels must find the first Linear's groups consecutive.
+    assert first.kernel == "dense" or (first.group_spans and all(span is not None for span in first.group_spans))
     with torch.inference_mode():
         for x, y in zip(xs, expected):
             torch.testing.assert_close(model(x), y, atol=1e-5, rtol=1e-5)
