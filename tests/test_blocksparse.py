@@ -357,6 +357,31 @@ def test_consecutive_row_groups_write_in_place_and_match_dense(kernel, bias):
     assert y.shape == (2, 3, 96)
 
 
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("layout", ["row_major", "column_major"])
+@pytest.mark.parametrize("blocksize", [16, 64])  # the transposed input, and from STRIP_GATHER_MIN_BLOCKSIZE
+def test_one_block_rows_run_per_column_without_gather(bias, layout, blocksize):
+    # Block-rows keeping one block each, in columns 2, 0, 2, 1, 0 (and an empty one): one group, three runs.
+    keep = torch.zeros(6, 3, dtype=torch.bool)
+    for row, col in enumerate([2, 0, 2, 1, 0]):
+        keep[row, col] = True
+    linear = block_sparse_linear(3 * blocksize, 6 * blocksize, blocksize, keep, bias=bias)
+    layer = BlockSparseLinear.from_dense(linear, blocksize, kernel="bmm_t")
+    assert layer.group_column_runs == [[(0, 0, 2), (1, 2, 3), (2, 3, 5)]]  # (column-block, start, end)
+    x = {"row_major": torch.randn(7, 3 * blocksize), "column_major": torch.randn(3 * blocksize, 7).t()}[layout]
+    torch.testing.assert_close(layer(x).double(), dense_reference(linear, x), **TOL[torch.float32])
+
+
+def test_one_block_rows_over_too_many_columns_are_gathered(monkeypatch):
+    monkeypatch.setattr(blocksparse, "MAX_COLUMN_RUNS", 2)
+    keep = torch.eye(4, dtype=torch.bool)
+    linear = block_sparse_linear(64, 64, 16, keep)
+    layer = BlockSparseLinear.from_dense(linear, 16, kernel="bmm_t")
+    assert layer.group_column_runs == [[]]
+    x = torch.randn(5, 64)
+    torch.testing.assert_close(layer(x).double(), dense_reference(linear, x), **TOL[torch.float32])
+
+
 def bsr_mlp(blocksize=16, hidden=128, dim=64, dropout=0.0, bias=True, sparsity=0.5, seed=0):
     """torchvision's MLPBlock (Linear, GELU, Dropout, Linear, Dropout) with block-sparse weights that have an
     empty block-row in the first Linear (a constant hidden block) and an empty block-column in the second
@@ -408,7 +433,10 @@ def test_auto_runs_both_linears_of_a_sparse_mlp_pair_with_bmm_t():
     with torch.inference_mode():
         expected = model(x)
     apply_bsr(model, blocksize=16, min_sparsity=0.5)
-    assert model[0][0].kernel == model[0][3].kernel == "bmm_t"
+    first = model[0][0]
+    assert first.kernel == model[0][3].kernel == "bmm_t"
+    # The hidden units come sorted by kept count, then column: the one-block rows run per column, in place.
+    assert first.group_column_runs[0] and first.group_spans[0] is not None
     with torch.inference_mode():
         torch.testing.assert_close(model(x), expected, atol=1e-5, rtol=1e-5)
 
