@@ -13,7 +13,8 @@ Kernels (``kernel=``; ``"auto"`` picks one, see ``choose_kernel``):
 * ``"bmm_t"``: the same groups on the transposed problem, ``y.T = W @ x.T``: the products are
   ``(bs, k*bs) @ (k*bs, tokens)`` over gathered rows of ``x.T`` (whole contiguous rows when the input is
   column-major, column strips of a row-major float32 input read transposed from block 64 up). The output is returned
-  column-major (a transposed view, not copied back), which the next ``"bmm_t"`` layer reads for free.
+  column-major (a transposed view, not copied back), which the next ``"bmm_t"`` layer reads for free. A group
+  of rows keeping one block each skips the gather: one matmul per input column-block (``MAX_COLUMN_RUNS``).
   Faster than ``"bmm"`` for wide outputs and for both Linears of an MLP.
 * ``"bsr_mm"``: PyTorch's sparse BSR matmul with the sparse operand first, ``torch.mm(W_bsr, x.T)``
   (MKL on CPU). float32/float64 only.
