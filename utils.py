@@ -121,33 +121,17 @@ _positive_int.__name__ = "integer >= 1"
 def add_supermask_args(parser):
     """Add the Supermask flags of the original SuperBlock plus --weights-path."""
     group = parser.add_argument_group("Supermask (learned block sparsity)")
-    group.add_argument(
-        "--sparsity-linear", default=0.0, type=_fraction, help="fraction of each Linear weight's tiles masked off (default: 0)"
-    )
-    group.add_argument(
-        "--sp-linear-tile-size", default=1, type=_positive_int, help="tile (block) side for Linear masks (default: 1)"
-    )
-    group.add_argument(
-        "--sparsity-conv1x1", default=0.0, type=_fraction, help="fraction of each 1x1 Conv2d weight's tiles masked off (default: 0)"
-    )
-    group.add_argument(
-        "--sp-conv1x1-tile-size", default=1, type=_positive_int, help="tile (block) side for 1x1 Conv2d masks (default: 1)"
-    )
-    group.add_argument(
-        "--sparsity-conv", default=0.0, type=_fraction, help="fraction of each other Conv2d weight's tiles masked off (default: 0)"
-    )
-    group.add_argument(
-        "--sp-conv-tile-size", default=1, type=_positive_int, help="tile (block) side for other Conv2d masks (default: 1)"
-    )
-    group.add_argument(
-        "--sparsity-attention",
-        default=0.0,
-        type=_fraction,
-        help="fraction of the tiles masked off in every attention q/k/v and output projection (default: 0)",
-    )
-    group.add_argument(
-        "--sp-attention-tile-size", default=1, type=_positive_int, help="tile (block) side for attention masks (default: 1)"
-    )
+    # (flag suffix, what the sparsity flag prunes, what the tile-size flag's masks belong to)
+    for kind, pruned, masks in (
+        ("linear", "each Linear weight's tiles", "Linear"),
+        ("conv1x1", "each 1x1 Conv2d weight's tiles", "1x1 Conv2d"),
+        ("conv", "each other Conv2d weight's tiles", "other Conv2d"),
+        ("attention", "the tiles in every attention q/k/v and output projection", "attention"),
+    ):
+        group.add_argument(f"--sparsity-{kind}", default=0.0, type=_fraction,
+                           help=f"fraction of {pruned} masked off (default: 0)")
+        group.add_argument(f"--sp-{kind}-tile-size", default=1, type=_positive_int,
+                           help=f"tile (block) side for {masks} masks (default: 1)")
     group.add_argument(
         "--score-init",
         default="auto",

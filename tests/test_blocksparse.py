@@ -221,14 +221,19 @@ def small_vit(blocksize=16, sparsity=0.75):
     return model.eval()
 
 
-@pytest.mark.parametrize("kernel", ["auto", "bmm_t", "torch"])
-def test_apply_bsr_keeps_vit_logits_and_reports_dense_layers(kernel):
-    model = small_vit()
+def apply_bsr_to_vit(model, kernel):
+    """(result, converted names, input, logits before): apply_bsr at blocksize 16 on a 32x32-image ViT."""
     x = torch.randn(2, 3, 32, 32)
     with torch.inference_mode():
         expected = model(x)
     result = apply_bsr(model, blocksize=16, min_sparsity=0.5, kernel=kernel)
-    converted = {name for name, _, _ in result.converted}
+    return result, {name for name, _, _ in result.converted}, x, expected
+
+
+@pytest.mark.parametrize("kernel", ["auto", "bmm_t", "torch"])
+def test_apply_bsr_keeps_vit_logits_and_reports_dense_layers(kernel):
+    model = small_vit()
+    result, converted, x, expected = apply_bsr_to_vit(model, kernel)
     assert converted == {f"encoder.layers.encoder_layer_{i}.mlp.{j}" for i in range(2) for j in (0, 3)}
     assert all(isinstance(model.get_submodule(name), BlockSparseLinear) for name in converted)
     reasons = dict(result.left_dense)
@@ -298,11 +303,7 @@ def test_apply_bsr_converts_attention_projections_and_keeps_logits(kernel):
     from attention import ProjectedAttention
 
     model = attention_sparse_vit()
-    x = torch.randn(2, 3, 32, 32)
-    with torch.inference_mode():
-        expected = model(x)
-    result = apply_bsr(model, blocksize=16, min_sparsity=0.5, kernel=kernel)
-    converted = {name for name, _, _ in result.converted}
+    _, converted, x, expected = apply_bsr_to_vit(model, kernel)
     for i in range(2):
         attention = model.encoder.layers[i].self_attention
         assert isinstance(attention, ProjectedAttention)
