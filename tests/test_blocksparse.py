@@ -5,6 +5,7 @@ from torch import nn
 
 import blocksparse
 from blocksparse import BlockSparseLinear, apply_bsr
+from supermask import SupermaskLinear
 
 import blocksparse_triton
 
@@ -254,6 +255,32 @@ def test_apply_bsr_leaves_layers_below_min_sparsity_dense():
     assert any(name.endswith("mlp.0") and "block sparsity 0.000 < min_sparsity 0.5" in reason
                for name, reason in result.left_dense)
     assert not any(isinstance(m, BlockSparseLinear) for m in model.modules())
+
+
+def trained_at(sparsity, in_features, out_features, blocksize):
+    """A frozen nn.Linear with the tile mask a Supermask at `sparsity` leaves: round(s * (n - 1)) of n pruned."""
+    torch.manual_seed(0)
+    layer = SupermaskLinear(in_features, out_features, sparsity=sparsity, tile_size=blocksize)
+    return layer.to_linear().requires_grad_(False)
+
+
+def test_a_layer_trained_at_the_threshold_meets_it():
+    # 576 tiles at 0.7: 402 pruned, 0.6997 < 0.7; likewise 0.7995 for 1152 tiles at 0.8.
+    model = nn.Sequential(trained_at(0.7, 384, 384, 16))
+    assert blocksparse.block_sparsity(model[0].weight, 16) < 0.7
+    result = apply_bsr(model, blocksize=16, min_sparsity=0.7)
+    assert [name for name, _, _ in result.converted] == ["0"]
+    at_break_even = trained_at(blocksparse.dense_break_even(32), 768, 1536, 32)
+    assert BlockSparseLinear.from_dense(at_break_even, 32).kernel != "dense"
+
+
+@pytest.mark.parametrize("zero_blocks,converted", [(402, True), (401, False)])
+def test_the_threshold_counts_blocks_as_a_supermask_prunes_them(zero_blocks, converted):
+    keep = torch.ones(24 * 24, dtype=torch.bool)
+    keep[torch.randperm(24 * 24, generator=torch.Generator().manual_seed(0))[:zero_blocks]] = False
+    model = nn.Sequential(block_sparse_linear(384, 384, 16, keep.view(24, 24)))
+    result = apply_bsr(model, blocksize=16, min_sparsity=0.7)
+    assert bool(result.converted) == converted
 
 
 def test_apply_bsr_respects_filter_fn_and_skips_linear_subclasses():
