@@ -60,7 +60,10 @@ def tile_mask(scores, num_pruned):
     it are pruned and ties are kept, exactly as the original SuperBlock. `num_pruned` may be an int or a
     0-dim integer tensor: a tensor lets the sparsity change without a host sync or a recompilation.
     """
-    threshold = scores.detach().flatten().sort().values[num_pruned]
+    # gather, not indexing: indexing with a tensor reads its value on the host (a sync, and inductor fails on
+    # it where the layer's forward is compiled on its own).
+    index = torch.as_tensor(num_pruned, device=scores.device).reshape(1)
+    threshold = scores.detach().flatten().sort().values.gather(0, index)
     hard = (scores.detach() >= threshold).to(scores.dtype)
     # hard + (s - s.detach()) has the value of `hard` exactly and passes the gradient to `scores`.
     return hard + (scores - scores.detach())

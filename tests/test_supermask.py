@@ -335,6 +335,17 @@ def test_compile_fullgraph(training):
             torch.testing.assert_close(compiled(x), model(x))
 
 
+def test_tile_mask_reads_nothing_back_to_the_host():
+    # Indexing the sorted scores with the num_pruned tensor read its value on the host (aten._local_scalar_dense):
+    # a sync per forward, and inductor refused such a graph wherever a layer's forward was compiled on its own.
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    scores, num_pruned = torch.randn(8, 8), torch.tensor(20)
+    graph = make_fx(supermask.tile_mask, tracing_mode="fake")(scores, num_pruned)
+    assert "_local_scalar_dense" not in graph.code
+    assert int((supermask.tile_mask(scores, num_pruned) == 0).sum()) == 20
+
+
 def test_conv_compile_fullgraph_eval():
     torch.manual_seed(10)
     layer = SupermaskConv2d(3, 8, 3, sparsity=0.5, tile_size=2, padding=1).eval()
