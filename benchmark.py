@@ -248,14 +248,29 @@ def base_model(args):
     return model.eval().requires_grad_(False)
 
 
+def compile_apart(model, name):
+    """torch.compile of ``model(x)`` in a frame of its own, so that no other variant shares its compiled code.
+
+    torch.compile(model) caches on the forward's code object, which every variant of one model class shares:
+    a later variant would recompile that entry (falling back to eager past dynamo's recompile limit) or, after
+    a variant whose graph breaks (``kernel="torch"``), run that variant's partial graph and compile its own
+    layers one by one. A function with its own code object keeps each variant's cache apart.
+    """
+    def forward(x):
+        return model(x)
+
+    forward.__code__ = forward.__code__.replace(co_name=f"forward_{name}")
+    return torch.compile(forward)
+
+
 def _prepare(name, model, args):
     """{variant name: callable}: the model eager, compiled, or both (compiled ones named '<name>+compile')."""
     model = model.to(device=args.torch_device, dtype=args.torch_dtype)
     if args.compile == "off":
         return {name: model}
     if args.compile == "on":
-        return {name: torch.compile(model)}
-    return {name: model, f"{name}+compile": torch.compile(model)}
+        return {name: compile_apart(model, name)}
+    return {name: model, f"{name}+compile": compile_apart(model, name)}
 
 
 ##### Modes #####

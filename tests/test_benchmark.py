@@ -5,6 +5,7 @@ import sys
 
 import pytest
 import torch
+from torch import nn
 
 import benchmark
 import utils
@@ -94,3 +95,31 @@ def test_time_forwards_interleaves_variants_and_rewarms_on_request(rewarm):
     assert set(medians) == set(first) == set(outs) == {"a", "b"}
     timed_rounds = calls[4:]  # first calls and one warm-up round come before
     assert timed_rounds == (["a", "a", "b", "b"] if rewarm else ["a", "b"]) * 3
+
+
+class _Net(nn.Module):
+    """Stands for a model class several variants share (VisionTransformer)."""
+
+    def __init__(self, activation):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.activation = activation
+
+    def forward(self, x):
+        return self.activation(self.fc(x))
+
+
+def test_compiled_variants_keep_their_compiled_code_apart():
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list as cache_entries
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 4)
+    torch._dynamo.reset()
+    variants = {"relu": _Net(nn.ReLU()), "tanh": _Net(nn.Tanh())}
+    compiled = {name: benchmark.compile_apart(model, name) for name, model in variants.items()}
+    for name, fn in compiled.items():
+        torch.testing.assert_close(fn(x), variants[name](x))
+    # torch.compile(model) would have cached (and recompiled) both variants on _Net.forward's code.
+    assert cache_entries(_Net.forward.__code__) == []
+    codes = [fn._torchdynamo_orig_callable.__code__ for fn in compiled.values()]
+    assert codes[0] is not codes[1] and all(len(cache_entries(code)) == 1 for code in codes)
