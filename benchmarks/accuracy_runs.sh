@@ -2,7 +2,7 @@
 # The accuracy runs behind benchmarks/RESULTS.md ("Accuracy on the demo data"): vit_tiny on the digits, dense
 # (the demo's recipe, and a better dense recipe standing for a pretrained model), sparse from scratch with the
 # demo's recipe, sparse from the dense model with a third of the epochs, and with attention sparsity.
-# Usage: benchmarks/accuracy_runs.sh OUT_DIR [CPU]   (about 60 minutes on one core; CPU pins it with taskset)
+# Usage: benchmarks/accuracy_runs.sh OUT_DIR [CPU]   (about 80 minutes on one core; CPU pins it with taskset)
 set -euo pipefail
 out=${1:?usage: benchmarks/accuracy_runs.sh OUT_DIR [CPU]}
 pin=${2:+taskset -c $2}
@@ -46,6 +46,15 @@ for start in dense dense_e60; do  # runs from "dense" are named dense_start_*, f
     run "${prefix}_start_$s" $THIRD $from_dense
     run "${prefix}_start_ramp_$s" $THIRD $from_dense --sparsity-warmup-epochs 3 --sparsity-schedule cubic
     run "${prefix}_start_ramp_distill_$s" $THIRD $from_dense --sparsity-warmup-epochs 3 --sparsity-schedule cubic --distill
+  done
+done
+# Seed spread at 0.9 and 0.95: seeds 1 and 2 (the runs above are seed 0) from scratch and from the 98.33% model.
+for seed in 1 2; do
+  for s in 0.95 0.9; do
+    from_dense="--sparsity-linear $s --sp-linear-tile-size 16 --weights-path $out/dense_e60/checkpoint.pth --seed $seed"
+    run "scratch_${s}_seed$seed" $FULL --sparsity-linear $s --sp-linear-tile-size 16 --seed $seed
+    run "e60_start_${s}_seed$seed" $THIRD $from_dense
+    run "e60_start_ramp_distill_${s}_seed$seed" $THIRD $from_dense --sparsity-warmup-epochs 3 --sparsity-schedule cubic --distill
   done
 done
 # Reference for the budget comparison: from scratch with a third of the epochs.
