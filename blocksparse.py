@@ -336,6 +336,45 @@ def _bmm_cols(x, groups, empty_rows, nbr, nbc, bs):
     return yt.view(nbr * bs, n).t()
 
 
+# Under torch.compile the bmm kernels run as one opaque op. Traced, their products written into slices of the
+# output become, in inductor, one pointwise kernel of nested masked selects over the whole output, fused with
+# what follows: an MLP pair (768-3072-768, block 64, 90%) took 30 ms compiled against 16.5 ms eager.
+# The op's arguments flatten the groups: per group its rows, cols, weight and bias tensors, and in `layout`
+# its span (-1, -1 if none) and its column runs (a count, then (col, start, end) each); then the empty rows.
+
+
+def _flat_layout(spans, column_runs, empty_span):
+    layout = []
+    for span, runs in zip(spans, column_runs):
+        layout += list(span or (-1, -1)) + [len(runs)] + [v for run in runs for v in run]
+    return layout + list(empty_span or (-1, -1))
+
+
+@torch.library.custom_op("superblock::bmm_blocks", mutates_args=())
+def bmm_blocks(x: torch.Tensor, transposed: bool, tensors: List[Optional[torch.Tensor]], layout: List[int],
+               has_empty_rows: bool, nbr: int, nbc: int, bs: int) -> torch.Tensor:
+    """The "bmm" (or, ``transposed``, "bmm_t") product of 2-D x with the flattened groups, as one op."""
+    def span_at(pos):
+        return (layout[pos], layout[pos + 1]) if layout[pos] >= 0 else None
+
+    groups, pos = [], 0
+    for i in range((len(tensors) - 2 * has_empty_rows) // 4):
+        count = layout[pos + 2]
+        runs = [tuple(layout[pos + 3 + 3 * j:pos + 6 + 3 * j]) for j in range(count)]
+        group = tuple(tensors[4 * i:4 * i + 4]) + (span_at(pos),)
+        groups.append(group + (runs,) if transposed else group)
+        pos += 3 + 3 * count
+    empty = (tensors[-2], tensors[-1], span_at(pos)) if has_empty_rows else None
+    run = _bmm_cols if transposed else _bmm_rows
+    return run(x, groups, empty, nbr, nbc, bs)
+
+
+@bmm_blocks.register_fake
+def _(x, transposed, tensors, layout, has_empty_rows, nbr, nbc, bs):
+    n = x.shape[0]
+    return x.new_empty(nbr * bs, n).t() if transposed else x.new_empty(n, nbr * bs)
+
+
 @torch.compiler.disable
 def _torch_bsr_forward(kernel, x, crow, col, values, bias, shape):
     """Sparse BSR paths; run eagerly because torch.compile cannot trace sparse tensors."""
@@ -452,12 +491,21 @@ class BlockSparseLinear(nn.Module):
                 )
                 for i in range(self.num_groups)
             ]
-            if self.kernel == "bmm_t":
-                groups = [group + (self.group_column_runs[i],) for i, group in enumerate(groups)]
-            empty = (self.empty_rows, self.empty_bias, self.empty_span) if self.has_empty_rows else None
-            run = _bmm_rows if self.kernel == "bmm" else _bmm_cols
             bs = self.blocksize
-            y = run(x, groups, empty, self.out_features // bs, self.in_features // bs, bs)
+            nbr, nbc = self.out_features // bs, self.in_features // bs
+            transposed = self.kernel == "bmm_t"
+            if torch.compiler.is_compiling():  # one opaque op: see bmm_blocks
+                tensors = [t for group in groups for t in group[:4]]
+                if self.has_empty_rows:
+                    tensors += [self.empty_rows, self.empty_bias]
+                runs = self.group_column_runs if transposed else [[] for _ in groups]
+                layout = _flat_layout(self.group_spans, runs, self.empty_span)
+                y = bmm_blocks(x, transposed, tensors, layout, self.has_empty_rows, nbr, nbc, bs)
+            else:
+                if transposed:
+                    groups = [group + (self.group_column_runs[i],) for i, group in enumerate(groups)]
+                empty = (self.empty_rows, self.empty_bias, self.empty_span) if self.has_empty_rows else None
+                y = (_bmm_cols if transposed else _bmm_rows)(x, groups, empty, nbr, nbc, bs)
         return y.reshape(*lead, self.out_features)
 
     def dense_weight(self) -> torch.Tensor:

@@ -140,14 +140,38 @@ def test_bsr_linear_runs_under_inference_mode_and_no_grad(kernel, mode):
     torch.testing.assert_close(y.double(), dense_reference(linear, x), **TOL[torch.float32])
 
 
-def test_bsr_linear_under_torch_compile_matches_dense():
+@pytest.mark.parametrize("kernel", ["bmm", "bmm_t"])
+def test_bsr_linear_under_torch_compile_matches_dense(kernel):
     keep = random_keep(128, 64, 32, 0.5, seed=6)
     keep[2] = False
     linear = block_sparse_linear(64, 128, 32, keep)
-    layer = BlockSparseLinear.from_dense(linear, 32, kernel="bmm")
+    layer = BlockSparseLinear.from_dense(linear, 32, kernel=kernel)
     x = torch.randn(3, 4, 64)
     with torch.inference_mode():
         y = torch.compile(layer)(x)
+    torch.testing.assert_close(y.double(), dense_reference(linear, x), **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("kernel", ["bmm", "bmm_t"])
+def test_compiled_bmm_kernels_are_one_opaque_op(kernel):
+    # Traced op by op, inductor fused the products' slice writes into one slow kernel of masked selects.
+    keep = random_keep(256, 128, 32, 0.6, seed=8)
+    keep[1] = False  # an empty block-row
+    keep[5] = torch.tensor([False, True, False, False])  # a one-block row: "bmm_t" runs it per column
+    linear = block_sparse_linear(128, 256, 32, keep)
+    layer = BlockSparseLinear.from_dense(linear, 32, kernel=kernel)
+    graphs = []
+
+    def capture(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    x = torch.randn(2, 7, 128)
+    with torch.inference_mode():
+        y = torch.compile(layer, backend=capture, fullgraph=True)(x)
+    calls = [str(node.target) for node in graphs[0].graph.nodes if node.op == "call_function"]
+    assert sum("superblock.bmm_blocks" in call for call in calls) == 1, calls
+    assert not any("index_select" in call or "bmm" in call.replace("bmm_blocks", "") for call in calls), calls
     torch.testing.assert_close(y.double(), dense_reference(linear, x), **TOL[torch.float32])
 
 
