@@ -28,6 +28,7 @@ from torch import nn
 from tqdm import tqdm
 
 import blocksparse
+import blocksparse_fused
 import supermask
 import utils
 
@@ -73,6 +74,8 @@ def get_args_parser(add_help=True):
                        help="comma-separated linear sparsities to sweep, dense vs bsr (default: off)")
     group.add_argument("--sweep-tile-size", default=None, type=str,
                        help="comma-separated tile sizes to sweep (default: --sp-linear-tile-size)")
+    group.add_argument("--sweep-batch-size", default=None, type=str,
+                       help="comma-separated batch sizes to sweep (default: --batch-size)")
     group.add_argument("--output-json", default=None, type=str, help="write the results to this JSON file (default: none)")
     group.add_argument("--csv", default=None, type=str, help="write the result rows to this CSV file (default: none)")
     group.add_argument("--plot", default=None, type=str, metavar="FILE.png",
@@ -123,7 +126,9 @@ def check_args(args):
         raise utils.InputError(f"--min-sparsity {args.min_sparsity} must be in [0, 1]")
     args.blocksize = args.blocksize or args.sp_linear_tile_size
     # "all": every kernel that can run here at speed (Triton's CPU interpreter is for tests only).
-    runnable = [k for k in blocksparse.KERNELS if k != "torch" and (k != "triton" or args.device.startswith("cuda"))]
+    on_cuda = args.device.startswith("cuda")
+    runnable = [k for k in blocksparse.KERNELS if k != "torch" and (k != "triton" or on_cuda)
+                and (k != "fused" or (not on_cuda and blocksparse_fused.available()))]
     kernels = runnable if args.kernels == "all" else args.kernels.split(",")
     unknown = [k for k in kernels if k not in blocksparse.KERNELS]
     if unknown:
@@ -139,10 +144,15 @@ def check_args(args):
             raise utils.InputError(f"--layer {args.layer}: block size {args.blocksize} does not divide both sides")
     args.sweep_sparsities = _fraction_list(args.sweep_sparsity, "--sweep-sparsity") if args.sweep_sparsity else None
     args.sweep_tiles = _int_list(args.sweep_tile_size, "--sweep-tile-size") if args.sweep_tile_size else None
-    if args.sweep_tiles and not args.sweep_sparsities:
+    args.sweep_batches = _int_list(args.sweep_batch_size, "--sweep-batch-size") if args.sweep_batch_size else None
+    if args.sweep_batches and any(b < 1 for b in args.sweep_batches):
+        raise utils.InputError(f"--sweep-batch-size {args.sweep_batch_size!r}: every batch size must be at least 1")
+    if (args.sweep_tiles or args.sweep_batches) and not args.sweep_sparsities:
         args.sweep_sparsities = [args.sparsity_linear]
     if args.sweep_sparsities and not args.sweep_tiles:
         args.sweep_tiles = [args.sp_linear_tile_size]
+    if args.sweep_sparsities and not args.sweep_batches:
+        args.sweep_batches = [args.batch_size]
     if args.plot and not args.sweep_sparsities:
         raise utils.InputError("--plot needs a sweep: add --sweep-sparsity and/or --sweep-tile-size")
     if args.plot:
@@ -224,8 +234,7 @@ def build_variants(args, dense, sparsity, tile_size, blocksize, variants):
         if not name.startswith(("torch", "bsr")):
             continue
         kernel = "torch" if name == "torch" else name.partition("-")[2] or "auto"
-        if kernel in ("torch", "bsr_mm") and not blocksparse.torch_bsr_supports_dtype(args.torch_dtype,
-                                                                                         args.torch_device):
+        if kernel == "torch" and not blocksparse.torch_bsr_supports_dtype(args.torch_dtype, args.torch_device):
             notes[name] = f"skipped: kernel {kernel} does not take {args.dtype} on {args.torch_device.type}"
             continue
         # Converted where it runs: the kernel choice and packing depend on device and dtype.
@@ -312,23 +321,38 @@ def run_model(args):
 
 
 def run_sweep(args):
-    """Dense vs bsr (and torch where it runs) at every sweep sparsity and tile size; returns result rows."""
+    """Dense vs bsr at every sweep sparsity, tile size and batch size; returns result rows.
+
+    Only dense and bsr are timed; the offline model runs once per cell, as the reference bsr must match.
+    """
     dense = base_model(args)
-    x = torch.randn(args.batch_size, 3, args.image_size, args.image_size, generator=torch.Generator().manual_seed(args.seed))
-    x = x.to(device=args.torch_device, dtype=args.torch_dtype)
     rows = []
     grid = [(t, s) for t in args.sweep_tiles for s in args.sweep_sparsities]
     for tile, sparsity in tqdm(grid, desc="sweep", leave=False):
         models, _ = build_variants(args, dense, sparsity, tile, tile, ["dense", "offline", "bsr"])
         fns = {}
-        for name in ["dense", "bsr", "offline"]:
+        for name in ["dense", "bsr"]:
             fns.update(_prepare(name, models[name], args))
-        times, _, outs = time_forwards(fns, x, warmup=args.warmup, iters=args.iters, device=args.torch_device)
-        diff, allowed, ok = compare(outs["bsr"], outs["offline"], args.torch_dtype)
-        rows.append(dict(tile_size=tile, sparsity=sparsity, dense_ms=times["dense"] * 1e3, bsr_ms=times["bsr"] * 1e3,
-                         offline_ms=times["offline"] * 1e3, speedup_vs_dense=times["dense"] / times["bsr"],
-                         max_diff=diff, matches_offline=ok))
+        offline = models["offline"].to(device=args.torch_device, dtype=args.torch_dtype)
+        for batch in args.sweep_batches:
+            x = torch.randn(batch, 3, args.image_size, args.image_size, generator=torch.Generator().manual_seed(args.seed))
+            x = x.to(device=args.torch_device, dtype=args.torch_dtype)
+            times, _, outs = time_forwards(fns, x, warmup=args.warmup, iters=args.iters, device=args.torch_device)
+            with torch.inference_mode():
+                diff, allowed, ok = compare(outs["bsr"], offline(x), args.torch_dtype)
+            rows.append(dict(tile_size=tile, sparsity=sparsity, batch=batch, dense_ms=times["dense"] * 1e3,
+                             bsr_ms=times["bsr"] * 1e3, speedup_vs_dense=times["dense"] / times["bsr"],
+                             max_diff=diff, matches_offline=ok, kernels=_kernel_counts(models["bsr"])))
     return rows
+
+
+def _kernel_counts(model):
+    """How many BlockSparseLinear layers of each kernel a model holds, e.g. 'fused:24'."""
+    counts = {}
+    for module in model.modules():
+        if isinstance(module, blocksparse.BlockSparseLinear):
+            counts[module.kernel] = counts.get(module.kernel, 0) + 1
+    return " ".join(f"{k}:{v}" for k, v in sorted(counts.items())) or "none"
 
 
 def run_layer(args):
@@ -346,8 +370,7 @@ def run_layer(args):
         ref = F.linear(x, linear.weight, linear.bias)
     rows, fns = [], {"dense": linear}
     for name in kernels:
-        if name in ("torch", "bsr_mm") and not blocksparse.torch_bsr_supports_dtype(args.torch_dtype,
-                                                                                      args.torch_device):
+        if name == "torch" and not blocksparse.torch_bsr_supports_dtype(args.torch_dtype, args.torch_device):
             rows.append(dict(variant=name, note=f"skipped: does not take {args.dtype} on {args.device}"))
             continue
         layer = blocksparse.BlockSparseLinear.from_dense(linear, bs, kernel=name)
@@ -365,9 +388,20 @@ def run_layer(args):
 ##### Reporting #####
 
 
+def cpu_model():
+    """The CPU's model name, as lscpu prints it (figures only mean something beside it)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+    except OSError:
+        names = []
+    return names[0] if names else (platform.processor() or platform.machine())
+
+
 def machine_info(args):
     """Thread count, versions and machine, as printed in the header."""
-    return dict(torch=torch.__version__, threads=torch.get_num_threads(), processor=platform.processor() or platform.machine(),
+    fused = "unavailable" if not blocksparse_fused.available() else f"loaded in {blocksparse_fused.build_seconds():.1f} s"
+    return dict(torch=torch.__version__, threads=torch.get_num_threads(), processor=cpu_model(), fused_kernel=fused,
                 cpu_count=os.cpu_count(), platform=platform.platform(), device=str(args.torch_device),
                 dtype=args.dtype, compile=args.compile, malloc=args.malloc, command=" ".join(["python"] + sys.argv))
 
@@ -389,21 +423,27 @@ def format_rows(rows):
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in table)
 
 
-def plot(rows, path):
-    """Speed-up of bsr over dense against sparsity, one line per tile size."""
+def plot(rows, path, title=""):
+    """Speed-up of bsr over dense against sparsity: one panel per batch size, one line per tile size."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for tile in sorted({r["tile_size"] for r in rows}):
-        points = sorted((r["sparsity"], r["speedup_vs_dense"]) for r in rows if r["tile_size"] == tile)
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=f"block {tile}")
-    ax.axhline(1.0, color="gray", linestyle="--", linewidth=1)
-    ax.set_xlabel("linear sparsity (fraction of tiles pruned)")
-    ax.set_ylabel("speed-up vs dense")
-    ax.legend()
+    batches = sorted({r["batch"] for r in rows})
+    fig, axes = plt.subplots(1, len(batches), figsize=(4 * len(batches) + 1, 3.6), sharey=True, squeeze=False)
+    for ax, batch in zip(axes[0], batches):
+        for tile in sorted({r["tile_size"] for r in rows}):
+            points = sorted((r["sparsity"], r["speedup_vs_dense"]) for r in rows
+                            if r["tile_size"] == tile and r["batch"] == batch)
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=f"block {tile}")
+        ax.axhline(1.0, color="gray", linestyle="--", linewidth=1)
+        ax.set_title(f"batch {batch}")
+        ax.set_xlabel("sparsity (fraction of tiles pruned)")
+    axes[0][0].set_ylabel("speed-up vs dense")
+    axes[0][0].legend()
+    if title:
+        fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path)
 
@@ -417,13 +457,14 @@ def main(args):
     args.torch_dtype = DTYPES[args.dtype]
     info = machine_info(args)
     print(f"torch {info['torch']}, {info['threads']} threads, {info['processor']} ({info['cpu_count']} CPUs), "
-          f"device {info['device']}, {args.dtype}, compile {args.compile}, malloc {info['malloc']}")
+          f"device {info['device']}, {args.dtype}, compile {args.compile}, malloc {info['malloc']}, "
+          f"fused kernel {info['fused_kernel']}")
     if args.layer:
         print(f"Linear {args.layer_shape[0]}x{args.layer_shape[1]}, {args.tokens} tokens, block {args.blocksize}, "
               f"sparsity {args.sparsity_linear}")
         rows = run_layer(args)
     elif args.sweep_sparsities:
-        print(f"{args.model}, batch {args.batch_size}, sweep sparsity {args.sweep_sparsities} x tile {args.sweep_tiles}")
+        print(f"{args.model}, sweep sparsity {args.sweep_sparsities} x tile {args.sweep_tiles} x batch {args.sweep_batches}")
         rows = run_sweep(args)
     else:
         print(f"{args.model}, batch {args.batch_size}, linear sparsity {args.sparsity_linear}, "
@@ -443,7 +484,7 @@ def main(args):
             writer.writeheader()
             writer.writerows(rows)
     if args.plot:
-        plot(rows, args.plot)
+        plot(rows, args.plot, title=f"{args.model}, {args.dtype}, {info['threads']} threads, {info['processor']}")
         print(f"plot written to {args.plot}")
     return rows
 

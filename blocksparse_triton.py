@@ -1,6 +1,6 @@
 """A Triton kernel for block-sparse Linear on CUDA: y = x @ W^T + b with W stored as kept blocks only.
 
-Layout (built once, by `pack_blocks`): W of shape (N, K) is cut into B x B blocks; block-row r (outputs
+Layout (built once, by `blocksparse_reference.pack_blocks`): W of shape (N, K) is cut into B x B blocks; block-row r (outputs
 r*B .. r*B+B-1) keeps the blocks `col[crow[r]:crow[r+1]]`, each stored transposed as `values[i]` of shape
 (B_in, B_out) so the kernel multiplies x's tile by it directly. One program computes a BLOCK_M x B tile
 of the output: it walks its block-row's kept blocks only, loading the matching B columns of x (masked at
@@ -13,6 +13,8 @@ torch.compile keeps it in the graph. On the CPU it runs only under TRITON_INTERP
 import os
 
 import torch
+
+from blocksparse_reference import pack_blocks  # noqa: F401  (the layout this kernel reads)
 
 try:
     import triton
@@ -39,20 +41,6 @@ def unsupported_triton_reason(blocksize, dtype):
     if dtype not in (torch.float16, torch.bfloat16, torch.float32):
         return f"dtype {dtype} is not float16, bfloat16 or float32"
     return None
-
-
-@torch.no_grad()
-def pack_blocks(weight, blocksize):
-    """(values (nnz, B_in, B_out), crow (R+1,), col (nnz,)) holding the non-zero blocks of weight (N, K)."""
-    n, k = weight.shape
-    rows, cols = n // blocksize, k // blocksize
-    blocks = weight.reshape(rows, blocksize, cols, blocksize).transpose(1, 2)  # (R, C, B_out, B_in)
-    kept = blocks.ne(0).any(dim=-1).any(dim=-1)  # (R, C)
-    crow = torch.zeros(rows + 1, dtype=torch.int32, device=weight.device)
-    crow[1:] = kept.sum(dim=1).cumsum(0)
-    row_index, col_index = kept.nonzero(as_tuple=True)
-    values = blocks[row_index, col_index].transpose(1, 2).contiguous()  # (nnz, B_in, B_out)
-    return values, crow, col_index.to(torch.int32)
 
 
 if triton is not None:

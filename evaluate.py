@@ -29,6 +29,8 @@ from tqdm import tqdm
 import supermask
 import utils
 
+# blocksparse.KERNELS, spelled out: importing blocksparse (torch.library, Triton) costs a second at every start.
+BSR_KERNELS = ("auto", "fused", "bmm", "dense", "torch", "triton")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -283,8 +285,9 @@ def get_args_parser(add_help=True):
     group.add_argument("--bsr", default=None, type=int, metavar="N",
                        help="also convert the frozen Linear layers to N x N block-sparse weights; implies "
                             "--sparsify-weights (default: off)")
-    group.add_argument("--bsr-kernel", default="auto", type=str,
-                       help="block-sparse kernel, see blocksparse.py (default: auto)")
+    group.add_argument("--bsr-kernel", default="auto", choices=BSR_KERNELS,
+                       help="block-sparse kernel: auto measures the fused C++ kernel (or bmm without it) against "
+                            "dense per layer shape and keeps the faster; see blocksparse.py (default: auto)")
     group.add_argument("--dtype", default="float32", choices=sorted(DTYPES),
                        help="dtype of the weights and inputs (default: float32)")
     group.add_argument("--amp", action="store_true",

@@ -8,7 +8,10 @@ import torch
 from torch import nn
 
 import benchmark
+import blocksparse_fused
 import utils
+
+FUSED = ["fused"] if blocksparse_fused.available() else []
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -22,16 +25,18 @@ def run(argv):
 
 def test_smoke_benchmark_times_every_variant_and_they_match_offline(tmp_path):
     out_json, out_csv = tmp_path / "r.json", tmp_path / "r.csv"
-    rows = run(["--smoke", "--device", "cpu", "--kernels", "auto,bmm_t", "--output-json", str(out_json),
+    rows = run(["--smoke", "--device", "cpu", "--kernels", "auto,bmm", "--output-json", str(out_json),
                 "--csv", str(out_csv)])
     by_name = {row["variant"]: row for row in rows}
-    assert list(by_name) == ["dense", "online", "offline", "torch", "bsr", "bsr-bmm_t"]
-    for name in ["online", "torch", "bsr", "bsr-bmm_t"]:
+    assert list(by_name) == ["dense", "online", "offline", "torch", "bsr", "bsr-bmm"]
+    for name in ["online", "torch", "bsr", "bsr-bmm"]:
         assert by_name[name]["matches_offline"], f"{name} differs from offline by {by_name[name]['max_diff']}"
         assert by_name[name]["ms"] > 0
     assert "converted" in by_name["bsr"]["note"]
     saved = json.loads(out_json.read_text())
     assert saved["machine"]["threads"] == torch.get_num_threads()
+    assert saved["machine"]["processor"] == benchmark.cpu_model() and saved["machine"]["processor"]
+    assert saved["machine"]["fused_kernel"].startswith("loaded in" if FUSED else "unavailable")
     assert [row["variant"] for row in saved["rows"]] == list(by_name)
     assert out_csv.read_text().splitlines()[0].startswith("variant,ms")
 
@@ -46,7 +51,7 @@ def test_layer_mode_checks_every_kernel_against_dense():
     rows = run(["--layer", "64x128", "--tokens", "20", "--sparsity-linear", "0.5", "--sp-linear-tile-size", "32",
                 "--device", "cpu", "--kernels", "all", "--iters", "1", "--warmup", "0"])
     names = [row["variant"].split(" ")[0] for row in rows]
-    assert names == ["dense", "torch", "bsr-auto", "bsr-bmm", "bsr-bmm_t", "bsr-bsr_mm", "bsr-dense"]
+    assert names == ["dense", "torch", "bsr-auto", *[f"bsr-{k}" for k in FUSED], "bsr-bmm", "bsr-dense"]
     assert all(row["matches_dense"] for row in rows)
 
 
@@ -54,8 +59,9 @@ def test_sweep_writes_a_plot(tmp_path):
     pytest.importorskip("matplotlib")
     path = tmp_path / "sweep.png"
     rows = run(["--smoke", "--device", "cpu", "--sweep-sparsity", "0.5,0.75", "--sweep-tile-size", "16",
-                "--plot", str(path)])
-    assert [(r["tile_size"], r["sparsity"]) for r in rows] == [(16, 0.5), (16, 0.75)]
+                "--sweep-batch-size", "1,3", "--plot", str(path)])
+    assert [(r["tile_size"], r["sparsity"], r["batch"]) for r in rows] == [
+        (16, 0.5, 1), (16, 0.5, 3), (16, 0.75, 1), (16, 0.75, 3)]
     assert all(r["matches_offline"] for r in rows)
     assert path.stat().st_size > 0
 
@@ -65,6 +71,7 @@ def test_sweep_writes_a_plot(tmp_path):
     (["--layer", "64x100", "--sp-linear-tile-size", "32"], "does not divide"),
     (["--smoke", "--kernels", "fast"], "unknown fast"),
     (["--smoke", "--sweep-sparsity", "0.5,1.5"], "must be in [0, 1)"),
+    (["--smoke", "--sweep-batch-size", "8,0"], "every batch size must be at least 1"),
     (["--smoke", "--plot", "x.png"], "--plot needs a sweep"),
     (["--model", "vit_b_16", "--device", "cpu"], "nothing to make sparse"),
     (["--model", "no_such_net", "--sparsity-linear", "0.9"], "not a classification model"),

@@ -4,14 +4,17 @@ import torchvision
 from torch import nn
 
 import blocksparse
+import blocksparse_fused
+import blocksparse_reference
+import blocksparse_triton
 from blocksparse import BlockSparseLinear, apply_bsr
 from supermask import SupermaskLinear
 
-import blocksparse_triton
-
+# "fused" where the C++ extension builds (tests/test_blocksparse_fused.py checks the fallback where it does not);
 # "triton" runs in Triton's interpreter here (conftest.py sets TRITON_INTERPRET=1 without a GPU).
-FAST_KERNELS = ["bmm", "bmm_t", "dense"] + (["triton"] if blocksparse_triton.triton_available() else [])
-BSR_KERNELS = ["bsr_mm", "torch"]
+FUSED = ["fused"] if blocksparse_fused.available() else []
+FAST_KERNELS = FUSED + ["bmm", "dense"] + (["triton"] if blocksparse_triton.triton_available() else [])
+BSR_KERNELS = ["torch"]
 TOL = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.bfloat16: dict(atol=3e-2, rtol=2e-2)}
 
 
@@ -63,13 +66,14 @@ def test_bsr_linear_matches_dense_bfloat16(kernel, blocksize):
     torch.testing.assert_close(y.double(), dense_reference(linear, x), **TOL[torch.bfloat16])
 
 
-@pytest.mark.parametrize("blocksize", [16, 64])  # below and from STRIP_GATHER_MIN_BLOCKSIZE
+@pytest.mark.parametrize("kernel", FUSED + ["bmm"])
+@pytest.mark.parametrize("blocksize", [16, 64])
 @pytest.mark.parametrize("layout", ["row_major", "column_major", "strided"])
-def test_bmm_t_reads_any_input_layout(blocksize, layout):
+def test_kernels_read_any_input_layout(kernel, blocksize, layout):
     keep = random_keep(256, 128, blocksize, 0.5, seed=2)
     keep[1] = False
     linear = block_sparse_linear(128, 256, blocksize, keep)
-    layer = BlockSparseLinear.from_dense(linear, blocksize, kernel="bmm_t")
+    layer = BlockSparseLinear.from_dense(linear, blocksize, kernel=kernel)
     x = {"row_major": torch.randn(9, 128), "column_major": torch.randn(128, 9).t(),
          "strided": torch.randn(9, 256)[:, ::2]}[layout]
     torch.testing.assert_close(layer(x).double(), dense_reference(linear, x), **TOL[torch.float32])
@@ -101,7 +105,7 @@ def test_uneven_rows_are_grouped_with_bounded_groups():
     keep = torch.arange(16)[None, :] < torch.arange(16)[:, None]
     linear = block_sparse_linear(256, 256, 16, keep)
     layer = BlockSparseLinear.from_dense(linear, 16, kernel="bmm")
-    assert 1 < layer.num_groups <= blocksparse.MAX_GROUPS
+    assert 1 < layer.num_groups <= blocksparse_reference.MAX_GROUPS
     x = torch.randn(9, 256)
     torch.testing.assert_close(layer(x).double(), dense_reference(linear, x), **TOL[torch.float32])
 
@@ -128,7 +132,7 @@ def test_packing_stores_only_kept_blocks():
     assert not hasattr(layer, "weight"), "the bmm kernel must not keep the dense weight"
 
 
-@pytest.mark.parametrize("kernel", ["bmm", "bmm_t", "torch"])
+@pytest.mark.parametrize("kernel", FUSED + ["bmm", "torch"])
 @pytest.mark.parametrize("mode", ["inference_mode", "no_grad"])
 def test_bsr_linear_runs_under_inference_mode_and_no_grad(kernel, mode):
     keep = random_keep(128, 64, 32, 0.5, seed=5)
@@ -140,7 +144,7 @@ def test_bsr_linear_runs_under_inference_mode_and_no_grad(kernel, mode):
     torch.testing.assert_close(y.double(), dense_reference(linear, x), **TOL[torch.float32])
 
 
-@pytest.mark.parametrize("kernel", ["bmm", "bmm_t"])
+@pytest.mark.parametrize("kernel", FUSED + ["bmm"])
 def test_bsr_linear_under_torch_compile_matches_dense(kernel):
     keep = random_keep(128, 64, 32, 0.5, seed=6)
     keep[2] = False
@@ -152,12 +156,13 @@ def test_bsr_linear_under_torch_compile_matches_dense(kernel):
     torch.testing.assert_close(y.double(), dense_reference(linear, x), **TOL[torch.float32])
 
 
-@pytest.mark.parametrize("kernel", ["bmm", "bmm_t"])
-def test_compiled_bmm_kernels_are_one_opaque_op(kernel):
-    # Traced op by op, inductor fused the products' slice writes into one slow kernel of masked selects.
+@pytest.mark.parametrize("kernel,op", [("bmm", "superblock.bmm_blocks")]
+                         + [("fused", "superblock.fused_bsr_linear")] * bool(FUSED))
+def test_compiled_block_sparse_kernels_are_one_opaque_op(kernel, op):
+    # Traced op by op, inductor fused the bmm products' slice writes into one slow kernel of masked selects.
     keep = random_keep(256, 128, 32, 0.6, seed=8)
     keep[1] = False  # an empty block-row
-    keep[5] = torch.tensor([False, True, False, False])  # a one-block row: "bmm_t" runs it per column
+    keep[5] = torch.tensor([False, True, False, False])
     linear = block_sparse_linear(128, 256, 32, keep)
     layer = BlockSparseLinear.from_dense(linear, 32, kernel=kernel)
     graphs = []
@@ -170,32 +175,59 @@ def test_compiled_bmm_kernels_are_one_opaque_op(kernel):
     with torch.inference_mode():
         y = torch.compile(layer, backend=capture, fullgraph=True)(x)
     calls = [str(node.target) for node in graphs[0].graph.nodes if node.op == "call_function"]
-    assert sum("superblock.bmm_blocks" in call for call in calls) == 1, calls
+    assert sum(op in call for call in calls) == 1, calls
     assert not any("index_select" in call or "bmm" in call.replace("bmm_blocks", "") for call in calls), calls
     torch.testing.assert_close(y.double(), dense_reference(linear, x), **TOL[torch.float32])
 
 
-def test_module_to_converts_packed_weights():
+@pytest.mark.parametrize("kernel", FUSED + ["bmm"])
+def test_module_to_converts_packed_weights(kernel):
     keep = random_keep(128, 64, 32, 0.5, seed=7)
     linear = block_sparse_linear(64, 128, 32, keep)
-    layer = BlockSparseLinear.from_dense(linear, 32, kernel="bmm").to(torch.bfloat16)
+    layer = BlockSparseLinear.from_dense(linear, 32, kernel=kernel).to(torch.bfloat16)
     assert all(b.dtype == torch.bfloat16 for b in layer.buffers() if b.is_floating_point())
-    assert layer.group0_rows.dtype == torch.int64, "index buffers must keep their integer dtype"
+    index = layer.group0_rows if kernel == "bmm" else layer.block_col  # the fused layout is re-packed for bfloat16
+    assert index.dtype in (torch.int32, torch.int64), "index buffers must keep their integer dtype"
     x = torch.randn(5, 64, dtype=torch.bfloat16)
     torch.testing.assert_close(layer(x).double(), dense_reference(linear, x), **TOL[torch.bfloat16])
 
 
-def test_auto_kernel_follows_sparsity_and_shows_in_repr():
-    sparse = block_sparse_linear(256, 256, 64, torch.eye(4, dtype=torch.bool))  # block sparsity 0.75
-    dense = block_sparse_linear(256, 256, 64, torch.ones(4, 4, dtype=torch.bool))
-    sparse_layer = BlockSparseLinear.from_dense(sparse, 64)
-    dense_layer = BlockSparseLinear.from_dense(dense, 64)
-    assert sparse_layer.kernel in ("bmm", "bmm_t")
-    assert dense_layer.kernel == "dense"
-    text = repr(sparse_layer)
-    assert "blocksize=64" in text and f"kernel='{sparse_layer.kernel}'" in text and "sparsity=" in text
-    assert blocksparse.choose_kernel((3072, 768), torch.float32, 32, 0.9) == "bmm_t"
-    assert blocksparse.choose_kernel((768, 3072), torch.float32, 64, 0.9) == "bmm"
+@pytest.mark.parametrize("faster", ["dense", "sparse"])
+def test_auto_keeps_the_kernel_that_measured_faster(monkeypatch, faster):
+    candidate = "fused" if FUSED else "bmm"
+    timed = []
+
+    def fake_timings(linear, blocksize, kernel):
+        timed.append(kernel)
+        return {"dense": 1.0, kernel: 0.5 if faster == "sparse" else 2.0}, (64 if kernel == "fused" else None)
+
+    monkeypatch.setattr(blocksparse, "_measured", {})
+    monkeypatch.setattr(blocksparse, "_time_candidates", fake_timings)
+    linear = block_sparse_linear(256, 256, 64, torch.eye(4, dtype=torch.bool))  # block sparsity 0.75
+    layer = BlockSparseLinear.from_dense(linear, 64)
+    assert timed == [candidate], "auto must time the block-sparse kernel that runs here against dense"
+    assert layer.kernel == (candidate if faster == "sparse" else "dense")
+    text = repr(layer)
+    assert "blocksize=64" in text and f"kernel='{layer.kernel}'" in text and "sparsity=" in text
+    assert ("tile_tokens=64" in text) == (layer.kernel == "fused")
+    BlockSparseLinear.from_dense(linear, 64)
+    assert len(timed) == 1, "a layer of the same shape, dtype and blocks must reuse the measurement"
+    x = torch.randn(3, 256)
+    torch.testing.assert_close(layer(x).double(), dense_reference(linear, x), **TOL[torch.float32])
+
+
+def test_auto_measures_both_kernels_on_the_layer_itself():
+    linear = block_sparse_linear(256, 512, 32, random_keep(512, 256, 32, 0.9, seed=9))
+    choice = blocksparse.choose_kernel(linear, 32)
+    candidate = "fused" if FUSED else "bmm"
+    assert set(choice.seconds) == {"dense", candidate} and all(t > 0 for t in choice.seconds.values())
+    assert choice.kernel == blocksparse.faster_of(choice.seconds)
+    assert (choice.tile_tokens in blocksparse_fused.TILE_CANDIDATES) if FUSED else choice.tile_tokens is None
+
+
+def test_faster_of_prefers_dense_on_a_tie():
+    assert blocksparse.faster_of({"dense": 1.0, "fused": 1.0}) == "dense"
+    assert blocksparse.faster_of({"dense": 1.0, "fused": 0.9}) == "fused"
 
 
 def test_rejects_blocksize_not_dividing_weight():
@@ -255,7 +287,7 @@ def apply_bsr_to_vit(model, kernel):
     return result, {name for name, _, _ in result.converted}, x, expected
 
 
-@pytest.mark.parametrize("kernel", ["auto", "bmm_t", "torch"])
+@pytest.mark.parametrize("kernel", ["auto", "bmm", "torch"])
 def test_apply_bsr_keeps_vit_logits_and_reports_dense_layers(kernel):
     model = small_vit()
     result, converted, x, expected = apply_bsr_to_vit(model, kernel)
@@ -294,8 +326,6 @@ def test_a_layer_trained_at_the_threshold_meets_it():
     assert blocksparse.block_sparsity(model[0].weight, 16) < 0.7
     result = apply_bsr(model, blocksize=16, min_sparsity=0.7)
     assert [name for name, _, _ in result.converted] == ["0"]
-    at_break_even = trained_at(blocksparse.dense_break_even(32), 768, 1536, 32)
-    assert BlockSparseLinear.from_dense(at_break_even, 32).kernel != "dense"
 
 
 @pytest.mark.parametrize("zero_blocks,converted", [(402, True), (401, False)])
@@ -349,7 +379,7 @@ def attention_sparse_vit(blocksize=16, sparsity=0.75, attention=True):
     return sparsify_offline(model).eval()
 
 
-@pytest.mark.parametrize("kernel", ["auto", "bmm", "bmm_t"])
+@pytest.mark.parametrize("kernel", ["auto"] + FUSED + ["bmm"])
 def test_apply_bsr_converts_attention_projections_and_keeps_logits(kernel):
     from attention import ProjectedAttention
 
@@ -376,12 +406,15 @@ def test_apply_bsr_on_attention_compiles():
         torch.testing.assert_close(torch.compile(model, backend="eager")(x), expected, atol=1e-4, rtol=1e-4)
 
 
-def test_auto_picks_triton_for_cuda_weights_and_dense_below_break_even():
-    cuda = torch.device("cuda")
-    assert blocksparse.choose_kernel((3072, 768), torch.bfloat16, 64, 0.9, device=cuda) == "triton"
-    assert blocksparse.choose_kernel((3072, 768), torch.bfloat16, 64, 0.2, device=cuda) == "dense"
-    assert blocksparse.choose_kernel((3072, 768), torch.bfloat16, 24, 0.9, device=cuda) == "dense"
-    assert blocksparse.choose_kernel((3072, 768), torch.float32, 64, 0.9) != "triton"
+def test_auto_on_cuda_picks_triton_from_the_break_even_and_dense_below():
+    def mask(sparsity, rows=48, cols=12):
+        keep = torch.ones(rows * cols, dtype=torch.bool)
+        keep[: round(sparsity * keep.numel())] = False
+        return keep.view(rows, cols)
+
+    assert blocksparse.cuda_kernel(mask(0.9), torch.bfloat16, 64) == "triton"
+    assert blocksparse.cuda_kernel(mask(0.2), torch.bfloat16, 64) == "dense"
+    assert blocksparse.cuda_kernel(mask(0.9), torch.bfloat16, 24) == "dense"  # not a power of two
 
 
 def test_tile_mask_shows_the_stored_blocks():
@@ -393,45 +426,19 @@ def test_tile_mask_shows_the_stored_blocks():
 ##### Consecutive row groups and MLP pairs #####
 
 
-@pytest.mark.parametrize("kernel", ["bmm", "bmm_t"])
 @pytest.mark.parametrize("bias", [True, False])
-def test_consecutive_row_groups_write_in_place_and_match_dense(kernel, bias):
+def test_consecutive_row_groups_write_in_place_and_match_dense(bias):
     # Block-rows sorted by kept count (0, 0, 1, 1, 2, 3): every group and the empty rows are consecutive.
     keep = torch.tensor([[0, 0, 0, 0], [0, 0, 0, 0], [1, 0, 0, 0], [0, 0, 1, 0], [0, 1, 1, 0], [1, 1, 0, 1]],
                         dtype=torch.bool)
     linear = block_sparse_linear(64, 96, 16, keep, bias=bias)
-    layer = BlockSparseLinear.from_dense(linear, 16, kernel=kernel)
+    layer = BlockSparseLinear.from_dense(linear, 16, kernel="bmm")
     assert layer.empty_span == (0, 2) and all(span is not None for span in layer.group_spans)
     for x in [torch.randn(64), torch.randn(5, 64), torch.randn(2, 3, 64)]:
         torch.testing.assert_close(layer(x).double(), dense_reference(linear, x), **TOL[torch.float32])
     with torch.inference_mode():
         y = torch.compile(layer)(torch.randn(2, 3, 64))
     assert y.shape == (2, 3, 96)
-
-
-@pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.parametrize("layout", ["row_major", "column_major"])
-@pytest.mark.parametrize("blocksize", [16, 64])  # the transposed input, and from STRIP_GATHER_MIN_BLOCKSIZE
-def test_one_block_rows_run_per_column_without_gather(bias, layout, blocksize):
-    # Block-rows keeping one block each, in columns 2, 0, 2, 1, 0 (and an empty one): one group, three runs.
-    keep = torch.zeros(6, 3, dtype=torch.bool)
-    for row, col in enumerate([2, 0, 2, 1, 0]):
-        keep[row, col] = True
-    linear = block_sparse_linear(3 * blocksize, 6 * blocksize, blocksize, keep, bias=bias)
-    layer = BlockSparseLinear.from_dense(linear, blocksize, kernel="bmm_t")
-    assert layer.group_column_runs == [[(0, 0, 2), (1, 2, 3), (2, 3, 5)]]  # (column-block, start, end)
-    x = {"row_major": torch.randn(7, 3 * blocksize), "column_major": torch.randn(3 * blocksize, 7).t()}[layout]
-    torch.testing.assert_close(layer(x).double(), dense_reference(linear, x), **TOL[torch.float32])
-
-
-def test_one_block_rows_over_too_many_columns_are_gathered(monkeypatch):
-    monkeypatch.setattr(blocksparse, "MAX_COLUMN_RUNS", 2)
-    keep = torch.eye(4, dtype=torch.bool)
-    linear = block_sparse_linear(64, 64, 16, keep)
-    layer = BlockSparseLinear.from_dense(linear, 16, kernel="bmm_t")
-    assert layer.group_column_runs == [[]]
-    x = torch.randn(5, 64)
-    torch.testing.assert_close(layer(x).double(), dense_reference(linear, x), **TOL[torch.float32])
 
 
 def bsr_mlp(blocksize=16, hidden=128, dim=64, dropout=0.0, bias=True, sparsity=0.5, seed=0):
@@ -457,7 +464,7 @@ def bsr_mlp(blocksize=16, hidden=128, dim=64, dropout=0.0, bias=True, sparsity=0
     return nn.Sequential(mlp).eval()
 
 
-@pytest.mark.parametrize("kernel", ["auto", "bmm", "bmm_t"])
+@pytest.mark.parametrize("kernel", ["auto"] + FUSED + ["bmm"])
 @pytest.mark.parametrize("bias", [True, False])
 def test_mlp_pair_is_reordered_and_keeps_outputs(kernel, bias):
     model = bsr_mlp(bias=bias)
@@ -472,25 +479,12 @@ def test_mlp_pair_is_reordered_and_keeps_outputs(kernel, bias):
     assert isinstance(first, BlockSparseLinear) and isinstance(second, BlockSparseLinear)
     # The unused block-row (and, with biases, the constant one folded into the second bias) is gone.
     assert first.kept_blocks < first_kept
-    # auto runs these half-sparse layers dense; the bmm kernels must find the first Linear's groups consecutive.
-    assert first.kernel == "dense" or (first.group_spans and all(span is not None for span in first.group_spans))
+    # "bmm" must find the first Linear's groups consecutive (the other kernels write each block-row in place).
+    assert first.kernel != "bmm" or (first.group_spans and all(span is not None for span in first.group_spans))
+    assert kernel == "auto" or first.kernel == second.kernel == kernel
     with torch.inference_mode():
         for x, y in zip(xs, expected):
             torch.testing.assert_close(model(x), y, atol=1e-5, rtol=1e-5)
-
-
-def test_auto_runs_both_linears_of_a_sparse_mlp_pair_with_bmm_t():
-    model = bsr_mlp(sparsity=0.9)
-    x = torch.randn(2, 3, 64)
-    with torch.inference_mode():
-        expected = model(x)
-    apply_bsr(model, blocksize=16, min_sparsity=0.5)
-    first = model[0][0]
-    assert first.kernel == model[0][3].kernel == "bmm_t"
-    # The hidden units come sorted by kept count, then column: the one-block rows run per column, in place.
-    assert first.group_column_runs[0] and first.group_spans[0] is not None
-    with torch.inference_mode():
-        torch.testing.assert_close(model(x), expected, atol=1e-5, rtol=1e-5)
 
 
 def test_mlp_pair_with_dropout_keeps_constant_units_and_outputs():
@@ -518,12 +512,3 @@ def test_mlp_pair_is_left_alone_with_dense_kernels():
     model = bsr_mlp()
     result = apply_bsr(model, blocksize=16, min_sparsity=0.3, kernel="dense")
     assert result.mlp_pairs == []
-
-
-def test_auto_runs_attention_projections_row_major():
-    model = attention_sparse_vit(blocksize=16, sparsity=0.9)
-    result = apply_bsr(model, blocksize=16, min_sparsity=0.5)
-    kernels = {name: kernel for name, kernel, _ in result.converted}
-    in_proj = "encoder.layers.encoder_layer_0.self_attention.in_proj"  # 384x128: "auto" alone would pick bmm_t
-    assert blocksparse.choose_kernel((384, 128), torch.float32, 16, 0.9) == "bmm_t"
-    assert kernels[in_proj] == "bmm"

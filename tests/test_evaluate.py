@@ -184,7 +184,11 @@ def _compact_of_a_newer_format(checkpoint, tmp_path):
     return ["--weights-path", str(newer)], "newer than this SuperBlock reads"
 
 
-BAD_INPUTS = [_save_compact_without_bsr, _compact_of_a_newer_format, _missing_weights, _truncated_checkpoint, _another_model, _other_tile_size,
+def _unknown_bsr_kernel(checkpoint, tmp_path):
+    return ["--weights-path", checkpoint, "--bsr", "16", "--bsr-kernel", "bmm_t"], "invalid choice: 'bmm_t'"
+
+
+BAD_INPUTS = [_unknown_bsr_kernel, _save_compact_without_bsr, _compact_of_a_newer_format, _missing_weights, _truncated_checkpoint, _another_model, _other_tile_size,
               _dense_flags_for_sparse_checkpoint, _block_size_dividing_no_layer, _model_ema_without_weights]
 
 
@@ -217,3 +221,10 @@ def test_attention_sparsity_end_to_end_through_train_and_evaluate(data, tmp_path
     assert accuracy(online.stdout) == accuracy(bsr.stdout)
     assert re.search(r"self_attention\.in_proj +kernel=", bsr.stdout) and re.search(
         r"self_attention\.out_proj +kernel=", bsr.stdout), bsr.stdout
+
+
+def test_bsr_kernel_choices_are_blocksparse_kernels():
+    import blocksparse
+    import evaluate
+
+    assert evaluate.BSR_KERNELS == blocksparse.KERNELS

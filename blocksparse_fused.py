@@ -1,0 +1,143 @@
+"""The fused block-sparse CPU kernel: csrc/fused_bsr_linear.cpp, built on first use and run as a custom op.
+
+``torch.ops.superblock.fused_bsr_linear(x, values, row_offsets, cols, bias, out_features, tile_tokens)`` computes
+``x @ W.T + bias`` for a 2-D float32, bfloat16 or float16 ``x`` from W's kept blocks only, with ATen's brgemm
+micro-kernels (oneDNN's AVX-512/AMX kernels) reading the input in place. A shape-only fake is registered beside it,
+so ``torch.compile(fullgraph=True)`` keeps it as one node and ``torch.export`` can export a model that uses it.
+
+The extension is compiled once per source, torch version and CPU (the build is cached under torch's extension
+folder, ``~/.cache/torch_extensions`` or ``$TORCH_EXTENSIONS_DIR``), so later processes load it at once. With
+``SUPERBLOCK_NO_EXTENSION=1`` in the environment, or where no compiler works, ``unavailable_reason()`` says why and
+block-sparse layers fall back to the pure-PyTorch kernels of ``blocksparse_reference`` (one warning says so).
+"""
+
+import hashlib
+import logging
+import os
+import time
+import warnings
+from typing import Optional
+
+import torch
+
+SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "fused_bsr_linear.cpp")
+DISABLE_VARIABLE = "SUPERBLOCK_NO_EXTENSION"
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+_loaded = {}  # "reason": None once built and loaded, else why not
+
+
+def _cpu_flags() -> bytes:
+    """This CPU's feature flags: the build uses -march=native, so a build is only reused on the same kind of CPU."""
+    try:
+        with open("/proc/cpuinfo", "rb") as f:
+            return next((line for line in f if line.startswith(b"flags")), b"")
+    except OSError:
+        return os.uname().machine.encode()
+
+
+def _build_name() -> str:
+    digest = hashlib.sha256()
+    with open(SOURCE, "rb") as f:
+        digest.update(f.read())
+    digest.update(torch.__version__.encode())
+    digest.update(_cpu_flags())
+    return f"superblock_fused_{digest.hexdigest()[:16]}"
+
+
+def _build() -> None:
+    # cpp_extension logs a CUDA_HOME notice on import that has nothing to do with a CPU build.
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        from torch.utils import cpp_extension
+
+        cpp_extension.load(
+            name=_build_name(), sources=[SOURCE], is_python_module=False, verbose=False,
+            extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"],
+        )
+    finally:
+        logger.setLevel(level)
+
+    @torch.library.register_fake("superblock::fused_bsr_linear")
+    def _(x, values, row_offsets, cols, bias, out_features, tile_tokens):
+        return x.new_empty(x.shape[0], out_features)
+
+
+def unavailable_reason() -> Optional[str]:
+    """None when the fused kernel runs here; otherwise why not (and the first call warns once)."""
+    if "reason" not in _loaded:
+        reason = None
+        if os.environ.get(DISABLE_VARIABLE, "") not in ("", "0"):
+            reason = f"{DISABLE_VARIABLE}={os.environ[DISABLE_VARIABLE]} is set"
+        else:
+            start = time.perf_counter()
+            try:
+                _build()
+            except Exception as e:  # no compiler, no headers, a failed link: all mean the same to a user
+                lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+                errors = [line for line in lines if "error" in line] or lines or [type(e).__name__]
+                reason = f"building {os.path.relpath(SOURCE)} failed: {errors[0]}"
+            _loaded["build_seconds"] = time.perf_counter() - start
+        _loaded["reason"] = reason
+        if reason is not None:
+            warnings.warn(f"the fused block-sparse CPU kernel is unavailable: {reason}; block-sparse layers run the "
+                          f"slower pure-PyTorch kernels instead", stacklevel=2)
+    return _loaded["reason"]
+
+
+def available() -> bool:
+    """True when the fused kernel is built and loaded (building it on the first call)."""
+    return unavailable_reason() is None
+
+
+def build_seconds() -> Optional[float]:
+    """Seconds the first ``available()`` call spent building or loading the extension in this process."""
+    return _loaded.get("build_seconds")
+
+
+def require() -> None:
+    """Raise RuntimeError, saying why and how to fix it, when the fused kernel cannot run here."""
+    reason = unavailable_reason()
+    if reason is not None:
+        fix = (f"unset {DISABLE_VARIABLE}" if reason.startswith(DISABLE_VARIABLE)
+               else "install g++ and ninja (torch.utils.cpp_extension builds it)")
+        raise RuntimeError(f"kernel='fused' needs the C++ extension, which is unavailable: {reason}; {fix}, "
+                           f"or use kernel='auto', which falls back to the pure-PyTorch kernels")
+
+
+def pack(values: torch.Tensor) -> torch.Tensor:
+    """Kept blocks (kept, in, out), each a transposed weight block, in the layout the kernel reads for their dtype."""
+    return torch.ops.superblock.fused_pack_blocks(values.contiguous())
+
+
+def fused_linear(x, values, row_offsets, cols, bias, out_features: int, tile_tokens: int) -> torch.Tensor:
+    """``x (n, in) @ W.T + bias`` from W's packed blocks: the op, (n, out) in x's dtype."""
+    return torch.ops.superblock.fused_bsr_linear(x, values, row_offsets, cols, bias, out_features, tile_tokens)
+
+
+# Token tiles tried at conversion: the one that runs fastest on this CPU, dtype and shape is kept.
+TILE_CANDIDATES = (32, 64, 128, 256)
+
+
+def median_seconds(fn, repeats: int = 5) -> float:
+    """Median wall time of ``fn()`` after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def fastest_tile(x, values, row_offsets, cols, bias, out_features: int):
+    """(tile_tokens, seconds): the best of ``TILE_CANDIDATES`` measured on the sample input ``x``."""
+    timings = {}
+    for tile in TILE_CANDIDATES:
+        if tile > 2 * x.shape[0] and timings:
+            break  # bigger tiles than the sample only repeat the last measurement
+        timings[tile] = median_seconds(lambda: fused_linear(x, values, row_offsets, cols, bias, out_features, tile))
+    best = min(timings, key=timings.get)
+    return best, timings[best]

@@ -1,0 +1,103 @@
+"""Compact checkpoints: the deployable block-sparse model, kept blocks and their indices only.
+
+``save_compact`` writes it from a model converted by ``blocksparse.apply_bsr``; ``load_compact`` rebuilds the
+ready-to-run block-sparse model. The file loads with ``torch.load(weights_only=True)``. ``blocksparse`` re-exports
+these names, so ``from blocksparse import save_compact, load_compact`` keeps working.
+"""
+
+import argparse
+import os
+from typing import Tuple
+
+import torch
+from torch import nn
+
+import blocksparse
+import utils
+from attention import ProjectedAttention
+from blocksparse_reference import expand_blocks, pack_blocks
+
+COMPACT_FORMAT = "superblock-compact"
+COMPACT_VERSION = 1
+
+
+def _attention_key(fqn: str, model: nn.Module) -> str:
+    """The plain nn.MultiheadAttention name of a ProjectedAttention entry (X.in_proj.weight -> X.in_proj_weight)."""
+    owner, _, leaf = fqn.rpartition(".")
+    layer, _, projection = owner.rpartition(".")
+    if projection == "in_proj" and isinstance(model.get_submodule(layer) if layer else model, ProjectedAttention):
+        return f"{layer}.in_proj_{leaf}" if layer else f"in_proj_{leaf}"
+    return fqn
+
+
+@torch.no_grad()
+def save_compact(model: nn.Module, path: str, *, architecture: dict, blocksize: int) -> dict:
+    """Write the deployable model: kept blocks and their indices for block-sparse layers, dense tensors otherwise.
+
+    ``architecture`` holds what rebuilds the dense model (``model``, ``num_classes``, ``image_size``: the
+    arguments of ``utils.build_model``). No scores, no optimizer state; loads with
+    ``torch.load(weights_only=True)``. Returns the file's size and that of the same model stored dense.
+    """
+    sparse, sparse_prefixes = {}, []
+    for fqn, module in model.named_modules():
+        if isinstance(module, blocksparse.BlockSparseLinear):
+            values, crow, col = pack_blocks(module.dense_weight(), module.blocksize)
+            sparse[fqn] = {"shape": [module.out_features, module.in_features], "values": values.cpu(),
+                           "crow": crow.cpu(), "col": col.cpu(),
+                           "bias": None if module.bias is None else module.bias.cpu()}
+            sparse_prefixes.append(fqn + ".")
+    dense = {_attention_key(k, model): v.cpu() for k, v in model.state_dict().items()
+             if not k.startswith(tuple(sparse_prefixes))}
+    utils.save_checkpoint({"format": COMPACT_FORMAT, "version": COMPACT_VERSION, "architecture": dict(architecture),
+                           "blocksize": blocksize, "dense": dense, "sparse": sparse}, path)
+    dense_bytes = sum(t.numel() * t.element_size() for t in dense.values()) + sum(
+        (layer["shape"][0] * layer["shape"][1] + (0 if layer["bias"] is None else layer["bias"].numel()))
+        * layer["values"].element_size() for layer in sparse.values())
+    return {"bytes": os.path.getsize(path), "dense_bytes": dense_bytes}
+
+
+def is_compact(checkpoint) -> bool:
+    """True for a dict written by save_compact."""
+    return isinstance(checkpoint, dict) and checkpoint.get("format") == COMPACT_FORMAT
+
+
+@torch.no_grad()
+def model_from_compact(checkpoint: dict, *, kernel: str = "auto", device=None) -> Tuple[nn.Module, "blocksparse.BsrResult"]:
+    """Rebuild the block-sparse model a compact checkpoint (already loaded) describes; returns (model, BsrResult)."""
+    if checkpoint.get("version", 0) > COMPACT_VERSION:
+        raise ValueError(f"compact checkpoint format version {checkpoint['version']} is newer than this SuperBlock "
+                         f"reads ({COMPACT_VERSION}); update SuperBlock")
+    arch = checkpoint["architecture"]
+    model = utils.build_model(argparse.Namespace(model=arch["model"], weights=None),
+                              num_classes=arch["num_classes"], image_size=arch["image_size"])
+    state = dict(checkpoint["dense"])
+    floats = [t for t in state.values() if t.is_floating_point()]
+    model.to(dtype=floats[0].dtype if floats else torch.float32)
+    for fqn, layer in checkpoint["sparse"].items():
+        weight = expand_blocks(layer["values"], layer["crow"], layer["col"], tuple(layer["shape"]))
+        owner, _, projection = fqn.rpartition(".")
+        if projection == "in_proj" and isinstance(model.get_submodule(owner), nn.MultiheadAttention):
+            state[f"{owner}.in_proj_weight"], bias_key = weight, f"{owner}.in_proj_bias"
+        else:
+            state[f"{fqn}.weight"], bias_key = weight, f"{fqn}.bias"
+        if layer["bias"] is not None:
+            state[bias_key] = layer["bias"]
+    model.load_state_dict(state, strict=True)
+    model.eval().requires_grad_(False)
+    if device is not None:
+        model.to(device)
+    sparse_layers = set(checkpoint["sparse"])
+    result = blocksparse.apply_bsr(model, checkpoint["blocksize"], min_sparsity=0.0, kernel=kernel,
+                                   filter_fn=lambda module, fqn: fqn in sparse_layers)
+    return model, result
+
+
+def load_compact(path: str, *, kernel: str = "auto", device=None) -> nn.Module:
+    """The ready-to-run block-sparse model saved by save_compact (ValueError when the file is not one)."""
+    try:
+        checkpoint = utils.load_checkpoint(path)
+    except utils.InputError as e:
+        raise ValueError(str(e)) from None
+    if not is_compact(checkpoint):
+        raise ValueError(f"{path} is not a compact SuperBlock checkpoint (write one with evaluate.py --save-compact)")
+    return model_from_compact(checkpoint, kernel=kernel, device=device)[0]

@@ -1,0 +1,201 @@
+"""The fused C++ kernel (kernel="fused") against a float64 reference, and the fallback without the extension.
+
+Where the extension cannot be built here, the tests of the kernel itself check that kernel="fused" refuses with
+a RuntimeError that says why, and the fallback test still runs.
+"""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+import blocksparse_fused
+from blocksparse import BlockSparseLinear, apply_bsr
+
+FUSED = blocksparse_fused.available()
+TOL = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.bfloat16: dict(atol=3e-2, rtol=2e-2),
+       torch.float16: dict(atol=3e-3, rtol=2e-3)}
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def sparse_linear(in_features, out_features, blocksize, sparsity, *, bias=True, dtype=torch.float32, seed=0,
+                  empty_rows=(0,)):
+    """A frozen nn.Linear with random kept blocks, some block-rows empty, and a random bias."""
+    gen = torch.Generator().manual_seed(seed)
+    linear = nn.Linear(in_features, out_features, bias=bias).requires_grad_(False)
+    keep = torch.rand(out_features // blocksize, in_features // blocksize, generator=gen) >= sparsity
+    for row in empty_rows:
+        keep[row] = False
+    linear.weight.normal_(generator=gen).mul_(keep.repeat_interleave(blocksize, 0).repeat_interleave(blocksize, 1))
+    if bias:
+        linear.bias.normal_(generator=gen)
+    return linear.to(dtype)
+
+
+def reference(linear, x):
+    bias = None if linear.bias is None else linear.bias.double()
+    return nn.functional.linear(x.double(), linear.weight.double(), bias)
+
+
+def fused_layer(linear, blocksize):
+    """The layer with kernel="fused", or None after checking the refusal where the extension is unavailable."""
+    if not FUSED:
+        with pytest.raises(RuntimeError, match="kernel='fused' needs the C\\+\\+ extension"):
+            BlockSparseLinear.from_dense(linear, blocksize, kernel="fused")
+        return None
+    return BlockSparseLinear.from_dense(linear, blocksize, kernel="fused")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("blocksize", [16, 32, 64])
+@pytest.mark.parametrize("tokens", [1, 7, 197, 3000])
+def test_fused_matches_float64_reference(dtype, blocksize, tokens):
+    linear = sparse_linear(256, 128, blocksize, 0.6, dtype=dtype, seed=blocksize + tokens)  # not square
+    layer = fused_layer(linear, blocksize)
+    if layer is None:
+        return
+    x = torch.randn(tokens, 256, dtype=dtype)
+    y = layer(x)
+    assert y.dtype == dtype and y.shape == (tokens, 128)
+    torch.testing.assert_close(y.double(), reference(linear, x), **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_takes_any_leading_shape_strided_input_and_no_bias(dtype):
+    linear = sparse_linear(128, 192, 32, 0.5, bias=False, dtype=dtype, seed=1, empty_rows=(0, 3))
+    layer = fused_layer(linear, 32)
+    if layer is None:
+        return
+    inputs = [torch.randn(128, dtype=dtype), torch.randn(2, 3, 5, 128, dtype=dtype),
+              torch.randn(9, 256, dtype=dtype)[:, ::2],  # rows of stride 256, columns of stride 2
+              torch.randn(256, 9, dtype=dtype)[:128].t(),  # column-major
+              torch.randn(4, 2, 128, dtype=dtype).transpose(0, 1)]  # leading dimensions out of order
+    for x in inputs:
+        y = layer(x)
+        assert y.shape == x.shape[:-1] + (192,)
+        torch.testing.assert_close(y.double(), reference(linear, x), **TOL[dtype])
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_fused_all_zero_weight_gives_the_bias(bias):
+    linear = sparse_linear(64, 128, 16, 1.0, bias=bias)
+    layer = fused_layer(linear, 16)
+    if layer is None:
+        return
+    assert layer.kept_blocks == 0
+    x = torch.randn(5, 64)
+    expected = linear.bias.expand(5, -1) if bias else torch.zeros(5, 128)
+    torch.testing.assert_close(layer(x), expected)
+    assert layer(torch.randn(0, 64)).shape == (0, 128)
+
+
+def test_fused_repacks_when_the_dtype_changes():
+    linear = sparse_linear(128, 128, 32, 0.5, seed=3)
+    layer = fused_layer(linear, 32)
+    if layer is None:
+        return
+    x = torch.randn(6, 128, generator=torch.Generator().manual_seed(3))
+    layer.to(torch.bfloat16)  # in place, like every nn.Module.to
+    rounded = linear.to(torch.bfloat16)  # the weights the layer holds now
+    torch.testing.assert_close(layer(x.bfloat16()).double(), reference(rounded, x.bfloat16()), **TOL[torch.bfloat16])
+    torch.testing.assert_close(layer.float()(x).double(), reference(rounded, x), **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_is_bitwise_identical_at_one_and_two_threads(dtype):
+    linear = sparse_linear(256, 512, 32, 0.8, dtype=dtype, seed=4)
+    layer = fused_layer(linear, 32)
+    if layer is None:
+        return
+    x = torch.randn(333, 256, dtype=dtype)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = layer(x)
+        torch.set_num_threads(2)
+        two = layer(x)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, two)
+
+
+def test_fused_compiles_with_inductor_as_one_node():
+    linear = sparse_linear(128, 256, 32, 0.7, seed=5)
+    layer = fused_layer(linear, 32)
+    if layer is None:
+        return
+    model = nn.Sequential(layer, nn.GELU(), nn.Linear(256, 8)).eval()
+    x = torch.randn(2, 7, 128)
+    with torch.inference_mode():
+        expected = model(x)
+        compiled = torch.compile(model, fullgraph=True)  # inductor; fullgraph: no graph break around the op
+        torch.testing.assert_close(compiled(x), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_fused_model_exports():
+    linear = sparse_linear(64, 128, 16, 0.7, seed=6)
+    layer = fused_layer(linear, 16)
+    if layer is None:
+        return
+    model = nn.Sequential(layer, nn.ReLU(), nn.Linear(128, 4)).eval()
+    x = torch.randn(3, 64)
+    exported = torch.export.export(model, (x,))
+    ops = [str(node.target) for node in exported.graph.nodes if node.op == "call_function"]
+    assert any("superblock.fused_bsr_linear" in op for op in ops), ops
+    x2 = torch.randn(3, 64)
+    torch.testing.assert_close(exported.module()(x2), model(x2))
+
+
+def test_vit_b_16_logits_with_mlp_and_attention_converted():
+    from supermask import apply_supermask, sparsify_offline
+
+    torch.manual_seed(0)
+    model = torchvision.models.vit_b_16(num_classes=10)
+    nn.init.normal_(model.heads.head.weight, std=0.02)  # torchvision zero-initialises the head
+    apply_supermask(model, linear_sparsity=0.9, linear_sp_tilesize=64, attention_sparsity=0.9,
+                    attention_sp_tilesize=64, skip_last_layer_sparsity=True)
+    model = sparsify_offline(model).eval().requires_grad_(False)
+    x = torch.randn(1, 3, 224, 224)
+    with torch.inference_mode():
+        expected = model(x)
+        result = apply_bsr(model, blocksize=64, kernel="fused" if FUSED else "auto")
+        kernels = {kernel for _, kernel, _ in result.converted}
+        assert len(result.converted) == 48  # 12 layers: q/k/v, out, fc1, fc2
+        assert kernels == ({"fused"} if FUSED else kernels - {"fused"})
+        out = model(x)
+    assert expected.abs().max() > 0.1
+    torch.testing.assert_close(out, expected, atol=1e-3, rtol=1e-3)
+
+
+def test_without_the_extension_auto_falls_back_and_fused_says_why():
+    script = """
+import warnings, torch
+from torch import nn
+import blocksparse, blocksparse_fused
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    linear = nn.Linear(64, 64).requires_grad_(False)
+    linear.weight[:32].zero_()
+    auto = blocksparse.BlockSparseLinear.from_dense(linear, 16)
+    blocksparse.BlockSparseLinear.from_dense(linear, 16)
+print("auto", auto.kernel)
+print("notices", sum("fused block-sparse CPU kernel is unavailable" in str(w.message) for w in caught))
+x = torch.randn(3, 64)
+print("close", torch.allclose(auto(x), linear(x), atol=1e-5))
+try:
+    blocksparse.BlockSparseLinear.from_dense(linear, 16, kernel="fused")
+except RuntimeError as e:
+    print("error", e)
+"""
+    env = dict(os.environ, SUPERBLOCK_NO_EXTENSION="1", OMP_NUM_THREADS="1")
+    run = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 0, run.stderr
+    lines = dict(line.split(" ", 1) for line in run.stdout.splitlines())
+    assert lines["auto"] in ("bmm", "dense")
+    assert lines["notices"] == "1", "the fallback is announced once per process"
+    assert lines["close"] == "True"
+    assert "SUPERBLOCK_NO_EXTENSION=1 is set" in lines["error"] and "unset SUPERBLOCK_NO_EXTENSION" in lines["error"]
