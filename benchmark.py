@@ -8,7 +8,8 @@ forward), ``offline`` (masks frozen into dense weights), ``torch`` (the original
 Every variant except ``dense`` must match ``offline``'s output; the check is printed. Masks are random at
 the given sparsity (the Supermask score init is random) unless ``--weights-path`` loads trained ones.
 
-``--layer 768x3072`` times one Linear (in x out) instead: dense against each block-sparse kernel.
+``--layer 768x3072`` times one Linear (in x out) instead, ``--layer 768x3072x768`` an MLP pair (Linear, GELU,
+Linear): dense against each block-sparse kernel.
 ``--sweep-sparsity`` / ``--sweep-tile-size`` time dense against bsr over a grid; ``--plot`` draws it.
 """
 
@@ -57,6 +58,9 @@ def get_args_parser(add_help=True):
     group.add_argument("--kernels", default="auto", type=str,
                        help=f"comma-separated blocksparse kernels to time as bsr-<kernel>, or 'all' "
                             f"({', '.join(blocksparse.KERNELS[:-1])}; default: auto)")
+    group.add_argument("--baselines", default="dense,online,offline,torch", type=str,
+                       help="comma-separated variants timed beside bsr; dense is always timed "
+                            "(default: dense,online,offline,torch)")
     group.add_argument("--min-sparsity", default=blocksparse.DEFAULT_MIN_SPARSITY, type=float,
                        help=f"apply_bsr's min_sparsity (default: {blocksparse.DEFAULT_MIN_SPARSITY})")
     group.add_argument("--threads", default=None, type=int, help="torch.set_num_threads (default: torch's choice)")
@@ -67,7 +71,8 @@ def get_args_parser(add_help=True):
     group.add_argument("--smoke", action="store_true",
                        help="seconds-long check: vit_tiny on 32x32 images, 10 classes, 2 iterations (default: off)")
     group.add_argument("--layer", default=None, type=str, metavar="INxOUT",
-                       help="time one Linear of this shape (e.g. 768x3072) instead of a model (default: off)")
+                       help="time one Linear of this shape (e.g. 768x3072), or with INxHIDDENxOUT an MLP pair "
+                            "(Linear, GELU, Linear), instead of a model (default: off)")
     group.add_argument("--tokens", default=1576, type=int,
                        help="rows of the --layer input (default: 1576, vit_b_16's tokens at batch 8)")
     group.add_argument("--sweep-sparsity", default=None, type=str,
@@ -76,6 +81,8 @@ def get_args_parser(add_help=True):
                        help="comma-separated tile sizes to sweep (default: --sp-linear-tile-size)")
     group.add_argument("--sweep-batch-size", default=None, type=str,
                        help="comma-separated batch sizes to sweep (default: --batch-size)")
+    group.add_argument("--sweep-tokens", default=None, type=str,
+                       help="with --layer: comma-separated token counts to sweep (default: --tokens)")
     group.add_argument("--output-json", default=None, type=str, help="write the results to this JSON file (default: none)")
     group.add_argument("--csv", default=None, type=str, help="write the result rows to this CSV file (default: none)")
     group.add_argument("--plot", default=None, type=str, metavar="FILE.png",
@@ -134,19 +141,32 @@ def check_args(args):
     if unknown:
         raise utils.InputError(f"--kernels: unknown {', '.join(unknown)}; choose from {', '.join(blocksparse.KERNELS)}")
     args.kernel_list = kernels
+    baselines = [b for b in args.baselines.split(",") if b]
+    unknown = [b for b in baselines if b not in ("dense", "online", "offline", "torch")]
+    if unknown:
+        raise utils.InputError(f"--baselines: unknown {', '.join(unknown)}; choose from dense, online, offline, torch")
+    args.baselines = ["dense"] + [b for b in baselines if b != "dense"]
     if args.layer is not None:
         try:
             args.layer_shape = tuple(int(v) for v in args.layer.lower().split("x"))
-            assert len(args.layer_shape) == 2 and min(args.layer_shape) > 0
+            assert len(args.layer_shape) in (2, 3) and min(args.layer_shape) > 0
         except (ValueError, AssertionError):
-            raise utils.InputError(f"--layer {args.layer!r} must be INxOUT, e.g. 768x3072") from None
-        if not blocksparse.blocksize_divides(args.layer_shape[::-1], args.blocksize):
-            raise utils.InputError(f"--layer {args.layer}: block size {args.blocksize} does not divide both sides")
+            raise utils.InputError(f"--layer {args.layer!r} must be INxOUT (one Linear, e.g. 768x3072) or "
+                                   f"INxHIDDENxOUT (an MLP pair, e.g. 768x3072x768)") from None
+        if any(size % args.blocksize for size in args.layer_shape):
+            raise utils.InputError(f"--layer {args.layer}: block size {args.blocksize} does not divide every side")
     args.sweep_sparsities = _fraction_list(args.sweep_sparsity, "--sweep-sparsity") if args.sweep_sparsity else None
     args.sweep_tiles = _int_list(args.sweep_tile_size, "--sweep-tile-size") if args.sweep_tile_size else None
     args.sweep_batches = _int_list(args.sweep_batch_size, "--sweep-batch-size") if args.sweep_batch_size else None
     if args.sweep_batches and any(b < 1 for b in args.sweep_batches):
         raise utils.InputError(f"--sweep-batch-size {args.sweep_batch_size!r}: every batch size must be at least 1")
+    args.sweep_token_counts = _int_list(args.sweep_tokens, "--sweep-tokens") if args.sweep_tokens else None
+    if args.sweep_token_counts and (args.layer is None or any(t < 1 for t in args.sweep_token_counts)):
+        raise utils.InputError(f"--sweep-tokens {args.sweep_tokens!r} needs --layer and counts of at least 1")
+    if args.sweep_token_counts and not args.sweep_sparsities:
+        args.sweep_sparsities = [args.sparsity_linear]
+    if args.sweep_sparsities and not args.sweep_token_counts:
+        args.sweep_token_counts = [args.tokens]
     if (args.sweep_tiles or args.sweep_batches) and not args.sweep_sparsities:
         args.sweep_sparsities = [args.sparsity_linear]
     if args.sweep_sparsities and not args.sweep_tiles:
@@ -287,9 +307,11 @@ def _prepare(name, model, args):
 
 def run_model(args):
     """Time every variant at the flags' sparsity; returns result rows."""
-    variants = ["dense", "online", "offline", "torch"] + [f"bsr-{k}" if k != "auto" else "bsr" for k in args.kernel_list]
+    variants = [v for v in ["dense", "online", "offline", "torch"] if v in args.baselines]
+    variants += [f"bsr-{k}" if k != "auto" else "bsr" for k in args.kernel_list]
     dense = base_model(args)
-    models, notes = build_variants(args, dense, args.sparsity_linear, args.sp_linear_tile_size, args.blocksize, variants)
+    models, notes = build_variants(args, dense, args.sparsity_linear, args.sp_linear_tile_size, args.blocksize,
+                                   variants + ["offline"])
     x = torch.randn(args.batch_size, 3, args.image_size, args.image_size, generator=torch.Generator().manual_seed(args.seed))
     x = x.to(device=args.torch_device, dtype=args.torch_dtype)
     fns = {}
@@ -297,6 +319,9 @@ def run_model(args):
         if name in models:
             fns.update(_prepare(name, models[name], args))
     medians, first, outs = time_forwards(fns, x, warmup=args.warmup, iters=args.iters, device=args.torch_device)
+    if "offline" not in outs:  # the reference every variant must match, run once untimed
+        with torch.inference_mode():
+            outs["offline"] = models["offline"].to(device=args.torch_device, dtype=args.torch_dtype)(x)
     rows, ref = [], outs["offline"]
     for name in variants:
         if name not in models:
@@ -355,26 +380,63 @@ def _kernel_counts(model):
     return " ".join(f"{k}:{v}" for k, v in sorted(counts.items())) or "none"
 
 
-def run_layer(args):
-    """One Linear (--layer INxOUT) with a random block mask: dense vs every requested kernel; result rows."""
-    in_features, out_features = args.layer_shape
-    bs = args.blocksize
-    gen = torch.Generator().manual_seed(args.seed)
+def _random_block_sparse_linear(in_features, out_features, blocksize, sparsity, gen):
     linear = nn.Linear(in_features, out_features).requires_grad_(False)
-    keep = torch.rand(out_features // bs, in_features // bs, generator=gen) >= args.sparsity_linear
-    linear.weight.mul_(keep.repeat_interleave(bs, 0).repeat_interleave(bs, 1))
-    linear = linear.to(device=args.torch_device, dtype=args.torch_dtype)
-    x = torch.randn(args.tokens, in_features, generator=gen).to(device=args.torch_device, dtype=args.torch_dtype)
+    keep = torch.rand(out_features // blocksize, in_features // blocksize, generator=gen) >= sparsity
+    linear.weight.mul_(keep.repeat_interleave(blocksize, 0).repeat_interleave(blocksize, 1))
+    return linear
+
+
+def _layer_model(args, blocksize, sparsity, gen):
+    """nn.Sequential of the --layer Linear, or of the MLP pair with GELU between, with random block masks."""
+    sizes = args.layer_shape
+    layers = [_random_block_sparse_linear(a, b, blocksize, sparsity, gen) for a, b in zip(sizes, sizes[1:])]
+    if len(layers) == 2:
+        layers.insert(1, nn.GELU())
+    return nn.Sequential(*layers).eval().to(device=args.torch_device, dtype=args.torch_dtype)
+
+
+def run_layer_sweep(args):
+    """--layer with a sweep: dense vs bsr (kernel auto) at every sparsity, tile size and --sweep-tokens count."""
+    rows = []
+    grid = [(t, s) for t in args.sweep_tiles for s in args.sweep_sparsities]
+    for tile, sparsity in tqdm(grid, desc="sweep", leave=False):
+        gen = torch.Generator().manual_seed(args.seed)
+        dense = _layer_model(args, tile, sparsity, gen)
+        bsr = copy.deepcopy(dense)
+        blocksparse.apply_bsr(bsr, blocksize=tile, min_sparsity=args.min_sparsity, kernel="auto")
+        fns = {**_prepare("dense", dense, args), **_prepare("bsr", bsr, args)}
+        for tokens in args.sweep_token_counts:
+            x = torch.randn(tokens, args.layer_shape[0], generator=gen).to(device=args.torch_device,
+                                                                           dtype=args.torch_dtype)
+            times, _, outs = time_forwards(fns, x, warmup=args.warmup, iters=args.iters, device=args.torch_device,
+                                           rewarm=True)
+            diff, allowed, ok = compare(outs["bsr"], outs["dense"], args.torch_dtype)
+            rows.append(dict(tile_size=tile, sparsity=sparsity, tokens=tokens, dense_ms=times["dense"] * 1e3,
+                             bsr_ms=times["bsr"] * 1e3, speedup_vs_dense=times["dense"] / times["bsr"],
+                             max_diff=diff, matches_dense=ok, kernels=_kernel_counts(bsr)))
+    return rows
+
+
+def run_layer(args):
+    """One Linear (--layer INxOUT) or an MLP pair (INxHIDDENxOUT: Linear, GELU, Linear) with random block masks:
+    dense vs every requested kernel (converted by apply_bsr); result rows."""
+    bs, sizes = args.blocksize, args.layer_shape
+    gen = torch.Generator().manual_seed(args.seed)
+    dense = _layer_model(args, bs, args.sparsity_linear, gen)
+    x = torch.randn(args.tokens, sizes[0], generator=gen).to(device=args.torch_device, dtype=args.torch_dtype)
     kernels = ["torch"] + [k for k in args.kernel_list if k != "torch"]
     with torch.inference_mode():
-        ref = F.linear(x, linear.weight, linear.bias)
-    rows, fns = [], {"dense": linear}
+        ref = dense(x)
+    rows, fns = [], {"dense": dense}
     for name in kernels:
         if name == "torch" and not blocksparse.torch_bsr_supports_dtype(args.torch_dtype, args.torch_device):
             rows.append(dict(variant=name, note=f"skipped: does not take {args.dtype} on {args.device}"))
             continue
-        layer = blocksparse.BlockSparseLinear.from_dense(linear, bs, kernel=name)
-        fns["torch" if name == "torch" else f"bsr-{name}" + (f" ({layer.kernel})" if name == "auto" else "")] = layer
+        model = copy.deepcopy(dense)
+        result = blocksparse.apply_bsr(model, blocksize=bs, min_sparsity=0.0, kernel=name)
+        chosen = "/".join(kernel for _, kernel, _ in result.converted)
+        fns["torch" if name == "torch" else f"bsr-{name}" + (f" ({chosen})" if name == "auto" else "")] = model
     fns = {timed: fn for name, layer in fns.items() for timed, fn in _prepare(name, layer, args).items()}
     medians, _, outs = time_forwards(fns, x, warmup=args.warmup, iters=args.iters, device=args.torch_device,
                                      rewarm=True)
@@ -424,21 +486,22 @@ def format_rows(rows):
 
 
 def plot(rows, path, title=""):
-    """Speed-up of bsr over dense against sparsity: one panel per batch size, one line per tile size."""
+    """Speed-up of bsr over dense against sparsity: one panel per batch size (or token count), a line per tile."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    batches = sorted({r["batch"] for r in rows})
-    fig, axes = plt.subplots(1, len(batches), figsize=(4 * len(batches) + 1, 3.6), sharey=True, squeeze=False)
-    for ax, batch in zip(axes[0], batches):
+    panel = "batch" if "batch" in rows[0] else "tokens"
+    values = sorted({r[panel] for r in rows})
+    fig, axes = plt.subplots(1, len(values), figsize=(4 * len(values) + 1, 3.6), sharey=True, squeeze=False)
+    for ax, value in zip(axes[0], values):
         for tile in sorted({r["tile_size"] for r in rows}):
             points = sorted((r["sparsity"], r["speedup_vs_dense"]) for r in rows
-                            if r["tile_size"] == tile and r["batch"] == batch)
+                            if r["tile_size"] == tile and r[panel] == value)
             ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=f"block {tile}")
         ax.axhline(1.0, color="gray", linestyle="--", linewidth=1)
-        ax.set_title(f"batch {batch}")
+        ax.set_title(f"{panel} {value}")
         ax.set_xlabel("sparsity (fraction of tiles pruned)")
     axes[0][0].set_ylabel("speed-up vs dense")
     axes[0][0].legend()
@@ -459,9 +522,13 @@ def main(args):
     print(f"torch {info['torch']}, {info['threads']} threads, {info['processor']} ({info['cpu_count']} CPUs), "
           f"device {info['device']}, {args.dtype}, compile {args.compile}, malloc {info['malloc']}, "
           f"fused kernel {info['fused_kernel']}")
-    if args.layer:
-        print(f"Linear {args.layer_shape[0]}x{args.layer_shape[1]}, {args.tokens} tokens, block {args.blocksize}, "
-              f"sparsity {args.sparsity_linear}")
+    if args.layer and args.sweep_sparsities:
+        print(f"{'Linear' if len(args.layer_shape) == 2 else 'MLP pair'} {args.layer}, sweep sparsity "
+              f"{args.sweep_sparsities} x tile {args.sweep_tiles} x tokens {args.sweep_token_counts}")
+        rows = run_layer_sweep(args)
+    elif args.layer:
+        print(f"{'Linear' if len(args.layer_shape) == 2 else 'MLP pair'} {args.layer}, {args.tokens} tokens, "
+              f"block {args.blocksize}, sparsity {args.sparsity_linear}")
         rows = run_layer(args)
     elif args.sweep_sparsities:
         print(f"{args.model}, sweep sparsity {args.sweep_sparsities} x tile {args.sweep_tiles} x batch {args.sweep_batches}")
@@ -484,7 +551,8 @@ def main(args):
             writer.writeheader()
             writer.writerows(rows)
     if args.plot:
-        plot(rows, args.plot, title=f"{args.model}, {args.dtype}, {info['threads']} threads, {info['processor']}")
+        what = f"MLP pair {args.layer}" if args.layer else args.model
+        plot(rows, args.plot, title=f"{what}, {args.dtype}, {info['threads']} threads, {info['processor']}")
         print(f"plot written to {args.plot}")
     return rows
 

@@ -41,6 +41,12 @@ def test_smoke_benchmark_times_every_variant_and_they_match_offline(tmp_path):
     assert out_csv.read_text().splitlines()[0].startswith("variant,ms")
 
 
+def test_baselines_pick_the_variants_timed_beside_bsr():
+    rows = run(["--smoke", "--device", "cpu", "--baselines", "torch", "--iters", "1"])
+    assert [row["variant"] for row in rows] == ["dense", "torch", "bsr"]
+    assert all(row["matches_offline"] for row in rows[1:]), "offline still checks every variant, untimed"
+
+
 def test_output_check_catches_a_wrong_output():
     ref = torch.randn(4, 10)
     assert benchmark.compare(ref + 1e-6, ref, torch.float32)[2]
@@ -53,6 +59,25 @@ def test_layer_mode_checks_every_kernel_against_dense():
     names = [row["variant"].split(" ")[0] for row in rows]
     assert names == ["dense", "torch", "bsr-auto", *[f"bsr-{k}" for k in FUSED], "bsr-bmm", "bsr-dense"]
     assert all(row["matches_dense"] for row in rows)
+
+
+def test_layer_mode_times_an_mlp_pair():
+    rows = run(["--layer", "64x128x64", "--tokens", "9", "--sparsity-linear", "0.5", "--sp-linear-tile-size", "16",
+                "--device", "cpu", "--kernels", "auto,bmm", "--iters", "1", "--warmup", "0"])
+    by_name = {row["variant"].split(" ")[0]: row for row in rows}
+    assert list(by_name) == ["dense", "torch", "bsr-auto", "bsr-bmm"]
+    assert all(row["matches_dense"] for row in rows)
+
+
+def test_layer_sweep_covers_the_grid_and_plots_per_token_count(tmp_path):
+    pytest.importorskip("matplotlib")
+    path = tmp_path / "layer.png"
+    rows = run(["--layer", "64x128x64", "--device", "cpu", "--sweep-sparsity", "0.5,0.9", "--sweep-tile-size", "16,32",
+                "--sweep-tokens", "3,20", "--iters", "1", "--warmup", "0", "--plot", str(path)])
+    assert [(r["tile_size"], r["sparsity"], r["tokens"]) for r in rows] == [
+        (t, s, n) for t in (16, 32) for s in (0.5, 0.9) for n in (3, 20)]
+    assert all(r["matches_dense"] for r in rows)
+    assert path.stat().st_size > 0
 
 
 def test_sweep_writes_a_plot(tmp_path):
@@ -69,9 +94,13 @@ def test_sweep_writes_a_plot(tmp_path):
 @pytest.mark.parametrize("argv,message", [
     (["--layer", "64by128"], "must be INxOUT"),
     (["--layer", "64x100", "--sp-linear-tile-size", "32"], "does not divide"),
+    (["--layer", "64x128x100", "--sp-linear-tile-size", "32"], "does not divide every side"),
+    (["--layer", "64x128x64x32"], "must be INxOUT"),
     (["--smoke", "--kernels", "fast"], "unknown fast"),
     (["--smoke", "--sweep-sparsity", "0.5,1.5"], "must be in [0, 1)"),
     (["--smoke", "--sweep-batch-size", "8,0"], "every batch size must be at least 1"),
+    (["--smoke", "--baselines", "dense,fast"], "--baselines: unknown fast"),
+    (["--smoke", "--sweep-tokens", "8"], "needs --layer"),
     (["--smoke", "--plot", "x.png"], "--plot needs a sweep"),
     (["--model", "vit_b_16", "--device", "cpu"], "nothing to make sparse"),
     (["--model", "no_such_net", "--sparsity-linear", "0.9"], "not a classification model"),
@@ -86,7 +115,9 @@ def test_bad_flag_exits_2_with_one_line():
     proc = subprocess.run([sys.executable, "benchmark.py", "--layer", "64by128", "--device", "cpu"], cwd=ROOT, capture_output=True,
                           text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines()[-1] == "benchmark.py: error: --layer '64by128' must be INxOUT, e.g. 768x3072"
+    assert proc.stderr.strip().splitlines()[-1] == ("benchmark.py: error: --layer '64by128' must be INxOUT (one "
+                                                    "Linear, e.g. 768x3072) or INxHIDDENxOUT (an MLP pair, e.g. "
+                                                    "768x3072x768)")
     assert "Traceback" not in proc.stderr
 
 
