@@ -274,6 +274,10 @@ class BlockSparseLinear(nn.Module):
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if input.shape[-1] != self.in_features:
             raise ValueError(f"expected input with last dimension {self.in_features}, got shape {tuple(input.shape)}")
+        if input.requires_grad and torch.is_grad_enabled():
+            raise RuntimeError("BlockSparseLinear is for inference and its input requires grad: run the model under "
+                               "torch.inference_mode() or torch.no_grad(), or train the Supermask model "
+                               "(supermask.apply_supermask) and convert it to block-sparse afterwards")
         lead = input.shape[:-1]
         # 2-D keeps every kernel on its fast path (torch's BSR F.linear fails on 3-D input under inference_mode).
         x = input.reshape(-1, self.in_features)

@@ -109,7 +109,38 @@ def require() -> None:
 
 def pack(values: torch.Tensor) -> torch.Tensor:
     """Kept blocks (kept, in, out), each a transposed weight block, in the layout the kernel reads for their dtype."""
-    return torch.ops.superblock.fused_pack_blocks(values.contiguous())
+    if values.dtype == torch.float32:
+        return values.contiguous()
+    return torch.ops.superblock.fused_pack_blocks(values.contiguous(), _packed_layout_is_exact(values.dtype))
+
+
+@torch.no_grad()
+def _packed_layout_is_exact(dtype: torch.dtype) -> bool:
+    """Whether the micro-kernel's pair-interleaved layout gives exact products on this CPU (checked once per dtype).
+
+    That path (oneDNN's bfloat16/float16 micro-kernels, AMX or AVX-512) depends on the CPU; a CPU where it is wrong
+    gets the plain layout, which ATen computes with its generic GEMM: slower, never wrong.
+    """
+    if dtype not in _loaded.setdefault("exact", {}):
+        gen = torch.Generator().manual_seed(0)
+        exact = True
+        for blocksize in (16, 32, 64):
+            values = torch.randn(3, blocksize, blocksize, generator=gen).to(dtype)
+            packed = torch.ops.superblock.fused_pack_blocks(values, True)
+            if packed.dim() == 3:
+                break  # the micro-kernel does not run here: nothing to check
+            x = torch.randn(37, 2 * blocksize, generator=gen).to(dtype)
+            crow = torch.tensor([0, 2, 3], dtype=torch.int32)
+            col = torch.tensor([0, 1, 1], dtype=torch.int32)
+            y = fused_linear(x, packed, crow, col, None, 2 * blocksize, 16).double()
+            xd, vd = x.double(), values.double()
+            expected = torch.cat([xd[:, :blocksize] @ vd[0] + xd[:, blocksize:] @ vd[1], xd[:, blocksize:] @ vd[2]], 1)
+            exact &= torch.allclose(y, expected, rtol=2e-2, atol=2e-2 * expected.abs().max().item())
+        if not exact:
+            warnings.warn(f"the fused kernel's packed {dtype} layout gave wrong products on this CPU; using the "
+                          f"plain layout (slower)", stacklevel=3)
+        _loaded["exact"][dtype] = exact
+    return _loaded["exact"][dtype]
 
 
 def fused_linear(x, values, row_offsets, cols, bias, out_features: int, tile_tokens: int) -> torch.Tensor:

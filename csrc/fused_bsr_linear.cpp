@@ -162,12 +162,12 @@ at::Tensor fused_bsr_linear(const at::Tensor& input, const at::Tensor& values, c
 }
 
 // Blocks (kept, in, out) of a transposed weight -> the layout fused_bsr_linear reads: the same for float32; for
-// bfloat16/float16 where the micro-kernel runs, (kept, in/2, out, 2): pairs of consecutive inputs interleaved.
-at::Tensor pack_blocks(const at::Tensor& blocks) {
+// bfloat16/float16, when allowed and the micro-kernel runs, (kept, in/2, out, 2): pairs of inputs interleaved.
+at::Tensor pack_blocks(const at::Tensor& blocks, bool allow_vnni) {
   TORCH_CHECK(blocks.dim() == 3 && blocks.size(1) == blocks.size(2), "pack_blocks: expected (kept, bs, bs) blocks");
   const auto dtype = blocks.scalar_type();
   const int64_t kept = blocks.size(0), bs = blocks.size(1);
-  if (dtype == at::kFloat || bs % 2 != 0 || !vnni_runs(dtype)) return blocks.contiguous();
+  if (dtype == at::kFloat || !allow_vnni || bs % 2 != 0 || !vnni_runs(dtype)) return blocks.contiguous();
   auto source = blocks.contiguous();
   if (at::native::cpublas::could_pack(dtype)) {
     auto packed = at::empty({kept, bs / 2, bs, 2}, blocks.options());
@@ -186,7 +186,7 @@ at::Tensor pack_blocks(const at::Tensor& blocks) {
 TORCH_LIBRARY_FRAGMENT(superblock, m) {
   m.def("fused_bsr_linear(Tensor input, Tensor values, Tensor row_offsets, Tensor cols, Tensor? bias, "
         "int out_features, int tile_tokens) -> Tensor");
-  m.def("fused_pack_blocks(Tensor blocks) -> Tensor");
+  m.def("fused_pack_blocks(Tensor blocks, bool allow_vnni) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(superblock, CPU, m) {

@@ -254,6 +254,17 @@ def test_torch_bsr_kernels_reject_bfloat16_with_a_clear_error(kernel):
         layer(torch.randn(2, 64, dtype=torch.bfloat16))
 
 
+@pytest.mark.parametrize("kernel", FAST_KERNELS + BSR_KERNELS)
+def test_input_that_requires_grad_is_refused_with_a_clear_error(kernel):
+    layer = BlockSparseLinear.from_dense(block_sparse_linear(64, 64, 32, torch.eye(2, dtype=torch.bool)), 32,
+                                         kernel=kernel)
+    x = torch.randn(2, 64, requires_grad=True)
+    with pytest.raises(RuntimeError, match="BlockSparseLinear is for inference"):
+        layer(x)
+    with torch.no_grad():
+        assert layer(x).shape == (2, 64)
+
+
 def test_rejects_input_of_wrong_width():
     layer = BlockSparseLinear.from_dense(nn.Linear(64, 64), 32, kernel="bmm")
     with pytest.raises(ValueError, match="last dimension 64"):

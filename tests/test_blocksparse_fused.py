@@ -199,3 +199,43 @@ except RuntimeError as e:
     assert lines["notices"] == "1", "the fallback is announced once per process"
     assert lines["close"] == "True"
     assert "SUPERBLOCK_NO_EXTENSION=1 is set" in lines["error"] and "unset SUPERBLOCK_NO_EXTENSION" in lines["error"]
+
+
+def test_a_failed_build_falls_back_with_one_notice(tmp_path):
+    # No compiler: a fresh extension folder (nothing cached) and a C++ compiler that does not exist.
+    script = """
+import warnings
+from torch import nn
+import blocksparse, blocksparse_fused
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    linear = nn.Linear(64, 64).requires_grad_(False)
+    linear.weight[:32].zero_()
+    print("auto", blocksparse.BlockSparseLinear.from_dense(linear, 16).kernel)
+print("reason", blocksparse_fused.unavailable_reason())
+print("notices", sum("kernel is unavailable" in str(w.message) for w in caught))
+"""
+    env = dict(os.environ, TORCH_EXTENSIONS_DIR=str(tmp_path), CXX=str(tmp_path / "no-such-compiler"),
+               OMP_NUM_THREADS="1")
+    env.pop("SUPERBLOCK_NO_EXTENSION", None)
+    run = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr
+    lines = dict(line.split(" ", 1) for line in run.stdout.splitlines())
+    assert lines["auto"] in ("bmm", "dense")
+    assert lines["reason"].startswith("building csrc/fused_bsr_linear.cpp failed"), lines["reason"]
+    assert lines["notices"] == "1"
+    assert "Traceback" not in run.stderr
+
+
+def test_the_plain_layout_fallback_is_exact_too(monkeypatch):
+    # A CPU whose packed bfloat16 micro-kernel gave wrong products gets the plain layout (ATen's generic GEMM).
+    linear = sparse_linear(128, 64, 32, 0.5, dtype=torch.bfloat16, seed=7)
+    if not FUSED:
+        fused_layer(linear, 32)
+        return
+    monkeypatch.setitem(blocksparse_fused._loaded, "exact", {torch.bfloat16: False})
+    layer = fused_layer(linear, 32)
+    assert layer.packed_values.dim() == 3, "the plain layout keeps (kept, in, out) blocks"
+    x = torch.randn(9, 128, dtype=torch.bfloat16)
+    torch.testing.assert_close(layer(x).double(), reference(linear, x), **TOL[torch.bfloat16])
