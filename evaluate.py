@@ -37,9 +37,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 # ---------------------------------------------------------------- the model
 
 
-def load_weights(model, args):
-    """Load --weights-path into the Supermask-prepared model; mistakes are InputErrors naming the fix."""
-    checkpoint = utils.load_checkpoint(args.weights_path)
+def load_weights(model, args, checkpoint):
+    """Load --weights-path (`checkpoint`, loaded) into the Supermask-prepared model; mistakes are InputErrors."""
     if args.model_ema:
         if not isinstance(checkpoint, dict) or checkpoint.get("model_ema") is None:
             raise utils.InputError(f"--model-ema: {args.weights_path} holds no EMA weights (train with --model-ema)")
@@ -59,22 +58,21 @@ def load_weights(model, args):
         raise utils.InputError(
             f"{args.weights_path} has no masks for {len(missing_scores)} layer(s) that the sparsity flags "
             f"mask, e.g. {missing_scores[0]}: pass the sparsity flags the model was trained with")
-    return checkpoint
 
 
-def prepare_model(args, *, num_classes):
-    """The model the flags describe: built, masked, loaded, frozen and block-sparse as asked. Returns (model, bsr)."""
+def prepare_model(args, *, num_classes, checkpoint=None):
+    """The model the flags describe: built, masked, loaded, frozen and block-sparse as asked. Returns (model, bsr).
+
+    `checkpoint` is --weights-path, loaded.
+    """
     if args.compact is not None:
         model, bsr = load_compact_model(args, num_classes=num_classes)
         plot_masks(model, args)
         return model, bsr
     model = utils.build_model(args, num_classes=num_classes, image_size=args.val_crop_size)
-    try:
-        supermask.apply_supermask(model, **utils.supermask_kwargs(args))
-    except ValueError as e:
-        raise utils.InputError(str(e)) from None
-    if args.weights_path:
-        load_weights(model, args)
+    utils.apply_supermask_flags(model, args)
+    if checkpoint is not None:
+        load_weights(model, args, checkpoint)
     model.eval()
     plot_masks(model, args)  # the masks as learned, before block-sparse packing reorders anything
     if args.sparsify_weights:
@@ -195,6 +193,10 @@ def check_args(args, parser):
         parser.error("--weights and --weights-path both give weights; pass one of them")
     if args.model_ema and not args.weights_path:
         parser.error("--model-ema evaluates the EMA weights of a checkpoint: pass --weights-path too")
+    if not args.weights_path and not args.weights:
+        # Otherwise the model's random initialisation would be measured, and its accuracy reported as if trained.
+        parser.error("no weights to evaluate: pass --weights-path CHECKPOINT (or --weights for torchvision's "
+                     "pretrained weights)")
     if args.batch_size < 1:
         parser.error(f"--batch-size must be at least 1, got {args.batch_size}")
     if args.save_compact and not args.bsr:
@@ -207,7 +209,7 @@ def main(args):
     utils.check_model_name(args.model)
     if args.weights_path and not os.path.isfile(args.weights_path):
         raise utils.InputError(f"--weights-path {args.weights_path} does not exist; pass a checkpoint file")
-    args.compact = None
+    args.compact = checkpoint = None
     if args.weights_path:
         import blocksparse
 
@@ -218,6 +220,10 @@ def main(args):
             args.model = checkpoint["architecture"]["model"]
             args.bsr = checkpoint["blocksize"]
             args.sparsify_weights = True
+    # A checkpoint of this project knows the Supermask settings it was trained with: omitted flags take them.
+    utils.resolve_supermask_args(args, None if args.compact else checkpoint,
+                                 source=f"--weights-path {args.weights_path}",
+                                 fix="drop the flag to evaluate with the checkpoint's setting")
     utils.init_distributed_mode(args)
     device = utils.process_device(args)
 
@@ -225,7 +231,7 @@ def main(args):
     data_loader = torch.utils.data.DataLoader(
         dataset, batch_size=args.batch_size, sampler=eval_sampler, num_workers=args.workers,
         pin_memory=device.type == "cuda")
-    model, bsr = prepare_model(args, num_classes=len(dataset.classes))
+    model, bsr = prepare_model(args, num_classes=len(dataset.classes), checkpoint=checkpoint)
     utils.log(supermask.sparsity_report(model))
     if bsr is not None:
         utils.log(bsr)

@@ -330,6 +330,7 @@ def _is_inside(name, prefix):
 class _LayerChoice:
     sparsity: float
     tile_size: int
+    kind: str  # "linear", "conv1x1" or "conv": the keyword family that chose the settings
 
 
 def _choose(module, name, *, settings, skipped, dead, classifier, first_block, filter_fn):
@@ -348,16 +349,13 @@ def _choose(module, name, *, settings, skipped, dead, classifier, first_block, f
         skipped[name] = "excluded by filter_fn"
         return None
     if isinstance(module, nn.Linear):
-        choice = _LayerChoice(linear_sp, linear_tile)
-        category = "linear_sparsity"
+        choice = _LayerChoice(linear_sp, linear_tile, "linear")
     elif module.kernel_size == (1, 1) and conv1x1_sp > 0:
-        choice = _LayerChoice(conv1x1_sp, conv1x1_tile)
-        category = "conv1x1_sparsity"
+        choice = _LayerChoice(conv1x1_sp, conv1x1_tile, "conv1x1")
     else:
-        choice = _LayerChoice(conv_sp, conv_tile)
-        category = "conv_sparsity"
+        choice = _LayerChoice(conv_sp, conv_tile, "conv")
     if choice.sparsity == 0:
-        skipped[name] = f"{category} is 0"
+        skipped[name] = f"{choice.kind}_sparsity is 0"
         return None
     return choice
 
@@ -397,6 +395,9 @@ def apply_supermask(
         score_init: "kaiming" (random scores, as the original) or "magnitude" (each tile's L2 norm, so the
             first mask keeps the largest tiles: the natural start from pretrained dense weights).
 
+    Raises ValueError for a model that already has Supermask layers (change their `sparsity`, or
+    sparsify_offline it first).
+
     Example:
         >>> model = torchvision.models.resnet18(num_classes=10)
         >>> apply_supermask(model, conv1x1_sparsity=0.5, conv1x1_sp_tilesize=8, linear_sparsity=0.9)
@@ -410,10 +411,16 @@ def apply_supermask(
 
     if score_init not in SCORE_INITS:
         raise ValueError(f"score_init must be one of {', '.join(SCORE_INITS)}, got {score_init!r}")
-    skipped = {}
+    masked = next((name for name, m in model.named_modules() if isinstance(m, SUPERMASK_LAYERS)), None)
+    if masked is not None:
+        # A second call would skip the existing layers and so silently keep their first settings.
+        raise ValueError(f"the model already has Supermask layers (e.g. {masked or 'the model itself'}); to change "
+                         f"their sparsity set layer.sparsity on each of supermask_layers(model), or call "
+                         f"sparsify_offline(model) first to freeze the masks and apply_supermask again")
+    skipped, kinds = {}, {}
     first_block = find_first_transformer_block(model) if skip_first_transformer_sparsity else None
     _mask_attention(model, sparsity=attention_sparsity, tile_size=attention_sp_tilesize, device=device,
-                    score_init=score_init, skipped=skipped, first_block=first_block, filter_fn=filter_fn)
+                    score_init=score_init, skipped=skipped, kinds=kinds, first_block=first_block, filter_fn=filter_fn)
     context = dict(
         settings=(linear_sparsity, linear_sp_tilesize, conv1x1_sparsity, conv1x1_sp_tilesize,
                   conv_sparsity, conv_sp_tilesize),
@@ -430,6 +437,7 @@ def apply_supermask(
         choice = _choose(module, name, **context)
         if choice is None:
             continue
+        kinds[name] = (choice.kind, choice.sparsity)
         if isinstance(module, nn.Linear):
             replacements[name] = SupermaskLinear.from_linear(
                 module, sparsity=choice.sparsity, tile_size=choice.tile_size, device=device, score_init=score_init)
@@ -440,12 +448,14 @@ def apply_supermask(
         _set_submodule(model, name, layer)
     # Remembered so that sparsity_report can say why each dense layer stayed dense.
     model._supermask_skipped = {**getattr(model, "_supermask_skipped", {}), **skipped}
+    # Remembered so that unprunable_kinds can tell which settings each layer got, before any lowering.
+    model._supermask_kinds = kinds
     if verbose:
         print(sparsity_report(model))
     return model
 
 
-def _mask_attention(model, *, sparsity, tile_size, device, score_init, skipped, first_block, filter_fn):
+def _mask_attention(model, *, sparsity, tile_size, device, score_init, skipped, kinds, first_block, filter_fn):
     """Replace each nn.MultiheadAttention by a ProjectedAttention with Supermask projections."""
     replacements = {}
     for name, module in model.named_modules():
@@ -469,6 +479,7 @@ def _mask_attention(model, *, sparsity, tile_size, device, score_init, skipped, 
             raise ValueError("apply_supermask needs a model that contains the nn.MultiheadAttention, not the "
                              "attention module itself")
         _set_submodule(model, name, layer)
+        kinds[f"{name}.in_proj"] = kinds[f"{name}.out_proj"] = ("attention", sparsity)
 
 
 def _set_submodule(model, name, layer):
@@ -487,6 +498,37 @@ def mean_sparsity(model):
     layers = supermask_layers(model)
     total = sum(layer.weight.numel() for layer in layers)
     return sum(layer.sparsity * layer.weight.numel() for layer in layers) / total if total else 0.0
+
+
+def unprunable_kinds(model):
+    """The kinds of layer whose every Supermask layer prunes no tile at its target: too few tiles for the sparsity.
+
+    Returns {kind: (tile size, sparsity, largest tile size that would prune a tile in one of them, or None)},
+    kind being "linear", "conv1x1", "conv" or "attention" as apply_supermask chose it; empty when all is well.
+    """
+    by_kind = {}
+    for name, (kind, sparsity) in getattr(model, "_supermask_kinds", {}).items():
+        layer = model.get_submodule(name)
+        if isinstance(layer, SUPERMASK_LAYERS):
+            by_kind.setdefault(kind, []).append((layer, sparsity))
+    result = {}
+    for kind, layers in by_kind.items():
+        if any(num_pruned_tiles(layer.scores.numel(), layer.target_sparsity) > 0 for layer, _ in layers):
+            continue
+        tile_size, sparsity = layers[0][0].tile_size, layers[0][1]
+        shapes = {tuple(layer.weight.shape) for layer, _ in layers}
+        result[kind] = (tile_size, sparsity, _largest_pruning_tile_size(shapes, sparsity, below=tile_size))
+    return result
+
+
+def _largest_pruning_tile_size(shapes, sparsity, *, below):
+    """The largest tile size under `below` at which one of the weight shapes prunes a tile, or None."""
+    for tile_size in range(below - 1, 0, -1):
+        for shape in shapes:
+            num_tiles = math.prod(tile_grid_shape(shape, tile_size))
+            if num_pruned_tiles(num_tiles, min(sparsity, max_sparsity(num_tiles))) > 0:
+                return tile_size
+    return None
 
 
 def set_sparsity_fraction(model, fraction):
@@ -511,7 +553,8 @@ def sparsify_offline(model):
         if name == "":
             raise ValueError("sparsify_offline needs a model that contains Supermask layers, not a Supermask layer itself; "
                              "call layer.to_linear() / layer.to_conv() instead")
-        _set_submodule(model, name, layer)
+        # A new module starts in training mode: keep the mode of the layer it replaces.
+        _set_submodule(model, name, layer.train(model.get_submodule(name).training))
     return model
 
 

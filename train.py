@@ -166,6 +166,9 @@ def check_args(args):
         raise utils.InputError(f"Invalid lr scheduler {args.lr_scheduler}; use one of {', '.join(LR_SCHEDULERS)}")
     if args.lr_warmup_method not in ("linear", "constant"):
         raise utils.InputError(f"Invalid --lr-warmup-method {args.lr_warmup_method}; use linear or constant")
+    if args.epochs < 1 and not args.test_only:
+        raise utils.InputError(f"--epochs {args.epochs} trains nothing; pass --epochs 1 or more (or --test-only to "
+                               f"only evaluate)")
     if args.lr_scheduler == "cosineannealinglr" and args.lr_warmup_epochs >= args.epochs and not args.test_only:
         raise utils.InputError(
             f"--lr-warmup-epochs {args.lr_warmup_epochs} leaves no epochs for cosine annealing; "
@@ -331,6 +334,11 @@ def main(args):
     utils.keep_freed_memory()  # no page faults for buffers freed and reallocated every step
     check_args(args)
     resume_path = resolve_resume(args)
+    resume_checkpoint = utils.load_checkpoint(resume_path) if resume_path else None
+    # A resumed run continues with the Supermask settings it was trained with: omitted flags take them.
+    utils.resolve_supermask_args(args, resume_checkpoint, source=f"--resume {resume_path}",
+                                 fix="drop the flag to resume with the checkpoint's setting, or start a new run "
+                                     "from it with --weights-path instead of --resume")
     if args.output_dir:
         os.makedirs(args.output_dir, exist_ok=True)
     utils.init_distributed_mode(args)
@@ -382,10 +390,7 @@ def main(args):
     teacher = distillation.frozen_teacher(model).to(device) if args.distill else None
     score_init = args.score_init if args.score_init != "auto" else "magnitude" if starts_dense else "kaiming"
     utils.log(f"Mask scores: {score_init} initialisation" + (" (from the dense starting weights)" if starts_dense else ""))
-    try:
-        supermask.apply_supermask(model, **utils.supermask_kwargs(args, score_init=score_init))
-    except ValueError as e:
-        raise utils.InputError(str(e)) from None
+    utils.apply_supermask_flags(model, args, score_init=score_init)
     if start_state is not None and not starts_dense:
         load_model_weights(model, start_state, source=args.weights_path)
     model.to(device)
@@ -420,7 +425,7 @@ def main(args):
         model_ema = utils.ExponentialMovingAverage(model_without_ddp, decay=1.0 - alpha, device=device)
 
     if resume_path:
-        checkpoint = utils.load_checkpoint(resume_path)
+        checkpoint, resume_checkpoint = resume_checkpoint, None  # not held in memory for the whole run
         load_model_weights(model_without_ddp, checkpoint["model"], source=resume_path)
         if model_ema is not None and checkpoint.get("model_ema") is not None:
             model_ema.load_state_dict(checkpoint["model_ema"])

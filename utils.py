@@ -1,4 +1,5 @@
 """Shared plumbing for train.py and evaluate.py: flags, distributed setup, data, models, metrics, checkpoints."""
+import argparse
 import ctypes
 import difflib
 import hashlib
@@ -7,6 +8,7 @@ import platform
 import random
 import sys
 import tempfile
+import warnings
 
 import numpy as np
 import torch
@@ -17,6 +19,7 @@ from torchvision.transforms import InterpolationMode
 
 import presets
 import sampler
+import supermask
 
 
 # ---------------------------------------------------------------- user errors
@@ -118,9 +121,40 @@ def _positive_int(text):
 _positive_int.__name__ = "integer >= 1"
 
 
+# The Supermask settings a checkpoint of this project stores in its args (train.py saves vars(args)), with the
+# defaults of their flags: evaluate.py and --resume take an omitted one from the checkpoint.
+SUPERMASK_DEFAULTS = {
+    "sparsity_linear": 0.0, "sp_linear_tile_size": 1,
+    "sparsity_conv1x1": 0.0, "sp_conv1x1_tile_size": 1,
+    "sparsity_conv": 0.0, "sp_conv_tile_size": 1,
+    "sparsity_attention": 0.0, "sp_attention_tile_size": 1,
+    "skip_last_layer_sparsity": False, "skip_first_transformer_sparsity": False,
+}
+_GIVEN = "_given_supermask_flags"  # the namespace entry listing the Supermask flags on the command line
+
+
+class _StoreGiven(argparse.Action):
+    """argparse's "store", also noting that the flag was given (a checkpoint fills only the omitted ones)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+        setattr(namespace, _GIVEN, (*getattr(namespace, _GIVEN, ()), self.dest))
+
+
+class _StoreTrueGiven(_StoreGiven):
+    """argparse's "store_true", also noting that the flag was given."""
+
+    def __init__(self, option_strings, dest, default=False, help=None):
+        super().__init__(option_strings, dest, nargs=0, default=default, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        super().__call__(parser, namespace, True, option_string)
+
+
 def add_supermask_args(parser):
     """Add the Supermask flags of the original SuperBlock plus --weights-path."""
     group = parser.add_argument_group("Supermask (learned block sparsity)")
+    parser.set_defaults(**{_GIVEN: ()})  # so that a parsed namespace tells "none given" from "not parsed"
     # (flag suffix, what the sparsity flag prunes, what the tile-size flag's masks belong to)
     for kind, pruned, masks in (
         ("linear", "each Linear weight's tiles", "Linear"),
@@ -128,10 +162,12 @@ def add_supermask_args(parser):
         ("conv", "each other Conv2d weight's tiles", "other Conv2d"),
         ("attention", "the tiles in every attention q/k/v and output projection", "attention"),
     ):
-        group.add_argument(f"--sparsity-{kind}", default=0.0, type=_fraction,
-                           help=f"fraction of {pruned} masked off (default: 0)")
-        group.add_argument(f"--sp-{kind}-tile-size", default=1, type=_positive_int,
-                           help=f"tile (block) side for {masks} masks (default: 1)")
+        group.add_argument(f"--sparsity-{kind}", default=SUPERMASK_DEFAULTS[f"sparsity_{kind}"], type=_fraction,
+                           action=_StoreGiven, help=f"fraction of {pruned} masked off (default: 0; with a "
+                           f"checkpoint of this project, evaluate.py and --resume take its value)")
+        group.add_argument(f"--sp-{kind}-tile-size", default=SUPERMASK_DEFAULTS[f"sp_{kind}_tile_size"],
+                           type=_positive_int, action=_StoreGiven,
+                           help=f"tile (block) side for {masks} masks (default: 1; or the checkpoint's, as above)")
     group.add_argument(
         "--score-init",
         default="auto",
@@ -140,12 +176,13 @@ def add_supermask_args(parser):
         "auto is magnitude when starting from dense weights, else kaiming (default: auto)",
     )
     group.add_argument(
-        "--skip-last-layer-sparsity", action="store_true", help="keep the classifier (last layer) dense (default: off)"
+        "--skip-last-layer-sparsity", action=_StoreTrueGiven,
+        help="keep the classifier (last layer) dense (default: off; or the checkpoint's, as above)",
     )
     group.add_argument(
         "--skip-first-transformer-sparsity",
-        action="store_true",
-        help="keep the first transformer block dense (ViT; default: off)",
+        action=_StoreTrueGiven,
+        help="keep the first transformer block dense (ViT; default: off; or the checkpoint's, as above)",
     )
     group.add_argument(
         "--weights-path",
@@ -153,6 +190,63 @@ def add_supermask_args(parser):
         type=str,
         help="start from this checkpoint's model weights (this project's or the original SuperBlock's; default: none)",
     )
+
+
+def _setting_text(name, value):
+    flag = "--" + name.replace("_", "-")
+    return f"{flag} {'on' if value else 'off'}" if isinstance(value, bool) else f"{flag} {value}"
+
+
+def resolve_supermask_args(args, checkpoint, *, source, fix):
+    """Fill the Supermask flags left out from the args a checkpoint of this project stores; refuse contradictions.
+
+    `checkpoint` is a loaded checkpoint or None; only the dict args train.py writes count (the original
+    SuperBlock's Namespace args do not). A given flag whose value differs from the stored one is an InputError
+    naming both, ending with `fix`. A namespace the parser did not make has no record of the flags given: there
+    a value other than the flag's default counts as given.
+    """
+    given = vars(args).pop(_GIVEN, None)  # popped: train.py stores vars(args) in its checkpoints
+    stored = checkpoint.get("args") if isinstance(checkpoint, dict) else None
+    if not isinstance(stored, dict):
+        return
+    for name, default in SUPERMASK_DEFAULTS.items():
+        if stored.get(name) is None:  # a checkpoint from before the flag existed
+            continue
+        value = getattr(args, name, default)
+        was_given = name in given if given is not None else value != default
+        if was_given and value != stored[name]:
+            raise InputError(f"{_setting_text(name, value)} contradicts {source}, which was trained with "
+                             f"{_setting_text(name, stored[name])}; {fix}")
+        setattr(args, name, stored[name])
+
+
+# What each kind of supermask.unprunable_kinds is, for its error message.
+_KIND_LAYERS = {"linear": "Linear", "conv1x1": "1x1 Conv2d", "conv": "Conv2d", "attention": "attention projection"}
+
+
+def apply_supermask_flags(model, args, *, score_init="kaiming"):
+    """supermask.apply_supermask with the flags' settings, refusing a tile size that leaves a kind nothing to prune.
+
+    That is an InputError: every layer of the kind would stay dense while the run claims its sparsity.
+    """
+    # The layers' "lowering the sparsity" warnings wait until the settings are known to be usable: a refused
+    # request is then one error line, not one warning per layer shape before it.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            supermask.apply_supermask(model, **supermask_kwargs(args, score_init=score_init))
+        except ValueError as e:
+            raise InputError(str(e)) from None
+    for kind, (tile_size, sparsity, largest) in supermask.unprunable_kinds(model).items():
+        fix = (f"the largest tile size that prunes is {largest}" if largest else
+               f"no tile size prunes at this sparsity; raise --sparsity-{kind}")
+        raise InputError(f"--sp-{kind}-tile-size {tile_size} leaves every {_KIND_LAYERS[kind]} layer too few tiles "
+                         f"to prune any at --sparsity-{kind} {sparsity}, so the model would stay dense; {fix}")
+    # Once each, as Python's default filter shows them (the layers of one shape all warn alike).
+    for text, category, filename, lineno in dict.fromkeys(
+            (str(w.message), w.category, w.filename, w.lineno) for w in caught):
+        warnings.warn_explicit(text, category, filename, lineno)
+    return model
 
 
 def supermask_kwargs(args, *, score_init="kaiming"):
@@ -382,7 +476,8 @@ def image_folder(folder, transform, *, cache=False):
     if cache and is_main_process():
         listing = {"classes": dataset.classes, "class_to_idx": dataset.class_to_idx, "samples": dataset.samples}
         os.makedirs(os.path.dirname(cache_path), exist_ok=True)
-        save_checkpoint(listing, cache_path)
+        # No checksum: a cache read by torch.load, and hashing ImageNet's 1.28M names one by one takes seconds.
+        save_checkpoint(listing, cache_path, checksum=False)
     return dataset
 
 
@@ -563,12 +658,53 @@ def unwrap_model(model):
 # ---------------------------------------------------------------- checkpoints
 
 
-def save_checkpoint(state, path):
+CHECKSUM_KEY = "sha256"  # the digest's entry beside the checkpoint's own
+_unchecked_notified = set()  # the paths whose "no checksum" notice was printed
+
+
+def checkpoint_digest(state):
+    """SHA-256 of a checkpoint's content: each tensor's place, dtype, shape and bytes, and the plain values.
+
+    The walk is in a fixed order (dict keys sorted), so the same content gives the same digest in any process;
+    tensor bytes are hashed in one call per tensor, so a checkpoint hashes at memory speed.
+    """
+    digest = hashlib.sha256()
+    _update_digest(digest, "", state)
+    return digest.hexdigest()
+
+
+def _update_digest(digest, place, value):
+    if isinstance(value, torch.Tensor):
+        flat = value.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"{place}=tensor:{value.dtype}:{tuple(value.shape)};".encode())
+        digest.update(flat.view(torch.uint8).numpy())  # the raw bytes of any dtype, numpy's buffer, no copy
+    elif isinstance(value, dict):
+        digest.update(f"{place}=dict:{len(value)};".encode())
+        for key in sorted(value, key=repr):
+            _update_digest(digest, f"{place}/{key!r}", value[key])
+    elif isinstance(value, (list, tuple)):
+        digest.update(f"{place}={type(value).__name__}:{len(value)};".encode())
+        for index, item in enumerate(value):
+            _update_digest(digest, f"{place}[{index}]", item)
+    elif isinstance(value, argparse.Namespace):
+        _update_digest(digest, f"{place}.namespace", vars(value))
+    elif isinstance(value, (set, frozenset)):
+        # A set's order, and so its repr, changes with string hash seeds.
+        _update_digest(digest, f"{place}.set", sorted(value, key=repr))
+    else:  # numbers, strings, None, dtypes: their repr round-trips through pickle
+        digest.update(f"{place}={type(value).__name__}:{value!r};".encode())
+
+
+def save_checkpoint(state, path, *, checksum=True):
     """torch.save `state` to `path` atomically: a crash or Ctrl-C leaves the previous file intact.
 
-    The data goes to a temporary file in the same folder (same file system, so the rename is atomic), which is
-    flushed to disk and then renamed over `path`.
+    A dict `state` is saved with its checkpoint_digest under CHECKSUM_KEY (unless checksum=False), which
+    load_checkpoint verifies. The data goes to a temporary file in the same folder (same file system, so the
+    rename is atomic), which is flushed to disk and then renamed over `path`.
     """
+    if checksum and isinstance(state, dict):
+        state = {k: v for k, v in state.items() if k != CHECKSUM_KEY}
+        state[CHECKSUM_KEY] = checkpoint_digest(state)
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp_path = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".", suffix=".tmp")
     try:
@@ -584,20 +720,28 @@ def save_checkpoint(state, path):
 
 
 def load_checkpoint(path):
-    """Load a checkpoint with torch.load(weights_only=True); a missing or unreadable file is an InputError.
+    """Load a checkpoint with torch.load(weights_only=True) and verify its checksum; bad files are InputErrors.
 
-    The original SuperBlock stored its args as an argparse.Namespace, which is allowed here too.
+    torch.load reads most flipped bytes without complaint, hence the digest save_checkpoint stores; it is
+    removed from the returned dict. Files without one (written before it existed, or by other tools) load with
+    a notice. The original SuperBlock stored its args as an argparse.Namespace, which is allowed here too.
     """
-    import argparse
-
     if not os.path.isfile(path):
         raise InputError(f"checkpoint {path} does not exist; check the path (or use --resume auto)")
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location="cpu", weights_only=True)
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types for corrupt or foreign files
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise InputError(f"cannot load checkpoint {path}: {first_line}") from None
+    if isinstance(checkpoint, dict) and CHECKSUM_KEY in checkpoint:
+        if checkpoint.pop(CHECKSUM_KEY) != checkpoint_digest(checkpoint):
+            raise InputError(f"checkpoint {path} is corrupt: its checksum does not match; re-copy or re-create it")
+    elif path not in _unchecked_notified and is_main_process():
+        _unchecked_notified.add(path)
+        print(f"Notice: {path} has no checksum (written by an older SuperBlock or another tool), so corruption "
+              f"in it cannot be detected", file=sys.stderr, flush=True)
+    return checkpoint
 
 
 def find_latest_checkpoint(output_dir):

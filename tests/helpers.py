@@ -61,3 +61,23 @@ def straight_and_resumed_runs(common, tmp_path_factory):
 
 def _assert_ok(result):
     assert result.returncode == 0, f"exit {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+
+
+def flip_byte_in_tensor_data(path, out):
+    """Copy the torch.save file `path` to `out` with one bit flipped in the middle of its largest tensor's bytes.
+
+    torch.save writes a zip archive with one stored (uncompressed) record per tensor storage; the flipped byte
+    is found through the record's local header, so it lies in tensor data, not in the archive's bookkeeping.
+    """
+    import struct
+    import zipfile
+
+    with zipfile.ZipFile(path) as archive:
+        largest = max(archive.infolist(), key=lambda info: info.file_size)
+    data = bytearray(open(path, "rb").read())
+    name_length, extra_length = struct.unpack("<HH", data[largest.header_offset + 26 : largest.header_offset + 30])
+    offset = largest.header_offset + 30 + name_length + extra_length + largest.file_size // 2
+    data[offset] ^= 0x10
+    with open(out, "wb") as f:
+        f.write(data)
+    return out

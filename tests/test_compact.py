@@ -7,6 +7,7 @@ from torch import nn
 
 import blocksparse
 import utils
+from helpers import flip_byte_in_tensor_data
 from supermask import apply_supermask, sparsify_offline
 
 ARCH = dict(model="vit_tiny", num_classes=10, image_size=32)
@@ -44,7 +45,7 @@ def test_compact_file_holds_only_kept_blocks_and_no_training_state(tmp_path):
     path = str(tmp_path / "compact.pth")
     sizes = blocksparse.save_compact(model, path, architecture=ARCH, blocksize=16)
     saved = torch.load(path, weights_only=True)
-    assert set(saved) == {"format", "version", "architecture", "blocksize", "dense", "sparse"}
+    assert set(saved) == {"format", "version", "architecture", "blocksize", "dense", "sparse", "sha256"}
     assert not any("scores" in k for k in saved["dense"])
     # vit_tiny: 6 blocks x (in_proj 384x128 + out_proj 128x128 + 2 MLP 512x128) = 1,179,648 prunable weights, of
     # which the masks keep about 10% of the blocks; apply_bsr stores no more (fewer where an MLP's hidden block is
@@ -63,9 +64,9 @@ def test_truncated_and_newer_files_are_clear_errors(tmp_path):
     truncated.write_bytes(path.read_bytes()[:4000])
     with pytest.raises(ValueError, match="cannot load checkpoint"):
         blocksparse.load_compact(str(truncated))
-    newer = torch.load(path, weights_only=True)
+    newer = utils.load_checkpoint(str(path))
     newer["version"] = blocksparse.COMPACT_VERSION + 1
-    torch.save(newer, tmp_path / "newer.pth")
+    utils.save_checkpoint(newer, str(tmp_path / "newer.pth"))
     with pytest.raises(ValueError, match="newer than this SuperBlock reads"):
         blocksparse.load_compact(str(tmp_path / "newer.pth"))
     with pytest.raises(ValueError, match="not a compact SuperBlock checkpoint"):
@@ -81,3 +82,40 @@ def test_sparsity_report_lists_block_sparse_layers():
     assert row.kind == "BlockSparseLinear" and row.weight_shape == (384, 128) and row.tile_size == 16
     assert 0.85 < row.actual_sparsity < 0.95
     assert rows["encoder.layers.encoder_layer_0.mlp.0"].kind == "BlockSparseLinear"
+
+
+def test_flipped_byte_in_a_compact_file_is_refused_as_corrupt(tmp_path):
+    path = str(tmp_path / "compact.pth")
+    blocksparse.save_compact(block_sparse_vit(0.9), path, architecture=ARCH, blocksize=16)
+    corrupt = flip_byte_in_tensor_data(path, str(tmp_path / "corrupt.pth"))
+    with pytest.raises(ValueError, match=r"corrupt\.pth is corrupt: its checksum does not match; re-copy or re-create"):
+        blocksparse.load_compact(corrupt)
+    blocksparse.load_compact(path)  # the intact file still loads
+
+
+def test_compact_file_without_checksum_loads_with_a_notice(tmp_path, capsys):
+    model = block_sparse_vit(0.0)
+    path = str(tmp_path / "compact.pth")
+    blocksparse.save_compact(model, path, architecture=ARCH, blocksize=16)
+    # A file as written before compact files carried a checksum.
+    old = torch.load(path, weights_only=True)
+    del old["sha256"]
+    torch.save(old, tmp_path / "old.pth")
+    loaded = blocksparse.load_compact(str(tmp_path / "old.pth"))
+    assert "has no checksum" in capsys.readouterr().err
+    x = torch.randn(2, 3, 32, 32)
+    with torch.inference_mode():
+        torch.testing.assert_close(loaded(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_checksum_is_the_same_for_the_same_content_and_changes_with_any_value():
+    state = {"b": torch.arange(6, dtype=torch.bfloat16).reshape(2, 3), "a": {"lr": 0.1, "steps": [1, 2]},
+             "flag": torch.tensor(True)}
+    reordered = {"flag": state["flag"].clone(), "a": {"steps": [1, 2], "lr": 0.1}, "b": state["b"].clone()}
+    assert utils.checkpoint_digest(state) == utils.checkpoint_digest(reordered)
+    changed_value = {**state, "b": state["b"].clone().index_fill_(1, torch.tensor([2]), 7.0)}
+    changed_shape = {**state, "b": state["b"].reshape(3, 2)}
+    changed_dtype = {**state, "b": state["b"].view(torch.float16)}
+    changed_plain = {**state, "a": {"lr": 0.2, "steps": [1, 2]}}
+    digests = {utils.checkpoint_digest(s) for s in (state, changed_value, changed_shape, changed_dtype, changed_plain)}
+    assert len(digests) == 5, "a change in a value, shape, dtype or plain entry left the checksum unchanged"

@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from helpers import ROOT, free_port, run_script, write_image_folder
+from helpers import ROOT, flip_byte_in_tensor_data, free_port, run_script, write_image_folder
 
 SIZE = ["--val-crop-size", "16", "--val-resize-size", "16"]
 MODEL = ["--model", "vit_tiny", "--device", "cpu", "-j", "0", *SIZE]
@@ -111,7 +111,9 @@ def test_original_superblock_checkpoint_loads_with_weights_only(data, checkpoint
     original = str(tmp_path / "model_299.pth")
     torch.save({"model": state, "args": argparse.Namespace(model="vit_tiny", sparsity_linear=0.75), "epoch": 299},
                original)
-    assert accuracy(evaluate(data, original).stdout) == accuracy(evaluate(data, checkpoint[0]).stdout)
+    run = evaluate(data, original)
+    assert accuracy(run.stdout) == accuracy(evaluate(data, checkpoint[0]).stdout)
+    assert "has no checksum" in run.stderr, "a file without a checksum loaded without a notice"
 
 
 def test_compact_checkpoint_runs_without_sparsity_flags_at_the_same_accuracy(data, checkpoint, tmp_path):
@@ -154,12 +156,52 @@ def _another_model(checkpoint, tmp_path):
     return ["--weights-path", str(other)], "does not fit --model vit_tiny"
 
 
+def _without_stored_args(checkpoint, tmp_path):
+    """A copy of the checkpoint without its stored args: only the flags tell its settings."""
+    import utils
+
+    state = utils.load_checkpoint(checkpoint)
+    del state["args"]
+    utils.save_checkpoint(state, str(tmp_path / "no_args.pth"))
+    return str(tmp_path / "no_args.pth")
+
+
 def _other_tile_size(checkpoint, tmp_path):
-    return ["--weights-path", checkpoint, "--sp-linear-tile-size", "8"], "tile size 16 would fit"
+    return ["--weights-path", _without_stored_args(checkpoint, tmp_path), "--sp-linear-tile-size", "8"], \
+        "tile size 16 would fit"
 
 
 def _dense_flags_for_sparse_checkpoint(checkpoint, tmp_path):
-    return ["--weights-path", checkpoint, "--sparsity-linear", "0"], "mask for layer"
+    return ["--weights-path", _without_stored_args(checkpoint, tmp_path), "--sparsity-linear", "0"], "mask for layer"
+
+
+def _sparsity_contradicting_the_checkpoint(checkpoint, tmp_path):
+    return ["--weights-path", checkpoint, "--sparsity-linear", "0.5"], \
+        f"--sparsity-linear 0.5 contradicts --weights-path {checkpoint}, which was trained with --sparsity-linear 0.75"
+
+
+def _tile_size_contradicting_the_checkpoint(checkpoint, tmp_path):
+    return ["--weights-path", checkpoint, "--sp-linear-tile-size", "8"], \
+        "--sp-linear-tile-size 8 contradicts"
+
+
+def _skip_flag_contradicting_the_checkpoint(checkpoint, tmp_path):
+    return ["--weights-path", checkpoint, "--skip-last-layer-sparsity"], \
+        "--skip-last-layer-sparsity on contradicts"
+
+
+def _flipped_byte(checkpoint, tmp_path):
+    corrupt = flip_byte_in_tensor_data(checkpoint, str(tmp_path / "corrupt.pth"))
+    return ["--weights-path", corrupt], f"{corrupt} is corrupt: its checksum does not match; re-copy or re-create it"
+
+
+def _bsr_without_weights(checkpoint, tmp_path):
+    return ["--bsr", "16"], "no weights to evaluate: pass --weights-path"
+
+
+def _tile_size_leaving_one_tile_per_layer(checkpoint, tmp_path):
+    return ["--weights-path", _without_stored_args(checkpoint, tmp_path), "--sp-linear-tile-size", "1024"], \
+        "--sp-linear-tile-size 1024 leaves every Linear layer too few tiles to prune any"
 
 
 def _block_size_dividing_no_layer(checkpoint, tmp_path):
@@ -189,7 +231,10 @@ def _unknown_bsr_kernel(checkpoint, tmp_path):
 
 
 BAD_INPUTS = [_unknown_bsr_kernel, _save_compact_without_bsr, _compact_of_a_newer_format, _missing_weights, _truncated_checkpoint, _another_model, _other_tile_size,
-              _dense_flags_for_sparse_checkpoint, _block_size_dividing_no_layer, _model_ema_without_weights]
+              _dense_flags_for_sparse_checkpoint, _block_size_dividing_no_layer, _model_ema_without_weights,
+              _sparsity_contradicting_the_checkpoint, _tile_size_contradicting_the_checkpoint,
+              _skip_flag_contradicting_the_checkpoint, _flipped_byte, _bsr_without_weights,
+              _tile_size_leaving_one_tile_per_layer]
 
 
 @pytest.mark.parametrize("case", BAD_INPUTS, ids=lambda f: f.__name__.strip("_"))
@@ -203,6 +248,17 @@ def test_bad_input_exits_2_with_one_error_line(case, data, checkpoint, tmp_path,
     assert len(error_lines) == 1 and expected in error_lines[0], stderr
     assert "Traceback" not in stderr
     assert torch.is_grad_enabled(), "evaluate.py switched autograd off for the whole process"
+
+
+def test_checkpoint_of_this_project_evaluates_without_sparsity_flags(data, checkpoint, tmp_path):
+    json_path = str(tmp_path / "result.json")
+    # No --sparsity-* flags: the checkpoint's stored args hold them.
+    bare = run_script(["evaluate.py", "--data-path", data, *MODEL, "-b", "4", "--weights-path", checkpoint[0],
+                       "--output-json", json_path])
+    assert_ok(bare)
+    assert accuracy(bare.stdout) == accuracy(evaluate(data, checkpoint[0]).stdout)
+    flags = json.load(open(json_path))["config"]["flags"]
+    assert (flags["sparsity_linear"], flags["sp_linear_tile_size"]) == (0.75, 16), flags
 
 
 def test_attention_sparsity_end_to_end_through_train_and_evaluate(data, tmp_path):

@@ -192,6 +192,34 @@ def test_single_layer_model_is_wrapped_as_its_own_child():
     assert isinstance(model.fc, SupermaskLinear)
 
 
+def test_applying_twice_raises_and_names_how_to_change_the_sparsity():
+    model = tiny_vit()
+    apply_supermask(model, linear_sparsity=0.5, linear_sp_tilesize=16)
+    with pytest.raises(ValueError, match=r"already has Supermask layers.*sparsity.*sparsify_offline\(model\) first"):
+        apply_supermask(model, linear_sparsity=0.9, linear_sp_tilesize=8)
+    assert {(layer.sparsity, layer.tile_size) for layer in supermask.supermask_layers(model)} == {(0.5, 16)}
+    # Frozen first, the model takes new masks.
+    apply_supermask(sparsify_offline(model), linear_sparsity=0.75, linear_sp_tilesize=8)
+    assert {(layer.sparsity, layer.tile_size) for layer in supermask.supermask_layers(model)} == {(0.75, 8)}
+
+
+def test_unprunable_kinds_names_the_largest_tile_size_that_prunes():
+    def masked(**kwargs):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # layers with fewer tiles than the sparsity needs warn
+            return apply_supermask(tiny_vit(), **kwargs)
+
+    model = masked(linear_sparsity=0.9, linear_sp_tilesize=1024, attention_sparsity=0.5, attention_sp_tilesize=8)
+    # Every Linear is one tile at 1024. At 32 the MLP's 64x32 weight is 2 tiles, lowered to sparsity 0.5, of
+    # which round(0.5) = 0 prune; at 31 it is 3x2 tiles, 4 of them pruned.
+    assert supermask.unprunable_kinds(model) == {"linear": (1024, 0.9, 31)}
+    for tile_size in (31, 32):
+        probe = masked(linear_sparsity=0.9, linear_sp_tilesize=tile_size)
+        assert ("linear" in supermask.unprunable_kinds(probe)) == (tile_size == 32), tile_size
+    # One layer that prunes is enough: at 16 the classifier (10x32, 2 tiles) prunes none, but the MLPs do.
+    assert supermask.unprunable_kinds(masked(linear_sparsity=0.9, linear_sp_tilesize=16)) == {}
+
+
 def test_weights_and_bias_are_copied():
     model = nn.Sequential(nn.Linear(6, 5))
     weight, bias = model[0].weight.detach().clone(), model[0].bias.detach().clone()
@@ -474,3 +502,12 @@ def test_verbose_prints_report(capsys):
 def test_bad_arguments_raise_value_error(kwargs, match):
     with pytest.raises(ValueError, match=match):
         apply_supermask(tiny_vit(), **kwargs)
+
+
+def test_sparsify_offline_keeps_each_layers_mode():
+    model = torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=1, num_heads=2, hidden_dim=64,
+                                                 mlp_dim=128, num_classes=10)
+    apply_supermask(model, linear_sparsity=0.5, linear_sp_tilesize=16, attention_sparsity=0.5,
+                    attention_sp_tilesize=16)
+    sparsify_offline(model.eval())
+    assert not any(m.training for m in model.modules()), "frozen layers of an eval model must be in eval mode"

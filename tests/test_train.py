@@ -15,7 +15,7 @@ import sys
 import pytest
 import torch
 
-from helpers import ROOT, free_port, run_script, straight_and_resumed_runs, write_image_folder
+from helpers import ROOT, flip_byte_in_tensor_data, free_port, run_script, straight_and_resumed_runs, write_image_folder
 
 # vit_tiny on 16x16 crops of a 3-class, 24-image data set: a few steps per epoch.
 TINY = [
@@ -234,8 +234,19 @@ def test_bad_input_exits_2_with_one_error_line(case, data, tmp_path, monkeypatch
     assert len(error_lines) == 1 and expected in error_lines[0], stderr
 
 
-def test_checkpoint_of_another_tile_size_exits_2_naming_the_layer(one_epoch, data, monkeypatch, capsys):
-    checkpoint = os.path.join(one_epoch[0], "checkpoint.pth")
+def without_stored_args(path, out):
+    """A copy of checkpoint `path` without its stored args, as a checkpoint of unknown settings is."""
+    import utils
+
+    checkpoint = utils.load_checkpoint(path)
+    del checkpoint["args"]
+    utils.save_checkpoint(checkpoint, out)
+    return out
+
+
+def test_checkpoint_of_another_tile_size_exits_2_naming_the_layer(one_epoch, data, tmp_path, monkeypatch, capsys):
+    # Without stored args only the scores' shapes tell the tile size.
+    checkpoint = without_stored_args(os.path.join(one_epoch[0], "checkpoint.pth"), str(tmp_path / "no_args.pth"))
     flags = ["--sparsity-linear", "0.5", "--sp-linear-tile-size", "4", "--test-only", "--resume", checkpoint]
     status, stderr = run_cli_in_process(["--data-path", data, *TINY, *flags], monkeypatch, capsys)
     assert status == 2, stderr
@@ -256,7 +267,7 @@ def test_interrupted_save_leaves_the_previous_checkpoint_intact(tmp_path, monkey
     with pytest.raises(KeyboardInterrupt):
         utils.save_checkpoint({"epoch": 1}, path)
     monkeypatch.undo()
-    assert load(path) == {"epoch": 0}
+    assert utils.load_checkpoint(path) == {"epoch": 0}
     assert os.listdir(tmp_path) == ["checkpoint.pth"], "the temporary file was left behind"
 
 
@@ -300,3 +311,84 @@ def test_help_states_each_default_once():
     assert "(default: 0) (default: 0.0)" not in help_text
     assert help_text.count("(default: cubic)") == 1  # --sparsity-schedule, whose help states it
     assert "(default: 90)" in help_text  # --epochs, whose help does not: the formatter adds it
+
+
+# ----- silent wrong results: corrupt files, contradicting flags, requests that cannot do anything -----
+
+
+def test_flipped_byte_in_a_checkpoint_exits_2_as_corrupt(one_epoch, data, tmp_path, monkeypatch, capsys):
+    corrupt = flip_byte_in_tensor_data(os.path.join(one_epoch[0], "checkpoint.pth"), str(tmp_path / "corrupt.pth"))
+    status, stderr = run_cli_in_process(["--data-path", data, *TINY, "--test-only", "--resume", corrupt],
+                                        monkeypatch, capsys)
+    assert status == 2, stderr
+    assert f"{corrupt} is corrupt: its checksum does not match; re-copy or re-create it" in stderr, stderr
+    assert "Traceback" not in stderr
+
+
+def test_checksum_covers_the_stored_args_too(one_epoch, tmp_path):
+    import utils
+
+    checkpoint = load(os.path.join(one_epoch[0], "checkpoint.pth"))  # with its "sha256" entry
+    checkpoint["args"]["sparsity_linear"] = 0.9
+    torch.save(checkpoint, tmp_path / "edited.pth")
+    with pytest.raises(utils.InputError, match="is corrupt"):
+        utils.load_checkpoint(str(tmp_path / "edited.pth"))
+
+
+def test_checkpoint_without_checksum_loads_with_a_notice(tmp_path, capsys):
+    import utils
+
+    torch.save({"epoch": 3}, tmp_path / "old.pth")  # as written before checkpoints carried a checksum
+    assert utils.load_checkpoint(str(tmp_path / "old.pth")) == {"epoch": 3}
+    assert "has no checksum" in capsys.readouterr().err
+
+
+def test_resume_with_contradicting_sparsity_exits_2_naming_the_flag_and_both_values(one_epoch, data, monkeypatch,
+                                                                                    capsys):
+    checkpoint = os.path.join(one_epoch[0], "checkpoint.pth")
+    status, stderr = run_cli_in_process(["--data-path", data, *TINY, "--sparsity-linear", "0.9", "--epochs", "2",
+                                         "--resume", checkpoint], monkeypatch, capsys)
+    assert status == 2, stderr
+    error_lines = [line for line in stderr.splitlines() if "error:" in line]
+    assert len(error_lines) == 1, stderr
+    assert (f"--sparsity-linear 0.9 contradicts --resume {checkpoint}, which was trained with --sparsity-linear 0.5"
+            in error_lines[0]), stderr
+
+
+def test_resume_without_sparsity_flags_takes_them_from_the_checkpoint(one_epoch, data, monkeypatch, capsys):
+    out, result = one_epoch
+    argv = ["train.py", "--data-path", data, *TINY, "--model-ema", "--test-only", "--resume",
+            os.path.join(out, "checkpoint.pth")]
+    monkeypatch.setattr(sys, "argv", argv)
+    runpy.run_path(os.path.join(ROOT, "train.py"), run_name="__main__")
+    stdout = capsys.readouterr().out
+    assert re.search(r"mlp\.0 +SupermaskLinear +512x128 +8 +0\.500", stdout), stdout
+    assert accuracy_lines(stdout, "Test") == accuracy_lines(result.stdout, "Epoch 0")
+
+
+def test_weights_path_starts_a_new_run_with_new_sparsity_settings(one_epoch, data, tmp_path, monkeypatch, capsys):
+    out = str(tmp_path / "finetune")
+    argv = ["train.py", "--data-path", data, *TINY, "--sparsity-linear", "0.75", "--sp-linear-tile-size", "8",
+            "--epochs", "1", "--weights-path", os.path.join(one_epoch[0], "checkpoint.pth"), "--output-dir", out]
+    monkeypatch.setattr(sys, "argv", argv)
+    runpy.run_path(os.path.join(ROOT, "train.py"), run_name="__main__")
+    assert load(os.path.join(out, "checkpoint.pth"))["args"]["sparsity_linear"] == 0.75
+    assert re.search(r"mlp\.0 +SupermaskLinear +512x128 +8 +0\.750", capsys.readouterr().out)
+
+
+IMPOSSIBLE = {
+    "no_epochs": (["--epochs", "0"], "--epochs 0 trains nothing"),
+    "tile_size_leaving_one_tile_per_layer": (
+        ["--epochs", "1", "--sparsity-linear", "0.9", "--sp-linear-tile-size", "1024"],
+        "--sp-linear-tile-size 1024 leaves every Linear layer too few tiles to prune any at --sparsity-linear 0.9, "
+        "so the model would stay dense; the largest tile size that prunes is 255"),
+}
+
+
+@pytest.mark.parametrize("flags,expected", IMPOSSIBLE.values(), ids=IMPOSSIBLE.keys())
+def test_impossible_request_exits_2_with_one_error_line(flags, expected, data, tmp_path, monkeypatch, capsys):
+    status, stderr = run_cli_in_process(["--data-path", data, *TINY, *flags, "--output-dir", str(tmp_path)],
+                                        monkeypatch, capsys)
+    assert status == 2, stderr
+    error_lines = [line for line in stderr.splitlines() if "error:" in line]
+    assert len(error_lines) == 1 and expected in error_lines[0], stderr
