@@ -46,8 +46,9 @@ KERNELS = ("auto", "fused", "bmm", "dense", "torch", "triton")
 # An estimate, not yet a measurement: no GPU was available when it was set (benchmarks/RESULTS.md).
 CUDA_BREAK_EVEN = 0.5
 
-# apply_bsr's default: layers less block-sparse than this stay nn.Linear without being measured. "auto" decides the
-# rest by measurement, so this only saves conversion time: no CPU measured gained below it (RESULTS.md, "Sweep").
+# apply_bsr's default: layers less block-sparse than this stay nn.Linear without being measured; "auto" decides the
+# rest by measurement, so this only spares measuring barely-pruned layers. The fused kernel gains from this
+# sparsity up at blocks 32 and 64; below it nothing was measured (RESULTS.md, "auto over sparsity").
 DEFAULT_MIN_SPARSITY = 0.5
 
 # "auto" on CPU times the candidates on this many tokens (a 224-pixel ViT-B/16 image is 197).
@@ -130,6 +131,7 @@ class KernelChoice:
 
     kernel: str
     tile_tokens: Optional[int] = None  # the fused kernel's fastest tile, when it was measured
+    gather: bool = False  # and whether it gathers a row's inputs first
     seconds: Dict[str, float] = field(default_factory=dict, compare=False)
 
 
@@ -166,26 +168,27 @@ def choose_kernel(linear: nn.Linear, blocksize: int, candidate: Optional[str] = 
         candidate = "fused" if fused_ok else "bmm"
     key = (tuple(weight.shape), weight.dtype, blocksize, int(mask.sum()), torch.get_num_threads(), candidate)
     if key not in _measured:
-        seconds, tile = _time_candidates(linear, blocksize, candidate)
-        _measured[key] = KernelChoice(faster_of(seconds), tile, seconds)
+        seconds, setting = _time_candidates(linear, blocksize, candidate)
+        tile, gather = setting or (None, False)
+        _measured[key] = KernelChoice(faster_of(seconds), tile, gather, seconds)
     return _measured[key]
 
 
-def _time_candidates(linear: nn.Linear, blocksize: int, candidate: str) -> Tuple[Dict[str, float], Optional[int]]:
-    """({"dense": s, candidate: s}, the fused kernel's fastest tile or None) on AUTO_SAMPLE_TOKENS random tokens."""
+def _time_candidates(linear: nn.Linear, blocksize: int, candidate: str):
+    """({"dense": s, candidate: s}, the fused kernel's fastest (tile, gather) or None) on AUTO_SAMPLE_TOKENS tokens."""
     weight = linear.weight.detach()
     bias = None if linear.bias is None else linear.bias.detach()
     x = torch.randn(AUTO_SAMPLE_TOKENS, weight.shape[1], dtype=weight.dtype, device=weight.device)
     seconds = {"dense": blocksparse_fused.median_seconds(lambda: F.linear(x, weight, bias))}
-    tile = None
+    setting = None
     if candidate == "fused":
         values, crow, col = reference.pack_blocks(weight, blocksize)
-        tile, seconds["fused"] = blocksparse_fused.fastest_tile(
+        setting, seconds["fused"] = blocksparse_fused.fastest_tile(
             x, blocksparse_fused.pack(values), crow, col, bias, weight.shape[0])
     else:
         layer = BlockSparseLinear.from_dense(linear, blocksize, kernel=candidate)
         seconds[candidate] = blocksparse_fused.median_seconds(lambda: layer(x))
-    return seconds, tile
+    return seconds, setting
 
 
 ##### The module #####
@@ -203,10 +206,12 @@ class BlockSparseLinear(nn.Module):
         self.kept_blocks = kept_blocks
         self.total_blocks = (in_features // blocksize) * (out_features // blocksize)
         self.tile_tokens: Optional[int] = None  # "fused": tokens per work item, measured at conversion
+        self.gather = False  # "fused": copy a row's input columns into one panel first (measured too)
         self.num_groups = 0  # "bmm": row groups, see blocksparse_reference.pack_groups
         self.group_spans: List[Optional[Tuple[int, int]]] = []  # per group: its rows' (start, end) if consecutive
         self.has_empty_rows = False
         self.empty_span: Optional[Tuple[int, int]] = None
+        self.register_load_state_dict_post_hook(lambda module, incompatible: module._repack())
 
     @property
     def sparsity(self) -> float:
@@ -222,13 +227,13 @@ class BlockSparseLinear(nn.Module):
         if weight.dim() != 2:
             raise ValueError(f"expected a 2-D Linear weight, got shape {tuple(weight.shape)}")
         mask = block_mask(weight, blocksize)
-        tile = None
+        choice = None
         if kernel == "auto":
             choice = choose_kernel(linear, blocksize)
-            kernel, tile = choice.kernel, choice.tile_tokens
+            kernel = choice.kernel
         _check_kernel(kernel, weight, blocksize)
-        if kernel == "fused" and tile is None:
-            tile = choose_kernel(linear, blocksize, candidate="fused").tile_tokens
+        if kernel == "fused" and choice is None:
+            choice = choose_kernel(linear, blocksize, candidate="fused")
         out_features, in_features = weight.shape
         module = cls(in_features, out_features, blocksize, kernel, int(mask.sum().item()))
         bias = None if linear.bias is None else linear.bias.detach().clone()
@@ -241,7 +246,7 @@ class BlockSparseLinear(nn.Module):
             module.register_buffer("block_crow", crow)
             module.register_buffer("block_col", col)
             if kernel == "fused":
-                module.tile_tokens = tile
+                module.tile_tokens, module.gather = choice.tile_tokens, choice.gather
                 module.register_buffer("packed_values", blocksparse_fused.pack(values), persistent=False)
         elif kernel == "torch":
             crow, col, values = reference.to_torch_bsr(weight, blocksize)
@@ -267,9 +272,13 @@ class BlockSparseLinear(nn.Module):
     def _apply(self, fn, recurse=True):
         # The fused kernel's block layout depends on the dtype: re-pack after .to(dtype) and friends.
         super()._apply(fn, recurse)
+        self._repack()
+        return self
+
+    def _repack(self) -> None:
+        """Derive the fused kernel's packed blocks (not saved in state_dict) from ``block_values`` again."""
         if self.kernel == "fused" and self.block_values.device.type == "cpu":
             self.packed_values = blocksparse_fused.pack(self.block_values)
-        return self
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if input.shape[-1] != self.in_features:
@@ -283,7 +292,8 @@ class BlockSparseLinear(nn.Module):
         x = input.reshape(-1, self.in_features)
         if self.kernel == "fused":
             y = blocksparse_fused.fused_linear(x.to(self.packed_values.dtype), self.packed_values, self.block_crow,
-                                               self.block_col, self.bias, self.out_features, self.tile_tokens)
+                                               self.block_col, self.bias, self.out_features, self.tile_tokens,
+                                               self.gather)
         elif self.kernel == "dense":
             y = F.linear(x, self.weight, self.bias)
         elif self.kernel == "triton":
@@ -351,7 +361,7 @@ class BlockSparseLinear(nn.Module):
         return linear.requires_grad_(False)
 
     def extra_repr(self) -> str:
-        tile = f", tile_tokens={self.tile_tokens}" if self.tile_tokens is not None else ""
+        tile = f", tile_tokens={self.tile_tokens}, gather={self.gather}" if self.tile_tokens is not None else ""
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, blocksize={self.blocksize}, "
             f"kept_blocks={self.kept_blocks}/{self.total_blocks}, sparsity={self.sparsity:.3f}, "
@@ -477,7 +487,7 @@ def apply_bsr(
     """Replace every eligible ``nn.Linear`` of ``model`` (in place) by a ``BlockSparseLinear``.
 
     Args:
-        model: a model with frozen, already-pruned weights (e.g. after ``supermask.sparsify_offline``).
+        model: a model in eval mode with frozen, already-pruned weights (e.g. after ``supermask.sparsify_offline``).
         blocksize: block edge; a layer whose weight shape it does not divide stays dense.
         min_sparsity: a layer with fewer all-zero blocks than a Supermask at this sparsity prunes stays dense
             (``reaches_sparsity``: a layer trained at exactly 0.7 meets 0.7). With ``kernel="auto"`` the layers
@@ -510,6 +520,11 @@ def apply_bsr(
         raise ValueError(f"unknown kernel {kernel!r}; choose one of {', '.join(KERNELS)}")
     if not 0.0 <= min_sparsity <= 1.0:
         raise ValueError(f"min_sparsity must be in [0, 1], got {min_sparsity}")
+    training = next((fqn for fqn, m in model.named_modules() if m.training), None)
+    if training is not None:
+        what = f"its module {training}" if training else "the model"
+        raise ValueError(f"apply_bsr converts a model for inference, but {what} is in training mode; call "
+                         f"model.eval() first (block-sparse layers are frozen)")
     result = BsrResult()
 
     def reason_to_stay_dense(module, fqn):

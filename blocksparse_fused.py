@@ -61,7 +61,7 @@ def _build() -> None:
         logger.setLevel(level)
 
     @torch.library.register_fake("superblock::fused_bsr_linear")
-    def _(x, values, row_offsets, cols, bias, out_features, tile_tokens):
+    def _(x, values, row_offsets, cols, bias, out_features, tile_tokens, gather):
         return x.new_empty(x.shape[0], out_features)
 
 
@@ -111,44 +111,55 @@ def pack(values: torch.Tensor) -> torch.Tensor:
     """Kept blocks (kept, in, out), each a transposed weight block, in the layout the kernel reads for their dtype."""
     if values.dtype == torch.float32:
         return values.contiguous()
-    return torch.ops.superblock.fused_pack_blocks(values.contiguous(), _packed_layout_is_exact(values.dtype))
+    exact = _packed_layout_is_exact(values.dtype, values.shape[-1])
+    return torch.ops.superblock.fused_pack_blocks(values.contiguous(), exact)
 
 
 @torch.no_grad()
-def _packed_layout_is_exact(dtype: torch.dtype) -> bool:
-    """Whether the micro-kernel's pair-interleaved layout gives exact products on this CPU (checked once per dtype).
+def _packed_layout_is_exact(dtype: torch.dtype, blocksize: int) -> bool:
+    """Whether the micro-kernel's pair-interleaved layout gives exact products here (checked once per dtype and size).
 
     That path (oneDNN's bfloat16/float16 micro-kernels, AMX or AVX-512) depends on the CPU; a CPU where it is wrong
-    gets the plain layout, which ATen computes with its generic GEMM: slower, never wrong.
+    or refuses the shape gets the plain layout, which ATen computes with its generic GEMM: slower, never wrong.
     """
-    if dtype not in _loaded.setdefault("exact", {}):
+    key = (dtype, blocksize)
+    if key not in _loaded.setdefault("exact", {}):
         gen = torch.Generator().manual_seed(0)
+        values = torch.randn(3, blocksize, blocksize, generator=gen).to(dtype)
+        packed = torch.ops.superblock.fused_pack_blocks(values, True)
         exact = True
-        for blocksize in (16, 32, 64):
-            values = torch.randn(3, blocksize, blocksize, generator=gen).to(dtype)
-            packed = torch.ops.superblock.fused_pack_blocks(values, True)
-            if packed.dim() == 3:
-                break  # the micro-kernel does not run here: nothing to check
+        if packed.dim() == 4:  # else the micro-kernel does not run here: nothing to check
+            # Two block-rows: blocks (0, 0) and (0, 1), then (1, 1); with and without the gathered panel.
             x = torch.randn(37, 2 * blocksize, generator=gen).to(dtype)
-            crow = torch.tensor([0, 2, 3], dtype=torch.int32)
-            col = torch.tensor([0, 1, 1], dtype=torch.int32)
-            y = fused_linear(x, packed, crow, col, None, 2 * blocksize, 16).double()
+            crow, col = torch.tensor([0, 2, 3], dtype=torch.int32), torch.tensor([0, 1, 1], dtype=torch.int32)
             xd, vd = x.double(), values.double()
             expected = torch.cat([xd[:, :blocksize] @ vd[0] + xd[:, blocksize:] @ vd[1], xd[:, blocksize:] @ vd[2]], 1)
-            exact &= torch.allclose(y, expected, rtol=2e-2, atol=2e-2 * expected.abs().max().item())
+            for gather in (False, True):
+                try:
+                    y = fused_linear(x, packed, crow, col, None, 2 * blocksize, 16, gather).double()
+                except RuntimeError:  # a shape the micro-kernel refuses on this CPU
+                    exact = False
+                    break
+                exact &= torch.allclose(y, expected, rtol=2e-2, atol=2e-2 * expected.abs().max().item())
         if not exact:
-            warnings.warn(f"the fused kernel's packed {dtype} layout gave wrong products on this CPU; using the "
-                          f"plain layout (slower)", stacklevel=3)
-        _loaded["exact"][dtype] = exact
-    return _loaded["exact"][dtype]
+            warnings.warn(f"the fused kernel's packed layout gave wrong products for {dtype} blocks of {blocksize} on "
+                          f"this CPU; using the plain layout (slower)", stacklevel=3)
+        _loaded["exact"][key] = exact
+    return _loaded["exact"][key]
 
 
-def fused_linear(x, values, row_offsets, cols, bias, out_features: int, tile_tokens: int) -> torch.Tensor:
-    """``x (n, in) @ W.T + bias`` from W's packed blocks: the op, (n, out) in x's dtype."""
-    return torch.ops.superblock.fused_bsr_linear(x, values, row_offsets, cols, bias, out_features, tile_tokens)
+def fused_linear(x, values, row_offsets, cols, bias, out_features: int, tile_tokens: int,
+                 gather: bool = False) -> torch.Tensor:
+    """``x (n, in) @ W.T + bias`` from W's packed blocks: the op, (n, out) in x's dtype.
+
+    ``tile_tokens`` tokens make one work item; ``gather`` copies a row's input columns into one panel first.
+    """
+    return torch.ops.superblock.fused_bsr_linear(x, values, row_offsets, cols, bias, out_features, tile_tokens,
+                                                 gather)
 
 
-# Token tiles tried at conversion: the one that runs fastest on this CPU, dtype and shape is kept.
+# Token tiles tried at conversion, each with and without gathering a row's inputs: the fastest on this CPU,
+# dtype and layer is kept.
 TILE_CANDIDATES = (32, 64, 128, 256)
 
 
@@ -164,11 +175,13 @@ def median_seconds(fn, repeats: int = 5) -> float:
 
 
 def fastest_tile(x, values, row_offsets, cols, bias, out_features: int):
-    """(tile_tokens, seconds): the best of ``TILE_CANDIDATES`` measured on the sample input ``x``."""
+    """((tile_tokens, gather), seconds): the fastest setting of ``TILE_CANDIDATES`` on the sample input ``x``."""
     timings = {}
     for tile in TILE_CANDIDATES:
         if tile > 2 * x.shape[0] and timings:
             break  # bigger tiles than the sample only repeat the last measurement
-        timings[tile] = median_seconds(lambda: fused_linear(x, values, row_offsets, cols, bias, out_features, tile))
+        for gather in (False, True):
+            timings[tile, gather] = median_seconds(
+                lambda: fused_linear(x, values, row_offsets, cols, bias, out_features, tile, gather))
     best = min(timings, key=timings.get)
     return best, timings[best]

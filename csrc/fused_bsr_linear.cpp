@@ -2,8 +2,12 @@
 //
 // Work is split into (tile of tokens, output block-row) items. Each item accumulates one brgemm per kept block of
 // its row, reading the input's column-block in place (leading dimension = the input's row stride, no gather), into
-// a float tile, then adds the bias and writes its output tile in the output dtype. Every item is computed by one
-// thread from start to end, so the result is the same bit for bit whatever the thread count.
+// a float tile, then adds the bias and writes its output tile in the output dtype. With `gather`, an item whose
+// row keeps several blocks first copies their input columns side by side into a small panel and runs one brgemm
+// over all of them (the row's blocks are stored one after the other, so they already form one K x bs operand):
+// fewer, longer products for a copy that stays in cache. Which is faster depends on the CPU and the shape, so the
+// caller measures both. Every item is computed by one thread from start to end, so the result is the same bit for
+// bit whatever the thread count.
 //
 // The weight blocks come from pack_blocks below: each block transposed (in x out, the brgemm "B" operand), and for
 // bfloat16/float16, where oneDNN's micro-kernel runs on this CPU, in its pair-interleaved (VNNI) layout.
@@ -73,7 +77,8 @@ bool vnni_runs(at::ScalarType dtype) {
 
 template <typename T>
 void run_items(const at::Tensor& x, const at::Tensor& values, const at::Tensor& row_offsets, const at::Tensor& cols,
-               const c10::optional<at::Tensor>& bias, at::Tensor& y, int64_t blocksize, int64_t tile_tokens) {
+               const c10::optional<at::Tensor>& bias, at::Tensor& y, int64_t blocksize, int64_t tile_tokens,
+               bool gather) {
   const bool vnni = values.dim() == 4;
   const int64_t tokens = x.size(0), out_features = y.size(1), x_stride = x.stride(0);
   const int64_t block_rows = out_features / blocksize, block_numel = blocksize * blocksize;
@@ -88,6 +93,7 @@ void run_items(const at::Tensor& x, const at::Tensor& values, const at::Tensor& 
 
   at::parallel_for(0, tiles * block_rows, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> tile(accumulate_in_output ? 0 : tile_tokens * blocksize);
+    std::vector<T> panel;
     for (int64_t item = begin; item < end; ++item) {
       const int64_t row = item % block_rows, first_token = (item / block_rows) * tile_tokens;
       const int64_t m = std::min(tile_tokens, tokens - first_token);
@@ -105,9 +111,23 @@ void run_items(const at::Tensor& x, const at::Tensor& values, const at::Tensor& 
         }
         continue;
       }
-      for (int64_t j = first; j < last; ++j) {
-        brgemm(m, blocksize, blocksize, x_stride, blocksize, acc_stride, j > first,
-               x_data + first_token * x_stride + col[j] * blocksize, blocks + j * block_numel, acc, vnni);
+      const T* x_tile = x_data + first_token * x_stride;
+      if (gather && last - first > 1) {
+        const int64_t depth = (last - first) * blocksize;
+        panel.resize(m * depth);
+        for (int64_t i = 0; i < m; ++i) {
+          for (int64_t j = first; j < last; ++j) {
+            std::memcpy(panel.data() + i * depth + (j - first) * blocksize, x_tile + i * x_stride + col[j] * blocksize,
+                        blocksize * sizeof(T));
+          }
+        }
+        brgemm(m, blocksize, depth, depth, blocksize, acc_stride, false, panel.data(), blocks + first * block_numel,
+               acc, vnni);
+      } else {
+        for (int64_t j = first; j < last; ++j) {
+          brgemm(m, blocksize, blocksize, x_stride, blocksize, acc_stride, j > first, x_tile + col[j] * blocksize,
+                 blocks + j * block_numel, acc, vnni);
+        }
       }
       if (accumulate_in_output) {
         if (row_bias) {
@@ -128,7 +148,7 @@ void run_items(const at::Tensor& x, const at::Tensor& values, const at::Tensor& 
 
 at::Tensor fused_bsr_linear(const at::Tensor& input, const at::Tensor& values, const at::Tensor& row_offsets,
                             const at::Tensor& cols, const c10::optional<at::Tensor>& bias, int64_t out_features,
-                            int64_t tile_tokens) {
+                            int64_t tile_tokens, bool gather) {
   TORCH_CHECK(input.dim() == 2, "fused_bsr_linear: expected a 2-D input, got ", input.dim(), " dimensions");
   TORCH_CHECK(values.scalar_type() == input.scalar_type(), "fused_bsr_linear: weight dtype ", values.scalar_type(),
               " does not match the input's ", input.scalar_type());
@@ -147,13 +167,13 @@ at::Tensor fused_bsr_linear(const at::Tensor& input, const at::Tensor& values, c
   const c10::optional<at::Tensor> c_bias = bias.has_value() ? c10::optional<at::Tensor>(bias->contiguous()) : bias;
   switch (x.scalar_type()) {
     case at::kFloat:
-      run_items<float>(x, values, row_offsets, cols, c_bias, y, blocksize, tile_tokens);
+      run_items<float>(x, values, row_offsets, cols, c_bias, y, blocksize, tile_tokens, gather);
       break;
     case at::kBFloat16:
-      run_items<at::BFloat16>(x, values, row_offsets, cols, c_bias, y, blocksize, tile_tokens);
+      run_items<at::BFloat16>(x, values, row_offsets, cols, c_bias, y, blocksize, tile_tokens, gather);
       break;
     case at::kHalf:
-      run_items<at::Half>(x, values, row_offsets, cols, c_bias, y, blocksize, tile_tokens);
+      run_items<at::Half>(x, values, row_offsets, cols, c_bias, y, blocksize, tile_tokens, gather);
       break;
     default:
       TORCH_CHECK(false, "fused_bsr_linear: float32, bfloat16 or float16 input expected, got ", x.scalar_type());
@@ -185,7 +205,7 @@ at::Tensor pack_blocks(const at::Tensor& blocks, bool allow_vnni) {
 
 TORCH_LIBRARY_FRAGMENT(superblock, m) {
   m.def("fused_bsr_linear(Tensor input, Tensor values, Tensor row_offsets, Tensor cols, Tensor? bias, "
-        "int out_features, int tile_tokens) -> Tensor");
+        "int out_features, int tile_tokens, bool gather) -> Tensor");
   m.def("fused_pack_blocks(Tensor blocks, bool allow_vnni) -> Tensor");
 }
 

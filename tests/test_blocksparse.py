@@ -199,7 +199,7 @@ def test_auto_keeps_the_kernel_that_measured_faster(monkeypatch, faster):
 
     def fake_timings(linear, blocksize, kernel):
         timed.append(kernel)
-        return {"dense": 1.0, kernel: 0.5 if faster == "sparse" else 2.0}, (64 if kernel == "fused" else None)
+        return {"dense": 1.0, kernel: 0.5 if faster == "sparse" else 2.0}, ((64, True) if kernel == "fused" else None)
 
     monkeypatch.setattr(blocksparse, "_measured", {})
     monkeypatch.setattr(blocksparse, "_time_candidates", fake_timings)
@@ -209,7 +209,7 @@ def test_auto_keeps_the_kernel_that_measured_faster(monkeypatch, faster):
     assert layer.kernel == (candidate if faster == "sparse" else "dense")
     text = repr(layer)
     assert "blocksize=64" in text and f"kernel='{layer.kernel}'" in text and "sparsity=" in text
-    assert ("tile_tokens=64" in text) == (layer.kernel == "fused")
+    assert ("tile_tokens=64, gather=True" in text) == (layer.kernel == "fused")
     BlockSparseLinear.from_dense(linear, 64)
     assert len(timed) == 1, "a layer of the same shape, dtype and blocks must reuse the measurement"
     x = torch.randn(3, 256)
@@ -333,7 +333,7 @@ def trained_at(sparsity, in_features, out_features, blocksize):
 
 def test_a_layer_trained_at_the_threshold_meets_it():
     # 576 tiles at 0.7: 402 pruned, 0.6997 < 0.7; likewise 0.7995 for 1152 tiles at 0.8.
-    model = nn.Sequential(trained_at(0.7, 384, 384, 16))
+    model = nn.Sequential(trained_at(0.7, 384, 384, 16)).eval()
     assert blocksparse.block_sparsity(model[0].weight, 16) < 0.7
     result = apply_bsr(model, blocksize=16, min_sparsity=0.7)
     assert [name for name, _, _ in result.converted] == ["0"]
@@ -343,16 +343,27 @@ def test_a_layer_trained_at_the_threshold_meets_it():
 def test_the_threshold_counts_blocks_as_a_supermask_prunes_them(zero_blocks, converted):
     keep = torch.ones(24 * 24, dtype=torch.bool)
     keep[torch.randperm(24 * 24, generator=torch.Generator().manual_seed(0))[:zero_blocks]] = False
-    model = nn.Sequential(block_sparse_linear(384, 384, 16, keep.view(24, 24)))
+    model = nn.Sequential(block_sparse_linear(384, 384, 16, keep.view(24, 24))).eval()
     result = apply_bsr(model, blocksize=16, min_sparsity=0.7)
     assert bool(result.converted) == converted
+
+
+def test_apply_bsr_refuses_a_model_in_training_mode():
+    model = nn.Sequential(nn.Linear(32, 32), nn.Sequential(nn.ReLU(), nn.Linear(32, 32)))
+    with pytest.raises(ValueError, match=r"the model is in training mode; call model.eval\(\) first"):
+        apply_bsr(model, blocksize=16)
+    model.eval()
+    model[1].train()
+    with pytest.raises(ValueError, match="its module 1 is in training mode"):
+        apply_bsr(model, blocksize=16)
+    assert all(type(m) is not BlockSparseLinear for m in model.modules()), "nothing is converted before refusing"
 
 
 def test_apply_bsr_respects_filter_fn_and_skips_linear_subclasses():
     class TaggedLinear(nn.Linear):
         pass
 
-    model = nn.Sequential(nn.Linear(32, 32), TaggedLinear(32, 32), nn.Linear(32, 32))
+    model = nn.Sequential(nn.Linear(32, 32), TaggedLinear(32, 32), nn.Linear(32, 32)).eval()
     with torch.no_grad():
         for m in model:
             m.weight[:16].zero_()

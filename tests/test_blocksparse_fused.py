@@ -50,7 +50,7 @@ def fused_layer(linear, blocksize):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("blocksize", [16, 32, 64])
+@pytest.mark.parametrize("blocksize", [8, 16, 32, 64])
 @pytest.mark.parametrize("tokens", [1, 7, 197, 3000])
 def test_fused_matches_float64_reference(dtype, blocksize, tokens):
     linear = sparse_linear(256, 128, blocksize, 0.6, dtype=dtype, seed=blocksize + tokens)  # not square
@@ -58,9 +58,11 @@ def test_fused_matches_float64_reference(dtype, blocksize, tokens):
     if layer is None:
         return
     x = torch.randn(tokens, 256, dtype=dtype)
-    y = layer(x)
-    assert y.dtype == dtype and y.shape == (tokens, 128)
-    torch.testing.assert_close(y.double(), reference(linear, x), **TOL[dtype])
+    for gather in (False, True):  # conversion measures which runs faster; both must be exact
+        layer.gather = gather
+        y = layer(x)
+        assert y.dtype == dtype and y.shape == (tokens, 128)
+        torch.testing.assert_close(y.double(), reference(linear, x), **TOL[dtype])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -74,9 +76,11 @@ def test_fused_takes_any_leading_shape_strided_input_and_no_bias(dtype):
               torch.randn(256, 9, dtype=dtype)[:128].t(),  # column-major
               torch.randn(4, 2, 128, dtype=dtype).transpose(0, 1)]  # leading dimensions out of order
     for x in inputs:
-        y = layer(x)
-        assert y.shape == x.shape[:-1] + (192,)
-        torch.testing.assert_close(y.double(), reference(linear, x), **TOL[dtype])
+        for gather in (False, True):
+            layer.gather = gather
+            y = layer(x)
+            assert y.shape == x.shape[:-1] + (192,)
+            torch.testing.assert_close(y.double(), reference(linear, x), **TOL[dtype])
 
 
 @pytest.mark.parametrize("bias", [True, False])
@@ -104,6 +108,18 @@ def test_fused_repacks_when_the_dtype_changes():
     torch.testing.assert_close(layer.float()(x).double(), reference(rounded, x), **TOL[torch.float32])
 
 
+def test_fused_layer_loads_a_state_dict_into_its_packed_blocks():
+    first = sparse_linear(128, 128, 32, 0.5, dtype=torch.bfloat16, seed=8)
+    layer = fused_layer(first, 32)
+    if layer is None:
+        return
+    second = sparse_linear(128, 128, 32, 0.5, dtype=torch.bfloat16, seed=8)
+    second.weight.mul_(2)  # the same blocks, other values
+    layer.load_state_dict(fused_layer(second, 32).state_dict())
+    x = torch.randn(5, 128, dtype=torch.bfloat16)
+    torch.testing.assert_close(layer(x).double(), reference(second, x), **TOL[torch.bfloat16])
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fused_is_bitwise_identical_at_one_and_two_threads(dtype):
     linear = sparse_linear(256, 512, 32, 0.8, dtype=dtype, seed=4)
@@ -112,14 +128,16 @@ def test_fused_is_bitwise_identical_at_one_and_two_threads(dtype):
         return
     x = torch.randn(333, 256, dtype=dtype)
     threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = layer(x)
-        torch.set_num_threads(2)
-        two = layer(x)
-    finally:
-        torch.set_num_threads(threads)
-    assert torch.equal(one, two)
+    for gather in (False, True):
+        layer.gather = gather
+        try:
+            torch.set_num_threads(1)
+            one = layer(x)
+            torch.set_num_threads(2)
+            two = layer(x)
+        finally:
+            torch.set_num_threads(threads)
+        assert torch.equal(one, two)
 
 
 def test_fused_compiles_with_inductor_as_one_node():
@@ -170,6 +188,15 @@ def test_vit_b_16_logits_with_mlp_and_attention_converted():
     torch.testing.assert_close(out, expected, atol=1e-3, rtol=1e-3)
 
 
+def printed_by(script, env):
+    """{first word: rest of line} of what `python -c script` prints, run from the repository root with `env`."""
+    run = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert "Traceback" not in run.stderr
+    return dict(line.split(" ", 1) for line in run.stdout.splitlines())
+
+
 def test_without_the_extension_auto_falls_back_and_fused_says_why():
     script = """
 import warnings, torch
@@ -190,11 +217,7 @@ try:
 except RuntimeError as e:
     print("error", e)
 """
-    env = dict(os.environ, SUPERBLOCK_NO_EXTENSION="1", OMP_NUM_THREADS="1")
-    run = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
-                         timeout=120)
-    assert run.returncode == 0, run.stderr
-    lines = dict(line.split(" ", 1) for line in run.stdout.splitlines())
+    lines = printed_by(script, dict(os.environ, SUPERBLOCK_NO_EXTENSION="1", OMP_NUM_THREADS="1"))
     assert lines["auto"] in ("bmm", "dense")
     assert lines["notices"] == "1", "the fallback is announced once per process"
     assert lines["close"] == "True"
@@ -218,14 +241,10 @@ print("notices", sum("kernel is unavailable" in str(w.message) for w in caught))
     env = dict(os.environ, TORCH_EXTENSIONS_DIR=str(tmp_path), CXX=str(tmp_path / "no-such-compiler"),
                OMP_NUM_THREADS="1")
     env.pop("SUPERBLOCK_NO_EXTENSION", None)
-    run = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
-                         timeout=300)
-    assert run.returncode == 0, run.stderr
-    lines = dict(line.split(" ", 1) for line in run.stdout.splitlines())
+    lines = printed_by(script, env)
     assert lines["auto"] in ("bmm", "dense")
     assert lines["reason"].startswith("building csrc/fused_bsr_linear.cpp failed"), lines["reason"]
     assert lines["notices"] == "1"
-    assert "Traceback" not in run.stderr
 
 
 def test_the_plain_layout_fallback_is_exact_too(monkeypatch):
@@ -234,7 +253,7 @@ def test_the_plain_layout_fallback_is_exact_too(monkeypatch):
     if not FUSED:
         fused_layer(linear, 32)
         return
-    monkeypatch.setitem(blocksparse_fused._loaded, "exact", {torch.bfloat16: False})
+    monkeypatch.setitem(blocksparse_fused._loaded, "exact", {(torch.bfloat16, 32): False})
     layer = fused_layer(linear, 32)
     assert layer.packed_values.dim() == 3, "the plain layout keeps (kept, in, out) blocks"
     x = torch.randn(9, 128, dtype=torch.bfloat16)
