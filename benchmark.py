@@ -42,6 +42,10 @@ def get_args_parser(add_help=True):
     """The benchmark's flags."""
     parser = argparse.ArgumentParser(description="SuperBlock inference benchmark", add_help=add_help)
     utils.add_model_args(parser)
+    # Unlike training, a benchmark is often run on a machine without a GPU: default to what is there.
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    parser.set_defaults(device=device)
+    next(a for a in parser._actions if a.dest == "device").help = f"device: cuda or cpu (default here: {device})"
     utils.add_supermask_args(parser)
     group = parser.add_argument_group("benchmark")
     group.add_argument("-b", "--batch-size", default=8, type=int, help="images per forward (default: 8)")

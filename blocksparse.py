@@ -382,9 +382,13 @@ class BsrResult:
     # hidden units were reordered (and dead ones dropped) before packing; see _prepare_mlp_pair.
     mlp_pairs: List[Tuple[str, str, str]] = field(default_factory=list)
 
-    def skipped_summary(self) -> str:
-        """The layers left dense and why, on one line."""
-        return "; ".join(f"{name}: {reason}" for name, reason in self.left_dense) or "no layer left dense"
+    def skipped_summary(self, most: int = 3) -> str:
+        """The layers left dense and why, on one short line: the first ``most``, then how many more."""
+        if not self.left_dense:
+            return "no layer left dense"
+        named = "; ".join(f"{name}: {reason}" for name, reason in self.left_dense[:most])
+        more = len(self.left_dense) - most
+        return f"{named}; and {more} more" if more > 0 else named
 
     def __str__(self) -> str:
         lines = [f"converted {len(self.converted)} Linear layers to BlockSparseLinear:"]

@@ -61,35 +61,87 @@ def is_compact(checkpoint) -> bool:
     return isinstance(checkpoint, dict) and checkpoint.get("format") == COMPACT_FORMAT
 
 
+def _check_layout(checkpoint: dict) -> None:
+    """Raise ValueError naming the first entry of a compact checkpoint that is missing or of the wrong kind."""
+    def need(ok, what):
+        if not ok:
+            raise ValueError(f"malformed compact checkpoint: {what}; re-create it with evaluate.py --save-compact")
+
+    arch = checkpoint.get("architecture")
+    need(isinstance(arch, dict) and all(k in arch for k in ("model", "num_classes", "image_size")),
+         "'architecture' must hold model, num_classes and image_size")
+    need(isinstance(checkpoint.get("blocksize"), int) and checkpoint["blocksize"] > 0,
+         "'blocksize' must be a positive integer")
+    need(isinstance(checkpoint.get("dense"), dict)
+         and all(isinstance(t, torch.Tensor) for t in checkpoint["dense"].values()),
+         "'dense' must map names to tensors")
+    need(isinstance(checkpoint.get("sparse"), dict), "'sparse' must map layer names to their blocks")
+    blocksize = checkpoint["blocksize"]
+    for fqn, layer in checkpoint["sparse"].items():
+        need(isinstance(layer, dict) and all(k in layer for k in ("shape", "values", "crow", "col", "bias")),
+             f"sparse layer {fqn!r} must hold shape, values, crow, col and bias")
+        shape, values, crow, col = layer["shape"], layer["values"], layer["crow"], layer["col"]
+        need(isinstance(shape, (list, tuple)) and len(shape) == 2 and all(isinstance(v, int) for v in shape)
+             and shape[0] % blocksize == 0 and shape[1] % blocksize == 0,
+             f"sparse layer {fqn!r}: shape {shape} is not two multiples of the block size {blocksize}")
+        need(all(isinstance(t, torch.Tensor) for t in (values, crow, col)) and values.dim() == 3
+             and tuple(values.shape[1:]) == (blocksize, blocksize) and crow.numel() == shape[0] // blocksize + 1
+             and col.numel() == values.shape[0] and int(crow[-1]) == values.shape[0]
+             and bool((crow.diff() >= 0).all()) and bool(((col >= 0) & (col < shape[1] // blocksize)).all()),
+             f"sparse layer {fqn!r}: its blocks and indices do not fit its shape {shape[0]}x{shape[1]}")
+
+
 @torch.no_grad()
 def model_from_compact(checkpoint: dict, *, kernel: str = "auto", device=None) -> Tuple[nn.Module, "blocksparse.BsrResult"]:
-    """Rebuild the block-sparse model a compact checkpoint (already loaded) describes; returns (model, BsrResult)."""
+    """Rebuild the block-sparse model a compact checkpoint (already loaded) describes; returns (model, BsrResult).
+
+    Raises ValueError, with the reason, for a file that is newer than this code or malformed.
+    """
     if checkpoint.get("version", 0) > COMPACT_VERSION:
         raise ValueError(f"compact checkpoint format version {checkpoint['version']} is newer than this SuperBlock "
                          f"reads ({COMPACT_VERSION}); update SuperBlock")
+    _check_layout(checkpoint)
     arch = checkpoint["architecture"]
-    model = utils.build_model(argparse.Namespace(model=arch["model"], weights=None),
-                              num_classes=arch["num_classes"], image_size=arch["image_size"])
+    try:
+        model = utils.build_model(argparse.Namespace(model=arch["model"], weights=None),
+                                  num_classes=arch["num_classes"], image_size=arch["image_size"])
+    except utils.InputError as e:
+        raise ValueError(f"malformed compact checkpoint: its architecture cannot be built: {e}") from None
     state = dict(checkpoint["dense"])
     floats = [t for t in state.values() if t.is_floating_point()]
     model.to(dtype=floats[0].dtype if floats else torch.float32)
     for fqn, layer in checkpoint["sparse"].items():
         weight = expand_blocks(layer["values"], layer["crow"], layer["col"], tuple(layer["shape"]))
         owner, _, projection = fqn.rpartition(".")
-        if projection == "in_proj" and isinstance(model.get_submodule(owner), nn.MultiheadAttention):
+        if projection == "in_proj" and isinstance(_submodule_or_none(model, owner), nn.MultiheadAttention):
             state[f"{owner}.in_proj_weight"], bias_key = weight, f"{owner}.in_proj_bias"
         else:
             state[f"{fqn}.weight"], bias_key = weight, f"{fqn}.bias"
         if layer["bias"] is not None:
             state[bias_key] = layer["bias"]
-    model.load_state_dict(state, strict=True)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[0].rstrip(":. ")
+        raise ValueError(f"malformed compact checkpoint: its weights do not fit a {arch['model']} ({first}); "
+                         f"re-create it with evaluate.py --save-compact") from None
     model.eval().requires_grad_(False)
     if device is not None:
         model.to(device)
     sparse_layers = set(checkpoint["sparse"])
     result = blocksparse.apply_bsr(model, checkpoint["blocksize"], min_sparsity=0.0, kernel=kernel,
                                    filter_fn=lambda module, fqn: fqn in sparse_layers)
+    # Every other layer was stored dense: say so rather than blame a filter the user never passed.
+    result.left_dense = [(name, "stored dense in the compact file" if reason == "excluded by filter_fn" else reason)
+                         for name, reason in result.left_dense]
     return model, result
+
+
+def _submodule_or_none(model: nn.Module, fqn: str):
+    try:
+        return model.get_submodule(fqn)
+    except AttributeError:
+        return None
 
 
 def load_compact(path: str, *, kernel: str = "auto", device=None) -> nn.Module:

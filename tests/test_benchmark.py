@@ -47,6 +47,13 @@ def test_baselines_pick_the_variants_timed_beside_bsr():
     assert all(row["matches_offline"] for row in rows[1:]), "offline still checks every variant, untimed"
 
 
+def test_device_defaults_to_what_the_machine_has():
+    parser = benchmark.get_args_parser()
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert parser.parse_args([]).device == expected
+    assert f"default here: {expected}" in parser.format_help()
+
+
 def test_output_check_catches_a_wrong_output():
     ref = torch.randn(4, 10)
     assert benchmark.compare(ref + 1e-6, ref, torch.float32)[2]

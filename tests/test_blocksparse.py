@@ -315,6 +315,16 @@ def test_apply_bsr_keeps_vit_logits_and_reports_dense_layers(kernel):
         torch.testing.assert_close(model(x), expected, atol=1e-4, rtol=1e-4)
 
 
+def test_skipped_summary_names_three_layers_and_counts_the_rest():
+    model = small_vit()
+    result = apply_bsr(model, blocksize=7)  # divides no layer of the ViT: every Linear stays dense
+    summary = result.skipped_summary()
+    assert len(result.left_dense) > 3
+    assert summary.count("not divisible by blocksize 7") == 3
+    assert summary.endswith(f"; and {len(result.left_dense) - 3} more")
+    assert blocksparse.BsrResult(left_dense=[("a", "why")]).skipped_summary() == "a: why"
+
+
 def test_apply_bsr_leaves_layers_below_min_sparsity_dense():
     model = small_vit(sparsity=0.0)  # MLP weights keep every block
     result = apply_bsr(model, blocksize=16, min_sparsity=0.5)

@@ -74,6 +74,54 @@ def test_truncated_and_newer_files_are_clear_errors(tmp_path):
         blocksparse.load_compact(str(tmp_path / "plain.pth"))
 
 
+def _drop(key):
+    def edit(checkpoint):
+        del checkpoint[key]
+    return edit
+
+
+def _layer_entry(key, value):
+    def edit(checkpoint):
+        next(iter(checkpoint["sparse"].values()))[key] = value
+    return edit
+
+
+def _weights_of_another_model(checkpoint):
+    checkpoint["dense"]["encoder.ln.weight"] = torch.ones(7)
+
+
+@pytest.mark.parametrize("edit,message", [
+    (_drop("blocksize"), "'blocksize' must be a positive integer"),
+    (_drop("architecture"), "'architecture' must hold model, num_classes and image_size"),
+    (lambda c: c.update(sparse=[1, 2]), "'sparse' must map layer names"),
+    (lambda c: c.update(dense={"x": 3}), "'dense' must map names to tensors"),
+    (_layer_entry("shape", "512x128"), "is not two multiples of the block size"),
+    (_layer_entry("crow", torch.zeros(3, dtype=torch.int32)), "its blocks and indices do not fit"),
+    (_layer_entry("col", torch.full((1,), 99, dtype=torch.int32)), "its blocks and indices do not fit"),
+    (_weights_of_another_model, "its weights do not fit a vit_tiny"),
+    (lambda c: c["architecture"].update(model="no_such_net"), "its architecture cannot be built"),
+], ids=["no_blocksize", "no_architecture", "sparse_not_a_dict", "dense_not_tensors", "bad_shape", "bad_crow",
+        "bad_col", "wrong_weights", "unknown_model"])
+def test_malformed_compact_files_are_one_clear_value_error(edit, message, tmp_path):
+    path = tmp_path / "compact.pth"
+    blocksparse.save_compact(block_sparse_vit(0.0), str(path), architecture=ARCH, blocksize=16)
+    checkpoint = utils.load_checkpoint(str(path))
+    edit(checkpoint)
+    utils.save_checkpoint(checkpoint, str(tmp_path / "bad.pth"))  # a valid checksum over malformed content
+    with pytest.raises(ValueError, match="malformed compact checkpoint") as caught:
+        blocksparse.load_compact(str(tmp_path / "bad.pth"))
+    assert message in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_compact_model_reports_its_dense_layers_as_stored_dense(tmp_path):
+    path = str(tmp_path / "compact.pth")
+    blocksparse.save_compact(block_sparse_vit(0.0), path, architecture=ARCH, blocksize=16)
+    _, result = blocksparse.model_from_compact(utils.load_checkpoint(path))
+    reasons = dict(result.left_dense)
+    assert reasons["heads.head"] == "stored dense in the compact file"
+    assert "excluded by filter_fn" not in str(result)
+
+
 def test_sparsity_report_lists_block_sparse_layers():
     from supermask import sparsity_report
 
