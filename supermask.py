@@ -12,6 +12,7 @@ backward passes the mask's gradient straight through to the scores.
 """
 
 import math
+import sys
 import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -658,10 +659,11 @@ class LayerSparsity:
     kind: str
     weight_shape: tuple
     tile_size: Optional[int]
-    target_sparsity: float
+    target_sparsity: Optional[float]  # None: not masked, so no target
     actual_sparsity: float
     numel: int
-    note: str = ""
+    note: str = ""  # what the layer is now: masked, frozen, block-sparse, or dense and why
+    pruned: bool = True  # False for weights that are zero without having been pruned (a zero-initialised head)
 
 
 @dataclass
@@ -676,7 +678,7 @@ class SparsityReport:
 
     @property
     def pruned_params(self):
-        return sum(round(r.numel * r.actual_sparsity) for r in self.rows)
+        return sum(round(r.numel * r.actual_sparsity) for r in self.rows if r.pruned)
 
     @property
     def overall_sparsity(self):
@@ -686,7 +688,7 @@ class SparsityReport:
         header = ("layer", "type", "weight", "tile", "target", "actual", "note")
         lines = [header] + [
             (r.name, r.kind, "x".join(map(str, r.weight_shape)), str(r.tile_size or "-"),
-             f"{r.target_sparsity:.3f}", f"{r.actual_sparsity:.3f}", r.note)
+             "-" if r.target_sparsity is None else f"{r.target_sparsity:.3f}", f"{r.actual_sparsity:.3f}", r.note)
             for r in self.rows
         ]
         widths = [max(len(line[i]) for line in lines) for i in range(len(header) - 1)]
@@ -699,7 +701,10 @@ class SparsityReport:
 
 @torch.no_grad()
 def sparsity_report(model):
-    """One row per Linear/Conv2d of the model: target and actual sparsity, or why it stays dense."""
+    """One row per Linear/Conv2d of the model: what it is now (masked, frozen, block-sparse, dense and why) and its
+    actual sparsity; masked layers also show their target."""
+    # No block-sparse layer can exist unless blocksparse (which imports this module) was imported.
+    blocksparse = sys.modules.get("blocksparse")
     skipped = getattr(model, "_supermask_skipped", {})
     dead = _attention_out_projections(model)
     rows = []
@@ -707,13 +712,12 @@ def sparsity_report(model):
         if isinstance(module, nn.MultiheadAttention):
             # Its q/k/v projection is a bare parameter, not a module: report it as a layer of its own.
             weight = module.in_proj_weight if module._qkv_same_embed_dim else module.q_proj_weight
-            rows.append(LayerSparsity(f"{name}.in_proj_weight", "MultiheadAttention", tuple(weight.shape), None,
-                                      0.0, (weight == 0).float().mean().item(), weight.numel(),
-                                      skipped.get(name, "dense")))
-        if hasattr(module, "tile_mask") and hasattr(module, "blocksize"):  # blocksparse.BlockSparseLinear
+            rows.append(_plain_row(f"{name}.in_proj_weight", "MultiheadAttention", weight, skipped.get(name)))
+        if blocksparse is not None and isinstance(module, blocksparse.BlockSparseLinear):
             rows.append(LayerSparsity(name, type(module).__name__, (module.out_features, module.in_features),
-                                      module.blocksize, 0.0, module.sparsity,
-                                      module.out_features * module.in_features, f"kernel={module.kernel}"))
+                                      module.blocksize, None, module.sparsity,
+                                      module.out_features * module.in_features,
+                                      f"block-sparse, kernel={module.kernel}"))
             continue
         if not _is_prunable(module):
             continue
@@ -721,11 +725,20 @@ def sparsity_report(model):
         if isinstance(module, SUPERMASK_LAYERS):
             actual = 1.0 - module.get_mask().float().mean().item()
             rows.append(LayerSparsity(name, kind, tuple(module.weight.shape), module.tile_size,
-                                      module.sparsity, actual, module.weight.numel()))
+                                      module.sparsity, actual, module.weight.numel(), "masked"))
             continue
-        actual = (module.weight == 0).float().mean().item()
-        note = skipped.get(name) or (
-            "nn.MultiheadAttention reads this weight functionally" if name in dead else "dense")
-        rows.append(LayerSparsity(name, kind, tuple(module.weight.shape), None, 0.0, actual,
-                                  module.weight.numel(), note))
+        why = skipped.get(name) or ("nn.MultiheadAttention reads this weight functionally" if name in dead else None)
+        rows.append(_plain_row(name, kind, module.weight, why))
     return SparsityReport(rows)
+
+
+def _plain_row(name, kind, weight, why_dense):
+    """The row of a plain weight: frozen if some of it is zero (masks frozen in), else dense and why."""
+    actual = (weight == 0).float().mean().item()
+    if actual == 1.0:
+        note, pruned = "all weights zero, not pruned (e.g. a zero-initialised classifier)", False
+    elif actual > 0.0:
+        note, pruned = "frozen: plain weights, masked tiles at zero", True
+    else:
+        note, pruned = f"dense: {why_dense}" if why_dense else "dense", True
+    return LayerSparsity(name, kind, tuple(weight.shape), None, None, actual, weight.numel(), note, pruned)

@@ -511,3 +511,28 @@ def test_sparsify_offline_keeps_each_layers_mode():
                     attention_sp_tilesize=16)
     sparsify_offline(model.eval())
     assert not any(m.training for m in model.modules()), "frozen layers of an eval model must be in eval mode"
+
+
+def test_report_rows_say_what_each_layer_is_now():
+    import blocksparse
+
+    torch.manual_seed(3)
+    model = torchvision.models.VisionTransformer(image_size=16, patch_size=4, num_layers=2, num_heads=2,
+                                                 hidden_dim=32, mlp_dim=64, num_classes=10)  # head zero-initialised
+    apply_supermask(model, linear_sparsity=0.75, linear_sp_tilesize=8, skip_last_layer_sparsity=True)
+    masked = {r.name: r for r in sparsity_report(model).rows}
+    assert masked["encoder.layers.encoder_layer_0.mlp.0"].note == "masked"
+    assert masked["encoder.layers.encoder_layer_0.mlp.0"].target_sparsity == 0.75
+    head = masked["heads.head"]
+    assert head.actual_sparsity == 1.0 and not head.pruned and "zero-initialised" in head.note
+    frozen_report = sparsity_report(sparsify_offline(model.eval()))
+    frozen = {r.name: r for r in frozen_report.rows}
+    row = frozen["encoder.layers.encoder_layer_0.mlp.0"]
+    assert row.note.startswith("frozen") and row.target_sparsity is None and 0.7 < row.actual_sparsity < 0.8
+    assert frozen["encoder.layers.encoder_layer_0.self_attention.in_proj_weight"].note == "dense: attention_sparsity is 0"
+    pruned = sum(round(r.numel * r.actual_sparsity) for r in frozen_report.rows if r.name != "heads.head")
+    assert frozen_report.pruned_params == pruned, "an all-zero classifier is not counted as pruned"
+    blocksparse.apply_bsr(model, blocksize=8)
+    converted = {r.name: r for r in sparsity_report(model).rows}["encoder.layers.encoder_layer_0.mlp.0"]
+    assert converted.note.startswith("block-sparse, kernel=") and converted.target_sparsity is None
+    assert " -  " in str(sparsity_report(model)), "rows without a target show '-', not 0.000"
