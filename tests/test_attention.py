@@ -141,13 +141,17 @@ def test_attention_compiles_fullgraph_in_training_and_inference():
     apply_supermask(model, attention_sparsity=0.5, attention_sp_tilesize=8)
     attention = model.encoder.layers[0].self_attention
     x = torch.randn(2, 17, 32)
+    # Training through dynamo's graph capture; inference through inductor as well.
     compiled = torch.compile(attention, fullgraph=True, backend="eager")
     attention.train()
     compiled(x, x, x, need_weights=False)[0].sum().backward()
     assert attention.in_proj.scores.grad is not None
     attention.eval()
     with torch.no_grad():
-        torch.testing.assert_close(compiled(x, x, x, need_weights=False)[0], attention(x, x, x, need_weights=False)[0])
+        expected = attention(x, x, x, need_weights=False)[0]
+        torch.testing.assert_close(compiled(x, x, x, need_weights=False)[0], expected)
+        inductor = torch.compile(attention, fullgraph=True)
+        torch.testing.assert_close(inductor(x, x, x, need_weights=False)[0], expected, atol=1e-5, rtol=1e-5)
 
 
 def test_unsupported_attention_stays_dense_with_reason():
