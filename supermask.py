@@ -327,7 +327,7 @@ def _is_inside(name, prefix):
     return prefix is not None and (name == prefix or name.startswith(prefix + "."))
 
 
-@dataclass
+@dataclass(frozen=True)
 class _LayerChoice:
     sparsity: float
     tile_size: int
@@ -335,8 +335,10 @@ class _LayerChoice:
 
 
 def _choose(module, name, *, settings, skipped, dead, classifier, first_block, filter_fn):
-    """The sparsity and tile size for one layer, or None (and the reason recorded in `skipped`)."""
-    linear_sp, linear_tile, conv1x1_sp, conv1x1_tile, conv_sp, conv_tile = settings
+    """The sparsity and tile size for one layer, or None (and the reason recorded in `skipped`).
+
+    `settings` maps each keyword family ("linear", "conv1x1", "conv") to the _LayerChoice its keywords ask for.
+    """
     if name in dead:
         skipped[name] = "nn.MultiheadAttention reads this weight functionally: mask it with attention_sparsity"
         return None
@@ -350,11 +352,11 @@ def _choose(module, name, *, settings, skipped, dead, classifier, first_block, f
         skipped[name] = "excluded by filter_fn"
         return None
     if isinstance(module, nn.Linear):
-        choice = _LayerChoice(linear_sp, linear_tile, "linear")
-    elif module.kernel_size == (1, 1) and conv1x1_sp > 0:
-        choice = _LayerChoice(conv1x1_sp, conv1x1_tile, "conv1x1")
+        choice = settings["linear"]
+    elif module.kernel_size == (1, 1) and settings["conv1x1"].sparsity > 0:
+        choice = settings["conv1x1"]
     else:
-        choice = _LayerChoice(conv_sp, conv_tile, "conv")
+        choice = settings["conv"]
     if choice.sparsity == 0:
         skipped[name] = f"{choice.kind}_sparsity is 0"
         return None
@@ -423,8 +425,9 @@ def apply_supermask(
     _mask_attention(model, sparsity=attention_sparsity, tile_size=attention_sp_tilesize, device=device,
                     score_init=score_init, skipped=skipped, kinds=kinds, first_block=first_block, filter_fn=filter_fn)
     context = dict(
-        settings=(linear_sparsity, linear_sp_tilesize, conv1x1_sparsity, conv1x1_sp_tilesize,
-                  conv_sparsity, conv_sp_tilesize),
+        settings={"linear": _LayerChoice(linear_sparsity, linear_sp_tilesize, "linear"),
+                  "conv1x1": _LayerChoice(conv1x1_sparsity, conv1x1_sp_tilesize, "conv1x1"),
+                  "conv": _LayerChoice(conv_sparsity, conv_sp_tilesize, "conv")},
         skipped=skipped,
         dead=_attention_out_projections(model),
         classifier=find_classifier(model) if skip_last_layer_sparsity else None,
