@@ -618,8 +618,9 @@ def load_supermask_state_dict(model, state_dict):
             raise ValueError(f"the checkpoint has a mask for layer {layer_name}, but this model leaves it dense "
                              f"({reason}): use the sparsity and skip flags the checkpoint was trained with")
     if dropped:
-        print(f"Dropped the scores of {len(dropped)} attention out_proj layer(s): the original SuperBlock kept "
-              f"them but never applied them, so the model it trained had these layers dense.")
+        warnings.warn(f"Dropped the scores of {len(dropped)} attention out_proj layer(s): the original SuperBlock "
+                      f"kept them but never applied them, so the model it trained had these layers dense.",
+                      stacklevel=2)
 
     expected = model.state_dict()
     for name, found in state_dict.items():
