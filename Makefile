@@ -23,14 +23,15 @@ test-slow: $(VENV)/.installed
 # of its encoder MLP weights masked in 16x16 tiles on CPU, then evaluate it block-sparse, save the compact model
 # and draw its masks (TRAINING.md logs the run).
 # The digits are 8x8 at heart, so 16x16 crops lose nothing and cost a quarter of 32x32; mild crops and no flips
-# because a mirrored or mostly cropped-away digit is another digit or none.
+# because a mirrored or mostly cropped-away digit is another digit or none. --keep-last 1: the evaluation reads
+# checkpoint.pth; 30 model_<epoch>.pth files would take 440 MB.
 DEMO_MODEL := --model vit_tiny --device cpu --sparsity-linear 0.9 --sp-linear-tile-size 16 --skip-last-layer-sparsity \
 	--train-crop-size 16 --val-resize-size 16 --val-crop-size 16 -b 32 -j 1
 DEMO_EVAL := --model vit_tiny --device cpu --sparsity-linear 0.9 --sp-linear-tile-size 16 --skip-last-layer-sparsity \
 	--val-resize-size 16 --val-crop-size 16 -b 64 -j 1
 DEMO_TRAIN := --epochs 30 --opt adamw --lr 2e-3 --wd 0.05 --label-smoothing 0.1 \
 	--lr-scheduler cosineannealinglr --lr-warmup-epochs 2 --lr-warmup-method linear \
-	--train-crop-scale 0.8 1 --hflip-prob 0 --print-freq 20
+	--train-crop-scale 0.8 1 --hflip-prob 0 --print-freq 20 --keep-last 1
 
 demo: $(VENV)/.installed
 	test -d demo/data/train || $(PY) sample_data.py demo/data

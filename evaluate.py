@@ -207,8 +207,16 @@ def main(args):
     utils.keep_freed_memory()  # no page faults for buffers freed and reallocated every step
     utils.check_interpolation(args.interpolation)
     utils.check_model_name(args.model)
+    if args.weights_path and os.path.isdir(args.weights_path):
+        raise utils.InputError(f"--weights-path {args.weights_path} is a folder; pass a checkpoint file in it, e.g. "
+                               f"{os.path.join(args.weights_path, 'checkpoint.pth')}")
     if args.weights_path and not os.path.isfile(args.weights_path):
         raise utils.InputError(f"--weights-path {args.weights_path} does not exist; pass a checkpoint file")
+    # Every output is checked (its folder created) now, not found unwritable after the whole evaluation.
+    for flag, path in (("--output-json", args.output_json), ("--save-compact", args.save_compact),
+                       ("--plot-masks", args.plot_masks)):
+        if path:
+            utils.prepare_output_file(path, flag)
     args.compact = checkpoint = None
     if args.weights_path:
         import blocksparse

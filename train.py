@@ -166,6 +166,8 @@ def check_args(args):
         raise utils.InputError(f"Invalid lr scheduler {args.lr_scheduler}; use one of {', '.join(LR_SCHEDULERS)}")
     if args.lr_warmup_method not in ("linear", "constant"):
         raise utils.InputError(f"Invalid --lr-warmup-method {args.lr_warmup_method}; use linear or constant")
+    if args.epochs < 0:
+        raise utils.InputError(f"--epochs {args.epochs} is negative; pass the number of epochs to train (1 or more)")
     if args.epochs < 1 and not args.test_only:
         raise utils.InputError(f"--epochs {args.epochs} trains nothing; pass --epochs 1 or more (or --test-only to "
                                f"only evaluate)")
@@ -181,6 +183,18 @@ def check_args(args):
             f"{args.model} is built for one image size, but --train-crop-size {args.train_crop_size} differs from "
             f"--val-crop-size {args.val_crop_size}; make them equal"
         )
+    # torch would refuse these with a traceback, the batch size only once the data loader is built.
+    if args.batch_size < 1:
+        raise utils.InputError(f"--batch-size must be at least 1, got {args.batch_size}")
+    for flag, value in (("--lr", args.lr), ("--wd", args.weight_decay), ("--momentum", args.momentum)):
+        if value < 0:
+            raise utils.InputError(f"{flag} {value} is negative; pass 0 or more")
+    if args.keep_last is not None and args.keep_last < 0:
+        raise utils.InputError(f"--keep-last {args.keep_last} is negative; pass 0 or more (or leave it out to keep "
+                               f"all)")
+    if args.start_over and args.resume:
+        raise utils.InputError("--start-over discards the run in --output-dir, --resume continues one; pass one of "
+                               "them")
     if args.accumulation_steps < 1:
         raise utils.InputError(f"--accumulation-steps must be at least 1, got {args.accumulation_steps}")
     if args.auto_augment is not None and args.auto_augment not in presets.AUTO_AUGMENT_POLICIES:
@@ -189,9 +203,12 @@ def check_args(args):
         )
     if args.backend == "tv_tensor" and not args.use_v2:
         raise utils.InputError("--backend tv_tensor needs --use-v2")
+    if args.weights_path and os.path.isdir(args.weights_path):
+        raise utils.InputError(f"--weights-path {args.weights_path} is a folder; pass a checkpoint file in it, e.g. "
+                               f"{os.path.join(args.weights_path, 'checkpoint.pth')}")
     if args.weights_path and not os.path.isfile(args.weights_path):
         raise utils.InputError(f"--weights-path {args.weights_path} does not exist; pass a checkpoint file")
-    if args.sparsity_warmup_epochs < 0 or args.sparsity_warmup_epochs > args.epochs:
+    if args.sparsity_warmup_epochs < 0 or (args.sparsity_warmup_epochs > args.epochs and not args.test_only):
         raise utils.InputError(f"--sparsity-warmup-epochs {args.sparsity_warmup_epochs} must be between 0 and "
                                f"--epochs {args.epochs}")
     if not 0.0 <= args.distill_alpha <= 1.0 or args.distill_temperature <= 0:
@@ -200,17 +217,67 @@ def check_args(args):
 
 
 def resolve_resume(args):
-    """The checkpoint to resume from: --resume PATH, or with --resume auto the newest in --output-dir (or None)."""
+    """The checkpoint to resume from, loaded: (path, checkpoint), or (None, None) for a fresh start.
+
+    --resume PATH, or with --resume auto the newest checkpoint in --output-dir that loads.
+    """
     if not args.resume:
-        return None
+        return None, None
     if args.resume == "auto":
-        path = utils.find_latest_checkpoint(args.output_dir)
+        removed = utils.remove_stale_temporary_files(args.output_dir)
+        if removed:
+            utils.log(f"Removed {len(removed)} temporary file(s) of interrupted checkpoint writes: "
+                      f"{', '.join(removed)}")
+        path, checkpoint = utils.load_latest_checkpoint(args.output_dir)
         if path is None and args.test_only:
             raise utils.InputError(f"--resume auto found no checkpoint in --output-dir {args.output_dir}")
-        return path
-    if not os.path.isfile(args.resume):
-        raise utils.InputError(f"--resume {args.resume} does not exist; pass a checkpoint file or --resume auto")
-    return args.resume
+    else:
+        if os.path.isdir(args.resume):
+            raise utils.InputError(f"--resume {args.resume} is a folder; pass a checkpoint file in it, or --resume "
+                                   f"auto --output-dir {args.resume}")
+        if not os.path.isfile(args.resume):
+            raise utils.InputError(f"--resume {args.resume} does not exist; pass a checkpoint file or --resume auto")
+        path, checkpoint = args.resume, utils.load_checkpoint(args.resume)
+    if path is not None:
+        check_training_checkpoint(checkpoint, path)
+    return path, checkpoint
+
+
+def check_training_checkpoint(checkpoint, path):
+    """Refuse a file --resume cannot continue from, saying what to pass instead."""
+    if utils.is_compact_file(checkpoint):
+        raise utils.InputError(f"--resume {path} is a compact inference file (evaluate.py --save-compact) without "
+                               f"training state; resume from the run's checkpoint.pth, or evaluate it with "
+                               f"evaluate.py --weights-path {path}")
+    if not isinstance(checkpoint, dict) or "model" not in checkpoint or "epoch" not in checkpoint:
+        raise utils.InputError(f"--resume {path} is not a train.py checkpoint (it has no 'model' and 'epoch' entries); "
+                               f"to start a new run from its weights pass --weights-path {path}")
+
+
+def check_output_dir(args, resume_path):
+    """Create --output-dir; refuse to write a fresh run over an earlier run's checkpoints unless asked to.
+
+    Overwriting would replace its checkpoint.pth and model_<epoch>.pth files and leave its later epochs mixed
+    in with the new run's. Resuming from a checkpoint in the folder continues that run, which is no overwrite.
+    """
+    if not args.output_dir or args.test_only:
+        return
+    utils.prepare_output_dir(args.output_dir)
+    earlier = utils.checkpoint_files(args.output_dir)
+    if not earlier:
+        return
+    if args.start_over:
+        for path in earlier:
+            with contextlib.suppress(FileNotFoundError):  # another process of this run removed it first
+                os.remove(path)
+        utils.remove_stale_temporary_files(args.output_dir)
+        utils.log(f"--start-over: removed the earlier run's {len(earlier)} checkpoint file(s) in {args.output_dir}")
+        return
+    if resume_path and os.path.samefile(os.path.dirname(os.path.abspath(resume_path)), args.output_dir):
+        return
+    names = ", ".join(os.path.basename(path) for path in earlier[:3]) + (", ..." if len(earlier) > 3 else "")
+    raise utils.InputError(f"--output-dir {args.output_dir} already holds a run ({names}); continue it with --resume "
+                           f"auto, pass --start-over to delete its checkpoints and start again, or pick another folder")
 
 
 def load_data(args):
@@ -311,12 +378,25 @@ def gather_rng_states():
     return states
 
 
-def save_checkpoints(*, checkpoint, output_dir, epoch):
-    """Write model_<epoch>.pth and checkpoint.pth atomically (rank 0 only)."""
+# The newest complete checkpoint of this process's run, for the message on Ctrl-C: {"path", "epoch"}.
+last_checkpoint = {}
+
+
+def save_checkpoints(*, checkpoint, output_dir, epoch, keep_last=None):
+    """Write model_<epoch>.pth and checkpoint.pth atomically (rank 0 only); keep only the newest keep_last epochs."""
     if not utils.is_main_process():
         return
-    utils.save_checkpoint(checkpoint, os.path.join(output_dir, f"model_{epoch}.pth"))
-    utils.save_checkpoint(checkpoint, os.path.join(output_dir, "checkpoint.pth"))
+    with utils.deferred_interrupt():  # Ctrl-C now would leave model_<epoch>.pth and checkpoint.pth apart
+        if keep_last != 0:
+            utils.save_checkpoint(checkpoint, os.path.join(output_dir, f"model_{epoch}.pth"))
+        utils.save_checkpoint(checkpoint, os.path.join(output_dir, "checkpoint.pth"))
+        last_checkpoint.update(path=os.path.join(output_dir, "checkpoint.pth"), epoch=epoch)
+    if keep_last is not None:
+        # After the new files are complete, so a crash in between never leaves fewer than asked for.
+        for old_epoch, path in utils.epoch_files(output_dir).items():
+            if old_epoch <= epoch - keep_last:
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(path)
 
 
 def load_model_weights(model, state_dict, *, source):
@@ -333,17 +413,25 @@ def load_model_weights(model, state_dict, *, source):
 def main(args):
     utils.keep_freed_memory()  # no page faults for buffers freed and reallocated every step
     check_args(args)
-    resume_path = resolve_resume(args)
-    resume_checkpoint = utils.load_checkpoint(resume_path) if resume_path else None
+    resume_path, resume_checkpoint = resolve_resume(args)
+    # Loaded before any data is read, so a wrong file fails at once.
+    start_checkpoint = utils.load_checkpoint(args.weights_path) if args.weights_path else None
+    if utils.is_compact_file(start_checkpoint):
+        raise utils.InputError(f"--weights-path {args.weights_path} is a compact inference file (evaluate.py "
+                               f"--save-compact) and cannot be trained further; pass the training checkpoint it was "
+                               f"made from (checkpoint.pth or model_<epoch>.pth), or evaluate it with evaluate.py "
+                               f"--weights-path {args.weights_path}")
     # A resumed run continues with the Supermask settings it was trained with: omitted flags take them.
     utils.resolve_supermask_args(args, resume_checkpoint, source=f"--resume {resume_path}",
                                  fix="drop the flag to resume with the checkpoint's setting, or start a new run "
                                      "from it with --weights-path instead of --resume")
-    if args.output_dir:
-        os.makedirs(args.output_dir, exist_ok=True)
+    check_output_dir(args, resume_path)
+    if resume_path:
+        last_checkpoint.update(path=resume_path, epoch=resume_checkpoint["epoch"])
     utils.init_distributed_mode(args)
     device = utils.process_device(args)
-    utils.log(args)
+    settings = utils.changed_settings(args, get_args_parser(add_help=False))
+    utils.log("Settings (flags not at their defaults; --help lists all):\n  " + "\n  ".join(settings))
 
     if args.use_deterministic_algorithms:
         # cuBLAS needs this to be deterministic; it must be set before the first CUDA matmul.
@@ -380,7 +468,8 @@ def main(args):
     utils.seed_everything(args.seed)
     image_size = args.val_crop_size if args.test_only else args.train_crop_size
     model = utils.build_model(args, num_classes=num_classes, image_size=image_size)
-    start_state = utils.model_state_dict(utils.load_checkpoint(args.weights_path)) if args.weights_path else None
+    start_state = utils.model_state_dict(start_checkpoint) if start_checkpoint is not None else None
+    start_checkpoint = None  # not held in memory for the whole run
     starts_dense = bool(args.weights) or (start_state is not None and not any(k.endswith(".scores") for k in start_state))
     if starts_dense and start_state is not None:
         load_model_weights(model, start_state, source=args.weights_path)  # before the masks: magnitude init reads it
@@ -419,7 +508,7 @@ def main(args):
         # processes, the batch size or the update interval (pycls's adjustment, as in torchvision):
         # updates per epoch ~ dataset / (world_size * batch_size * accumulation_steps * model_ema_steps).
         adjust = (
-            args.world_size * args.batch_size * args.accumulation_steps * args.model_ema_steps / args.epochs
+            args.world_size * args.batch_size * args.accumulation_steps * args.model_ema_steps / max(args.epochs, 1)
         )
         alpha = min(1.0, (1.0 - args.model_ema_decay) * adjust)
         model_ema = utils.ExponentialMovingAverage(model_without_ddp, decay=1.0 - alpha, device=device)
@@ -505,7 +594,7 @@ def main(args):
                 "args": dict(vars(args)),
                 "rng_states": gather_rng_states(),
             }
-            save_checkpoints(checkpoint=checkpoint, output_dir=args.output_dir, epoch=epoch)
+            save_checkpoints(checkpoint=checkpoint, output_dir=args.output_dir, epoch=epoch, keep_last=args.keep_last)
 
     total_time = datetime.timedelta(seconds=int(time.time() - start_time))
     utils.log(f"Training time {total_time}")
@@ -608,6 +697,20 @@ def get_args_parser(add_help=True):
     group.add_argument(
         "--resume", default="", type=str, help="checkpoint to continue from, or 'auto' for the newest in --output-dir"
     )
+    group.add_argument(
+        "--start-over",
+        action="store_true",
+        help="delete the checkpoints of an earlier run in --output-dir and train from scratch (default: off, such a "
+        "folder is refused)",
+    )
+    group.add_argument(
+        "--keep-last",
+        default=None,
+        type=int,
+        metavar="K",
+        help="keep only the newest K model_<epoch>.pth files; checkpoint.pth is always written, 0 keeps none "
+        "(default: all, as torchvision)",
+    )
     group.add_argument("--start-epoch", default=0, type=int, metavar="N", help="first epoch (set by --resume)")
     group.add_argument("--test-only", action="store_true", help="only evaluate the model (e.g. with --resume)")
     group.add_argument(
@@ -652,9 +755,13 @@ if __name__ == "__main__":
         parser.error(utils.user_error_message(e))
     except KeyboardInterrupt:
         # Checkpoints are written atomically, so whatever is on disk is complete.
-        print(
-            f"Interrupted; checkpoints in {args.output_dir} are complete: continue with --resume auto", file=sys.stderr
-        )
+        if last_checkpoint:
+            message = (f"Interrupted; {last_checkpoint['path']} holds epoch {last_checkpoint['epoch']}: continue with "
+                       f"--resume auto (and the same flags)")
+        else:
+            message = "Interrupted before the first checkpoint of this run was written; there is nothing to resume"
+        if utils.is_main_process():
+            print(message, file=sys.stderr, flush=True)
         sys.exit(130)
     finally:
         if utils.is_dist_avail_and_initialized():

@@ -1,13 +1,17 @@
 """Shared plumbing for train.py and evaluate.py: flags, distributed setup, data, models, metrics, checkpoints."""
 import argparse
+import contextlib
 import ctypes
 import difflib
 import hashlib
 import os
 import platform
 import random
+import re
+import signal
 import sys
 import tempfile
+import threading
 import warnings
 
 import numpy as np
@@ -374,6 +378,61 @@ def log(*values):
         sys.stdout.flush()
 
 
+
+# ---------------------------------------------------------------- output paths
+
+
+def _make_folder(folder, flag, value):
+    """Create `folder` (and its parents) for the output `flag value`; a path through a file is an InputError."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        blocker = folder
+        while blocker and not os.path.exists(blocker):  # the part of the path that exists but is a file
+            blocker = os.path.dirname(blocker)
+        raise InputError(f"{flag} {value}: {blocker or folder} is a file, not a folder; pick another path") from None
+    except OSError as e:
+        raise InputError(f"{flag} {value}: cannot create folder {folder} ({e.strerror}); pick another path") from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise InputError(f"{flag} {value}: folder {folder} is not writable; pick another path")
+
+
+def prepare_output_dir(folder, flag="--output-dir"):
+    """Create the output folder before any work, so a bad path fails at once rather than after the first epoch."""
+    _make_folder(folder, flag, folder)
+
+
+def prepare_output_file(path, flag):
+    """Check that `path` can be written (creating its folder), before the work whose result it will hold."""
+    if os.path.isdir(path):
+        raise InputError(f"{flag} {path} is a folder; pass a file name, e.g. {os.path.join(path, 'out')}")
+    _make_folder(os.path.dirname(os.path.abspath(path)), flag, path)
+    if os.path.exists(path) and not os.access(path, os.W_OK):
+        raise InputError(f"{flag} {path} exists and is not writable; pick another path")
+
+
+def changed_settings(args, parser):
+    """The flags whose values differ from the parser's defaults, as `--flag value` lines (for the run's log).
+
+    Entries the parser does not define (rank, gpu, distributed, ...) are left out.
+    """
+    defaults = vars(parser.parse_args([]))  # as parsed: a string default passes through the flag's type
+    lines = []
+    for action in parser._actions:
+        if not action.option_strings or action.dest not in defaults or not hasattr(args, action.dest):
+            continue
+        value = getattr(args, action.dest)
+        if value == defaults[action.dest]:
+            continue
+        flag = next(o for o in action.option_strings if o.startswith("--"))  # --wd, as torchvision's recipes
+        if isinstance(value, bool):
+            lines.append(flag if value else f"{flag} off")
+        elif isinstance(value, (list, tuple)):
+            lines.append(f"{flag} {' '.join(str(v) for v in value)}")
+        else:
+            lines.append(f"{flag} {value}")
+    return lines
+
 # ---------------------------------------------------------------- randomness
 
 
@@ -485,6 +544,8 @@ def check_data_path(data_path):
     """Raise InputError unless data_path holds train/ and val/ folders."""
     if not data_path:
         raise InputError("--data-path is empty; pass the folder that holds train/ and val/")
+    if os.path.exists(data_path) and not os.path.isdir(data_path):
+        raise InputError(f"--data-path {data_path} is a file, not a folder; pass the folder that holds train/ and val/")
     if not os.path.isdir(data_path):
         raise InputError(
             f"--data-path {data_path} does not exist; pass the folder that holds train/ and val/ "
@@ -695,6 +756,28 @@ def _update_digest(digest, place, value):
         digest.update(f"{place}={type(value).__name__}:{value!r};".encode())
 
 
+@contextlib.contextmanager
+def deferred_interrupt():
+    """Hold Ctrl-C (SIGINT) back until the block ends, then raise KeyboardInterrupt.
+
+    A KeyboardInterrupt inside torch.save makes its zip writer fail on exit with a RuntimeError that replaces
+    the interrupt (a traceback and exit 1), or abort the process; deferred, the write completes first. Only the
+    main thread can set signal handlers, and a handler set by someone else (or a nested block) is left alone.
+    """
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield
+        return
+    received = []
+    signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if received:
+        raise KeyboardInterrupt
+
+
 def save_checkpoint(state, path, *, checksum=True):
     """torch.save `state` to `path` atomically: a crash or Ctrl-C leaves the previous file intact.
 
@@ -708,11 +791,11 @@ def save_checkpoint(state, path, *, checksum=True):
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp_path = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".", suffix=".tmp")
     try:
-        with os.fdopen(fd, "wb") as f:
+        with deferred_interrupt(), os.fdopen(fd, "wb") as f:
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp_path, path)
+            os.replace(tmp_path, path)
     except BaseException:
         if os.path.exists(tmp_path):
             os.remove(tmp_path)
@@ -726,14 +809,16 @@ def load_checkpoint(path):
     removed from the returned dict. Files without one (written before it existed, or by other tools) load with
     a notice. The original SuperBlock stored its args as an argparse.Namespace, which is allowed here too.
     """
+    if os.path.isdir(path):
+        raise InputError(f"checkpoint {path} is a folder, not a file; pass a checkpoint file in it, e.g. "
+                         f"{os.path.join(path, 'checkpoint.pth')}")
     if not os.path.isfile(path):
         raise InputError(f"checkpoint {path} does not exist; check the path (or use --resume auto)")
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types for corrupt or foreign files
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise InputError(f"cannot load checkpoint {path}: {first_line}") from None
+        raise InputError(_unloadable_message(path, e)) from None
     if isinstance(checkpoint, dict) and CHECKSUM_KEY in checkpoint:
         if checkpoint.pop(CHECKSUM_KEY) != checkpoint_digest(checkpoint):
             raise InputError(f"checkpoint {path} is corrupt: its checksum does not match; re-copy or re-create it")
@@ -744,19 +829,101 @@ def load_checkpoint(path):
     return checkpoint
 
 
+_ZIP_MAGIC = b"PK\x03\x04"  # torch.save's archive format
+_PICKLE_MAGIC = b"\x80"  # a pickle of protocol 2 or later: torch.save's legacy format, or a plain pickle
+
+
+def _unloadable_message(path, error):
+    """Why torch.load(weights_only=True) could not read `path`, in words that fit the file.
+
+    torch's own messages can mislead here: a text file gives a bare KeyError number, and random bytes or a
+    pickle of other objects get advice to retry with weights_only=False, i.e. to run whatever code the file holds.
+    """
+    with open(path, "rb") as f:
+        head = f.read(4)
+    unsafe = "Weights only load failed" in str(error)  # torch's message for globals it does not allow
+    objects = (f"cannot load checkpoint {path}: it holds Python objects other than tensors and plain values, which "
+               f"are not unpickled because that can run arbitrary code")
+    if head.startswith(_ZIP_MAGIC):
+        if unsafe:
+            return f"{objects}; save its tensors (a state_dict) with torch.save instead"
+        detail = str(error).strip().split(". ")[0] or type(error).__name__
+        return f"cannot load checkpoint {path}: the file is truncated or damaged ({detail}); re-copy or re-create it"
+    if head.startswith(_PICKLE_MAGIC):
+        if unsafe:  # a pickle of other objects, or bytes that only look like one
+            return f"{objects} (or it is not a PyTorch checkpoint at all)"
+        return f"cannot load checkpoint {path}: the file is truncated or damaged; re-copy or re-create it"
+    return (f"{path} is not a PyTorch checkpoint (neither torch.save's zip archive nor a pickle); pass a .pth file "
+            f"written by train.py or torch.save")
+
+
+_EPOCH_FILE = re.compile(r"model_(\d+)\.pth")
+# save_checkpoint's temporary files (mkstemp: "<name>." + random + ".tmp"), left behind by a killed write.
+_TMP_FILE = re.compile(r"(checkpoint|model_\d+)\.pth\..+\.tmp")
+
+
+def epoch_files(output_dir):
+    """{epoch: path} of the model_<epoch>.pth files in output_dir."""
+    if not output_dir or not os.path.isdir(output_dir):
+        return {}
+    matches = (_EPOCH_FILE.fullmatch(name) for name in os.listdir(output_dir))
+    return {int(m.group(1)): os.path.join(output_dir, m.group(0)) for m in matches if m}
+
+
+def checkpoint_files(output_dir):
+    """The checkpoints train.py wrote in output_dir, newest first: checkpoint.pth, then model_<epoch>.pth down."""
+    files = [os.path.join(output_dir, "checkpoint.pth")] if output_dir else []
+    files = [path for path in files if os.path.isfile(path)]
+    return files + [path for _, path in sorted(epoch_files(output_dir).items(), reverse=True)]
+
+
 def find_latest_checkpoint(output_dir):
     """The newest checkpoint in output_dir (checkpoint.pth, else the highest model_<epoch>.pth), or None."""
-    if not output_dir or not os.path.isdir(output_dir):
-        return None
-    latest = os.path.join(output_dir, "checkpoint.pth")
-    if os.path.isfile(latest):
-        return latest
-    epochs = []
-    for name in os.listdir(output_dir):
-        stem = name[len("model_") : -len(".pth")]
-        if name.startswith("model_") and name.endswith(".pth") and stem.isdigit():
-            epochs.append(int(stem))
-    return os.path.join(output_dir, f"model_{max(epochs)}.pth") if epochs else None
+    files = checkpoint_files(output_dir)
+    return files[0] if files else None
+
+
+def remove_stale_temporary_files(output_dir):
+    """Delete the temporary files of checkpoint writes that were killed before their rename; returns their names."""
+    removed = []
+    for name in sorted(os.listdir(output_dir)) if output_dir and os.path.isdir(output_dir) else ():
+        if _TMP_FILE.fullmatch(name):
+            with contextlib.suppress(FileNotFoundError):  # another process of the same run removed it first
+                os.remove(os.path.join(output_dir, name))
+            removed.append(name)
+    return removed
+
+
+def load_latest_checkpoint(output_dir):
+    """(path, checkpoint) of the newest checkpoint in output_dir that loads, or (None, None) when there is none.
+
+    A torn or corrupt checkpoint.pth (a failed copy, a full disk) does not end the run while an intact
+    model_<epoch>.pth sits beside it: each file that does not load is reported and the next older one tried.
+    When none loads, that is an InputError naming each file and why.
+    """
+    failures = []
+    for path in checkpoint_files(output_dir):
+        try:
+            checkpoint = load_checkpoint(path)
+        except InputError as e:
+            failures.append(str(e))
+            continue
+        if failures and is_main_process():
+            print(f"Notice: resuming from {path}, the newest checkpoint that loads; skipped: {'; '.join(failures)}",
+                  file=sys.stderr, flush=True)
+        return path, checkpoint
+    if failures:
+        raise InputError(f"--resume auto found no checkpoint in {output_dir} that loads: {'; '.join(failures)}; "
+                         f"re-copy one, or pass --start-over to train from scratch there")
+    return None, None
+
+# compact.COMPACT_FORMAT, spelled out: importing compact imports blocksparse, a second at every start.
+COMPACT_FORMAT = "superblock-compact"
+
+
+def is_compact_file(checkpoint):
+    """True for a compact inference file (evaluate.py --save-compact), which holds no training state."""
+    return isinstance(checkpoint, dict) and checkpoint.get("format") == COMPACT_FORMAT
 
 
 def model_state_dict(checkpoint):

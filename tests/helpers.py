@@ -42,6 +42,14 @@ def run_script(args, *, timeout=180):
     )
 
 
+def start_script(args):
+    """Start `python <args>` as run_script does, in a session of its own (so that a test can signal its whole
+    process group, as Ctrl-C on a terminal does); returns the Popen."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    return subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
 def straight_and_resumed_runs(common, tmp_path_factory):
     """Run `python COMMON` to the end, and again resumed (--resume auto) from the first run's model_0.pth.
 

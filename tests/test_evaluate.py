@@ -132,10 +132,12 @@ def test_compact_checkpoint_runs_without_sparsity_flags_at_the_same_accuracy(dat
 
 
 def run_cli_in_process(argv, monkeypatch, capsys):
+    """Run `python evaluate.py ARGV` in this process, expecting it to exit; returns (exit status, stdout, stderr)."""
     monkeypatch.setattr(sys, "argv", ["evaluate.py", *argv])
     with pytest.raises(SystemExit) as exit_info:
         runpy.run_path(os.path.join(ROOT, "evaluate.py"), run_name="__main__")
-    return exit_info.value.code, capsys.readouterr().err
+    captured = capsys.readouterr()
+    return exit_info.value.code, captured.out, captured.err
 
 
 def _missing_weights(checkpoint, tmp_path):
@@ -230,7 +232,57 @@ def _unknown_bsr_kernel(checkpoint, tmp_path):
     return ["--weights-path", checkpoint, "--bsr", "16", "--bsr-kernel", "bmm_t"], "invalid choice: 'bmm_t'"
 
 
-BAD_INPUTS = [_unknown_bsr_kernel, _save_compact_without_bsr, _compact_of_a_newer_format, _missing_weights, _truncated_checkpoint, _another_model, _other_tile_size,
+def _a_file(tmp_path):
+    (tmp_path / "afile.txt").write_text("notes")
+    return str(tmp_path / "afile.txt")
+
+
+def _output_json_through_a_file(checkpoint, tmp_path):
+    return ["--weights-path", checkpoint, "--output-json", os.path.join(_a_file(tmp_path), "x", "r.json")], \
+        "afile.txt is a file, not a folder"
+
+
+def _save_compact_through_a_file(checkpoint, tmp_path):
+    return ["--weights-path", checkpoint, "--bsr", "16", "--save-compact",
+            os.path.join(_a_file(tmp_path), "c.pth")], "afile.txt is a file, not a folder"
+
+
+def _plot_masks_through_a_file(checkpoint, tmp_path):
+    return ["--weights-path", checkpoint, "--plot-masks", os.path.join(_a_file(tmp_path), "m.png")], \
+        "afile.txt is a file, not a folder"
+
+
+def _output_json_is_a_folder(checkpoint, tmp_path):
+    return ["--weights-path", checkpoint, "--output-json", str(tmp_path)], "is a folder; pass a file name"
+
+
+def _weights_path_is_a_folder(checkpoint, tmp_path):
+    return ["--weights-path", str(tmp_path)], "is a folder; pass a checkpoint file in it"
+
+
+def _text_file_as_weights(checkpoint, tmp_path):
+    return ["--weights-path", _a_file(tmp_path)], "afile.txt is not a PyTorch checkpoint"
+
+
+def _random_bytes_as_weights(checkpoint, tmp_path):
+    (tmp_path / "random.pth").write_bytes(bytes(range(7, 256)) * 12)  # torch advises weights_only=False here
+    return ["--weights-path", str(tmp_path / "random.pth")], "random.pth is not a PyTorch checkpoint"
+
+
+def _pickle_of_other_objects(checkpoint, tmp_path):
+    import datetime
+
+    torch.save({"trained": datetime.date(2026, 1, 1)}, tmp_path / "objects.pth")
+    return ["--weights-path", str(tmp_path / "objects.pth")], "holds Python objects other than tensors"
+
+
+def _data_path_is_a_file(checkpoint, tmp_path):
+    return ["--weights-path", checkpoint, "--data-path", _a_file(tmp_path)], "afile.txt is a file, not a folder"
+
+
+BAD_INPUTS = [_output_json_through_a_file, _save_compact_through_a_file, _plot_masks_through_a_file,
+              _output_json_is_a_folder, _weights_path_is_a_folder, _text_file_as_weights, _random_bytes_as_weights,
+              _pickle_of_other_objects, _data_path_is_a_file, _unknown_bsr_kernel, _save_compact_without_bsr, _compact_of_a_newer_format, _missing_weights, _truncated_checkpoint, _another_model, _other_tile_size,
               _dense_flags_for_sparse_checkpoint, _block_size_dividing_no_layer, _model_ema_without_weights,
               _sparsity_contradicting_the_checkpoint, _tile_size_contradicting_the_checkpoint,
               _skip_flag_contradicting_the_checkpoint, _flipped_byte, _bsr_without_weights,
@@ -242,11 +294,12 @@ def test_bad_input_exits_2_with_one_error_line(case, data, checkpoint, tmp_path,
     flags, expected = case(checkpoint[0], tmp_path)
     argv = ["--data-path", data, *MODEL, *SPARSE, "-b", "4"]
     # Later flags win: the case's flags override the defaults above.
-    status, stderr = run_cli_in_process([*argv, *flags], monkeypatch, capsys)
+    status, stdout, stderr = run_cli_in_process([*argv, *flags], monkeypatch, capsys)
     assert status == 2, stderr
     error_lines = [line for line in stderr.splitlines() if "error:" in line]
     assert len(error_lines) == 1 and expected in error_lines[0], stderr
-    assert "Traceback" not in stderr
+    assert "Traceback" not in stderr and "weights_only" not in stderr, stderr  # never advise full unpickling
+    assert "Acc@1" not in stdout, "the error came after the evaluation"
     assert torch.is_grad_enabled(), "evaluate.py switched autograd off for the whole process"
 
 
@@ -284,3 +337,18 @@ def test_bsr_kernel_choices_are_blocksparse_kernels():
     import evaluate
 
     assert evaluate.BSR_KERNELS == blocksparse.KERNELS
+
+
+def test_outputs_into_missing_folders_are_created(data, checkpoint, tmp_path):
+    new = tmp_path / "new"
+    run = evaluate(data, checkpoint[0], "--bsr", "16", "--output-json", str(new / "x" / "r.json"),
+                   "--save-compact", str(new / "y" / "c.pth"), "--plot-masks", str(new / "z" / "m.png"))
+    assert json.load(open(new / "x" / "r.json"))["acc1"] == float(accuracy(run.stdout)[0])
+    assert (new / "y" / "c.pth").stat().st_size > 0 and (new / "z" / "m.png").stat().st_size > 0
+
+
+def test_compact_format_spelled_out_in_utils_is_compacts():
+    import compact
+    import utils
+
+    assert utils.COMPACT_FORMAT == compact.COMPACT_FORMAT

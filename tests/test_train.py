@@ -10,12 +10,15 @@ import random
 import re
 import runpy
 import shutil
+import signal
 import sys
+import time
 
 import pytest
 import torch
 
-from helpers import ROOT, flip_byte_in_tensor_data, free_port, run_script, straight_and_resumed_runs, write_image_folder
+from helpers import (ROOT, flip_byte_in_tensor_data, free_port, run_script, start_script, straight_and_resumed_runs,
+                     write_image_folder)
 
 # vit_tiny on 16x16 crops of a 3-class, 24-image data set: a few steps per epoch.
 TINY = [
@@ -78,10 +81,25 @@ def load(path):
 
 def run_cli_in_process(argv, monkeypatch, capsys):
     """Run `python train.py ARGV` in this process, expecting it to exit; returns (exit status, stderr)."""
+    status, _, err = run_cli_in_process_with_output(argv, monkeypatch, capsys)
+    return status, err
+
+
+def run_cli_in_process_with_output(argv, monkeypatch, capsys):
+    """As run_cli_in_process; returns (exit status, stdout, stderr)."""
     monkeypatch.setattr(sys, "argv", ["train.py", *argv])
     with pytest.raises(SystemExit) as exit_info:
         runpy.run_path(os.path.join(ROOT, "train.py"), run_name="__main__")
-    return exit_info.value.code, capsys.readouterr().err
+    captured = capsys.readouterr()
+    return exit_info.value.code, captured.out, captured.err
+
+
+def run_cli_to_the_end(argv, monkeypatch, capsys):
+    """Run `python train.py ARGV` in this process, expecting it to finish; returns (stdout, stderr)."""
+    monkeypatch.setattr(sys, "argv", ["train.py", *argv])
+    runpy.run_path(os.path.join(ROOT, "train.py"), run_name="__main__")
+    captured = capsys.readouterr()
+    return captured.out, captured.err
 
 
 def test_one_epoch_writes_checkpoints_that_load_with_weights_only(one_epoch):
@@ -219,19 +237,102 @@ def _sparsity_out_of_range(data, tmp_path):
     return ["--data-path", data, "--sparsity-linear", "1.5"], "--sparsity-linear"
 
 
+def _output_dir_through_a_file(data, tmp_path):
+    (tmp_path / "afile.txt").write_text("notes")
+    return ["--data-path", data, "--output-dir", str(tmp_path / "afile.txt" / "sub")], \
+        "afile.txt is a file, not a folder"
+
+
+def _output_dir_is_a_file(data, tmp_path):
+    (tmp_path / "afile.txt").write_text("notes")
+    return ["--data-path", data, "--output-dir", str(tmp_path / "afile.txt")], "afile.txt is a file, not a folder"
+
+
+def _batch_size_zero(data, tmp_path):
+    return ["--data-path", data, "-b", "0"], "--batch-size must be at least 1, got 0"
+
+
+def _negative_lr(data, tmp_path):
+    return ["--data-path", data, "--lr", "-0.1"], "--lr -0.1 is negative"
+
+
+def _negative_epochs(data, tmp_path):
+    return ["--data-path", data, "--epochs", "-3"], "--epochs -3 is negative"
+
+
+def _negative_keep_last(data, tmp_path):
+    return ["--data-path", data, "--keep-last", "-1"], "--keep-last -1 is negative"
+
+
+def _data_path_is_a_file(data, tmp_path):
+    (tmp_path / "afile.txt").write_text("notes")
+    return ["--data-path", str(tmp_path / "afile.txt")], "afile.txt is a file, not a folder"
+
+
+def _weights_path_is_a_folder(data, tmp_path):
+    return ["--data-path", data, "--weights-path", str(tmp_path)], "is a folder; pass a checkpoint file in it"
+
+
+def _resume_a_folder(data, tmp_path):
+    return ["--data-path", data, "--resume", str(tmp_path)], "is a folder; pass a checkpoint file in it"
+
+
+def _compact_file(tmp_path):
+    import utils
+
+    path = str(tmp_path / "compact.pth")
+    utils.save_checkpoint({"format": utils.COMPACT_FORMAT, "version": 1, "blocksize": 16, "dense": {}, "sparse": {},
+                           "architecture": {"model": "vit_tiny", "num_classes": 3, "image_size": 16}}, path)
+    return path
+
+
+def _resume_from_a_compact_file(data, tmp_path):
+    return ["--data-path", data, "--resume", _compact_file(tmp_path)], "is a compact inference file"
+
+
+def _weights_path_a_compact_file(data, tmp_path):
+    return ["--data-path", data, "--weights-path", _compact_file(tmp_path)], \
+        "is a compact inference file (evaluate.py --save-compact) and cannot be trained further"
+
+
+def _resume_from_a_state_dict(data, tmp_path):
+    import utils
+
+    utils.save_checkpoint({"head.weight": torch.zeros(3, 3)}, str(tmp_path / "weights.pth"))
+    return ["--data-path", data, "--resume", str(tmp_path / "weights.pth")], \
+        "is not a train.py checkpoint (it has no 'model' and 'epoch' entries); to start a new run from its weights"
+
+
+def _text_file_as_checkpoint(data, tmp_path):
+    (tmp_path / "afile.txt").write_text("hello world\n")
+    return ["--data-path", data, "--resume", str(tmp_path / "afile.txt")], "afile.txt is not a PyTorch checkpoint"
+
+
+def _random_bytes_as_checkpoint(data, tmp_path):
+    (tmp_path / "random.pth").write_bytes(b"\x80\x02" + bytes(random.Random(0).randrange(256) for _ in range(2000)))
+    return ["--data-path", data, "--resume", str(tmp_path / "random.pth")], "cannot load checkpoint"
+
+
 BAD_INPUTS = [_missing_data, _empty_data, _missing_split, _unknown_model, _corrupt_image, _missing_resume,
-              _sparsity_out_of_range]
+              _sparsity_out_of_range, _output_dir_through_a_file, _output_dir_is_a_file, _batch_size_zero,
+              _negative_lr, _negative_epochs, _negative_keep_last, _data_path_is_a_file, _weights_path_is_a_folder,
+              _resume_a_folder, _resume_from_a_compact_file, _weights_path_a_compact_file, _resume_from_a_state_dict,
+              _text_file_as_checkpoint, _random_bytes_as_checkpoint]
 
 
 @pytest.mark.parametrize("case", BAD_INPUTS, ids=lambda f: f.__name__.strip("_"))
 def test_bad_input_exits_2_with_one_error_line(case, data, tmp_path, monkeypatch, capsys):
     flags, expected = case(data, tmp_path)
-    status, stderr = run_cli_in_process(
-        [*TINY, *flags, "--epochs", "1", "--output-dir", str(tmp_path / "out")], monkeypatch, capsys
+    # The case's flags come last: later flags win.
+    status, stdout, stderr = run_cli_in_process_with_output(
+        [*TINY, "--epochs", "1", "--output-dir", str(tmp_path / "out"), *flags], monkeypatch, capsys
     )
     assert status == 2, stderr
     error_lines = [line for line in stderr.splitlines() if "error:" in line]
     assert len(error_lines) == 1 and expected in error_lines[0], stderr
+    assert "Traceback" not in stderr and "weights_only" not in stderr, stderr  # never advise full unpickling
+    if case is not _corrupt_image:  # an unreadable image is only found when training reads it
+        assert "Start training" not in stdout, "the error came after the work had started"
 
 
 def without_stored_args(path, out):
@@ -392,3 +493,149 @@ def test_impossible_request_exits_2_with_one_error_line(flags, expected, data, t
     assert status == 2, stderr
     error_lines = [line for line in stderr.splitlines() if "error:" in line]
     assert len(error_lines) == 1 and expected in error_lines[0], stderr
+
+
+# ----- earlier runs, interrupted runs and torn files -----
+
+
+def test_fresh_run_into_a_used_output_dir_is_refused_and_leaves_it_untouched(one_epoch, data, monkeypatch, capsys):
+    out = one_epoch[0]
+    before = {name: open(os.path.join(out, name), "rb").read() for name in os.listdir(out)}
+    status, stdout, stderr = run_cli_in_process_with_output(
+        ["--data-path", data, *TINY, *SPARSE, "--epochs", "1", "--output-dir", out], monkeypatch, capsys)
+    assert status == 2, stderr
+    error_lines = [line for line in stderr.splitlines() if "error:" in line]
+    assert len(error_lines) == 1, stderr
+    assert f"--output-dir {out} already holds a run (checkpoint.pth, model_0.pth); continue it with --resume auto, " \
+           f"pass --start-over" in error_lines[0], stderr
+    assert "Start training" not in stdout
+    assert {name: open(os.path.join(out, name), "rb").read() for name in os.listdir(out)} == before
+
+
+def test_start_over_removes_the_earlier_runs_checkpoints(one_epoch, data, tmp_path, monkeypatch, capsys):
+    out = str(tmp_path / "run")
+    shutil.copytree(one_epoch[0], out)
+    shutil.copy(os.path.join(out, "model_0.pth"), os.path.join(out, "model_7.pth"))  # a later epoch of the old run
+    (tmp_path / "run" / "notes.txt").write_text("mine")
+    stdout, _ = run_cli_to_the_end(["--data-path", data, *TINY, *SPARSE, "--epochs", "1", "--output-dir", out,
+                                    "--start-over"], monkeypatch, capsys)
+    assert "removed the earlier run's 3 checkpoint file(s)" in stdout, stdout
+    assert sorted(os.listdir(out)) == ["checkpoint.pth", "model_0.pth", "notes.txt"]  # nothing else of the user's
+    assert load(os.path.join(out, "checkpoint.pth"))["epoch"] == 0
+
+
+def test_start_over_with_resume_exits_2(data, tmp_path, monkeypatch, capsys):
+    status, stderr = run_cli_in_process(["--data-path", data, *TINY, "--epochs", "1", "--output-dir", str(tmp_path),
+                                         "--start-over", "--resume", "auto"], monkeypatch, capsys)
+    assert status == 2 and "pass one of them" in stderr, stderr
+
+
+def _torn(path, tmp_path):
+    data = open(path, "rb").read()
+    with open(path, "wb") as f:
+        f.write(data[: len(data) // 2])
+
+
+def _flipped(path, tmp_path):
+    flip_byte_in_tensor_data(path, str(tmp_path / "flipped.pth"))
+    shutil.move(str(tmp_path / "flipped.pth"), path)
+
+
+@pytest.mark.parametrize("damage", [_torn, _flipped], ids=["torn", "checksum_mismatch"])
+def test_resume_auto_falls_back_to_the_newest_checkpoint_that_loads(damage, one_epoch, data, tmp_path, monkeypatch,
+                                                                    capsys):
+    out = str(tmp_path / "run")
+    shutil.copytree(one_epoch[0], out)
+    damage(os.path.join(out, "checkpoint.pth"), tmp_path)
+    (tmp_path / "run" / "checkpoint.pth.k3j2x_a.tmp").write_bytes(b"half a checkpoint")  # a killed write's
+    stdout, stderr = run_cli_to_the_end(["--data-path", data, *TINY, "--test-only", "--resume", "auto",
+                                         "--output-dir", out], monkeypatch, capsys)
+    assert f"Notice: resuming from {os.path.join(out, 'model_0.pth')}, the newest checkpoint that loads; skipped: " \
+           in stderr, stderr
+    assert "Resumed from" in stdout and "model_0.pth (epoch 0)" in stdout, stdout
+    assert "checkpoint.pth.k3j2x_a.tmp" not in os.listdir(out), "the stale temporary file was left behind"
+    assert "Removed 1 temporary file(s)" in stdout
+
+
+def test_resume_auto_with_no_checkpoint_that_loads_exits_2_naming_each(one_epoch, data, tmp_path, monkeypatch,
+                                                                      capsys):
+    out = str(tmp_path / "run")
+    shutil.copytree(one_epoch[0], out)
+    for name in ("checkpoint.pth", "model_0.pth"):
+        _torn(os.path.join(out, name), tmp_path)
+    status, stderr = run_cli_in_process(["--data-path", data, *TINY, "--epochs", "2", "--resume", "auto",
+                                         "--output-dir", out], monkeypatch, capsys)
+    assert status == 2, stderr
+    error_lines = [line for line in stderr.splitlines() if "error:" in line]
+    assert len(error_lines) == 1 and "found no checkpoint in" in error_lines[0], stderr
+    assert "checkpoint.pth: the file is truncated or damaged" in error_lines[0], stderr
+    assert "model_0.pth: the file is truncated or damaged" in error_lines[0], stderr
+
+
+def test_ctrl_c_says_which_epoch_the_checkpoint_holds_and_exits_130(data, tmp_path):
+    out = str(tmp_path / "run")
+    process = start_script(["train.py", "--data-path", data, *TINY, "--epochs", "500", "--output-dir", out])
+    try:
+        deadline = time.time() + 120
+        while not os.path.exists(os.path.join(out, "checkpoint.pth")) and time.time() < deadline:
+            time.sleep(0.05)
+        os.killpg(process.pid, signal.SIGINT)  # as Ctrl-C on a terminal: the whole process group
+        stdout, stderr = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 130, stderr
+    epoch = load(os.path.join(out, "checkpoint.pth"))["epoch"]
+    assert f"Interrupted; {os.path.join(out, 'checkpoint.pth')} holds epoch {epoch}: continue with --resume auto" \
+           in stderr, stderr
+    assert "Traceback" not in stderr, stderr
+
+
+def test_ctrl_c_during_a_checkpoint_write_waits_for_the_file(tmp_path, monkeypatch):
+    import utils
+
+    path = str(tmp_path / "checkpoint.pth")
+    real_save = torch.save
+
+    def save_interrupted_midway(obj, f, *args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C while the file is being written
+        real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save_interrupted_midway)
+    with pytest.raises(KeyboardInterrupt):
+        utils.save_checkpoint({"epoch": 4, "w": torch.ones(3)}, path)
+    monkeypatch.undo()
+    assert utils.load_checkpoint(path)["epoch"] == 4, "the interrupt cut the checkpoint short"
+    assert os.listdir(tmp_path) == ["checkpoint.pth"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+# ----- newcomer friction: the settings line, the demo's disk use -----
+
+
+def test_log_lists_the_settings_that_differ_from_the_defaults(one_epoch):
+    stdout = one_epoch[1].stdout
+    assert "Namespace(" not in stdout
+    settings = stdout.split("Settings (flags not at their defaults; --help lists all):\n", 1)[1].split("\nCreating")[0]
+    lines = [line.strip() for line in settings.splitlines()]
+    assert {"--model vit_tiny", "--sparsity-linear 0.5", "--sp-linear-tile-size 8", "--model-ema",
+            "--resume auto", "--epochs 1"} <= set(lines), settings
+    assert not any(line.startswith(("--hflip-prob", "--backend", "--seed")) for line in lines), settings
+
+
+def test_keep_last_keeps_the_newest_epoch_files_and_resume_auto_continues(data, tmp_path, monkeypatch, capsys):
+    out = str(tmp_path / "run")
+    flags = ["--data-path", data, *TINY, "--output-dir", out, "--keep-last", "2"]
+    run_cli_to_the_end([*flags, "--epochs", "3"], monkeypatch, capsys)
+    assert sorted(os.listdir(out)) == ["checkpoint.pth", "model_1.pth", "model_2.pth"]
+    stdout, _ = run_cli_to_the_end([*flags, "--epochs", "4", "--resume", "auto"], monkeypatch, capsys)
+    assert "checkpoint.pth (epoch 2)" in stdout, stdout
+    assert sorted(os.listdir(out)) == ["checkpoint.pth", "model_2.pth", "model_3.pth"]
+    assert load(os.path.join(out, "checkpoint.pth"))["epoch"] == 3
+
+
+def test_keep_last_0_writes_only_checkpoint_pth(data, tmp_path, monkeypatch, capsys):
+    out = str(tmp_path / "run")
+    run_cli_to_the_end(["--data-path", data, *TINY, "--output-dir", out, "--keep-last", "0", "--epochs", "2"],
+                       monkeypatch, capsys)
+    assert os.listdir(out) == ["checkpoint.pth"]
