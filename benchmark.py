@@ -272,8 +272,7 @@ def build_variants(args, dense, sparsity, tile_size, blocksize, variants):
 def base_model(args):
     """The dense model, in eval mode on the device and dtype, with a random classifier so logits are not all zero."""
     torch.manual_seed(args.seed)
-    model = utils.build_model(argparse.Namespace(model=args.model, weights=args.weights),
-                              num_classes=args.num_classes, image_size=args.image_size)
+    model = utils.build_model(args, num_classes=args.num_classes, image_size=args.image_size)
     for module in model.modules():
         # torchvision zero-initialises the ViT head: every variant would output zeros and "match".
         if isinstance(module, nn.Linear) and not module.weight.detach().abs().sum():

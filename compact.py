@@ -5,7 +5,6 @@ ready-to-run block-sparse model. The file loads with ``torch.load(weights_only=T
 these names, so ``from blocksparse import save_compact, load_compact`` keeps working.
 """
 
-import argparse
 import os
 from typing import Tuple
 
@@ -13,6 +12,7 @@ import torch
 from torch import nn
 
 import blocksparse
+import models
 import utils
 from attention import ProjectedAttention
 from blocksparse_reference import expand_blocks, pack_blocks
@@ -35,7 +35,7 @@ def save_compact(model: nn.Module, path: str, *, architecture: dict, blocksize: 
     """Write the deployable model: kept blocks and their indices for block-sparse layers, dense tensors otherwise.
 
     ``architecture`` holds what rebuilds the dense model (``model``, ``num_classes``, ``image_size``: the
-    arguments of ``utils.build_model``). No scores, no optimizer state; loads with
+    arguments of ``models.build_model``). No scores, no optimizer state; loads with
     ``torch.load(weights_only=True)``. Returns the file's size and that of the same model stored dense.
     """
     sparse, sparse_prefixes = {}, []
@@ -103,9 +103,8 @@ def model_from_compact(checkpoint: dict, *, kernel: str = "auto", device=None) -
     _check_layout(checkpoint)
     arch = checkpoint["architecture"]
     try:
-        model = utils.build_model(argparse.Namespace(model=arch["model"], weights=None),
-                                  num_classes=arch["num_classes"], image_size=arch["image_size"])
-    except utils.InputError as e:
+        model = models.build_model(arch["model"], num_classes=arch["num_classes"], image_size=arch["image_size"])
+    except ValueError as e:
         raise ValueError(f"malformed compact checkpoint: its architecture cannot be built: {e}") from None
     state = dict(checkpoint["dense"])
     floats = [t for t in state.values() if t.is_floating_point()]

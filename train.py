@@ -24,6 +24,7 @@ from torchvision.transforms import InterpolationMode
 from tqdm import tqdm
 
 import distillation
+import models
 import evaluate
 import presets
 import sampler
@@ -178,7 +179,7 @@ def check_args(args):
         )
     utils.check_interpolation(args.interpolation)
     utils.check_model_name(args.model)
-    if utils.is_vit(args.model) and args.train_crop_size != args.val_crop_size and not args.test_only:
+    if models.is_vit(args.model) and args.train_crop_size != args.val_crop_size and not args.test_only:
         raise utils.InputError(
             f"{args.model} is built for one image size, but --train-crop-size {args.train_crop_size} differs from "
             f"--val-crop-size {args.val_crop_size}; make them equal"

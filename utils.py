@@ -2,7 +2,6 @@
 import argparse
 import contextlib
 import ctypes
-import difflib
 import hashlib
 import os
 import platform
@@ -21,6 +20,7 @@ import torchvision
 from torch import nn
 from torchvision.transforms import InterpolationMode
 
+import models
 import presets
 import sampler
 import supermask
@@ -589,60 +589,26 @@ def check_interpolation(name):
         raise InputError(f"--interpolation {name} is unknown; use one of {', '.join(choices)}")
 
 
-# ---------------------------------------------------------------- models
-
-
-def vit_tiny(*, image_size, num_classes):
-    """A small VisionTransformer for small images: patch 4, 6 layers, 4 heads, hidden 128, MLP 512."""
-    return torchvision.models.VisionTransformer(
-        image_size=image_size,
-        patch_size=4,
-        num_layers=6,
-        num_heads=4,
-        hidden_dim=128,
-        mlp_dim=512,
-        num_classes=num_classes,
-    )
-
-
-def model_names():
-    """Every model name --model accepts."""
-    return sorted(torchvision.models.list_models(module=torchvision.models) + ["vit_tiny"])
-
-
-def is_vit(name):
-    """True for models whose position embedding fixes the input size (torchvision ViTs and vit_tiny)."""
-    if name == "vit_tiny":
-        return True
-    builder = torchvision.models.get_model_builder(name)
-    return builder.__module__ == torchvision.models.vision_transformer.__name__
+# ---------------------------------------------------------------- models (models.py), as the flags name them
 
 
 def check_model_name(name):
-    """Raise InputError unless `name` is a torchvision classification model or vit_tiny."""
-    names = model_names()
-    if name not in names:
-        close = difflib.get_close_matches(name, names, n=3)
-        hint = f"did you mean {', '.join(close)}? " if close else ""
-        raise InputError(f"--model {name} is not a classification model; {hint}see torchvision.models.list_models()")
+    """Raise InputError unless `name` is a model --model accepts (models.check_model_name)."""
+    try:
+        models.check_model_name(name)
+    except ValueError as e:
+        raise InputError(f"--model {e}") from None
 
 
 def build_model(args, *, num_classes, image_size):
     """The dense model named by --model (with --weights if given); ViTs are built for `image_size` inputs."""
     check_model_name(args.model)
-    if args.model == "vit_tiny":
-        if args.weights:
-            raise InputError("vit_tiny has no pretrained weights; drop --weights")
-        return vit_tiny(image_size=image_size, num_classes=num_classes)
-    kwargs = {"num_classes": num_classes}
-    if is_vit(args.model) and not args.weights:
-        # Pretrained ViT weights fix the image size themselves.
-        kwargs["image_size"] = image_size
+    if args.model == "vit_tiny" and args.weights:
+        raise InputError("vit_tiny has no pretrained weights; drop --weights")
     try:
-        return torchvision.models.get_model(args.model, weights=args.weights, **kwargs)
+        return models.build_model(args.model, weights=args.weights, num_classes=num_classes, image_size=image_size)
     except ValueError as e:
-        # Unknown weight names and pretrained heads of another class count land here.
-        raise InputError(f"--weights {args.weights}: {e}") from None
+        raise InputError(f"--weights: {e}") from None
 
 
 # ---------------------------------------------------------------- training pieces

@@ -2,7 +2,6 @@
 
     python benchmarks/compact_size.py
 """
-import argparse
 import os
 import sys
 import tempfile
@@ -11,14 +10,14 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import blocksparse  # noqa: E402
-import utils  # noqa: E402
+import models  # noqa: E402
 from supermask import apply_supermask, sparsify_offline  # noqa: E402
 
 torch.manual_seed(0)
 folder = tempfile.mkdtemp()
 dense_path, compact_path = os.path.join(folder, "dense.pth"), os.path.join(folder, "compact.pth")
 for attention in (0.0, 0.9):
-    model = utils.build_model(argparse.Namespace(model="vit_b_16", weights=None), num_classes=1000, image_size=224)
+    model = models.build_model("vit_b_16", num_classes=1000, image_size=224)
     apply_supermask(model, linear_sparsity=0.9, linear_sp_tilesize=32, skip_last_layer_sparsity=True,
                     attention_sparsity=attention, attention_sp_tilesize=32)
     sparsify_offline(model.eval())

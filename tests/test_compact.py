@@ -1,11 +1,10 @@
 """Compact checkpoints: only the kept blocks are stored, and the model comes back exactly."""
-import argparse
-
 import pytest
 import torch
 from torch import nn
 
 import blocksparse
+import models
 import utils
 from helpers import flip_byte_in_tensor_data
 from supermask import apply_supermask, sparsify_offline
@@ -16,7 +15,7 @@ ARCH = dict(model="vit_tiny", num_classes=10, image_size=32)
 def block_sparse_vit(attention_sparsity):
     """vit_tiny, 90% of its MLP blocks (and optionally attention blocks) pruned at random, block-sparse."""
     torch.manual_seed(0)
-    model = utils.build_model(argparse.Namespace(model="vit_tiny", weights=None), num_classes=10, image_size=32)
+    model = models.build_model("vit_tiny", num_classes=10, image_size=32)
     nn.init.normal_(model.heads.head.weight, std=0.1)
     apply_supermask(model, linear_sparsity=0.9, linear_sp_tilesize=16, skip_last_layer_sparsity=True,
                     attention_sparsity=attention_sparsity, attention_sp_tilesize=16)
@@ -53,7 +52,7 @@ def test_compact_file_holds_only_kept_blocks_and_no_training_state(tmp_path):
     kept = sum(layer["values"].numel() for layer in saved["sparse"].values())
     assert 0.03 < kept / 1_179_648 <= 0.11
     assert sizes["bytes"] < 0.25 * sizes["dense_bytes"], sizes
-    plain = utils.build_model(argparse.Namespace(model="vit_tiny", weights=None), num_classes=10, image_size=32)
+    plain = models.build_model("vit_tiny", num_classes=10, image_size=32)
     assert sizes["dense_bytes"] == sum(t.numel() * t.element_size() for t in plain.state_dict().values())
 
 
