@@ -671,17 +671,6 @@ def correct_topk(output, target, *, topk=(1,)):
     return [hits[:, :k].any(dim=1).sum() for k in topk]
 
 
-def unwrap_model(model):
-    """The plain module inside DDP and torch.compile wrappers, whose state_dict has no prefixes."""
-    while True:
-        if isinstance(model, nn.parallel.DistributedDataParallel):
-            model = model.module
-        elif hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        else:
-            return model
-
-
 # ---------------------------------------------------------------- checkpoints
 
 
