@@ -1,4 +1,4 @@
-"""Shared test helpers: a tiny synthetic ImageFolder and running the CLI scripts as a user does."""
+"""Shared test helpers: a tiny synthetic ImageFolder, running the CLI scripts as a user does, small models."""
 import os
 import shutil
 import socket
@@ -6,6 +6,11 @@ import subprocess
 import sys
 
 import numpy as np
+import torch
+import torchvision
+from torch import nn
+
+from supermask import SupermaskLinear
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -60,14 +65,14 @@ def straight_and_resumed_runs(common, tmp_path_factory):
     straight = str(tmp_path_factory.mktemp("straight"))
     resumed = str(tmp_path_factory.mktemp("resumed"))
     runs = {"straight": run_script([*common, "--output-dir", straight])}
-    _assert_ok(runs["straight"])
+    assert_ok(runs["straight"])
     shutil.copy(os.path.join(straight, "model_0.pth"), resumed)
     runs["resumed"] = run_script([*common, "--output-dir", resumed, "--resume", "auto"])
-    _assert_ok(runs["resumed"])
+    assert_ok(runs["resumed"])
     return straight, resumed, runs
 
 
-def _assert_ok(result):
+def assert_ok(result):
     assert result.returncode == 0, f"exit {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
 
 
@@ -89,3 +94,40 @@ def flip_byte_in_tensor_data(path, out):
     with open(out, "wb") as f:
         f.write(data)
     return out
+
+
+# ----- small models for the library's tests -----
+
+
+def tiny_vit(num_classes=10):
+    """A small torchvision ViT with a random head (torchvision zero-initialises it, which hides bugs)."""
+    torch.manual_seed(0)
+    model = torchvision.models.VisionTransformer(
+        image_size=16, patch_size=4, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=64, num_classes=num_classes)
+    nn.init.normal_(model.heads.head.weight, std=0.5)
+    return model
+
+
+def tiny_resnet():
+    torch.manual_seed(0)
+    return torchvision.models.resnet18(num_classes=7)
+
+
+@torch.no_grad()
+def assert_every_mask_acts(model, x):
+    """Push each Supermask layer's highest-scoring tile below every other: the output must change. Returns names."""
+    reference = model(x)
+    checked = []
+    for name, layer in model.named_modules():
+        if not isinstance(layer, SupermaskLinear):
+            continue
+        flat = layer.scores.view(-1)
+        top = flat.argmax()
+        saved = flat[top].clone()
+        flat[top] = flat.min() - 1
+        changed = model(x)
+        flat[top] = saved
+        assert not torch.allclose(changed, reference), f"mask of {name} does not act on the output"
+        checked.append(name)
+    torch.testing.assert_close(model(x), reference)
+    return checked

@@ -5,7 +5,7 @@ import torchvision
 
 from attention import ProjectedAttention
 from supermask import SupermaskLinear, apply_supermask, load_supermask_state_dict, sparsify_offline, sparsity_report
-from test_supermask import assert_every_mask_acts, tiny_vit
+from helpers import assert_every_mask_acts, tiny_vit
 
 
 def plain_projections(mha):

@@ -11,15 +11,11 @@ import sys
 import pytest
 import torch
 
-from helpers import ROOT, flip_byte_in_tensor_data, free_port, run_script, write_image_folder
+from helpers import ROOT, assert_ok, flip_byte_in_tensor_data, free_port, run_script, write_image_folder
 
 SIZE = ["--val-crop-size", "16", "--val-resize-size", "16"]
 MODEL = ["--model", "vit_tiny", "--device", "cpu", "-j", "0", *SIZE]
 SPARSE = ["--sparsity-linear", "0.75", "--sp-linear-tile-size", "16"]
-
-
-def assert_ok(result):
-    assert result.returncode == 0, f"exit {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
 
 
 def accuracy(stdout):

@@ -6,7 +6,7 @@ from PIL import Image
 
 from plots import plot_masks, require_matplotlib, tile_masks
 from supermask import apply_supermask, sparsify_offline
-from test_supermask import tiny_vit
+from helpers import tiny_vit
 
 pytest.importorskip("matplotlib", reason="matplotlib is an optional dependency (requirements-dev.txt)")
 
