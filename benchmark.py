@@ -41,11 +41,8 @@ TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 5e-2, torch.float16: 1e-2}
 def get_args_parser(add_help=True):
     """The benchmark's flags."""
     parser = argparse.ArgumentParser(description="SuperBlock inference benchmark", add_help=add_help)
-    utils.add_model_args(parser)
     # Unlike training, a benchmark is often run on a machine without a GPU: default to what is there.
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    parser.set_defaults(device=device)
-    next(a for a in parser._actions if a.dest == "device").help = f"device: cuda or cpu (default here: {device})"
+    utils.add_model_args(parser, device="cuda" if torch.cuda.is_available() else "cpu")
     utils.add_supermask_args(parser)
     group = parser.add_argument_group("benchmark")
     group.add_argument("-b", "--batch-size", default=8, type=int, help="images per forward (default: 8)")

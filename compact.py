@@ -17,7 +17,7 @@ import utils
 from attention import ProjectedAttention
 from blocksparse_reference import expand_blocks, pack_blocks
 
-COMPACT_FORMAT = "superblock-compact"
+COMPACT_FORMAT = utils.COMPACT_FORMAT
 COMPACT_VERSION = 1
 
 
@@ -58,7 +58,7 @@ def save_compact(model: nn.Module, path: str, *, architecture: dict, blocksize: 
 
 def is_compact(checkpoint) -> bool:
     """True for a dict written by save_compact."""
-    return isinstance(checkpoint, dict) and checkpoint.get("format") == COMPACT_FORMAT
+    return utils.is_compact_file(checkpoint)
 
 
 def _check_layout(checkpoint: dict) -> None:

@@ -387,10 +387,11 @@ def save_checkpoints(*, checkpoint, output_dir, epoch, keep_last=None):
     """Write model_<epoch>.pth and checkpoint.pth atomically (rank 0 only); keep only the newest keep_last epochs."""
     if not utils.is_main_process():
         return
+    checkpoint = utils.with_checksum(checkpoint)  # hashed once for both files
     with utils.deferred_interrupt():  # Ctrl-C now would leave model_<epoch>.pth and checkpoint.pth apart
         if keep_last != 0:
-            utils.save_checkpoint(checkpoint, os.path.join(output_dir, f"model_{epoch}.pth"))
-        utils.save_checkpoint(checkpoint, os.path.join(output_dir, "checkpoint.pth"))
+            utils.save_checkpoint(checkpoint, os.path.join(output_dir, f"model_{epoch}.pth"), checksum=False)
+        utils.save_checkpoint(checkpoint, os.path.join(output_dir, "checkpoint.pth"), checksum=False)
         last_checkpoint.update(path=os.path.join(output_dir, "checkpoint.pth"), epoch=epoch)
     if keep_last is not None:
         # After the new files are complete, so a crash in between never leaves fewer than asked for.

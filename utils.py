@@ -78,8 +78,8 @@ def add_data_args(parser):
     group.add_argument("--use-v2", action="store_true", help="use torchvision.transforms.v2 for preprocessing")
 
 
-def add_model_args(parser):
-    """Add the model and device flags (torchvision's names and defaults)."""
+def add_model_args(parser, *, device="cuda"):
+    """Add the model and device flags (torchvision's names and defaults; `device` for --device's)."""
     group = parser.add_argument_group("model")
     group.add_argument(
         "--model", default="resnet18", type=str, help="torchvision classification model name, or vit_tiny"
@@ -90,7 +90,7 @@ def add_model_args(parser):
         type=str,
         help="torchvision pretrained weights enum, e.g. ResNet50_Weights.IMAGENET1K_V2",
     )
-    group.add_argument("--device", default="cuda", type=str, help="device: cuda or cpu")
+    group.add_argument("--device", default=device, type=str, help=f"device: cuda or cpu (default: {device})")
 
 
 def add_distributed_args(parser):
@@ -733,6 +733,15 @@ def deferred_interrupt():
         raise KeyboardInterrupt
 
 
+def with_checksum(state):
+    """`state` (a dict) with its checkpoint_digest under CHECKSUM_KEY, as save_checkpoint writes it."""
+    if not isinstance(state, dict):
+        return state
+    state = {k: v for k, v in state.items() if k != CHECKSUM_KEY}
+    state[CHECKSUM_KEY] = checkpoint_digest(state)
+    return state
+
+
 def save_checkpoint(state, path, *, checksum=True):
     """torch.save `state` to `path` atomically: a crash or Ctrl-C leaves the previous file intact.
 
@@ -740,9 +749,8 @@ def save_checkpoint(state, path, *, checksum=True):
     load_checkpoint verifies. The data goes to a temporary file in the same folder (same file system, so the
     rename is atomic), which is flushed to disk and then renamed over `path`.
     """
-    if checksum and isinstance(state, dict):
-        state = {k: v for k, v in state.items() if k != CHECKSUM_KEY}
-        state[CHECKSUM_KEY] = checkpoint_digest(state)
+    if checksum:
+        state = with_checksum(state)
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp_path = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".", suffix=".tmp")
     try:
@@ -832,12 +840,6 @@ def checkpoint_files(output_dir):
     return files + [path for _, path in sorted(epoch_files(output_dir).items(), reverse=True)]
 
 
-def find_latest_checkpoint(output_dir):
-    """The newest checkpoint in output_dir (checkpoint.pth, else the highest model_<epoch>.pth), or None."""
-    files = checkpoint_files(output_dir)
-    return files[0] if files else None
-
-
 def remove_stale_temporary_files(output_dir):
     """Delete the temporary files of checkpoint writes that were killed before their rename; returns their names."""
     removed = []
@@ -872,7 +874,8 @@ def load_latest_checkpoint(output_dir):
                          f"re-copy one, or pass --start-over to train from scratch there")
     return None, None
 
-# compact.COMPACT_FORMAT, spelled out: importing compact imports blocksparse, a second at every start.
+# The format tag of compact files, defined here (compact.py reads it from here): importing compact imports
+# blocksparse, a second at every start of train.py and evaluate.py.
 COMPACT_FORMAT = "superblock-compact"
 
 

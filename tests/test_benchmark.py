@@ -51,7 +51,7 @@ def test_device_defaults_to_what_the_machine_has():
     parser = benchmark.get_args_parser()
     expected = "cuda" if torch.cuda.is_available() else "cpu"
     assert parser.parse_args([]).device == expected
-    assert f"default here: {expected}" in parser.format_help()
+    assert f"(default: {expected})" in parser.format_help()
 
 
 def test_output_check_catches_a_wrong_output():

@@ -341,10 +341,3 @@ def test_outputs_into_missing_folders_are_created(data, checkpoint, tmp_path):
                    "--save-compact", str(new / "y" / "c.pth"), "--plot-masks", str(new / "z" / "m.png"))
     assert json.load(open(new / "x" / "r.json"))["acc1"] == float(accuracy(run.stdout)[0])
     assert (new / "y" / "c.pth").stat().st_size > 0 and (new / "z" / "m.png").stat().st_size > 0
-
-
-def test_compact_format_spelled_out_in_utils_is_compacts():
-    import compact
-    import utils
-
-    assert utils.COMPACT_FORMAT == compact.COMPACT_FORMAT
