@@ -24,7 +24,8 @@ Example::
 
 In a process of your own, also call ``utils.keep_freed_memory()`` once (evaluate.py and benchmark.py do): with
 glibc's default settings the buffers each forward frees are handed back to the kernel and page-faulted in
-again (benchmarks/RESULTS.md, "Allocator").
+again (benchmarks/RESULTS.md, "Allocator: glibc's malloc hands freed memory back, and every forward page-faults it
+in again").
 """
 
 from dataclasses import dataclass, field
@@ -43,12 +44,14 @@ from supermask import num_pruned_tiles
 KERNELS = ("auto", "fused", "bmm", "dense", "torch", "triton")
 
 # On CUDA, "auto" runs the Triton kernel from this block sparsity up, and the dense product below it.
-# An estimate, not yet a measurement: no GPU was available when it was set (benchmarks/RESULTS.md).
+# An estimate, not yet a measurement: no GPU was available when it was set (benchmarks/RESULTS.md,
+# "CUDA (still to be measured)").
 CUDA_BREAK_EVEN = 0.5
 
-# apply_bsr's default: layers less block-sparse than this stay nn.Linear without being measured; "auto" decides the
-# rest by measurement, so this only spares measuring barely-pruned layers. The fused kernel gains from this
-# sparsity up at blocks 32 and 64; below it nothing was measured (RESULTS.md, "auto over sparsity").
+# apply_bsr's default: the block sparsity below which a layer stays nn.Linear without being timed. It bounds which
+# layers "auto" measures, not which run block-sparse: "auto" decides those by measurement. Where the fused kernel
+# starts to pay: benchmarks/RESULTS.md, "`auto` over sparsity, block size, token count and dtype (never slower
+# than dense)".
 DEFAULT_MIN_SPARSITY = 0.5
 
 # "auto" on CPU times the candidates on this many tokens (a 224-pixel ViT-B/16 image is 197).
@@ -102,7 +105,7 @@ def _check_kernel(kernel: str, weight: torch.Tensor, blocksize: int) -> None:
 
 
 def block_mask(weight: torch.Tensor, blocksize: int) -> torch.Tensor:
-    """Bool tensor (out/bs, in/bs): True where a ``blocksize`` block of ``weight`` has a nonzero."""
+    """Bool tensor (out/blocksize, in/blocksize): True where a ``blocksize`` block of ``weight`` has a nonzero."""
     _check_blocksize(tuple(weight.shape), blocksize)
     rows, cols = weight.shape[0] // blocksize, weight.shape[1] // blocksize
     return weight.detach().reshape(rows, blocksize, cols, blocksize).ne(0).any(dim=3).any(dim=1)
@@ -156,8 +159,8 @@ def choose_kernel(linear: nn.Linear, blocksize: int, candidate: Optional[str] = 
 
     On CUDA: "triton" from ``CUDA_BREAK_EVEN`` up (an estimate), else "dense". On CPU: the block-sparse
     ``candidate`` ("fused" where the extension runs, else "bmm") and "dense" are timed on ``AUTO_SAMPLE_TOKENS``
-    tokens of this layer's shape, blocks and dtype (a few milliseconds), and the faster is kept. Each distinct
-    (shape, dtype, blocksize, kept blocks, threads) is measured once per process.
+    tokens of this layer's shape, blocks and dtype, and the faster is kept. Each distinct (shape, dtype, blocksize,
+    kept blocks, threads) is measured once per process.
     """
     weight = linear.weight.detach()
     mask = block_mask(weight, blocksize)
@@ -311,17 +314,17 @@ class BlockSparseLinear(nn.Module):
             tuple(getattr(self, f"group{i}_{part}") for part in ("rows", "cols", "weight", "bias")) + (self.group_spans[i],)
             for i in range(self.num_groups)
         ]
-        bs = self.blocksize
-        block_rows, block_cols = self.out_features // bs, self.in_features // bs
+        blocksize = self.blocksize
+        block_rows, block_cols = self.out_features // blocksize, self.in_features // blocksize
         if torch.compiler.is_compiling():  # one opaque op: see blocksparse_reference.bmm_blocks
             tensors = [t for group in groups for t in group[:4]]
             spans = [v for span in self.group_spans for v in (span or (-1, -1))]
             if self.has_empty_rows:
                 tensors += [self.empty_rows, self.empty_bias]
                 spans += list(self.empty_span or (-1, -1))
-            return reference.bmm_blocks(x, tensors, spans, self.has_empty_rows, block_rows, block_cols, bs)
+            return reference.bmm_blocks(x, tensors, spans, self.has_empty_rows, block_rows, block_cols, blocksize)
         empty = (self.empty_rows, self.empty_bias, self.empty_span) if self.has_empty_rows else None
-        return reference.bmm_forward(x, groups, empty, block_rows, block_cols, bs)
+        return reference.bmm_forward(x, groups, empty, block_rows, block_cols, blocksize)
 
     def dense_weight(self) -> torch.Tensor:
         """The dense weight this layer computes with (the reference the kernels are tested against)."""
@@ -332,21 +335,22 @@ class BlockSparseLinear(nn.Module):
             return reference.expand_blocks(self.block_values, self.block_crow, self.block_col, shape)
         if self.kernel == "torch":
             return reference.torch_bsr_weight(self.crow_indices, self.col_indices, self.values, shape).to_dense()
-        bs = self.blocksize
-        block_rows, block_cols = self.out_features // bs, self.in_features // bs
+        blocksize = self.blocksize
+        block_rows, block_cols = self.out_features // blocksize, self.in_features // blocksize
         floats = [b for b in self.buffers() if b.is_floating_point()] or [torch.empty(0)]
-        blocks = torch.zeros(block_rows, block_cols, bs, bs, dtype=floats[0].dtype, device=floats[0].device)
+        blocks = torch.zeros(block_rows, block_cols, blocksize, blocksize, dtype=floats[0].dtype,
+                             device=floats[0].device)
         for i in range(self.num_groups):
             rows, cols = getattr(self, f"group{i}_rows"), getattr(self, f"group{i}_cols")
             packed = getattr(self, f"group{i}_weight")
             k = cols.numel() // rows.numel()
-            kept = packed.view(rows.numel(), bs, k, bs).permute(0, 2, 1, 3)  # (R, k, out, in)
+            kept = packed.view(rows.numel(), blocksize, k, blocksize).permute(0, 2, 1, 3)  # (R, k, out, in)
             # Padding blocks are zero, so accumulating them into any column-block changes nothing.
             blocks.index_put_((rows[:, None].expand(-1, k), cols.view(-1, k)), kept, accumulate=True)
         return blocks.permute(0, 2, 1, 3).reshape(shape)
 
     def tile_mask(self) -> torch.Tensor:
-        """Bool (out/bs, in/bs): True where a block is stored (for pictures of the mask)."""
+        """Bool (out/blocksize, in/blocksize): True where a block is stored (for pictures of the mask)."""
         return block_mask(self.dense_weight(), self.blocksize)
 
     def to_dense(self) -> nn.Linear:
@@ -440,28 +444,27 @@ def _prepare_mlp_pair(first: nn.Linear, second: nn.Linear, between: List[nn.Modu
     (``blocksparse_reference.pack_groups``), so every group of ``first`` is a run of consecutive rows that it
     writes without a scatter. Returns (first, second, description).
     """
-    bs = blocksize
     w1, w2 = first.weight.detach().clone(), second.weight.detach().clone()
     b1 = None if first.bias is None else first.bias.detach().clone()
     b2 = None if second.bias is None else second.bias.detach().clone()
-    hidden = w1.shape[0] // bs
+    hidden = w1.shape[0] // blocksize
     folded = 0
     if b1 is not None and b2 is not None and all(not isinstance(m, nn.Dropout) or m.p == 0 for m in between):
-        constant = ~block_mask(w1, bs).any(dim=1) & block_mask(w2, bs).any(dim=0)
-        units = constant.repeat_interleave(bs)
+        constant = ~block_mask(w1, blocksize).any(dim=1) & block_mask(w2, blocksize).any(dim=0)
+        units = constant.repeat_interleave(blocksize)
         value = b1[units]
         for module in between:
             value = module(value)
         b2 += w2[:, units] @ value
         w2[:, units] = 0
         folded = int(constant.sum())
-    dead = ~block_mask(w2, bs).any(dim=0)
-    units = dead.repeat_interleave(bs)
+    dead = ~block_mask(w2, blocksize).any(dim=0)
+    units = dead.repeat_interleave(blocksize)
     w1[units] = 0
     if b1 is not None:
         b1[units] = 0
-    order = reference.block_row_order(block_mask(w1, bs))
-    units = (order[:, None] * bs + torch.arange(bs)).flatten()
+    order = reference.block_row_order(block_mask(w1, blocksize))
+    units = (order[:, None] * blocksize + torch.arange(blocksize)).flatten()
     pair = []
     for layer, weight, bias in ((first, w1[units], None if b1 is None else b1[units]), (second, w2[:, units], b2)):
         new = nn.Linear(layer.in_features, layer.out_features, bias=bias is not None,
@@ -473,7 +476,6 @@ def _prepare_mlp_pair(first: nn.Linear, second: nn.Linear, between: List[nn.Modu
     what = (f"{int(dead.sum())} of {hidden} hidden blocks unused ({folded} constant ones folded into the "
             f"second bias), blocks sorted by kept count")
     return pair[0], pair[1], what
-
 
 
 def _set_submodule(model: nn.Module, fqn: str, module: nn.Module) -> None:

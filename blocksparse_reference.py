@@ -1,8 +1,9 @@
 """The block layout every block-sparse kernel shares, and the pure-PyTorch kernels beside the fused one.
 
 Layout (``pack_blocks``): a weight (out, in) is cut into ``blocksize x blocksize`` blocks; block-row r (outputs
-r*bs .. r*bs+bs-1) keeps the blocks ``col[crow[r]:crow[r+1]]``, each stored transposed as ``values[i]`` (in, out),
-the right-hand operand of ``x @ W.T``. The fused CPU kernel, the Triton kernel and compact checkpoints use it.
+r*blocksize up to (r+1)*blocksize) keeps the blocks ``col[crow[r]:crow[r+1]]``, each stored transposed as
+``values[i]`` (in, out), the right-hand operand of ``x @ W.T``. The fused CPU kernel, the Triton kernel and compact
+checkpoints use it.
 
 Kernels here, in pure PyTorch:
 
@@ -28,10 +29,10 @@ MAX_GROUPS = 6
 
 @torch.no_grad()
 def pack_blocks(weight: torch.Tensor, blocksize: int):
-    """(values (kept, bs_in, bs_out), crow (rows+1,) int32, col (kept,) int32): the non-zero blocks of ``weight``."""
+    """(values (kept, in, out), crow (rows+1,) int32, col (kept,) int32): the non-zero blocks of ``weight``."""
     out_features, in_features = weight.shape
     rows, cols = out_features // blocksize, in_features // blocksize
-    blocks = weight.reshape(rows, blocksize, cols, blocksize).transpose(1, 2)  # (rows, cols, bs_out, bs_in)
+    blocks = weight.reshape(rows, blocksize, cols, blocksize).transpose(1, 2)  # (rows, cols, out, in)
     kept = blocks.ne(0).any(dim=-1).any(dim=-1)
     crow = torch.zeros(rows + 1, dtype=torch.int32, device=weight.device)
     crow[1:] = kept.sum(dim=1).cumsum(0)
@@ -43,8 +44,8 @@ def pack_blocks(weight: torch.Tensor, blocksize: int):
 def expand_blocks(values: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, shape: Tuple[int, int]) -> torch.Tensor:
     """The dense (out, in) weight that ``pack_blocks`` packed into ``values, crow, col``."""
     out_features, in_features = shape
-    bs = values.shape[-1]
-    blocks = values.new_zeros(out_features // bs, in_features // bs, bs, bs)
+    blocksize = values.shape[-1]
+    blocks = values.new_zeros(out_features // blocksize, in_features // blocksize, blocksize, blocksize)
     rows = torch.repeat_interleave(torch.arange(blocks.shape[0], device=values.device), crow.diff().long())
     blocks[rows, col.long()] = values.transpose(1, 2)
     return blocks.permute(0, 2, 1, 3).reshape(out_features, in_features)
@@ -87,10 +88,13 @@ def _partition_counts(counts: List[int], max_groups: int) -> List[Tuple[int, int
 
 
 def pack_groups(weight: torch.Tensor, mask: torch.Tensor, blocksize: int, max_groups: int = MAX_GROUPS):
-    """Kept blocks grouped by row count: ([(rows, cols, weight (R, bs, k*bs)), ...], empty block-rows)."""
-    bs = blocksize
+    """Kept blocks grouped by row count: ([(rows, cols, weight), ...], empty block-rows).
+
+    A group's weight is (R, blocksize, k*blocksize): its R block-rows of k blocks each, side by side.
+    """
     block_rows, block_cols = mask.shape
-    blocks = weight.detach().reshape(block_rows, bs, block_cols, bs).permute(0, 2, 1, 3)  # (row, col, out, in)
+    # (block-row, block-column, out, in)
+    blocks = weight.detach().reshape(block_rows, blocksize, block_cols, blocksize).permute(0, 2, 1, 3)
     counts = mask.sum(dim=1)
     # Kept column-blocks first, in ascending order, for every block-row.
     cols_sorted = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)
@@ -104,7 +108,7 @@ def pack_groups(weight: torch.Tensor, mask: torch.Tensor, blocksize: int, max_gr
         cols = cols_sorted[rows, :k]
         # A short row is padded with its first dropped column-blocks, which are all zero: exact, no masking.
         kept = blocks[rows[:, None], cols]  # (R, k, out, in)
-        packed = kept.permute(0, 2, 1, 3).reshape(len(rows), bs, k * bs).contiguous()
+        packed = kept.permute(0, 2, 1, 3).reshape(len(rows), blocksize, k * blocksize).contiguous()
         groups.append((rows.clone(), cols.reshape(-1).clone(), packed))
     empty_rows = (counts == 0).nonzero().flatten()
     return groups, empty_rows
@@ -120,37 +124,40 @@ def row_span(rows: torch.Tensor) -> Optional[Tuple[int, int]]:
 
 def bmm_forward(x, groups, empty_rows, block_rows: int, block_cols: int, blocksize: int) -> torch.Tensor:
     """Gather the column-blocks of x (n, in) each group reads, one bmm per group, into y (n, out)."""
-    n, bs = x.shape[0], blocksize
-    xb = x.reshape(n, block_cols, bs)
-    y = x.new_empty(n, block_rows, bs)
+    n = x.shape[0]
+    xb = x.reshape(n, block_cols, blocksize)
+    y = x.new_empty(n, block_rows, blocksize)
     for rows, cols, weight, bias, span in groups:
         r = rows.shape[0]
-        a = xb.index_select(1, cols).view(n, r, -1).transpose(0, 1)  # (R, n, k*bs)
-        w = weight.transpose(1, 2)  # (R, k*bs, bs)
+        a = xb.index_select(1, cols).view(n, r, -1).transpose(0, 1)  # (R, n, k*blocksize)
+        w = weight.transpose(1, 2)  # (R, k*blocksize, blocksize)
         if span is not None:  # consecutive rows: the product writes straight into y (a strided view, no copy)
             out = y[:, span[0]:span[1]].transpose(0, 1)
             if bias is None:
                 torch.bmm(a, w, out=out)
             else:
-                torch.baddbmm(bias.view(r, 1, bs), a, w, out=out)
+                torch.baddbmm(bias.view(r, 1, blocksize), a, w, out=out)
             continue
-        out = torch.bmm(a, w) if bias is None else torch.baddbmm(bias.view(r, 1, bs), a, w)
+        out = torch.bmm(a, w) if bias is None else torch.baddbmm(bias.view(r, 1, blocksize), a, w)
         y.index_copy_(1, rows, out.transpose(0, 1))
     if empty_rows is not None:
         rows, bias, span = empty_rows
-        fill = y.new_zeros(n, rows.shape[0], bs) if bias is None else bias.view(1, -1, bs).expand(n, -1, bs)
+        if bias is None:
+            fill = y.new_zeros(n, rows.shape[0], blocksize)
+        else:
+            fill = bias.view(1, -1, blocksize).expand(n, -1, blocksize)
         if span is not None:
             y[:, span[0]:span[1]] = fill
         else:
             y.index_copy_(1, rows, fill)
-    return y.view(n, block_rows * bs)
+    return y.view(n, block_rows * blocksize)
 
 
 # Under torch.compile "bmm" runs as one opaque op. Traced, its products written into slices of the output become,
-# in inductor, one pointwise kernel of nested masked selects over the whole output, fused with what follows (an
-# MLP pair took about twice its eager time; benchmarks/RESULTS.md, "torch.compile"). The op's arguments flatten
-# the groups: per group its rows, cols, weight and bias, in `spans` its (start, end) or (-1, -1); then the
-# empty rows, their bias and span.
+# in inductor, one pointwise kernel of nested masked selects over the whole output, fused with what follows, and
+# slower than eager (benchmarks/RESULTS.md, "torch.compile on the CPU (block 64, 90% MLP sparsity)"). The op's
+# arguments flatten the groups: per group its rows, cols, weight and bias, in `spans` its (start, end) or
+# (-1, -1); then the empty rows, their bias and span.
 
 
 @torch.library.custom_op("superblock::bmm_blocks", mutates_args=())

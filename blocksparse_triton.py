@@ -1,10 +1,11 @@
 """A Triton kernel for block-sparse Linear on CUDA: y = x @ W^T + b with W stored as kept blocks only.
 
-Layout (built once, by `blocksparse_reference.pack_blocks`): W of shape (N, K) is cut into B x B blocks; block-row r (outputs
-r*B .. r*B+B-1) keeps the blocks `col[crow[r]:crow[r+1]]`, each stored transposed as `values[i]` of shape
-(B_in, B_out) so the kernel multiplies x's tile by it directly. One program computes a BLOCK_M x B tile
-of the output: it walks its block-row's kept blocks only, loading the matching B columns of x (masked at
-the token edge, so any token count works without padding copies) and accumulating in float32.
+Layout (built once, by `blocksparse_reference.pack_blocks`): W of shape (N, K) is cut into blocksize x blocksize
+blocks; block-row r (outputs r*blocksize up to (r+1)*blocksize) keeps the blocks `col[crow[r]:crow[r+1]]`, each
+stored transposed as `values[i]` of shape (in, out) so the kernel multiplies x's tile by it directly. One program
+computes a BLOCK_M x BLOCKSIZE tile of the output: it walks its block-row's kept blocks only, loading the matching
+BLOCKSIZE columns of x (masked at the token edge, so any token count works without padding copies) and
+accumulating in float32.
 
 The op is registered as `superblock::bsr_linear` (torch.library.custom_op with a shape-only fake), so
 torch.compile keeps it in the graph. On the CPU it runs only under TRITON_INTERPRET=1 (for tests).
@@ -50,21 +51,21 @@ if triton is not None:
         x_ptr, values_ptr, crow_ptr, col_ptr, bias_ptr, y_ptr,
         M, stride_xm, stride_xk, stride_ym, stride_yn,
         M_BUCKET, N, K,  # read by the autotuner's key only
-        HAS_BIAS: tl.constexpr, B: tl.constexpr, BLOCK_M: tl.constexpr, IEEE: tl.constexpr,
+        HAS_BIAS: tl.constexpr, BLOCKSIZE: tl.constexpr, BLOCK_M: tl.constexpr, IEEE: tl.constexpr,
         UPCAST: tl.constexpr,
     ):
         row = tl.program_id(0)  # block-row fastest: neighbouring programs reuse the same x tile from L2
         offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_b = tl.arange(0, B)
+        offs_b = tl.arange(0, BLOCKSIZE)
         in_range = offs_m[:, None] < M
         start = tl.load(crow_ptr + row)
         end = tl.load(crow_ptr + row + 1)
-        acc = tl.zeros((BLOCK_M, B), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_M, BLOCKSIZE), dtype=tl.float32)
         for i in range(start, end):
             col = tl.load(col_ptr + i)
-            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + (col * B + offs_b)[None, :] * stride_xk,
+            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + (col * BLOCKSIZE + offs_b)[None, :] * stride_xk,
                         mask=in_range, other=0.0)
-            w = tl.load(values_ptr + i * B * B + offs_b[:, None] * B + offs_b[None, :])
+            w = tl.load(values_ptr + i * BLOCKSIZE * BLOCKSIZE + offs_b[:, None] * BLOCKSIZE + offs_b[None, :])
             if UPCAST:
                 x, w = x.to(tl.float32), w.to(tl.float32)
             if IEEE:
@@ -72,17 +73,18 @@ if triton is not None:
             else:
                 acc += tl.dot(x, w)
         if HAS_BIAS:
-            acc += tl.load(bias_ptr + row * B + offs_b).to(tl.float32)[None, :]
-        tl.store(y_ptr + offs_m[:, None] * stride_ym + (row * B + offs_b)[None, :] * stride_yn,
+            acc += tl.load(bias_ptr + row * BLOCKSIZE + offs_b).to(tl.float32)[None, :]
+        tl.store(y_ptr + offs_m[:, None] * stride_ym + (row * BLOCKSIZE + offs_b)[None, :] * stride_yn,
                  acc.to(y_ptr.dtype.element_ty), mask=in_range)
 
     _CONFIGS = [
         triton.Config({"BLOCK_M": block_m}, num_warps=warps, num_stages=stages)
         for block_m, warps, stages in [(32, 4, 3), (64, 4, 3), (64, 8, 4), (128, 4, 3), (128, 8, 4), (256, 8, 3)]
     ]
-    # Tuned once per (token-count bucket, layer shape, block size; the autotuner adds the dtypes), on
+    # Tuned once per (token-count bucket, layer shape, blocksize; the autotuner adds the dtypes), on
     # whatever GPU runs it: one it has not seen gets its own tuning rather than another card's table.
-    _bsr_linear_autotuned = triton.autotune(configs=_CONFIGS, key=["M_BUCKET", "N", "K", "B"])(_bsr_linear_kernel)
+    _bsr_linear_autotuned = triton.autotune(
+        configs=_CONFIGS, key=["M_BUCKET", "N", "K", "BLOCKSIZE"])(_bsr_linear_kernel)
 
 
 def _launch(x, values, crow, col, bias, out_features):
@@ -95,7 +97,8 @@ def _launch(x, values, crow, col, bias, out_features):
             x.stride(0), x.stride(1), y.stride(0), y.stride(1), triton.next_power_of_2(m), out_features, x.shape[1])
     # Triton's interpreter (numpy) has no bfloat16 dot: it multiplies in float32 there, on the GPU never.
     upcast = _interpreting() and x.dtype == torch.bfloat16
-    common = dict(HAS_BIAS=bias is not None, B=blocksize, IEEE=x.dtype == torch.float32 or upcast, UPCAST=upcast)
+    common = dict(HAS_BIAS=bias is not None, BLOCKSIZE=blocksize, IEEE=x.dtype == torch.float32 or upcast,
+                  UPCAST=upcast)
     rows = out_features // blocksize
     if _interpreting():  # the interpreter cannot time configurations
         _bsr_linear_kernel[(rows, triton.cdiv(m, 32))](*args, BLOCK_M=32, **common)

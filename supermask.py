@@ -14,6 +14,7 @@ backward passes the mask's gradient straight through to the scores.
 import math
 import sys
 import warnings
+import weakref
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -450,11 +451,8 @@ def apply_supermask(
                 module, sparsity=choice.sparsity, tile_size=choice.tile_size, device=device, score_init=score_init)
     for name, layer in replacements.items():
         _set_submodule(model, name, layer)
-    # Remembered so that sparsity_report can say why each dense layer stayed dense.
-    model._supermask_skipped = {**getattr(model, "_supermask_skipped", {}), **skipped}
-    # Remembered so that unprunable_kinds can tell which settings each layer got, before any lowering.
-    model._supermask_kinds = kinds
-    if verbose:
+    _remember(model, skipped=skipped, kinds=kinds)
+    if verbose:  # output the caller asked for (the original's flag), not a warning
         print(sparsity_report(model))
     return model
 
@@ -486,6 +484,44 @@ def _mask_attention(model, *, sparsity, tile_size, device, score_init, skipped, 
         kinds[f"{name}.in_proj"] = kinds[f"{name}.out_proj"] = ("attention", sparsity)
 
 
+##### What apply_supermask chose, kept beside the model #####
+
+
+@dataclass
+class _Choices:
+    skipped: dict  # layer name -> why it stayed dense, for sparsity_report and load_supermask_state_dict
+    kinds: dict  # layer name -> (kind, sparsity) it got before any lowering, for unprunable_kinds
+
+
+# Keyed by the model and dropped with it: the model's attributes, state_dict and pickling stay untouched.
+_CHOICES = weakref.WeakKeyDictionary()
+
+
+def _remember(model, *, skipped, kinds):
+    # Reasons accumulate over calls (apply, sparsify_offline, apply again); kinds are the latest call's.
+    earlier = _CHOICES.get(model)
+    _CHOICES[model] = _Choices({**(earlier.skipped if earlier else {}), **skipped}, kinds)
+
+
+def skipped_layers(model):
+    """{layer name: why apply_supermask left it dense} for `model` ({} if apply_supermask never ran on it)."""
+    choices = _CHOICES.get(model)
+    return dict(choices.skipped) if choices else {}
+
+
+def layer_kinds(model):
+    """{layer name: (kind, sparsity)} of the layers apply_supermask last masked on `model` ({} if none).
+
+    kind is "linear", "conv1x1", "conv" or "attention" (attention names both `<name>.in_proj` and
+    `<name>.out_proj`); sparsity is the target the keywords asked for, before a layer lowered it to its maximum.
+    """
+    choices = _CHOICES.get(model)
+    return dict(choices.kinds) if choices else {}
+
+
+##### Model-wide operations #####
+
+
 def _set_submodule(model, name, layer):
     parent_name, _, child_name = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
@@ -511,7 +547,7 @@ def unprunable_kinds(model):
     kind being "linear", "conv1x1", "conv" or "attention" as apply_supermask chose it; empty when all is well.
     """
     by_kind = {}
-    for name, (kind, sparsity) in getattr(model, "_supermask_kinds", {}).items():
+    for name, (kind, sparsity) in layer_kinds(model).items():
         layer = model.get_submodule(name)
         if isinstance(layer, SUPERMASK_LAYERS):
             by_kind.setdefault(kind, []).append((layer, sparsity))
@@ -613,7 +649,7 @@ def load_supermask_state_dict(model, state_dict):
         elif isinstance(module, SUPERMASK_LAYERS):
             _check_score_shape(layer_name, module, state_dict[key])
         elif module is not None:
-            skipped = getattr(model, "_supermask_skipped", {})
+            skipped = skipped_layers(model)
             reason = skipped.get(layer_name) or skipped.get(layer_name.rpartition(".")[0]) or "not a Supermask layer"
             raise ValueError(f"the checkpoint has a mask for layer {layer_name}, but this model leaves it dense "
                              f"({reason}): use the sparsity and skip flags the checkpoint was trained with")
@@ -709,7 +745,7 @@ def sparsity_report(model):
     actual sparsity; masked layers also show their target."""
     # No block-sparse layer can exist unless blocksparse (which imports this module) was imported.
     blocksparse = sys.modules.get("blocksparse")
-    skipped = getattr(model, "_supermask_skipped", {})
+    skipped = skipped_layers(model)
     dead = _attention_out_projections(model)
     rows = []
     for name, module in model.named_modules():

@@ -4,13 +4,13 @@
 // its row, reading the input's column-block in place (leading dimension = the input's row stride, no gather), into
 // a float tile, then adds the bias and writes its output tile in the output dtype. With `gather`, an item whose
 // row keeps several blocks first copies their input columns side by side into a small panel and runs one brgemm
-// over all of them (the row's blocks are stored one after the other, so they already form one K x bs operand):
-// fewer, longer products for a copy that stays in cache. Which is faster depends on the CPU and the shape, so the
-// caller measures both. Every item is computed by one thread from start to end, so the result is the same bit for
-// bit whatever the thread count.
+// over all of them (the row's blocks are stored one after the other, so they already form one K x blocksize
+// operand): fewer, longer products for a copy that stays in cache. Which is faster depends on the CPU and the shape,
+// so the caller measures both. Every item is computed by one thread from start to end, so the result is the same
+// bit for bit whatever the thread count.
 //
-// The weight blocks come from pack_blocks below: each block transposed (in x out, the brgemm "B" operand), and for
-// bfloat16/float16, where oneDNN's micro-kernel runs on this CPU, in its pair-interleaved (VNNI) layout.
+// The weight blocks come from fused_pack_blocks below: each block transposed (in x out, the brgemm "B" operand),
+// and for bfloat16/float16, where oneDNN's micro-kernel runs on this CPU, in its pair-interleaved (VNNI) layout.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -183,22 +183,24 @@ at::Tensor fused_bsr_linear(const at::Tensor& input, const at::Tensor& values, c
 
 // Blocks (kept, in, out) of a transposed weight -> the layout fused_bsr_linear reads: the same for float32; for
 // bfloat16/float16, when allowed and the micro-kernel runs, (kept, in/2, out, 2): pairs of inputs interleaved.
-at::Tensor pack_blocks(const at::Tensor& blocks, bool allow_vnni) {
-  TORCH_CHECK(blocks.dim() == 3 && blocks.size(1) == blocks.size(2), "pack_blocks: expected (kept, bs, bs) blocks");
+at::Tensor fused_pack_blocks(const at::Tensor& blocks, bool allow_vnni) {
+  TORCH_CHECK(blocks.dim() == 3 && blocks.size(1) == blocks.size(2),
+              "fused_pack_blocks: expected (kept, blocksize, blocksize) blocks");
   const auto dtype = blocks.scalar_type();
-  const int64_t kept = blocks.size(0), bs = blocks.size(1);
-  if (dtype == at::kFloat || !allow_vnni || bs % 2 != 0 || !vnni_runs(dtype)) return blocks.contiguous();
+  const int64_t kept = blocks.size(0), blocksize = blocks.size(1);
+  if (dtype == at::kFloat || !allow_vnni || blocksize % 2 != 0 || !vnni_runs(dtype)) return blocks.contiguous();
   auto source = blocks.contiguous();
   if (at::native::cpublas::could_pack(dtype)) {
-    auto packed = at::empty({kept, bs / 2, bs, 2}, blocks.options());
+    auto packed = at::empty({kept, blocksize / 2, blocksize, 2}, blocks.options());
     for (int64_t j = 0; j < kept; ++j) {
-      at::native::cpublas::pack(bs, bs, bs, bs, dtype, dtype, source.const_data_ptr<uint8_t>() +
-                                j * bs * bs * source.element_size(),
-                                packed.mutable_data_ptr<uint8_t>() + j * bs * bs * packed.element_size());
+      const int64_t offset = j * blocksize * blocksize;
+      at::native::cpublas::pack(blocksize, blocksize, blocksize, blocksize, dtype, dtype,
+                                source.const_data_ptr<uint8_t>() + offset * source.element_size(),
+                                packed.mutable_data_ptr<uint8_t>() + offset * packed.element_size());
     }
     return packed;
   }
-  return source.view({kept, bs / 2, 2, bs}).transpose(2, 3).contiguous();
+  return source.view({kept, blocksize / 2, 2, blocksize}).transpose(2, 3).contiguous();
 }
 
 }  // namespace
@@ -211,5 +213,5 @@ TORCH_LIBRARY_FRAGMENT(superblock, m) {
 
 TORCH_LIBRARY_IMPL(superblock, CPU, m) {
   m.impl("fused_bsr_linear", &fused_bsr_linear);
-  m.impl("fused_pack_blocks", &pack_blocks);
+  m.impl("fused_pack_blocks", &fused_pack_blocks);
 }

@@ -4,7 +4,8 @@ import torch.nn as nn
 import torchvision
 
 from attention import ProjectedAttention
-from supermask import SupermaskLinear, apply_supermask, load_supermask_state_dict, sparsify_offline, sparsity_report
+from supermask import (SupermaskLinear, apply_supermask, load_supermask_state_dict, skipped_layers, sparsify_offline,
+                       sparsity_report)
 from helpers import assert_every_mask_acts, tiny_vit
 
 
@@ -159,7 +160,7 @@ def test_unsupported_attention_stays_dense_with_reason():
     model.add_module("attn", nn.MultiheadAttention(16, 2, kdim=8, vdim=8))
     apply_supermask(model, attention_sparsity=0.5)
     assert isinstance(model.attn, nn.MultiheadAttention)
-    assert "key/value dimensions" in model._supermask_skipped["attn"]
+    assert "key/value dimensions" in skipped_layers(model)["attn"]
 
 
 @pytest.mark.parametrize("batch_first", [True, False])

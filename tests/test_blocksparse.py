@@ -19,7 +19,7 @@ TOL = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.bfloat16: dict(atol=3e-2
 
 
 def block_sparse_linear(in_features, out_features, blocksize, keep, *, bias=True, dtype=torch.float32, seed=0):
-    """An nn.Linear whose weight is zero outside the blocks where `keep` (out/bs, in/bs) is True."""
+    """An nn.Linear whose weight is zero outside the blocks where `keep` (out/blocksize, in/blocksize) is True."""
     torch.manual_seed(seed)
     linear = nn.Linear(in_features, out_features, bias=bias).requires_grad_(False)
     if bias:

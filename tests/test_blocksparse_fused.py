@@ -140,12 +140,16 @@ def test_fused_is_bitwise_identical_at_one_and_two_threads(dtype):
         assert torch.equal(one, two)
 
 
+def fused_model(in_features, hidden, out_features, blocksize, activation, *, seed):
+    """Sequential(a fused layer 70% block-sparse, activation, nn.Linear) in eval mode; None as fused_layer."""
+    layer = fused_layer(sparse_linear(in_features, hidden, blocksize, 0.7, seed=seed), blocksize)
+    return None if layer is None else nn.Sequential(layer, activation, nn.Linear(hidden, out_features)).eval()
+
+
 def test_fused_compiles_with_inductor_as_one_node():
-    linear = sparse_linear(128, 256, 32, 0.7, seed=5)
-    layer = fused_layer(linear, 32)
-    if layer is None:
+    model = fused_model(128, 256, 8, 32, nn.GELU(), seed=5)
+    if model is None:
         return
-    model = nn.Sequential(layer, nn.GELU(), nn.Linear(256, 8)).eval()
     x = torch.randn(2, 7, 128)
     with torch.inference_mode():
         expected = model(x)
@@ -154,11 +158,9 @@ def test_fused_compiles_with_inductor_as_one_node():
 
 
 def test_fused_model_exports():
-    linear = sparse_linear(64, 128, 16, 0.7, seed=6)
-    layer = fused_layer(linear, 16)
-    if layer is None:
+    model = fused_model(64, 128, 4, 16, nn.ReLU(), seed=6)
+    if model is None:
         return
-    model = nn.Sequential(layer, nn.ReLU(), nn.Linear(128, 4)).eval()
     x = torch.randn(3, 64)
     exported = torch.export.export(model, (x,))
     ops = [str(node.target) for node in exported.graph.nodes if node.op == "call_function"]

@@ -1,6 +1,8 @@
 import argparse
+import gc
 import math
 import warnings
+import weakref
 
 import pytest
 import torch
@@ -27,7 +29,7 @@ def pruned_tiles(layer):
     return int((grid == 0).sum())
 
 
-# ----- mask semantics -----
+##### Mask semantics #####
 
 
 @pytest.mark.parametrize("shape,tile", [((64, 48), 16), ((50, 30), 16), ((33, 7), 4), ((10, 10), 1), ((5, 100), 32)])
@@ -118,7 +120,7 @@ def test_conv_straight_through_gradient_is_tile_sum():
     torch.testing.assert_close(layer.weight.grad, w_eff.grad * layer.get_mask().detach())
 
 
-# ----- every mask acts on the output -----
+##### Every mask acts on the output #####
 
 
 def test_changing_any_score_changes_the_output():
@@ -139,7 +141,7 @@ def test_attention_out_proj_stays_dense_and_is_reported():
     assert rows["encoder.layers.encoder_layer_0.mlp.0"].tile_size == 8
 
 
-# ----- apply_supermask on real architectures -----
+##### apply_supermask on real architectures #####
 
 
 def test_top_level_layers_are_wrapped():
@@ -171,6 +173,32 @@ def test_applying_twice_raises_and_names_how_to_change_the_sparsity():
     # Frozen first, the model takes new masks.
     apply_supermask(sparsify_offline(model), linear_sparsity=0.75, linear_sp_tilesize=8)
     assert {(layer.sparsity, layer.tile_size) for layer in supermask.supermask_layers(model)} == {(0.75, 8)}
+
+
+def test_apply_supermask_adds_no_attribute_to_the_model_beyond_its_new_layers():
+    model = tiny_vit()
+    originals = [(module, set(vars(module))) for module in model.modules()]  # holding them keeps their ids unique
+    apply_supermask(model, linear_sparsity=0.5, linear_sp_tilesize=8, attention_sparsity=0.5,
+                    attention_sp_tilesize=8, skip_last_layer_sparsity=True)
+    present = {id(module) for module in model.modules()}
+    kept = [(module, names) for module, names in originals if id(module) in present]
+    assert kept[0][0] is model and len(kept) < len(originals)
+    for module, names in kept:
+        assert set(vars(module)) == names, type(module).__name__
+    # What it chose is kept beside the model instead.
+    assert "skip_last_layer_sparsity" in supermask.skipped_layers(model)["heads.head"]
+    kinds = supermask.layer_kinds(model)
+    assert kinds["encoder.layers.encoder_layer_0.mlp.0"] == ("linear", 0.5)
+    assert kinds["encoder.layers.encoder_layer_1.self_attention.in_proj"] == ("attention", 0.5)
+    assert supermask.layer_kinds(tiny_vit()) == {} and supermask.skipped_layers(tiny_vit()) == {}
+
+
+def test_what_apply_supermask_chose_does_not_keep_the_model_alive():
+    model = apply_supermask(tiny_vit(), linear_sparsity=0.5, linear_sp_tilesize=8)
+    ref = weakref.ref(model)
+    del model
+    gc.collect()
+    assert ref() is None
 
 
 def test_unprunable_kinds_names_the_largest_tile_size_that_prunes():
@@ -256,7 +284,7 @@ def test_converting_the_model_dtype_keeps_the_mask(dtype):
     assert torch.equal(layer.get_mask().float(), mask)
 
 
-# ----- online, offline, cache -----
+##### Online, offline, cache #####
 
 
 def test_online_equals_offline_logits():
@@ -313,7 +341,7 @@ def test_eval_cache_follows_load_state_dict():
         torch.testing.assert_close(a(x), b(x))
 
 
-# ----- compile, dtypes -----
+##### Compile, dtypes #####
 
 
 @pytest.mark.parametrize("training", [True, False])
@@ -367,7 +395,7 @@ def test_low_precision_mask_applied_in_weight_dtype(dtype):
     assert layer.scores.grad is not None
 
 
-# ----- loading checkpoints -----
+##### Loading checkpoints #####
 
 
 def test_loads_original_superblock_checkpoint_with_shift_scale_and_dead_scores():
@@ -441,7 +469,7 @@ def test_checkpoint_of_another_model_is_an_error():
         load_supermask_state_dict(tiny_vit(num_classes=10), tiny_vit(num_classes=3).state_dict())
 
 
-# ----- report and errors -----
+##### Report and errors #####
 
 
 def test_report_totals_match_masks():
@@ -508,7 +536,7 @@ def test_report_rows_say_what_each_layer_is_now():
     assert " -  " in str(sparsity_report(model)), "rows without a target show '-', not 0.000"
 
 
-# ----- score initialisation and sparsity schedules -----
+##### Score initialisation and sparsity schedules #####
 
 
 def test_magnitude_init_keeps_exactly_the_largest_norm_tiles():
