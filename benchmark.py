@@ -16,6 +16,7 @@ Linear): dense against each block-sparse kernel.
 import argparse
 import copy
 import csv
+import dataclasses
 import json
 import os
 import platform
@@ -24,16 +25,16 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
 import blocksparse
 import blocksparse_fused
+import checkpoints
+import cli
 import supermask
 import utils
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Output check against the offline model, relative to the largest |logit|.
 TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 5e-2, torch.float16: 1e-2}
 
@@ -42,13 +43,13 @@ def get_args_parser(add_help=True):
     """The benchmark's flags."""
     parser = argparse.ArgumentParser(description="SuperBlock inference benchmark", add_help=add_help)
     # Unlike training, a benchmark is often run on a machine without a GPU: default to what is there.
-    utils.add_model_args(parser, device="cuda" if torch.cuda.is_available() else "cpu")
-    utils.add_supermask_args(parser)
+    cli.add_model_args(parser, device="cuda" if torch.cuda.is_available() else "cpu")
+    cli.add_supermask_args(parser)
     group = parser.add_argument_group("benchmark")
     group.add_argument("-b", "--batch-size", default=8, type=int, help="images per forward (default: 8)")
     group.add_argument("--image-size", default=224, type=int, help="input height and width (default: 224)")
     group.add_argument("--num-classes", default=1000, type=int, help="classifier outputs (default: 1000)")
-    group.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="weights and input (default: float32)")
+    group.add_argument("--dtype", default="float32", choices=sorted(cli.DTYPES), help="weights and input (default: float32)")
     group.add_argument("--compile", default="off", nargs="?", const="on", choices=["off", "on", "both"],
                        help="torch.compile every variant; 'both' times each variant eager and compiled "
                             "(default: off; --compile alone means on)")
@@ -108,20 +109,36 @@ def _fraction_list(text, flag):
     return values
 
 
+def smoke_settings(args):
+    """The flags with --smoke's small model and few iterations in place of theirs (a copy; `args` is unchanged)."""
+    smoke = dict(model="vit_tiny", image_size=32, num_classes=10, iters=2, warmup=1,
+                 sp_linear_tile_size=32 if args.sp_linear_tile_size == 1 else args.sp_linear_tile_size,
+                 sparsity_linear=0.9 if args.sparsity_linear == 0.0 else args.sparsity_linear)
+    return argparse.Namespace(**{**vars(args), **smoke})
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """What the flags ask to time, derived once from them: the variants, the grid of a sweep, device and dtype."""
+
+    device: torch.device
+    dtype: torch.dtype
+    blocksize: int
+    kernels: tuple  # blocksparse kernels, each timed as bsr-<kernel> (bsr for auto)
+    baselines: tuple  # dense first, then any of online, offline, torch
+    layer_shape: tuple | None  # --layer's sides: (IN, OUT) or (IN, HIDDEN, OUT)
+    sweep_sparsities: tuple | None  # None: no sweep
+    sweep_tiles: tuple | None
+    sweep_batches: tuple | None
+    sweep_token_counts: tuple | None
+
+
 def check_args(args):
-    """Validate flag combinations; raises utils.InputError with a one-line message."""
-    if args.smoke:
-        args.model, args.image_size, args.num_classes = "vit_tiny", 32, 10
-        args.iters, args.warmup = 2, 1
-        if args.sp_linear_tile_size == 1:
-            args.sp_linear_tile_size = 32
-        if args.sparsity_linear == 0.0:
-            args.sparsity_linear = 0.9
-    utils.check_model_name(args.model)
+    """The Plan of the flags; a mistake is a utils.InputError with a one-line message."""
+    cli.check_model_name(args.model)
     if args.device != "cpu" and not args.device.startswith("cuda"):
         raise utils.InputError(f"--device {args.device} is not cpu or cuda")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise utils.InputError("--device cuda but CUDA is not available; use --device cpu")
+    utils.check_device(args.device)
     for flag, value in [("--batch-size", args.batch_size), ("--iters", args.iters), ("--image-size", args.image_size),
                         ("--tokens", args.tokens), ("--num-classes", args.num_classes)]:
         if value < 1:
@@ -132,7 +149,7 @@ def check_args(args):
         raise utils.InputError(f"--threads {args.threads} must be at least 1")
     if not 0.0 <= args.min_sparsity <= 1.0:
         raise utils.InputError(f"--min-sparsity {args.min_sparsity} must be in [0, 1]")
-    args.blocksize = args.blocksize or args.sp_linear_tile_size
+    blocksize = args.blocksize or args.sp_linear_tile_size
     # "all": every kernel that can run here at speed (Triton's CPU interpreter is for tests only).
     on_cuda = args.device.startswith("cuda")
     runnable = [k for k in blocksparse.KERNELS if k != "torch" and (k != "triton" or on_cuda)
@@ -141,40 +158,40 @@ def check_args(args):
     unknown = [k for k in kernels if k not in blocksparse.KERNELS]
     if unknown:
         raise utils.InputError(f"--kernels: unknown {', '.join(unknown)}; choose from {', '.join(blocksparse.KERNELS)}")
-    args.kernel_list = kernels
     baselines = [b for b in args.baselines.split(",") if b]
     unknown = [b for b in baselines if b not in ("dense", "online", "offline", "torch")]
     if unknown:
         raise utils.InputError(f"--baselines: unknown {', '.join(unknown)}; choose from dense, online, offline, torch")
-    args.baselines = ["dense"] + [b for b in baselines if b != "dense"]
+    baselines = ["dense"] + [b for b in baselines if b != "dense"]
+    layer_shape = None
     if args.layer is not None:
         try:
-            args.layer_shape = tuple(int(v) for v in args.layer.lower().split("x"))
-            assert len(args.layer_shape) in (2, 3) and min(args.layer_shape) > 0
+            layer_shape = tuple(int(v) for v in args.layer.lower().split("x"))
+            assert len(layer_shape) in (2, 3) and min(layer_shape) > 0
         except (ValueError, AssertionError):
             raise utils.InputError(f"--layer {args.layer!r} must be INxOUT (one Linear, e.g. 768x3072) or "
                                    f"INxHIDDENxOUT (an MLP pair, e.g. 768x3072x768)") from None
-        if any(size % args.blocksize for size in args.layer_shape):
-            raise utils.InputError(f"--layer {args.layer}: block size {args.blocksize} does not divide every side")
-    args.sweep_sparsities = _fraction_list(args.sweep_sparsity, "--sweep-sparsity") if args.sweep_sparsity else None
-    args.sweep_tiles = _int_list(args.sweep_tile_size, "--sweep-tile-size") if args.sweep_tile_size else None
-    args.sweep_batches = _int_list(args.sweep_batch_size, "--sweep-batch-size") if args.sweep_batch_size else None
-    if args.sweep_batches and any(b < 1 for b in args.sweep_batches):
+        if any(size % blocksize for size in layer_shape):
+            raise utils.InputError(f"--layer {args.layer}: block size {blocksize} does not divide every side")
+    sweep_sparsities = _fraction_list(args.sweep_sparsity, "--sweep-sparsity") if args.sweep_sparsity else None
+    sweep_tiles = _int_list(args.sweep_tile_size, "--sweep-tile-size") if args.sweep_tile_size else None
+    sweep_batches = _int_list(args.sweep_batch_size, "--sweep-batch-size") if args.sweep_batch_size else None
+    if sweep_batches and any(b < 1 for b in sweep_batches):
         raise utils.InputError(f"--sweep-batch-size {args.sweep_batch_size!r}: every batch size must be at least 1")
-    args.sweep_token_counts = _int_list(args.sweep_tokens, "--sweep-tokens") if args.sweep_tokens else None
-    if args.sweep_token_counts and (args.layer is None or any(t < 1 for t in args.sweep_token_counts)):
+    sweep_token_counts = _int_list(args.sweep_tokens, "--sweep-tokens") if args.sweep_tokens else None
+    if sweep_token_counts and (args.layer is None or any(t < 1 for t in sweep_token_counts)):
         raise utils.InputError(f"--sweep-tokens {args.sweep_tokens!r} needs --layer and counts of at least 1")
-    if args.sweep_token_counts and not args.sweep_sparsities:
-        args.sweep_sparsities = [args.sparsity_linear]
-    if args.sweep_sparsities and not args.sweep_token_counts:
-        args.sweep_token_counts = [args.tokens]
-    if (args.sweep_tiles or args.sweep_batches) and not args.sweep_sparsities:
-        args.sweep_sparsities = [args.sparsity_linear]
-    if args.sweep_sparsities and not args.sweep_tiles:
-        args.sweep_tiles = [args.sp_linear_tile_size]
-    if args.sweep_sparsities and not args.sweep_batches:
-        args.sweep_batches = [args.batch_size]
-    if args.plot and not args.sweep_sparsities:
+    if sweep_token_counts and not sweep_sparsities:
+        sweep_sparsities = [args.sparsity_linear]
+    if sweep_sparsities and not sweep_token_counts:
+        sweep_token_counts = [args.tokens]
+    if (sweep_tiles or sweep_batches) and not sweep_sparsities:
+        sweep_sparsities = [args.sparsity_linear]
+    if sweep_sparsities and not sweep_tiles:
+        sweep_tiles = [args.sp_linear_tile_size]
+    if sweep_sparsities and not sweep_batches:
+        sweep_batches = [args.batch_size]
+    if args.plot and not sweep_sparsities:
         raise utils.InputError("--plot needs a sweep: add --sweep-sparsity and/or --sweep-tile-size")
     if args.plot:
         try:
@@ -182,17 +199,21 @@ def check_args(args):
         except ImportError:
             raise utils.InputError("--plot needs matplotlib: pip install matplotlib") from None
     nothing_sparse = args.sparsity_linear == 0.0 and args.sparsity_attention == 0.0 and not args.weights_path
-    if args.layer is None and not args.sweep_sparsities and nothing_sparse:
+    if args.layer is None and not sweep_sparsities and nothing_sparse:
         raise utils.InputError("--sparsity-linear and --sparsity-attention are 0: nothing to make sparse; "
                                "set one (e.g. 0.9) or --weights-path")
+    device = torch.device(args.device)
+    return Plan(device=device, dtype=cli.DTYPES[args.dtype], blocksize=blocksize, kernels=tuple(kernels),
+                baselines=tuple(baselines), layer_shape=layer_shape, sweep_sparsities=_tuple(sweep_sparsities),
+                sweep_tiles=_tuple(sweep_tiles), sweep_batches=_tuple(sweep_batches),
+                sweep_token_counts=_tuple(sweep_token_counts))
+
+
+def _tuple(values):
+    return tuple(values) if values is not None else None
 
 
 ##### Timing #####
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 @torch.inference_mode()
@@ -202,14 +223,14 @@ def time_forwards(fns, x, *, warmup, iters, device, rewarm=False):
     Calls are interleaved (one call of every fn per round), so that load from other processes on a shared
     machine hits all variants alike and their ratios stay comparable. With ``rewarm``, each timed call follows
     an untimed one of the same fn: for calls of milliseconds, whose data the previous variant evicted from the
-    caches (timing one Linear right after the ``torch`` variant made it 12% slower).
+    caches (one Linear timed right after the ``torch`` variant measured slower than on its own).
     """
     outs, first, times = {}, {}, {name: [] for name in fns}
     for name, fn in fns.items():
-        _sync(device)
+        utils.synchronize(device)
         start = time.perf_counter()
         outs[name] = fn(x)
-        _sync(device)
+        utils.synchronize(device)
         first[name] = time.perf_counter() - start
     for _ in range(max(warmup - 1, 0)):
         for fn in fns.values():
@@ -218,10 +239,10 @@ def time_forwards(fns, x, *, warmup, iters, device, rewarm=False):
         for name, fn in fns.items():
             if rewarm:
                 fn(x)
-            _sync(device)
+            utils.synchronize(device)
             start = time.perf_counter()
             fn(x)
-            _sync(device)
+            utils.synchronize(device)
             times[name].append(time.perf_counter() - start)
     return {name: statistics.median(t) for name, t in times.items()}, first, outs
 
@@ -236,16 +257,16 @@ def compare(out, ref, dtype):
 ##### Models #####
 
 
-def build_variants(args, dense, sparsity, tile_size, blocksize, variants):
+def build_variants(args, plan, dense, sparsity, tile_size, blocksize, variants):
     """The models to time, by name, built from the dense model; dense itself is not copied."""
     torch.manual_seed(args.seed)
     online = copy.deepcopy(dense)
-    kwargs = {**utils.supermask_kwargs(args), "linear_sparsity": sparsity, "linear_sp_tilesize": tile_size}
+    kwargs = {**cli.supermask_kwargs(args), "linear_sparsity": sparsity, "linear_sp_tilesize": tile_size}
     supermask.apply_supermask(online, **kwargs)
     if args.weights_path:
-        checkpoint = utils.load_checkpoint(args.weights_path)
+        checkpoint = checkpoints.load_checkpoint(args.weights_path)
         try:
-            supermask.load_supermask_state_dict(online, utils.model_state_dict(checkpoint))
+            supermask.load_supermask_state_dict(online, checkpoints.model_state_dict(checkpoint))
         except ValueError as e:
             raise utils.InputError(f"--weights-path {args.weights_path}: {e}") from None
     online.eval()
@@ -255,11 +276,11 @@ def build_variants(args, dense, sparsity, tile_size, blocksize, variants):
         if not name.startswith(("torch", "bsr")):
             continue
         kernel = "torch" if name == "torch" else name.partition("-")[2] or "auto"
-        if kernel == "torch" and not blocksparse.torch_bsr_supports_dtype(args.torch_dtype, args.torch_device):
-            notes[name] = f"skipped: kernel {kernel} does not take {args.dtype} on {args.torch_device.type}"
+        if kernel == "torch" and not blocksparse.torch_bsr_supports_dtype(plan.dtype, plan.device):
+            notes[name] = f"skipped: kernel {kernel} does not take {args.dtype} on {plan.device.type}"
             continue
         # Converted where it runs: the kernel choice and packing depend on device and dtype.
-        model = copy.deepcopy(offline).to(device=args.torch_device, dtype=args.torch_dtype)
+        model = copy.deepcopy(offline).to(device=plan.device, dtype=plan.dtype)
         result = blocksparse.apply_bsr(model, blocksize=blocksize, min_sparsity=args.min_sparsity, kernel=kernel)
         notes[name] = f"{len(result.converted)} Linear converted, {len(result.left_dense)} left dense"
         models[name] = model
@@ -269,7 +290,7 @@ def build_variants(args, dense, sparsity, tile_size, blocksize, variants):
 def base_model(args):
     """The dense model, in eval mode on the device and dtype, with a random classifier so logits are not all zero."""
     torch.manual_seed(args.seed)
-    model = utils.build_model(args, num_classes=args.num_classes, image_size=args.image_size)
+    model = cli.build_model(args, num_classes=args.num_classes, image_size=args.image_size)
     for module in model.modules():
         # torchvision zero-initialises the ViT head: every variant would output zeros and "match".
         if isinstance(module, nn.Linear) and not module.weight.detach().abs().sum():
@@ -292,9 +313,9 @@ def compile_apart(model, name):
     return torch.compile(forward)
 
 
-def _prepare(name, model, args):
+def _prepare(name, model, args, plan):
     """{variant name: callable}: the model eager, compiled, or both (compiled ones named '<name>+compile')."""
-    model = model.to(device=args.torch_device, dtype=args.torch_dtype)
+    model = model.to(device=plan.device, dtype=plan.dtype)
     if args.compile == "off":
         return {name: model}
     if args.compile == "on":
@@ -305,23 +326,23 @@ def _prepare(name, model, args):
 ##### Modes #####
 
 
-def run_model(args):
+def run_model(args, plan):
     """Time every variant at the flags' sparsity; returns result rows."""
-    variants = [v for v in ["dense", "online", "offline", "torch"] if v in args.baselines]
-    variants += [f"bsr-{k}" if k != "auto" else "bsr" for k in args.kernel_list]
+    variants = [v for v in ["dense", "online", "offline", "torch"] if v in plan.baselines]
+    variants += [f"bsr-{k}" if k != "auto" else "bsr" for k in plan.kernels]
     dense = base_model(args)
-    models, notes = build_variants(args, dense, args.sparsity_linear, args.sp_linear_tile_size, args.blocksize,
+    models, notes = build_variants(args, plan, dense, args.sparsity_linear, args.sp_linear_tile_size, plan.blocksize,
                                    variants + ["offline"])
     x = torch.randn(args.batch_size, 3, args.image_size, args.image_size, generator=torch.Generator().manual_seed(args.seed))
-    x = x.to(device=args.torch_device, dtype=args.torch_dtype)
+    x = x.to(device=plan.device, dtype=plan.dtype)
     fns = {}
     for name in tqdm(variants, desc="variants", leave=False):
         if name in models:
-            fns.update(_prepare(name, models[name], args))
-    medians, first, outs = time_forwards(fns, x, warmup=args.warmup, iters=args.iters, device=args.torch_device)
+            fns.update(_prepare(name, models[name], args, plan))
+    medians, first, outs = time_forwards(fns, x, warmup=args.warmup, iters=args.iters, device=plan.device)
     if "offline" not in outs:  # the reference every variant must match, run once untimed
         with torch.inference_mode():
-            outs["offline"] = models["offline"].to(device=args.torch_device, dtype=args.torch_dtype)(x)
+            outs["offline"] = models["offline"].to(device=plan.device, dtype=plan.dtype)(x)
     rows, ref = [], outs["offline"]
     for name in variants:
         if name not in models:
@@ -341,30 +362,30 @@ def run_model(args):
         if torch_ms:
             row["speedup_vs_torch"] = torch_ms / row["ms"]
         if row["variant"].partition("+")[0] != "dense":  # dense has the unmasked weights
-            row["max_diff"], row["allowed_diff"], row["matches_offline"] = compare(out, ref, args.torch_dtype)
+            row["max_diff"], row["allowed_diff"], row["matches_offline"] = compare(out, ref, plan.dtype)
     return rows
 
 
-def run_sweep(args):
+def run_sweep(args, plan):
     """Dense vs bsr at every sweep sparsity, tile size and batch size; returns result rows.
 
     Only dense and bsr are timed; the offline model runs once per cell, as the reference bsr must match.
     """
     dense = base_model(args)
     rows = []
-    grid = [(t, s) for t in args.sweep_tiles for s in args.sweep_sparsities]
+    grid = [(t, s) for t in plan.sweep_tiles for s in plan.sweep_sparsities]
     for tile, sparsity in tqdm(grid, desc="sweep", leave=False):
-        models, _ = build_variants(args, dense, sparsity, tile, tile, ["dense", "offline", "bsr"])
+        models, _ = build_variants(args, plan, dense, sparsity, tile, tile, ["dense", "offline", "bsr"])
         fns = {}
         for name in ["dense", "bsr"]:
-            fns.update(_prepare(name, models[name], args))
-        offline = models["offline"].to(device=args.torch_device, dtype=args.torch_dtype)
-        for batch in args.sweep_batches:
+            fns.update(_prepare(name, models[name], args, plan))
+        offline = models["offline"].to(device=plan.device, dtype=plan.dtype)
+        for batch in plan.sweep_batches:
             x = torch.randn(batch, 3, args.image_size, args.image_size, generator=torch.Generator().manual_seed(args.seed))
-            x = x.to(device=args.torch_device, dtype=args.torch_dtype)
-            times, _, outs = time_forwards(fns, x, warmup=args.warmup, iters=args.iters, device=args.torch_device)
+            x = x.to(device=plan.device, dtype=plan.dtype)
+            times, _, outs = time_forwards(fns, x, warmup=args.warmup, iters=args.iters, device=plan.device)
             with torch.inference_mode():
-                diff, allowed, ok = compare(outs["bsr"], offline(x), args.torch_dtype)
+                diff, allowed, ok = compare(outs["bsr"], offline(x), plan.dtype)
             rows.append(dict(tile_size=tile, sparsity=sparsity, batch=batch, dense_ms=times["dense"] * 1e3,
                              bsr_ms=times["bsr"] * 1e3, speedup_vs_dense=times["dense"] / times["bsr"],
                              max_diff=diff, matches_offline=ok, kernels=_kernel_counts(models["bsr"])))
@@ -387,61 +408,61 @@ def _random_block_sparse_linear(in_features, out_features, blocksize, sparsity, 
     return linear
 
 
-def _layer_model(args, blocksize, sparsity, gen):
+def _layer_model(args, plan, blocksize, sparsity, gen):
     """nn.Sequential of the --layer Linear, or of the MLP pair with GELU between, with random block masks."""
-    sizes = args.layer_shape
+    sizes = plan.layer_shape
     layers = [_random_block_sparse_linear(a, b, blocksize, sparsity, gen) for a, b in zip(sizes, sizes[1:])]
     if len(layers) == 2:
         layers.insert(1, nn.GELU())
-    return nn.Sequential(*layers).eval().to(device=args.torch_device, dtype=args.torch_dtype)
+    return nn.Sequential(*layers).eval().to(device=plan.device, dtype=plan.dtype)
 
 
-def run_layer_sweep(args):
+def run_layer_sweep(args, plan):
     """--layer with a sweep: dense vs bsr (kernel auto) at every sparsity, tile size and --sweep-tokens count."""
     rows = []
-    grid = [(t, s) for t in args.sweep_tiles for s in args.sweep_sparsities]
+    grid = [(t, s) for t in plan.sweep_tiles for s in plan.sweep_sparsities]
     for tile, sparsity in tqdm(grid, desc="sweep", leave=False):
         gen = torch.Generator().manual_seed(args.seed)
-        dense = _layer_model(args, tile, sparsity, gen)
+        dense = _layer_model(args, plan, tile, sparsity, gen)
         bsr = copy.deepcopy(dense)
         blocksparse.apply_bsr(bsr, blocksize=tile, min_sparsity=args.min_sparsity, kernel="auto")
-        fns = {**_prepare("dense", dense, args), **_prepare("bsr", bsr, args)}
-        for tokens in args.sweep_token_counts:
-            x = torch.randn(tokens, args.layer_shape[0], generator=gen).to(device=args.torch_device,
-                                                                           dtype=args.torch_dtype)
-            times, _, outs = time_forwards(fns, x, warmup=args.warmup, iters=args.iters, device=args.torch_device,
+        fns = {**_prepare("dense", dense, args, plan), **_prepare("bsr", bsr, args, plan)}
+        for tokens in plan.sweep_token_counts:
+            x = torch.randn(tokens, plan.layer_shape[0], generator=gen).to(device=plan.device,
+                                                                           dtype=plan.dtype)
+            times, _, outs = time_forwards(fns, x, warmup=args.warmup, iters=args.iters, device=plan.device,
                                            rewarm=True)
-            diff, allowed, ok = compare(outs["bsr"], outs["dense"], args.torch_dtype)
+            diff, allowed, ok = compare(outs["bsr"], outs["dense"], plan.dtype)
             rows.append(dict(tile_size=tile, sparsity=sparsity, tokens=tokens, dense_ms=times["dense"] * 1e3,
                              bsr_ms=times["bsr"] * 1e3, speedup_vs_dense=times["dense"] / times["bsr"],
                              max_diff=diff, matches_dense=ok, kernels=_kernel_counts(bsr)))
     return rows
 
 
-def run_layer(args):
+def run_layer(args, plan):
     """One Linear (--layer INxOUT) or an MLP pair (INxHIDDENxOUT: Linear, GELU, Linear) with random block masks:
     dense vs every requested kernel (converted by apply_bsr); result rows."""
-    bs, sizes = args.blocksize, args.layer_shape
+    blocksize, sizes = plan.blocksize, plan.layer_shape
     gen = torch.Generator().manual_seed(args.seed)
-    dense = _layer_model(args, bs, args.sparsity_linear, gen)
-    x = torch.randn(args.tokens, sizes[0], generator=gen).to(device=args.torch_device, dtype=args.torch_dtype)
-    kernels = ["torch"] + [k for k in args.kernel_list if k != "torch"]
+    dense = _layer_model(args, plan, blocksize, args.sparsity_linear, gen)
+    x = torch.randn(args.tokens, sizes[0], generator=gen).to(device=plan.device, dtype=plan.dtype)
+    kernels = ["torch"] + [k for k in plan.kernels if k != "torch"]
     with torch.inference_mode():
         ref = dense(x)
     rows, fns = [], {"dense": dense}
     for name in kernels:
-        if name == "torch" and not blocksparse.torch_bsr_supports_dtype(args.torch_dtype, args.torch_device):
+        if name == "torch" and not blocksparse.torch_bsr_supports_dtype(plan.dtype, plan.device):
             rows.append(dict(variant=name, note=f"skipped: does not take {args.dtype} on {args.device}"))
             continue
         model = copy.deepcopy(dense)
-        result = blocksparse.apply_bsr(model, blocksize=bs, min_sparsity=0.0, kernel=name)
+        result = blocksparse.apply_bsr(model, blocksize=blocksize, min_sparsity=0.0, kernel=name)
         chosen = "/".join(kernel for _, kernel, _ in result.converted)
         fns["torch" if name == "torch" else f"bsr-{name}" + (f" ({chosen})" if name == "auto" else "")] = model
-    fns = {timed: fn for name, layer in fns.items() for timed, fn in _prepare(name, layer, args).items()}
-    medians, _, outs = time_forwards(fns, x, warmup=args.warmup, iters=args.iters, device=args.torch_device,
+    fns = {timed: fn for name, layer in fns.items() for timed, fn in _prepare(name, layer, args, plan).items()}
+    medians, _, outs = time_forwards(fns, x, warmup=args.warmup, iters=args.iters, device=plan.device,
                                      rewarm=True)
     for name in fns:
-        diff, allowed, ok = compare(outs[name], ref, args.torch_dtype)
+        diff, allowed, ok = compare(outs[name], ref, plan.dtype)
         rows.append(dict(variant=name, ms=medians[name] * 1e3, speedup_vs_dense=medians["dense"] / medians[name],
                          max_diff=diff, matches_dense=ok))
     return rows
@@ -460,12 +481,12 @@ def cpu_model():
     return names[0] if names else (platform.processor() or platform.machine())
 
 
-def machine_info(args):
+def machine_info(args, plan, *, malloc):
     """Thread count, versions and machine, as printed in the header."""
     fused = "unavailable" if not blocksparse_fused.available() else f"loaded in {blocksparse_fused.build_seconds():.1f} s"
     return dict(torch=torch.__version__, threads=torch.get_num_threads(), processor=cpu_model(), fused_kernel=fused,
-                cpu_count=os.cpu_count(), platform=platform.platform(), device=str(args.torch_device),
-                dtype=args.dtype, compile=args.compile, malloc=args.malloc, command=" ".join(["python"] + sys.argv))
+                cpu_count=os.cpu_count(), platform=platform.platform(), device=str(plan.device),
+                dtype=args.dtype, compile=args.compile, malloc=malloc, command=" ".join(["python"] + sys.argv))
 
 
 def format_rows(rows):
@@ -513,31 +534,32 @@ def plot(rows, path, title=""):
 
 def main(args):
     """Run the benchmark the flags describe and print (and save) its results."""
+    if args.smoke:
+        args = smoke_settings(args)
+    plan = check_args(args)
     if args.threads:
         torch.set_num_threads(args.threads)
-    args.malloc = "keep freed memory" if not args.default_malloc and utils.keep_freed_memory() else "unchanged"
-    args.torch_device = torch.device(args.device)
-    args.torch_dtype = DTYPES[args.dtype]
-    info = machine_info(args)
+    malloc = "keep freed memory" if not args.default_malloc and utils.keep_freed_memory() else "unchanged"
+    info = machine_info(args, plan, malloc=malloc)
     print(f"torch {info['torch']}, {info['threads']} threads, {info['processor']} ({info['cpu_count']} CPUs), "
           f"device {info['device']}, {args.dtype}, compile {args.compile}, malloc {info['malloc']}, "
           f"fused kernel {info['fused_kernel']}")
-    if args.layer and args.sweep_sparsities:
-        print(f"{'Linear' if len(args.layer_shape) == 2 else 'MLP pair'} {args.layer}, sweep sparsity "
-              f"{args.sweep_sparsities} x tile {args.sweep_tiles} x tokens {args.sweep_token_counts}")
-        rows = run_layer_sweep(args)
+    if args.layer and plan.sweep_sparsities:
+        print(f"{'Linear' if len(plan.layer_shape) == 2 else 'MLP pair'} {args.layer}, sweep sparsity "
+              f"{plan.sweep_sparsities} x tile {plan.sweep_tiles} x tokens {plan.sweep_token_counts}")
+        rows = run_layer_sweep(args, plan)
     elif args.layer:
-        print(f"{'Linear' if len(args.layer_shape) == 2 else 'MLP pair'} {args.layer}, {args.tokens} tokens, "
-              f"block {args.blocksize}, sparsity {args.sparsity_linear}")
-        rows = run_layer(args)
-    elif args.sweep_sparsities:
-        print(f"{args.model}, sweep sparsity {args.sweep_sparsities} x tile {args.sweep_tiles} x batch {args.sweep_batches}")
-        rows = run_sweep(args)
+        print(f"{'Linear' if len(plan.layer_shape) == 2 else 'MLP pair'} {args.layer}, {args.tokens} tokens, "
+              f"block {plan.blocksize}, sparsity {args.sparsity_linear}")
+        rows = run_layer(args, plan)
+    elif plan.sweep_sparsities:
+        print(f"{args.model}, sweep sparsity {plan.sweep_sparsities} x tile {plan.sweep_tiles} x batch {plan.sweep_batches}")
+        rows = run_sweep(args, plan)
     else:
         print(f"{args.model}, batch {args.batch_size}, linear sparsity {args.sparsity_linear}, "
               f"tile {args.sp_linear_tile_size}, attention sparsity {args.sparsity_attention} "
-              f"tile {args.sp_attention_tile_size}, block {args.blocksize}, median of {args.iters} after {args.warmup} warm-up")
-        rows = run_model(args)
+              f"tile {args.sp_attention_tile_size}, block {plan.blocksize}, median of {args.iters} after {args.warmup} warm-up")
+        rows = run_model(args, plan)
     print(format_rows(rows))
     if args.output_json:
         with open(args.output_json, "w") as f:
@@ -558,10 +580,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    parser = get_args_parser()
-    args = parser.parse_args()
-    try:
-        check_args(args)
-        main(args)
-    except utils.InputError as e:
-        parser.error(utils.user_error_message(e))
+    cli.run(main, get_args_parser())

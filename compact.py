@@ -12,12 +12,13 @@ import torch
 from torch import nn
 
 import blocksparse
+import checkpoints
 import models
 import utils
 from attention import ProjectedAttention
 from blocksparse_reference import expand_blocks, pack_blocks
 
-COMPACT_FORMAT = utils.COMPACT_FORMAT
+COMPACT_FORMAT = checkpoints.COMPACT_FORMAT
 COMPACT_VERSION = 1
 
 
@@ -48,7 +49,7 @@ def save_compact(model: nn.Module, path: str, *, architecture: dict, blocksize: 
             sparse_prefixes.append(fqn + ".")
     dense = {_attention_key(k, model): v.cpu() for k, v in model.state_dict().items()
              if not k.startswith(tuple(sparse_prefixes))}
-    utils.save_checkpoint({"format": COMPACT_FORMAT, "version": COMPACT_VERSION, "architecture": dict(architecture),
+    checkpoints.save_checkpoint({"format": COMPACT_FORMAT, "version": COMPACT_VERSION, "architecture": dict(architecture),
                            "blocksize": blocksize, "dense": dense, "sparse": sparse}, path)
     dense_bytes = sum(t.numel() * t.element_size() for t in dense.values()) + sum(
         (layer["shape"][0] * layer["shape"][1] + (0 if layer["bias"] is None else layer["bias"].numel()))
@@ -58,7 +59,7 @@ def save_compact(model: nn.Module, path: str, *, architecture: dict, blocksize: 
 
 def is_compact(checkpoint) -> bool:
     """True for a dict written by save_compact."""
-    return utils.is_compact_file(checkpoint)
+    return checkpoints.is_compact_file(checkpoint)
 
 
 def _check_layout(checkpoint: dict) -> None:
@@ -146,7 +147,7 @@ def _submodule_or_none(model: nn.Module, fqn: str):
 def load_compact(path: str, *, kernel: str = "auto", device=None) -> nn.Module:
     """The ready-to-run block-sparse model saved by save_compact (ValueError when the file is not one)."""
     try:
-        checkpoint = utils.load_checkpoint(path)
+        checkpoint = checkpoints.load_checkpoint(path)
     except utils.InputError as e:
         raise ValueError(str(e)) from None
     if not is_compact(checkpoint):

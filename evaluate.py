@@ -13,28 +13,56 @@ Example:
 """
 
 import argparse
-import contextlib
+import dataclasses
 import json
 import os
 import platform
-import resource
 import statistics
-import sys
-import time
 
 import torch
 import torch.utils.data
-from tqdm import tqdm
 
+import checkpoints
+import cli
+import data
+import evaluation
 import supermask
 import utils
 
 # blocksparse.KERNELS, spelled out: importing blocksparse (torch.library, Triton) costs a second at every start.
 BSR_KERNELS = ("auto", "fused", "bmm", "dense", "torch", "triton")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-# ---------------------------------------------------------------- the model
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """What to evaluate, from the flags and --weights-path together: a compact file names its own model and blocks."""
+
+    model: str
+    bsr: int | None  # the block size, or None to stay dense
+    sparsify_weights: bool  # freeze the masks into the weights (always with bsr)
+    checkpoint: dict | None  # --weights-path, loaded
+    compact: bool  # the checkpoint is a compact block-sparse file
+
+    @property
+    def mode(self):
+        return "bsr" if self.bsr else "offline" if self.sparsify_weights else "online"
+
+
+def resolve_target(args):
+    """The Target of the flags; loads --weights-path and fills the Supermask flags it knows (InputError if it can't)."""
+    checkpoint = checkpoints.load_checkpoint(args.weights_path) if args.weights_path else None
+    if checkpoints.is_compact_file(checkpoint):
+        # A compact file knows its model and sparsity: the flags that describe them do not apply.
+        return Target(model=checkpoint["architecture"]["model"], bsr=checkpoint["blocksize"], sparsify_weights=True,
+                      checkpoint=checkpoint, compact=True)
+    # A checkpoint of this project knows the Supermask settings it was trained with: omitted flags take them.
+    cli.resolve_supermask_args(args, checkpoint, source=f"--weights-path {args.weights_path}",
+                               fix="drop the flag to evaluate with the checkpoint's setting")
+    return Target(model=args.model, bsr=args.bsr, sparsify_weights=args.sparsify_weights or bool(args.bsr),
+                  checkpoint=checkpoint, compact=False)
+
+
+##### The model #####
 
 
 def load_weights(model, args, checkpoint):
@@ -45,7 +73,7 @@ def load_weights(model, args, checkpoint):
         # AveragedModel's state: the model's entries under "module." plus its step counter.
         state_dict = {k[len("module."):]: v for k, v in checkpoint["model_ema"].items() if k.startswith("module.")}
     else:
-        state_dict = utils.model_state_dict(checkpoint)
+        state_dict = checkpoints.model_state_dict(checkpoint)
     if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
         raise utils.InputError(f"{args.weights_path} holds no model weights (expected a state_dict or a "
                                f"checkpoint with a 'model' entry)")
@@ -60,211 +88,142 @@ def load_weights(model, args, checkpoint):
             f"mask, e.g. {missing_scores[0]}: pass the sparsity flags the model was trained with")
 
 
-def prepare_model(args, *, num_classes, checkpoint=None):
-    """The model the flags describe: built, masked, loaded, frozen and block-sparse as asked. Returns (model, bsr).
-
-    `checkpoint` is --weights-path, loaded.
-    """
-    if args.compact is not None:
-        model, bsr = load_compact_model(args, num_classes=num_classes)
-        plot_masks(model, args)
-        return model, bsr
-    model = utils.build_model(args, num_classes=num_classes, image_size=args.val_crop_size)
-    utils.apply_supermask_flags(model, args)
-    if checkpoint is not None:
-        load_weights(model, args, checkpoint)
+def prepare_model(args, target, *, num_classes):
+    """The model the flags describe: built, masked, loaded, frozen and block-sparse as asked. Returns (model, bsr)."""
+    dtype = cli.DTYPES[args.dtype]
+    if target.compact:
+        model, bsr = load_compact_model(args, target.checkpoint, num_classes=num_classes)
+        plot_masks(model, args, target)
+        return model.to(dtype=dtype), bsr
+    model = cli.build_model(args, num_classes=num_classes, image_size=args.val_crop_size)
+    cli.apply_supermask_flags(model, args)
+    if target.checkpoint is not None:
+        load_weights(model, args, target.checkpoint)
     model.eval()
-    plot_masks(model, args)  # the masks as learned, before block-sparse packing reorders anything
-    if args.sparsify_weights:
+    plot_masks(model, args, target)  # the masks as learned, before block-sparse packing reorders anything
+    if target.sparsify_weights:
         supermask.sparsify_offline(model)
-    model.to(device=utils.process_device(args), dtype=DTYPES[args.dtype])
+    model.to(device=utils.process_device(args), dtype=dtype)
     bsr = None
-    if args.bsr:
+    if target.bsr:
         import blocksparse
 
-        bsr = blocksparse.apply_bsr(model, blocksize=args.bsr, kernel=args.bsr_kernel)
+        bsr = blocksparse.apply_bsr(model, blocksize=target.bsr, kernel=args.bsr_kernel)
         if not bsr.converted:
-            raise utils.InputError(f"--bsr {args.bsr} converted no layer ({bsr.skipped_summary()}); use a block "
+            raise utils.InputError(f"--bsr {target.bsr} converted no layer ({bsr.skipped_summary()}); use a block "
                                    f"size that divides the layers' shapes, e.g. the tile size of the masks")
     return model, bsr
 
 
-def plot_masks(model, args):
+def plot_masks(model, args, target):
     """Draw --plot-masks (rank 0 only)."""
     if not args.plot_masks or not utils.is_main_process():
         return
     import plots
 
-    tile_size = args.bsr or max(args.sp_linear_tile_size, args.sp_conv1x1_tile_size, args.sp_conv_tile_size,
-                                args.sp_attention_tile_size)
+    tile_size = target.bsr or max(args.sp_linear_tile_size, args.sp_conv1x1_tile_size, args.sp_conv_tile_size,
+                                  args.sp_attention_tile_size)
     try:
         utils.log(f"Mask picture: {plots.plot_masks(model, args.plot_masks, tile_size=tile_size)}")
     except (ImportError, ValueError) as e:
         raise utils.InputError(f"--plot-masks: {e}") from None
 
 
-def load_compact_model(args, *, num_classes):
+def load_compact_model(args, compact, *, num_classes):
     """The block-sparse model of a compact checkpoint (evaluate.py --save-compact), ready to run."""
     import blocksparse
 
-    architecture = args.compact["architecture"]
+    architecture = compact["architecture"]
     if architecture["num_classes"] != num_classes:
         raise utils.InputError(f"{args.weights_path} classifies {architecture['num_classes']} classes but the data "
                                f"has {num_classes}")
     try:
-        model, bsr = blocksparse.model_from_compact(args.compact, kernel=args.bsr_kernel,
-                                                    device=utils.process_device(args))
+        return blocksparse.model_from_compact(compact, kernel=args.bsr_kernel, device=utils.process_device(args))
     except (ValueError, KeyError, RuntimeError) as e:
         raise utils.InputError(f"cannot rebuild the model of compact checkpoint {args.weights_path}: {e}") from None
-    return model.to(dtype=DTYPES[args.dtype]), bsr
 
 
-def save_compact(model, args, *, num_classes):
+def save_compact(model, args, target, *, num_classes):
     """Write --save-compact and report its size against the dense model's."""
     import blocksparse
 
-    sizes = blocksparse.save_compact(model, args.save_compact, blocksize=args.bsr, architecture=dict(
-        model=args.model, num_classes=num_classes, image_size=args.val_crop_size))
+    sizes = blocksparse.save_compact(model, args.save_compact, blocksize=target.bsr, architecture=dict(
+        model=target.model, num_classes=num_classes, image_size=args.val_crop_size))
     utils.log(f"Compact checkpoint {args.save_compact}: {sizes['bytes'] / 2**20:.2f} MiB, "
               f"{100 * sizes['bytes'] / sizes['dense_bytes']:.1f}% of the dense weights "
               f"({sizes['dense_bytes'] / 2**20:.2f} MiB)")
     return sizes
 
 
-# ---------------------------------------------------------------- measuring
+##### main #####
 
 
-@torch.inference_mode()
-def evaluate(model, data_loader, *, device, num_classes, dtype=torch.float32, autocast=contextlib.nullcontext,
-             warmup=1, desc="Test", timed=True):
-    """Top-1/top-5 accuracy (percent) over every validation image exactly once, and per-batch model times (s).
-
-    Times cover the model's forward only (no data loading), synchronised with the device, skipping the
-    first `warmup` batches; with timed=False nothing waits for the device and no times are taken.
-    """
-    model.eval()
-    topk = (1, min(5, num_classes))
-    counts = torch.zeros(3, dtype=torch.int64, device=device)  # correct@1, correct@5, images
-    times = []
-    show_bar = utils.is_main_process() and sys.stderr.isatty()
-    for i, (images, target) in enumerate(tqdm(data_loader, desc=desc, disable=not show_bar, leave=False)):
-        images = images.to(device, dtype=dtype, non_blocking=True)
-        target = target.to(device, non_blocking=True)
-        if timed:
-            _synchronize(device)
-            start = time.perf_counter()
-        with autocast():
-            output = model(images)
-        if timed:
-            _synchronize(device)
-            if i >= warmup:
-                times.append(time.perf_counter() - start)
-        correct1, correct5 = utils.correct_topk(output, target, topk=topk)
-        counts += torch.stack([correct1, correct5, torch.tensor(target.shape[0], device=device)])
-    counts = utils.all_reduce_sum(counts).tolist()
-    expected = len(data_loader.dataset)
-    assert counts[2] == expected, f"evaluated {counts[2]} images but the validation set has {expected}"
-    return 100.0 * counts[0] / counts[2], 100.0 * counts[1] / counts[2], times
-
-
-def _synchronize(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def peak_memory_mb(device):
-    """Peak memory of this process: allocated on the GPU, or resident set size on the CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
-# ---------------------------------------------------------------- main
-
-
-def check_args(args, parser):
-    """Reject flag combinations that cannot work, with one line saying how to fix them."""
+def check_args(args):
+    """Reject flag values and combinations that cannot work, with one line saying how to fix them."""
     if args.bsr is not None and args.bsr < 1:
-        parser.error(f"--bsr must be a block size >= 1, got {args.bsr}")
-    if args.bsr and not args.sparsify_weights:
-        # Block-sparse weights are frozen weights: --bsr implies --sparsify-weights (documented in --help).
-        args.sparsify_weights = True
+        raise utils.InputError(f"--bsr must be a block size >= 1, got {args.bsr}")
     if args.weights and args.weights_path:
-        parser.error("--weights and --weights-path both give weights; pass one of them")
+        raise utils.InputError("--weights and --weights-path both give weights; pass one of them")
     if args.model_ema and not args.weights_path:
-        parser.error("--model-ema evaluates the EMA weights of a checkpoint: pass --weights-path too")
+        raise utils.InputError("--model-ema evaluates the EMA weights of a checkpoint: pass --weights-path too")
     if not args.weights_path and not args.weights:
         # Otherwise the model's random initialisation would be measured, and its accuracy reported as if trained.
-        parser.error("no weights to evaluate: pass --weights-path CHECKPOINT (or --weights for torchvision's "
-                     "pretrained weights)")
+        raise utils.InputError("no weights to evaluate: pass --weights-path CHECKPOINT (or --weights for "
+                               "torchvision's pretrained weights)")
     if args.batch_size < 1:
-        parser.error(f"--batch-size must be at least 1, got {args.batch_size}")
+        raise utils.InputError(f"--batch-size must be at least 1, got {args.batch_size}")
     if args.save_compact and not args.bsr:
-        parser.error("--save-compact stores block-sparse layers: add --bsr N (e.g. the tile size of the masks)")
-
-
-def main(args):
-    utils.keep_freed_memory()  # no page faults for buffers freed and reallocated every step
-    utils.check_interpolation(args.interpolation)
-    utils.check_model_name(args.model)
+        raise utils.InputError("--save-compact stores block-sparse layers: add --bsr N (e.g. the tile size of the "
+                               "masks)")
+    cli.check_interpolation(args.interpolation)
+    cli.check_model_name(args.model)
     if args.weights_path and os.path.isdir(args.weights_path):
         raise utils.InputError(f"--weights-path {args.weights_path} is a folder; pass a checkpoint file in it, e.g. "
                                f"{os.path.join(args.weights_path, 'checkpoint.pth')}")
     if args.weights_path and not os.path.isfile(args.weights_path):
         raise utils.InputError(f"--weights-path {args.weights_path} does not exist; pass a checkpoint file")
+
+
+def main(args):
+    check_args(args)
+    utils.keep_freed_memory()  # no page faults for buffers freed and reallocated every step
     # Every output is checked (its folder created) now, not found unwritable after the whole evaluation.
     for flag, path in (("--output-json", args.output_json), ("--save-compact", args.save_compact),
                        ("--plot-masks", args.plot_masks)):
         if path:
-            utils.prepare_output_file(path, flag)
-    args.compact = checkpoint = None
-    if args.weights_path:
-        import blocksparse
-
-        checkpoint = utils.load_checkpoint(args.weights_path)
-        if blocksparse.is_compact(checkpoint):
-            # A compact file knows its model and sparsity: the flags that describe them do not apply.
-            args.compact = checkpoint
-            args.model = checkpoint["architecture"]["model"]
-            args.bsr = checkpoint["blocksize"]
-            args.sparsify_weights = True
-    # A checkpoint of this project knows the Supermask settings it was trained with: omitted flags take them.
-    utils.resolve_supermask_args(args, None if args.compact else checkpoint,
-                                 source=f"--weights-path {args.weights_path}",
-                                 fix="drop the flag to evaluate with the checkpoint's setting")
+            cli.prepare_output_file(path, flag)
+    target = resolve_target(args)
     utils.init_distributed_mode(args)
     device = utils.process_device(args)
 
-    dataset, eval_sampler = utils.load_val_data(args)
+    dataset, eval_sampler = data.load_val_data(args)
     data_loader = torch.utils.data.DataLoader(
         dataset, batch_size=args.batch_size, sampler=eval_sampler, num_workers=args.workers,
         pin_memory=device.type == "cuda")
-    model, bsr = prepare_model(args, num_classes=len(dataset.classes), checkpoint=checkpoint)
+    num_classes = len(dataset.classes)
+    model, bsr = prepare_model(args, target, num_classes=num_classes)
     utils.log(supermask.sparsity_report(model))
     if bsr is not None:
         utils.log(bsr)
     if args.save_compact and utils.is_main_process():
-        save_compact(model, args, num_classes=len(dataset.classes))
+        save_compact(model, args, target, num_classes=num_classes)
     if args.compile:
         model = torch.compile(model)
 
-    autocast = contextlib.nullcontext
-    if args.amp:
-        amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
-        autocast = lambda: torch.autocast(device.type, dtype=amp_dtype)  # noqa: E731
-    mode = "bsr" if args.bsr else "offline" if args.sparsify_weights else "online"
-    acc1, acc5, times = evaluate(model, data_loader, device=device, num_classes=len(dataset.classes),
-                                 dtype=DTYPES[args.dtype], autocast=autocast, warmup=args.warmup_batches, desc=f"Test ({mode})")
+    mode = target.mode
+    acc1, acc5, times = evaluation.evaluate(
+        model, data_loader, device=device, num_classes=num_classes, dtype=cli.DTYPES[args.dtype],
+        autocast=cli.autocast(args.amp, device), warmup=args.warmup_batches, desc=f"Test ({mode})")
     batch_time = statistics.median(times) if times else float("nan")
     result = {
         "acc1": acc1, "acc5": acc5, "images": len(dataset),
         "batch_time_ms": 1000 * batch_time, "images_per_s": args.batch_size / batch_time,
-        "timed_batches": len(times), "peak_memory_mb": peak_memory_mb(device),
+        "timed_batches": len(times), "peak_memory_mb": evaluation.peak_memory_mb(device),
         "mode": mode,
         "bsr_converted": {name: kernel for name, kernel, _ in bsr.converted} if bsr else {},
         "bsr_dense": dict(bsr.left_dense) if bsr else {},
         "config": {
-            "model": args.model, "flags": {k: v for k, v in vars(args).items() if _is_plain(v)},
+            "model": target.model, "flags": {k: v for k, v in vars(args).items() if _is_plain(v)},
             "dtype": args.dtype, "device": str(device), "torch": torch.__version__,
             "threads": torch.get_num_threads(), "processes": utils.get_world_size(),
             "machine": platform.processor() or platform.machine(),
@@ -287,10 +246,10 @@ def _is_plain(value):
 def get_args_parser(add_help=True):
     parser = argparse.ArgumentParser(description="SuperBlock evaluation: accuracy and speed of a sparse model",
                                      add_help=add_help)
-    utils.add_data_args(parser)
-    utils.add_model_args(parser)
-    utils.add_supermask_args(parser)
-    utils.add_distributed_args(parser)
+    cli.add_data_args(parser)
+    cli.add_model_args(parser)
+    cli.add_supermask_args(parser)
+    cli.add_distributed_args(parser)
     group = parser.add_argument_group("evaluation")
     group.add_argument("--model-ema", action="store_true",
                        help="evaluate the checkpoint's EMA weights instead of its model weights (default: off)")
@@ -302,7 +261,7 @@ def get_args_parser(add_help=True):
     group.add_argument("--bsr-kernel", default="auto", choices=BSR_KERNELS,
                        help="block-sparse kernel: auto measures the fused C++ kernel (or bmm without it) against "
                             "dense per layer shape and keeps the faster; see blocksparse.py (default: auto)")
-    group.add_argument("--dtype", default="float32", choices=sorted(DTYPES),
+    group.add_argument("--dtype", default="float32", choices=sorted(cli.DTYPES),
                        help="dtype of the weights and inputs (default: float32)")
     group.add_argument("--amp", action="store_true",
                        help="autocast: float16 on CUDA, bfloat16 on CPU (default: off)")
@@ -321,13 +280,4 @@ def get_args_parser(add_help=True):
 
 
 if __name__ == "__main__":
-    parser = get_args_parser()
-    args = parser.parse_args()
-    check_args(args, parser)
-    try:
-        main(args)
-    except utils.InputError as e:
-        parser.error(utils.user_error_message(e))
-    finally:
-        if utils.is_dist_avail_and_initialized():
-            torch.distributed.destroy_process_group()
+    cli.run(main, get_args_parser())

@@ -23,9 +23,12 @@ from torch import nn
 from torchvision.transforms import InterpolationMode
 from tqdm import tqdm
 
+import checkpoints
+import cli
+import data
 import distillation
+import evaluation
 import models
-import evaluate
 import presets
 import sampler
 import supermask
@@ -36,7 +39,7 @@ OPTIMIZERS = ("sgd", "sgd_nesterov", "rmsprop", "adamw")
 LR_SCHEDULERS = ("steplr", "cosineannealinglr", "exponentiallr")
 
 
-# ---------------------------------------------------------------- progress
+##### Progress #####
 
 
 class Progress:
@@ -80,7 +83,7 @@ class Progress:
             self.bar.close()
 
 
-# ---------------------------------------------------------------- one epoch
+##### One epoch #####
 
 
 def train_one_epoch(*, model, criterion, optimizer, data_loader, device, epoch, args, model_ema, scaler, autocast,
@@ -154,7 +157,7 @@ def train_one_epoch(*, model, criterion, optimizer, data_loader, device, epoch, 
     return mean_loss, images_seen / max(time.time() - start, 1e-9)
 
 
-# ---------------------------------------------------------------- setup
+##### Setup #####
 
 
 def check_args(args):
@@ -177,8 +180,8 @@ def check_args(args):
             f"--lr-warmup-epochs {args.lr_warmup_epochs} leaves no epochs for cosine annealing; "
             f"use fewer than --epochs {args.epochs}"
         )
-    utils.check_interpolation(args.interpolation)
-    utils.check_model_name(args.model)
+    cli.check_interpolation(args.interpolation)
+    cli.check_model_name(args.model)
     if models.is_vit(args.model) and args.train_crop_size != args.val_crop_size and not args.test_only:
         raise utils.InputError(
             f"{args.model} is built for one image size, but --train-crop-size {args.train_crop_size} differs from "
@@ -214,7 +217,7 @@ def check_args(args):
                                f"--epochs {args.epochs}")
     if not 0.0 <= args.distill_alpha <= 1.0 or args.distill_temperature <= 0:
         raise utils.InputError("--distill-alpha must be in [0, 1] and --distill-temperature above 0")
-    utils.check_data_path(args.data_path)
+    data.check_data_path(args.data_path)
 
 
 def resolve_resume(args):
@@ -225,11 +228,11 @@ def resolve_resume(args):
     if not args.resume:
         return None, None
     if args.resume == "auto":
-        removed = utils.remove_stale_temporary_files(args.output_dir)
+        removed = checkpoints.remove_stale_temporary_files(args.output_dir)
         if removed:
             utils.log(f"Removed {len(removed)} temporary file(s) of interrupted checkpoint writes: "
                       f"{', '.join(removed)}")
-        path, checkpoint = utils.load_latest_checkpoint(args.output_dir)
+        path, checkpoint = checkpoints.load_latest_checkpoint(args.output_dir)
         if path is None and args.test_only:
             raise utils.InputError(f"--resume auto found no checkpoint in --output-dir {args.output_dir}")
     else:
@@ -238,7 +241,7 @@ def resolve_resume(args):
                                    f"auto --output-dir {args.resume}")
         if not os.path.isfile(args.resume):
             raise utils.InputError(f"--resume {args.resume} does not exist; pass a checkpoint file or --resume auto")
-        path, checkpoint = args.resume, utils.load_checkpoint(args.resume)
+        path, checkpoint = args.resume, checkpoints.load_checkpoint(args.resume)
     if path is not None:
         check_training_checkpoint(checkpoint, path)
     return path, checkpoint
@@ -246,7 +249,7 @@ def resolve_resume(args):
 
 def check_training_checkpoint(checkpoint, path):
     """Refuse a file --resume cannot continue from, saying what to pass instead."""
-    if utils.is_compact_file(checkpoint):
+    if checkpoints.is_compact_file(checkpoint):
         raise utils.InputError(f"--resume {path} is a compact inference file (evaluate.py --save-compact) without "
                                f"training state; resume from the run's checkpoint.pth, or evaluate it with "
                                f"evaluate.py --weights-path {path}")
@@ -263,15 +266,15 @@ def check_output_dir(args, resume_path):
     """
     if not args.output_dir or args.test_only:
         return
-    utils.prepare_output_dir(args.output_dir)
-    earlier = utils.checkpoint_files(args.output_dir)
+    cli.prepare_output_dir(args.output_dir)
+    earlier = checkpoints.checkpoint_files(args.output_dir)
     if not earlier:
         return
     if args.start_over:
         for path in earlier:
             with contextlib.suppress(FileNotFoundError):  # another process of this run removed it first
                 os.remove(path)
-        utils.remove_stale_temporary_files(args.output_dir)
+        checkpoints.remove_stale_temporary_files(args.output_dir)
         utils.log(f"--start-over: removed the earlier run's {len(earlier)} checkpoint file(s) in {args.output_dir}")
         return
     if resume_path and os.path.samefile(os.path.dirname(os.path.abspath(resume_path)), args.output_dir):
@@ -296,8 +299,8 @@ def load_data(args):
         backend=args.backend,
         use_v2=args.use_v2,
     )
-    dataset = utils.image_folder(os.path.join(args.data_path, "train"), train_transform, cache=args.cache_dataset)
-    dataset_test, test_sampler = utils.load_val_data(args)
+    dataset = data.image_folder(os.path.join(args.data_path, "train"), train_transform, cache=args.cache_dataset)
+    dataset_test, test_sampler = data.load_val_data(args)
     if dataset_test.classes != dataset.classes:
         raise utils.InputError(
             f"train/ and val/ under {args.data_path} have different class folders; give them the same classes"
@@ -371,7 +374,7 @@ def build_lr_scheduler(optimizer, args):
 
 def gather_rng_states():
     """Every process's generator states, as a list indexed by rank (collective: all ranks must call it)."""
-    state = utils.get_rng_state()
+    state = checkpoints.get_rng_state()
     if not utils.is_dist_avail_and_initialized():
         return [state]
     states = [None] * utils.get_world_size()
@@ -387,15 +390,15 @@ def save_checkpoints(*, checkpoint, output_dir, epoch, keep_last=None):
     """Write model_<epoch>.pth and checkpoint.pth atomically (rank 0 only); keep only the newest keep_last epochs."""
     if not utils.is_main_process():
         return
-    checkpoint = utils.with_checksum(checkpoint)  # hashed once for both files
-    with utils.deferred_interrupt():  # Ctrl-C now would leave model_<epoch>.pth and checkpoint.pth apart
+    checkpoint = checkpoints.with_checksum(checkpoint)  # hashed once for both files
+    with checkpoints.deferred_interrupt():  # Ctrl-C now would leave model_<epoch>.pth and checkpoint.pth apart
         if keep_last != 0:
-            utils.save_checkpoint(checkpoint, os.path.join(output_dir, f"model_{epoch}.pth"), checksum=False)
-        utils.save_checkpoint(checkpoint, os.path.join(output_dir, "checkpoint.pth"), checksum=False)
+            checkpoints.save_checkpoint(checkpoint, os.path.join(output_dir, f"model_{epoch}.pth"), checksum=False)
+        checkpoints.save_checkpoint(checkpoint, os.path.join(output_dir, "checkpoint.pth"), checksum=False)
         last_checkpoint.update(path=os.path.join(output_dir, "checkpoint.pth"), epoch=epoch)
     if keep_last is not None:
         # After the new files are complete, so a crash in between never leaves fewer than asked for.
-        for old_epoch, path in utils.epoch_files(output_dir).items():
+        for old_epoch, path in checkpoints.epoch_files(output_dir).items():
             if old_epoch <= epoch - keep_last:
                 with contextlib.suppress(FileNotFoundError):
                     os.remove(path)
@@ -409,7 +412,7 @@ def load_model_weights(model, state_dict, *, source):
         raise utils.InputError(f"{source} does not fit this model: {e}") from None
 
 
-# ---------------------------------------------------------------- main
+##### main #####
 
 
 def main(args):
@@ -417,14 +420,14 @@ def main(args):
     check_args(args)
     resume_path, resume_checkpoint = resolve_resume(args)
     # Loaded before any data is read, so a wrong file fails at once.
-    start_checkpoint = utils.load_checkpoint(args.weights_path) if args.weights_path else None
-    if utils.is_compact_file(start_checkpoint):
+    start_checkpoint = checkpoints.load_checkpoint(args.weights_path) if args.weights_path else None
+    if checkpoints.is_compact_file(start_checkpoint):
         raise utils.InputError(f"--weights-path {args.weights_path} is a compact inference file (evaluate.py "
                                f"--save-compact) and cannot be trained further; pass the training checkpoint it was "
                                f"made from (checkpoint.pth or model_<epoch>.pth), or evaluate it with evaluate.py "
                                f"--weights-path {args.weights_path}")
     # A resumed run continues with the Supermask settings it was trained with: omitted flags take them.
-    utils.resolve_supermask_args(args, resume_checkpoint, source=f"--resume {resume_path}",
+    cli.resolve_supermask_args(args, resume_checkpoint, source=f"--resume {resume_path}",
                                  fix="drop the flag to resume with the checkpoint's setting, or start a new run "
                                      "from it with --weights-path instead of --resume")
     check_output_dir(args, resume_path)
@@ -432,7 +435,7 @@ def main(args):
         last_checkpoint.update(path=resume_path, epoch=resume_checkpoint["epoch"])
     utils.init_distributed_mode(args)
     device = utils.process_device(args)
-    settings = utils.changed_settings(args, get_args_parser(add_help=False))
+    settings = cli.changed_settings(args, get_args_parser(add_help=False))
     utils.log("Settings (flags not at their defaults; --help lists all):\n  " + "\n  ".join(settings))
 
     if args.use_deterministic_algorithms:
@@ -469,8 +472,8 @@ def main(args):
     # The same seed on every rank gives every rank the same initial model (DDP also broadcasts rank 0's).
     utils.seed_everything(args.seed)
     image_size = args.val_crop_size if args.test_only else args.train_crop_size
-    model = utils.build_model(args, num_classes=num_classes, image_size=image_size)
-    start_state = utils.model_state_dict(start_checkpoint) if start_checkpoint is not None else None
+    model = cli.build_model(args, num_classes=num_classes, image_size=image_size)
+    start_state = checkpoints.model_state_dict(start_checkpoint) if start_checkpoint is not None else None
     start_checkpoint = None  # not held in memory for the whole run
     starts_dense = bool(args.weights) or (start_state is not None and not any(k.endswith(".scores") for k in start_state))
     if starts_dense and start_state is not None:
@@ -481,7 +484,7 @@ def main(args):
     teacher = distillation.frozen_teacher(model).to(device) if args.distill else None
     score_init = args.score_init if args.score_init != "auto" else "magnitude" if starts_dense else "kaiming"
     utils.log(f"Mask scores: {score_init} initialisation" + (" (from the dense starting weights)" if starts_dense else ""))
-    utils.apply_supermask_flags(model, args, score_init=score_init)
+    cli.apply_supermask_flags(model, args, score_init=score_init)
     if start_state is not None and not starts_dense:
         load_model_weights(model, start_state, source=args.weights_path)
     model.to(device)
@@ -494,10 +497,7 @@ def main(args):
     optimizer = build_optimizer(model, args)
     scaler = torch.amp.GradScaler("cuda") if args.amp and device.type == "cuda" else None
     lr_scheduler = build_lr_scheduler(optimizer, args)
-    amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
-
-    def autocast():
-        return torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=args.amp)
+    autocast = cli.autocast(args.amp, device)
 
     model_without_ddp = model
     if args.distributed:
@@ -533,7 +533,7 @@ def main(args):
                 scaler.load_state_dict(checkpoint["scaler"])
             rng_states = checkpoint.get("rng_states") or []
             if len(rng_states) == utils.get_world_size():
-                utils.set_rng_state(rng_states[utils.get_rank()])
+                checkpoints.set_rng_state(rng_states[utils.get_rank()])
             else:
                 utils.log(f"{resume_path} was written by {len(rng_states)} processes; random streams restart")
         args.start_epoch = checkpoint["epoch"] + 1
@@ -544,7 +544,7 @@ def main(args):
     # Evaluate the unwrapped model: DDP's forward would sync buffers across ranks, and the ranks' validation
     # shards may differ in length by one batch.
     def run_eval(module, desc):
-        acc1, acc5, _ = evaluate.evaluate(
+        acc1, acc5, _ = evaluation.evaluate(
             module, data_loader_test, device=device, autocast=autocast, num_classes=num_classes, desc=desc, timed=False
         )
         return acc1, acc5
@@ -618,8 +618,8 @@ def get_args_parser(add_help=True):
         add_help=add_help,
         formatter_class=_DefaultsHelpFormatter,
     )
-    utils.add_data_args(parser)
-    utils.add_model_args(parser)
+    cli.add_data_args(parser)
+    cli.add_model_args(parser)
 
     group = parser.add_argument_group("optimization")
     group.add_argument("--epochs", default=90, type=int, metavar="N", help="total number of epochs to run")
@@ -720,8 +720,8 @@ def get_args_parser(add_help=True):
     )
     group.add_argument("--seed", default=0, type=int, help="seed for initialisation, shuffling and augmentation")
 
-    utils.add_distributed_args(parser)
-    utils.add_supermask_args(parser)
+    cli.add_distributed_args(parser)
+    cli.add_supermask_args(parser)
 
     group = parser.add_argument_group("sparsifying a dense model (start from --weights or --weights-path)")
     group.add_argument(
@@ -748,23 +748,13 @@ def get_args_parser(add_help=True):
     return parser
 
 
+def interrupted_message():
+    """What Ctrl-C leaves behind; checkpoints are written atomically, so whatever is on disk is complete."""
+    if last_checkpoint:
+        return (f"Interrupted; {last_checkpoint['path']} holds epoch {last_checkpoint['epoch']}: continue with "
+                f"--resume auto (and the same flags)")
+    return "Interrupted before the first checkpoint of this run was written; there is nothing to resume"
+
+
 if __name__ == "__main__":
-    parser = get_args_parser()
-    args = parser.parse_args()
-    try:
-        main(args)
-    except utils.InputError as e:
-        parser.error(utils.user_error_message(e))
-    except KeyboardInterrupt:
-        # Checkpoints are written atomically, so whatever is on disk is complete.
-        if last_checkpoint:
-            message = (f"Interrupted; {last_checkpoint['path']} holds epoch {last_checkpoint['epoch']}: continue with "
-                       f"--resume auto (and the same flags)")
-        else:
-            message = "Interrupted before the first checkpoint of this run was written; there is nothing to resume"
-        if utils.is_main_process():
-            print(message, file=sys.stderr, flush=True)
-        sys.exit(130)
-    finally:
-        if utils.is_dist_avail_and_initialized():
-            torch.distributed.destroy_process_group()
+    cli.run(main, get_args_parser(), interrupted=interrupted_message)

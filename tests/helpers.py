@@ -1,9 +1,13 @@
 """Shared test helpers: a tiny synthetic ImageFolder, running the CLI scripts as a user does, small models."""
+import contextlib
+import io
 import os
+import runpy
 import shutil
 import socket
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import torch
@@ -45,6 +49,27 @@ def run_script(args, *, timeout=180):
     return subprocess.run(
         [sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
     )
+
+
+def run_in_process(script, argv):
+    """Run `python SCRIPT ARGV` in this process (its __main__ block), as run_script does in a new one.
+
+    Seconds faster than run_script: no new interpreter importing torch. Returns a CompletedProcess whose
+    returncode is the exit status (0 when the script returns). Warnings are ignored, as run_script does.
+    """
+    out, err, saved_argv = io.StringIO(), io.StringIO(), sys.argv
+    sys.argv = [script, *argv]
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                runpy.run_path(os.path.join(ROOT, script), run_name="__main__")
+                status = 0
+            except SystemExit as e:
+                status = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
+    finally:
+        sys.argv = saved_argv
+    return subprocess.CompletedProcess([script, *argv], status, out.getvalue(), err.getvalue())
 
 
 def start_script(args):

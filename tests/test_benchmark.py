@@ -17,10 +17,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run(argv):
-    parser = benchmark.get_args_parser()
-    args = parser.parse_args(argv)
-    benchmark.check_args(args)
-    return benchmark.main(args)
+    return benchmark.main(benchmark.get_args_parser().parse_args(argv))
 
 
 def test_smoke_benchmark_times_every_variant_and_they_match_offline(tmp_path):
@@ -115,7 +112,7 @@ def test_sweep_writes_a_plot(tmp_path):
 def test_rejects_bad_flags_with_a_clear_message(argv, message):
     args = benchmark.get_args_parser().parse_args(argv + ["--device", "cpu"])
     with pytest.raises(utils.InputError, match=message.replace("[", r"\[").replace(")", r"\)")):
-        benchmark.check_args(args)
+        benchmark.main(args)
 
 
 def test_bad_flag_exits_2_with_one_line():

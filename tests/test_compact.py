@@ -4,8 +4,8 @@ import torch
 from torch import nn
 
 import blocksparse
+import checkpoints
 import models
-import utils
 from helpers import flip_byte_in_tensor_data
 from supermask import apply_supermask, sparsify_offline
 
@@ -63,9 +63,9 @@ def test_truncated_and_newer_files_are_clear_errors(tmp_path):
     truncated.write_bytes(path.read_bytes()[:4000])
     with pytest.raises(ValueError, match="cannot load checkpoint"):
         blocksparse.load_compact(str(truncated))
-    newer = utils.load_checkpoint(str(path))
+    newer = checkpoints.load_checkpoint(str(path))
     newer["version"] = blocksparse.COMPACT_VERSION + 1
-    utils.save_checkpoint(newer, str(tmp_path / "newer.pth"))
+    checkpoints.save_checkpoint(newer, str(tmp_path / "newer.pth"))
     with pytest.raises(ValueError, match="newer than this SuperBlock reads"):
         blocksparse.load_compact(str(tmp_path / "newer.pth"))
     with pytest.raises(ValueError, match="not a compact SuperBlock checkpoint"):
@@ -104,9 +104,9 @@ def _weights_of_another_model(checkpoint):
 def test_malformed_compact_files_are_one_clear_value_error(edit, message, tmp_path):
     path = tmp_path / "compact.pth"
     blocksparse.save_compact(block_sparse_vit(0.0), str(path), architecture=ARCH, blocksize=16)
-    checkpoint = utils.load_checkpoint(str(path))
+    checkpoint = checkpoints.load_checkpoint(str(path))
     edit(checkpoint)
-    utils.save_checkpoint(checkpoint, str(tmp_path / "bad.pth"))  # a valid checksum over malformed content
+    checkpoints.save_checkpoint(checkpoint, str(tmp_path / "bad.pth"))  # a valid checksum over malformed content
     with pytest.raises(ValueError, match="malformed compact checkpoint") as caught:
         blocksparse.load_compact(str(tmp_path / "bad.pth"))
     assert message in str(caught.value) and "\n" not in str(caught.value)
@@ -115,7 +115,7 @@ def test_malformed_compact_files_are_one_clear_value_error(edit, message, tmp_pa
 def test_compact_model_reports_its_dense_layers_as_stored_dense(tmp_path):
     path = str(tmp_path / "compact.pth")
     blocksparse.save_compact(block_sparse_vit(0.0), path, architecture=ARCH, blocksize=16)
-    _, result = blocksparse.model_from_compact(utils.load_checkpoint(path))
+    _, result = blocksparse.model_from_compact(checkpoints.load_checkpoint(path))
     reasons = dict(result.left_dense)
     assert reasons["heads.head"] == "stored dense in the compact file"
     assert "excluded by filter_fn" not in str(result)
@@ -159,10 +159,10 @@ def test_checksum_is_the_same_for_the_same_content_and_changes_with_any_value():
     state = {"b": torch.arange(6, dtype=torch.bfloat16).reshape(2, 3), "a": {"lr": 0.1, "steps": [1, 2]},
              "flag": torch.tensor(True)}
     reordered = {"flag": state["flag"].clone(), "a": {"steps": [1, 2], "lr": 0.1}, "b": state["b"].clone()}
-    assert utils.checkpoint_digest(state) == utils.checkpoint_digest(reordered)
+    assert checkpoints.checkpoint_digest(state) == checkpoints.checkpoint_digest(reordered)
     changed_value = {**state, "b": state["b"].clone().index_fill_(1, torch.tensor([2]), 7.0)}
     changed_shape = {**state, "b": state["b"].reshape(3, 2)}
     changed_dtype = {**state, "b": state["b"].view(torch.float16)}
     changed_plain = {**state, "a": {"lr": 0.2, "steps": [1, 2]}}
-    digests = {utils.checkpoint_digest(s) for s in (state, changed_value, changed_shape, changed_dtype, changed_plain)}
+    digests = {checkpoints.checkpoint_digest(s) for s in (state, changed_value, changed_shape, changed_dtype, changed_plain)}
     assert len(digests) == 5, "a change in a value, shape, dtype or plain entry left the checksum unchanged"

@@ -1,112 +1,70 @@
-"""Samplers, presets, mixup/cutmix collation and the digits data set."""
-import collections
+"""data.py: image folders, the cached file listing, the validation set the flags describe, clear errors."""
+import argparse
+import os
+import shutil
 
-import numpy as np
 import pytest
-import torch
-from PIL import Image
 
-import presets
-import sample_data
-import transforms
-from sampler import DistributedEvalSampler, RASampler
+import data
+import utils
+from helpers import write_image_folder
 
 
-class Sized:
-    def __init__(self, n):
-        self.n = n
-
-    def __len__(self):
-        return self.n
+@pytest.fixture
+def folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # the listing cache lives under ~/.torch
+    return write_image_folder(str(tmp_path / "images"), classes=2, train_per_class=3, val_per_class=2, size=8)
 
 
-@pytest.mark.parametrize("n, replicas", [(10, 1), (10, 3), (7, 2), (100, 4)])
-def test_eval_sampler_covers_every_index_exactly_once(n, replicas):
-    shards = [list(DistributedEvalSampler(Sized(n), num_replicas=replicas, rank=r)) for r in range(replicas)]
-    assert sorted(i for shard in shards for i in shard) == list(range(n))
-    assert [len(DistributedEvalSampler(Sized(n), num_replicas=replicas, rank=r)) for r in range(replicas)] == [
-        len(s) for s in shards
-    ]
+def test_image_folder_reads_classes_and_rgb_images(folder):
+    dataset = data.image_folder(os.path.join(folder, "train"), transform=None)
+    assert dataset.classes == ["class_0", "class_1"] and len(dataset) == 6
+    image, label = dataset[5]
+    assert image.mode == "RGB" and image.size == (8, 8) and label == 1
 
 
-def test_ra_sampler_sends_copies_of_an_image_to_different_replicas():
-    replicas, reps = 3, 3
-    shards = [list(RASampler(Sized(30), num_replicas=replicas, rank=r, repetitions=reps)) for r in range(replicas)]
-    assert all(len(s) == 10 for s in shards), "each replica yields ceil(n / replicas) indices"
-    # Position p of every shard holds copies of the same image: repeated augmentation across processes.
-    for position in range(10):
-        assert len({shard[position] for shard in shards}) == 1
+def test_cached_listing_is_used_instead_of_a_directory_scan(folder):
+    train = os.path.join(folder, "train")
+    scanned = data.image_folder(train, transform=None, cache=True)
+    # A file added after the listing was cached is not seen: the second call read the listing, not the folder.
+    shutil.copy(os.path.join(train, "class_0", "0.png"), os.path.join(train, "class_0", "new.png"))
+    cached = data.image_folder(train, transform=None, cache=True)
+    assert type(cached) is not type(scanned)
+    assert cached.samples == scanned.samples and cached.classes == scanned.classes
+    assert len(data.image_folder(train, transform=None)) == len(scanned) + 1
 
 
-def test_ra_sampler_repeats_images_within_one_process():
-    indices = list(RASampler(Sized(12), num_replicas=1, rank=0, repetitions=3))
-    assert len(indices) == 12
-    assert all(count == 3 for count in collections.Counter(indices).values())
+def test_unreadable_image_is_an_input_error_naming_the_file(tmp_path):
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not a png")
+    with pytest.raises(utils.InputError, match=f"cannot read image {broken}"):
+        data.load_image(str(broken))
 
 
-def test_ra_sampler_order_depends_only_on_seed_and_epoch():
-    a = RASampler(Sized(50), num_replicas=2, rank=1, seed=7)
-    b = RASampler(Sized(50), num_replicas=2, rank=1, seed=7)
-    a.set_epoch(3)
-    b.set_epoch(3)
-    assert list(a) == list(b)
-    b.set_epoch(4)
-    assert list(a) != list(b)
+@pytest.mark.parametrize("layout, message", [
+    ("missing", "does not exist"),
+    ("no_val", "has no val/ folder"),
+    ("a_file", "is a file, not a folder"),
+])
+def test_bad_data_path_is_an_input_error_that_says_what_to_pass(layout, message, tmp_path):
+    path = tmp_path / "data"
+    if layout == "no_val":
+        (path / "train").mkdir(parents=True)
+    elif layout == "a_file":
+        path.write_text("")
+    with pytest.raises(utils.InputError, match=message):
+        data.check_data_path(str(path))
 
 
-@pytest.mark.parametrize("policy", [None, "ra", "ta_wide", "augmix", "imagenet"])
-@pytest.mark.parametrize("backend, use_v2", [("pil", False), ("tensor", False), ("pil", True), ("tv_tensor", True)])
-def test_train_preset_gives_normalized_float_tensor_of_crop_size(policy, backend, use_v2):
-    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 30, 3), dtype=np.uint8))
-    preset = presets.ClassificationPresetTrain(
-        crop_size=24, auto_augment_policy=policy, random_erase_prob=0.5, backend=backend, use_v2=use_v2
-    )
-    out = preset(img)
-    assert type(out) is torch.Tensor and out.dtype == torch.float32 and out.shape == (3, 24, 24)
-    assert out.min() < 0, "the output is not normalised"
+def test_empty_class_folder_is_an_input_error_saying_where_images_go(tmp_path):
+    (tmp_path / "val").mkdir()
+    with pytest.raises(utils.InputError, match="put each class's images in"):
+        data.image_folder(str(tmp_path / "val"), transform=None)
 
 
-@pytest.mark.parametrize("backend, use_v2", [("pil", False), ("tensor", True)])
-def test_eval_preset_v1_and_v2_agree(backend, use_v2):
-    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 30, 3), dtype=np.uint8))
-    reference = presets.ClassificationPresetEval(crop_size=16, resize_size=20)(img)
-    out = presets.ClassificationPresetEval(crop_size=16, resize_size=20, backend=backend, use_v2=use_v2)(img)
-    assert out.shape == (3, 16, 16)
-    torch.testing.assert_close(out, reference, atol=0.05, rtol=0)  # PIL and tensor resizes round differently
-
-
-def test_tv_tensor_backend_requires_v2():
-    with pytest.raises(ValueError, match="--use-v2"):
-        presets.ClassificationPresetEval(crop_size=16, backend="tv_tensor", use_v2=False)
-
-
-def test_mix_collate_gives_soft_labels_that_sum_to_one():
-    mix = transforms.get_mixup_cutmix(mixup_alpha=0.2, cutmix_alpha=1.0, num_classes=5)
-    batch = [(torch.rand(3, 8, 8), i % 5) for i in range(6)]
-    images, labels = transforms.MixCollate(mix)(batch)
-    assert images.shape == (6, 3, 8, 8) and labels.shape == (6, 5)
-    torch.testing.assert_close(labels.sum(dim=1), torch.ones(6))
-
-
-def test_mixup_cutmix_off_gives_none():
-    assert transforms.get_mixup_cutmix(mixup_alpha=0.0, cutmix_alpha=0.0, num_classes=5) is None
-
-
-def test_digits_split_is_80_20_per_class_and_fixed():
-    labels = np.repeat(np.arange(10), 50)
-    train, val = sample_data.split_indices(labels, val_fraction=0.2, seed=0)
-    assert sorted(train + val) == list(range(500)) and len(val) == 100
-    assert all(np.sum(labels[val] == c) == 10 for c in range(10))
-    assert (train, val) == sample_data.split_indices(labels, val_fraction=0.2, seed=0)
-
-
-def test_sample_data_writes_32x32_rgb_image_folder(tmp_path, monkeypatch):
-    images = np.random.default_rng(0).integers(0, 255, (20, 8, 8), dtype=np.uint8)
-    labels = np.repeat(np.arange(2), 10)
-    monkeypatch.setattr(sample_data, "load_digits", lambda: (images, labels))
-    sample_data.main(sample_data.get_args_parser().parse_args([str(tmp_path)]))
-    train = sorted(tmp_path.glob("train/*/*.png"))
-    val = sorted(tmp_path.glob("val/*/*.png"))
-    assert len(train) == 16 and len(val) == 4
-    with Image.open(train[0]) as img:
-        assert img.size == (32, 32) and img.mode == "RGB"
+def test_val_data_is_preprocessed_to_the_crop_size_and_sampled_once(folder):
+    args = argparse.Namespace(data_path=folder, weights=None, val_crop_size=6, val_resize_size=8,
+                              interpolation="bilinear", backend="pil", use_v2=False, cache_dataset=False)
+    dataset, sampler = data.load_val_data(args)
+    assert dataset[0][0].shape == (3, 6, 6)
+    assert sorted(sampler) == list(range(len(dataset))) == list(range(4))

@@ -5,13 +5,12 @@ import argparse
 import json
 import os
 import re
-import runpy
-import sys
 
 import pytest
 import torch
 
-from helpers import ROOT, assert_ok, flip_byte_in_tensor_data, free_port, run_script, write_image_folder
+from helpers import (assert_ok, flip_byte_in_tensor_data, free_port, run_in_process, run_script,
+                     write_image_folder)
 
 SIZE = ["--val-crop-size", "16", "--val-resize-size", "16"]
 MODEL = ["--model", "vit_tiny", "--device", "cpu", "-j", "0", *SIZE]
@@ -42,9 +41,10 @@ def checkpoint(data, tmp_path_factory):
     return os.path.join(out, "checkpoint.pth"), result.stdout
 
 
-def evaluate(data, weights, *flags, launcher=()):
-    result = run_script([*launcher, "evaluate.py", "--data-path", data, *MODEL, *SPARSE, "-b", "4",
-                         "--weights-path", weights, *flags])
+def evaluate(data, weights, *flags, launcher=None):
+    """Run evaluate.py on `weights`: in this process, or under `launcher` (torchrun's flags) in new ones."""
+    argv = ["--data-path", data, *MODEL, *SPARSE, "-b", "4", "--weights-path", weights, *flags]
+    result = run_script([*launcher, "evaluate.py", *argv]) if launcher else run_in_process("evaluate.py", argv)
     assert_ok(result)
     return result
 
@@ -117,23 +117,14 @@ def test_compact_checkpoint_runs_without_sparsity_flags_at_the_same_accuracy(dat
     saved = evaluate(data, checkpoint[0], "--bsr", "16", "--save-compact", compact)
     assert re.search(r"Compact checkpoint .*: [\d.]+ MiB, [\d.]+% of the dense weights", saved.stdout), saved.stdout
     # No --sparsity-* flags: the file knows its model and blocks.
-    rerun = run_script(["evaluate.py", "--data-path", data, "--device", "cpu", "-j", "0", *SIZE, "-b", "4",
-                        "--weights-path", compact])
+    rerun = run_in_process("evaluate.py", ["--data-path", data, "--device", "cpu", "-j", "0", *SIZE, "-b", "4",
+                                           "--weights-path", compact])
     assert_ok(rerun)
     assert accuracy(rerun.stdout) == accuracy(saved.stdout)
     assert "BlockSparseLinear" in rerun.stdout
 
 
 # ----- bad input: one line, exit status 2 (run in this process: each fails within a second) -----
-
-
-def run_cli_in_process(argv, monkeypatch, capsys):
-    """Run `python evaluate.py ARGV` in this process, expecting it to exit; returns (exit status, stdout, stderr)."""
-    monkeypatch.setattr(sys, "argv", ["evaluate.py", *argv])
-    with pytest.raises(SystemExit) as exit_info:
-        runpy.run_path(os.path.join(ROOT, "evaluate.py"), run_name="__main__")
-    captured = capsys.readouterr()
-    return exit_info.value.code, captured.out, captured.err
 
 
 def _missing_weights(checkpoint, tmp_path):
@@ -156,11 +147,11 @@ def _another_model(checkpoint, tmp_path):
 
 def _without_stored_args(checkpoint, tmp_path):
     """A copy of the checkpoint without its stored args: only the flags tell its settings."""
-    import utils
+    import checkpoints
 
-    state = utils.load_checkpoint(checkpoint)
+    state = checkpoints.load_checkpoint(checkpoint)
     del state["args"]
-    utils.save_checkpoint(state, str(tmp_path / "no_args.pth"))
+    checkpoints.save_checkpoint(state, str(tmp_path / "no_args.pth"))
     return str(tmp_path / "no_args.pth")
 
 
@@ -286,11 +277,12 @@ BAD_INPUTS = [_output_json_through_a_file, _save_compact_through_a_file, _plot_m
 
 
 @pytest.mark.parametrize("case", BAD_INPUTS, ids=lambda f: f.__name__.strip("_"))
-def test_bad_input_exits_2_with_one_error_line(case, data, checkpoint, tmp_path, monkeypatch, capsys):
+def test_bad_input_exits_2_with_one_error_line(case, data, checkpoint, tmp_path):
     flags, expected = case(checkpoint[0], tmp_path)
     argv = ["--data-path", data, *MODEL, *SPARSE, "-b", "4"]
     # Later flags win: the case's flags override the defaults above.
-    status, stdout, stderr = run_cli_in_process([*argv, *flags], monkeypatch, capsys)
+    result = run_in_process("evaluate.py", [*argv, *flags])
+    status, stdout, stderr = result.returncode, result.stdout, result.stderr
     assert status == 2, stderr
     error_lines = [line for line in stderr.splitlines() if "error:" in line]
     assert len(error_lines) == 1 and expected in error_lines[0], stderr
@@ -302,8 +294,8 @@ def test_bad_input_exits_2_with_one_error_line(case, data, checkpoint, tmp_path,
 def test_checkpoint_of_this_project_evaluates_without_sparsity_flags(data, checkpoint, tmp_path):
     json_path = str(tmp_path / "result.json")
     # No --sparsity-* flags: the checkpoint's stored args hold them.
-    bare = run_script(["evaluate.py", "--data-path", data, *MODEL, "-b", "4", "--weights-path", checkpoint[0],
-                       "--output-json", json_path])
+    bare = run_in_process("evaluate.py", ["--data-path", data, *MODEL, "-b", "4", "--weights-path", checkpoint[0],
+                                          "--output-json", json_path])
     assert_ok(bare)
     assert accuracy(bare.stdout) == accuracy(evaluate(data, checkpoint[0]).stdout)
     flags = json.load(open(json_path))["config"]["flags"]
@@ -318,9 +310,9 @@ def test_attention_sparsity_end_to_end_through_train_and_evaluate(data, tmp_path
     assert_ok(trained)
     assert re.search(r"self_attention\.in_proj +SupermaskLinear +384x128 +16 +0\.750", trained.stdout), trained.stdout
     weights = os.path.join(out, "checkpoint.pth")
-    online = run_script(["evaluate.py", "--data-path", data, *MODEL, *flags, "-b", "4", "--weights-path", weights])
-    bsr = run_script(["evaluate.py", "--data-path", data, *MODEL, *flags, "-b", "4", "--weights-path", weights,
-                      "--bsr", "16"])
+    online = run_in_process("evaluate.py", ["--data-path", data, *MODEL, *flags, "-b", "4", "--weights-path", weights])
+    bsr = run_in_process("evaluate.py", ["--data-path", data, *MODEL, *flags, "-b", "4", "--weights-path", weights,
+                                         "--bsr", "16"])
     assert_ok(online)
     assert_ok(bsr)
     assert accuracy(online.stdout) == accuracy(bsr.stdout)

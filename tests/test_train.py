@@ -1,17 +1,15 @@
 """train.py as a user runs it: checkpoints, exact resume, torchrun, and clean errors on bad input.
 
 Training runs are subprocesses, as a user starts them. The bad-input cases run train.py's command line
-in this process (runpy, as `python train.py` does), because each of them fails within a second and a
-fresh interpreter would spend four importing torch.
+in this process (helpers.run_in_process), because each of them fails within a second and a fresh interpreter
+would spend seconds importing torch.
 """
 import argparse
 import os
 import random
 import re
-import runpy
 import shutil
 import signal
-import sys
 import time
 
 import pytest
@@ -19,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 import distillation
-from helpers import (ROOT, assert_ok, flip_byte_in_tensor_data, free_port, run_script, start_script,
+from helpers import (assert_ok, flip_byte_in_tensor_data, free_port, run_in_process, run_script, start_script,
                      straight_and_resumed_runs, write_image_folder)
 
 # vit_tiny on 16x16 crops of a 3-class, 24-image data set: a few steps per epoch.
@@ -77,29 +75,6 @@ def load(path):
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def run_cli_in_process(argv, monkeypatch, capsys):
-    """Run `python train.py ARGV` in this process, expecting it to exit; returns (exit status, stderr)."""
-    status, _, err = run_cli_in_process_with_output(argv, monkeypatch, capsys)
-    return status, err
-
-
-def run_cli_in_process_with_output(argv, monkeypatch, capsys):
-    """As run_cli_in_process; returns (exit status, stdout, stderr)."""
-    monkeypatch.setattr(sys, "argv", ["train.py", *argv])
-    with pytest.raises(SystemExit) as exit_info:
-        runpy.run_path(os.path.join(ROOT, "train.py"), run_name="__main__")
-    captured = capsys.readouterr()
-    return exit_info.value.code, captured.out, captured.err
-
-
-def run_cli_to_the_end(argv, monkeypatch, capsys):
-    """Run `python train.py ARGV` in this process, expecting it to finish; returns (stdout, stderr)."""
-    monkeypatch.setattr(sys, "argv", ["train.py", *argv])
-    runpy.run_path(os.path.join(ROOT, "train.py"), run_name="__main__")
-    captured = capsys.readouterr()
-    return captured.out, captured.err
-
-
 def test_one_epoch_writes_checkpoints_that_load_with_weights_only(one_epoch):
     out, result = one_epoch
     for name in ("checkpoint.pth", "model_0.pth"):
@@ -121,13 +96,13 @@ def test_one_epoch_writes_checkpoints_that_load_with_weights_only(one_epoch):
 def test_checkpoint_rng_states_restore_every_generator(one_epoch):
     import numpy as np
 
-    import utils
+    import checkpoints
 
     state = load(os.path.join(one_epoch[0], "checkpoint.pth"))["rng_states"][0]
-    utils.set_rng_state(state)
+    checkpoints.set_rng_state(state)
     expected = (random.random(), np.random.rand(), torch.rand(()).item())
     random.seed(123), np.random.seed(123), torch.manual_seed(123)
-    utils.set_rng_state(state)
+    checkpoints.set_rng_state(state)
     assert (random.random(), np.random.rand(), torch.rand(()).item()) == expected
 
 
@@ -171,18 +146,19 @@ def test_test_only_evaluates_the_checkpoint_given_to_resume(one_epoch, data):
 
 def evaluate_checkpoint(path):
     """Acc@1 and Acc@5 of a checkpoint's model on its validation set, in this single process."""
-    import evaluate
+    import cli
+    import data
+    import evaluation
     import supermask
-    import utils
 
     checkpoint = load(path)
     args = argparse.Namespace(**checkpoint["args"])
-    dataset, eval_sampler = utils.load_val_data(args)
-    model = utils.build_model(args, num_classes=len(dataset.classes), image_size=args.val_crop_size)
-    supermask.apply_supermask(model, **utils.supermask_kwargs(args))
+    dataset, eval_sampler = data.load_val_data(args)
+    model = cli.build_model(args, num_classes=len(dataset.classes), image_size=args.val_crop_size)
+    supermask.apply_supermask(model, **cli.supermask_kwargs(args))
     supermask.load_supermask_state_dict(model, checkpoint["model"])
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, sampler=eval_sampler)
-    acc1, acc5, _ = evaluate.evaluate(model, loader, device=torch.device("cpu"), num_classes=len(dataset.classes))
+    acc1, acc5, _ = evaluation.evaluate(model, loader, device=torch.device("cpu"), num_classes=len(dataset.classes))
     return acc1, acc5
 
 
@@ -276,10 +252,10 @@ def _resume_a_folder(data, tmp_path):
 
 
 def _compact_file(tmp_path):
-    import utils
+    import checkpoints
 
     path = str(tmp_path / "compact.pth")
-    utils.save_checkpoint({"format": utils.COMPACT_FORMAT, "version": 1, "blocksize": 16, "dense": {}, "sparse": {},
+    checkpoints.save_checkpoint({"format": checkpoints.COMPACT_FORMAT, "version": 1, "blocksize": 16, "dense": {}, "sparse": {},
                            "architecture": {"model": "vit_tiny", "num_classes": 3, "image_size": 16}}, path)
     return path
 
@@ -294,9 +270,9 @@ def _weights_path_a_compact_file(data, tmp_path):
 
 
 def _resume_from_a_state_dict(data, tmp_path):
-    import utils
+    import checkpoints
 
-    utils.save_checkpoint({"head.weight": torch.zeros(3, 3)}, str(tmp_path / "weights.pth"))
+    checkpoints.save_checkpoint({"head.weight": torch.zeros(3, 3)}, str(tmp_path / "weights.pth"))
     return ["--data-path", data, "--resume", str(tmp_path / "weights.pth")], \
         "is not a train.py checkpoint (it has no 'model' and 'epoch' entries); to start a new run from its weights"
 
@@ -319,12 +295,11 @@ BAD_INPUTS = [_missing_data, _empty_data, _missing_split, _unknown_model, _corru
 
 
 @pytest.mark.parametrize("case", BAD_INPUTS, ids=lambda f: f.__name__.strip("_"))
-def test_bad_input_exits_2_with_one_error_line(case, data, tmp_path, monkeypatch, capsys):
+def test_bad_input_exits_2_with_one_error_line(case, data, tmp_path):
     flags, expected = case(data, tmp_path)
     # The case's flags come last: later flags win.
-    status, stdout, stderr = run_cli_in_process_with_output(
-        [*TINY, "--epochs", "1", "--output-dir", str(tmp_path / "out"), *flags], monkeypatch, capsys
-    )
+    result = run_in_process("train.py", [*TINY, "--epochs", "1", "--output-dir", str(tmp_path / "out"), *flags])
+    status, stdout, stderr = result.returncode, result.stdout, result.stderr
     assert status == 2, stderr
     error_lines = [line for line in stderr.splitlines() if "error:" in line]
     assert len(error_lines) == 1 and expected in error_lines[0], stderr
@@ -335,28 +310,29 @@ def test_bad_input_exits_2_with_one_error_line(case, data, tmp_path, monkeypatch
 
 def without_stored_args(path, out):
     """A copy of checkpoint `path` without its stored args, as a checkpoint of unknown settings is."""
-    import utils
+    import checkpoints
 
-    checkpoint = utils.load_checkpoint(path)
+    checkpoint = checkpoints.load_checkpoint(path)
     del checkpoint["args"]
-    utils.save_checkpoint(checkpoint, out)
+    checkpoints.save_checkpoint(checkpoint, out)
     return out
 
 
-def test_checkpoint_of_another_tile_size_exits_2_naming_the_layer(one_epoch, data, tmp_path, monkeypatch, capsys):
+def test_checkpoint_of_another_tile_size_exits_2_naming_the_layer(one_epoch, data, tmp_path):
     # Without stored args only the scores' shapes tell the tile size.
     checkpoint = without_stored_args(os.path.join(one_epoch[0], "checkpoint.pth"), str(tmp_path / "no_args.pth"))
     flags = ["--sparsity-linear", "0.5", "--sp-linear-tile-size", "4", "--test-only", "--resume", checkpoint]
-    status, stderr = run_cli_in_process(["--data-path", data, *TINY, *flags], monkeypatch, capsys)
+    result = run_in_process("train.py", ["--data-path", data, *TINY, *flags])
+    status, stderr = result.returncode, result.stderr
     assert status == 2, stderr
     assert "scores of layer" in stderr and "tile size 8 would fit" in stderr, stderr
 
 
 def test_interrupted_save_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch):
-    import utils
+    import checkpoints
 
     path = str(tmp_path / "checkpoint.pth")
-    utils.save_checkpoint({"epoch": 0}, path)
+    checkpoints.save_checkpoint({"epoch": 0}, path)
 
     def interrupted_save(obj, f, *args, **kwargs):
         f.write(b"half a checkpoint")
@@ -364,9 +340,9 @@ def test_interrupted_save_leaves_the_previous_checkpoint_intact(tmp_path, monkey
 
     monkeypatch.setattr(torch, "save", interrupted_save)
     with pytest.raises(KeyboardInterrupt):
-        utils.save_checkpoint({"epoch": 1}, path)
+        checkpoints.save_checkpoint({"epoch": 1}, path)
     monkeypatch.undo()
-    assert utils.load_checkpoint(path) == {"epoch": 0}
+    assert checkpoints.load_checkpoint(path) == {"epoch": 0}
     assert os.listdir(tmp_path) == ["checkpoint.pth"], "the temporary file was left behind"
 
 
@@ -390,15 +366,15 @@ FLAG_COMBINATIONS = {
 
 
 @pytest.mark.parametrize("flags", FLAG_COMBINATIONS.values(), ids=FLAG_COMBINATIONS.keys())
-def test_torchvision_flag_combinations_train_and_checkpoint(flags, one_epoch, data, tmp_path, monkeypatch, capsys):
-    # In this process (runpy) to save an interpreter start per combination.
+def test_torchvision_flag_combinations_train_and_checkpoint(flags, one_epoch, data, tmp_path):
+    # In this process to save an interpreter start per combination.
     out = str(tmp_path / "out")
     weights = os.path.join(one_epoch[0], "checkpoint.pth")
     flags = [weights if flag == "ONE_EPOCH_CHECKPOINT" else flag for flag in flags]
-    argv = ["train.py", "--data-path", data, *TINY, *SPARSE, *flags, "--epochs", "2", "--output-dir", out]
-    monkeypatch.setattr(sys, "argv", argv)
-    runpy.run_path(os.path.join(ROOT, "train.py"), run_name="__main__")
-    stdout = capsys.readouterr().out
+    result = run_in_process("train.py", ["--data-path", data, *TINY, *SPARSE, *flags, "--epochs", "2",
+                                         "--output-dir", out])
+    assert_ok(result)
+    stdout = result.stdout
     assert accuracy_lines(stdout, "Epoch 1"), stdout
     assert load(os.path.join(out, "checkpoint.pth"))["epoch"] == 1
 
@@ -415,38 +391,39 @@ def test_help_states_each_default_once():
 # ----- silent wrong results: corrupt files, contradicting flags, requests that cannot do anything -----
 
 
-def test_flipped_byte_in_a_checkpoint_exits_2_as_corrupt(one_epoch, data, tmp_path, monkeypatch, capsys):
+def test_flipped_byte_in_a_checkpoint_exits_2_as_corrupt(one_epoch, data, tmp_path):
     corrupt = flip_byte_in_tensor_data(os.path.join(one_epoch[0], "checkpoint.pth"), str(tmp_path / "corrupt.pth"))
-    status, stderr = run_cli_in_process(["--data-path", data, *TINY, "--test-only", "--resume", corrupt],
-                                        monkeypatch, capsys)
+    result = run_in_process("train.py", ["--data-path", data, *TINY, "--test-only", "--resume", corrupt])
+    status, stderr = result.returncode, result.stderr
     assert status == 2, stderr
     assert f"{corrupt} is corrupt: its checksum does not match; re-copy or re-create it" in stderr, stderr
     assert "Traceback" not in stderr
 
 
 def test_checksum_covers_the_stored_args_too(one_epoch, tmp_path):
+    import checkpoints
     import utils
 
     checkpoint = load(os.path.join(one_epoch[0], "checkpoint.pth"))  # with its "sha256" entry
     checkpoint["args"]["sparsity_linear"] = 0.9
     torch.save(checkpoint, tmp_path / "edited.pth")
     with pytest.raises(utils.InputError, match="is corrupt"):
-        utils.load_checkpoint(str(tmp_path / "edited.pth"))
+        checkpoints.load_checkpoint(str(tmp_path / "edited.pth"))
 
 
 def test_checkpoint_without_checksum_loads_with_a_notice(tmp_path, capsys):
-    import utils
+    import checkpoints
 
     torch.save({"epoch": 3}, tmp_path / "old.pth")  # as written before checkpoints carried a checksum
-    assert utils.load_checkpoint(str(tmp_path / "old.pth")) == {"epoch": 3}
+    assert checkpoints.load_checkpoint(str(tmp_path / "old.pth")) == {"epoch": 3}
     assert "has no checksum" in capsys.readouterr().err
 
 
-def test_resume_with_contradicting_sparsity_exits_2_naming_the_flag_and_both_values(one_epoch, data, monkeypatch,
-                                                                                    capsys):
+def test_resume_with_contradicting_sparsity_exits_2_naming_the_flag_and_both_values(one_epoch, data):
     checkpoint = os.path.join(one_epoch[0], "checkpoint.pth")
-    status, stderr = run_cli_in_process(["--data-path", data, *TINY, "--sparsity-linear", "0.9", "--epochs", "2",
-                                         "--resume", checkpoint], monkeypatch, capsys)
+    result = run_in_process("train.py", ["--data-path", data, *TINY, "--sparsity-linear", "0.9", "--epochs", "2",
+                                         "--resume", checkpoint])
+    status, stderr = result.returncode, result.stderr
     assert status == 2, stderr
     error_lines = [line for line in stderr.splitlines() if "error:" in line]
     assert len(error_lines) == 1, stderr
@@ -454,25 +431,24 @@ def test_resume_with_contradicting_sparsity_exits_2_naming_the_flag_and_both_val
             in error_lines[0]), stderr
 
 
-def test_resume_without_sparsity_flags_takes_them_from_the_checkpoint(one_epoch, data, monkeypatch, capsys):
+def test_resume_without_sparsity_flags_takes_them_from_the_checkpoint(one_epoch, data):
     out, result = one_epoch
-    argv = ["train.py", "--data-path", data, *TINY, "--model-ema", "--test-only", "--resume",
-            os.path.join(out, "checkpoint.pth")]
-    monkeypatch.setattr(sys, "argv", argv)
-    runpy.run_path(os.path.join(ROOT, "train.py"), run_name="__main__")
-    stdout = capsys.readouterr().out
+    run = run_in_process("train.py", ["--data-path", data, *TINY, "--model-ema", "--test-only", "--resume",
+                                      os.path.join(out, "checkpoint.pth")])
+    assert_ok(run)
+    stdout = run.stdout
     assert re.search(r"mlp\.0 +SupermaskLinear +512x128 +8 +0\.500", stdout), stdout
     assert accuracy_lines(stdout, "Test") == accuracy_lines(result.stdout, "Epoch 0")
 
 
-def test_weights_path_starts_a_new_run_with_new_sparsity_settings(one_epoch, data, tmp_path, monkeypatch, capsys):
+def test_weights_path_starts_a_new_run_with_new_sparsity_settings(one_epoch, data, tmp_path):
     out = str(tmp_path / "finetune")
-    argv = ["train.py", "--data-path", data, *TINY, "--sparsity-linear", "0.75", "--sp-linear-tile-size", "8",
-            "--epochs", "1", "--weights-path", os.path.join(one_epoch[0], "checkpoint.pth"), "--output-dir", out]
-    monkeypatch.setattr(sys, "argv", argv)
-    runpy.run_path(os.path.join(ROOT, "train.py"), run_name="__main__")
+    run = run_in_process("train.py", ["--data-path", data, *TINY, "--sparsity-linear", "0.75",
+                                      "--sp-linear-tile-size", "8", "--epochs", "1", "--weights-path",
+                                      os.path.join(one_epoch[0], "checkpoint.pth"), "--output-dir", out])
+    assert_ok(run)
     assert load(os.path.join(out, "checkpoint.pth"))["args"]["sparsity_linear"] == 0.75
-    assert re.search(r"mlp\.0 +SupermaskLinear +512x128 +8 +0\.750", capsys.readouterr().out)
+    assert re.search(r"mlp\.0 +SupermaskLinear +512x128 +8 +0\.750", run.stdout)
 
 
 IMPOSSIBLE = {
@@ -485,9 +461,9 @@ IMPOSSIBLE = {
 
 
 @pytest.mark.parametrize("flags,expected", IMPOSSIBLE.values(), ids=IMPOSSIBLE.keys())
-def test_impossible_request_exits_2_with_one_error_line(flags, expected, data, tmp_path, monkeypatch, capsys):
-    status, stderr = run_cli_in_process(["--data-path", data, *TINY, *flags, "--output-dir", str(tmp_path)],
-                                        monkeypatch, capsys)
+def test_impossible_request_exits_2_with_one_error_line(flags, expected, data, tmp_path):
+    result = run_in_process("train.py", ["--data-path", data, *TINY, *flags, "--output-dir", str(tmp_path)])
+    status, stderr = result.returncode, result.stderr
     assert status == 2, stderr
     error_lines = [line for line in stderr.splitlines() if "error:" in line]
     assert len(error_lines) == 1 and expected in error_lines[0], stderr
@@ -496,11 +472,12 @@ def test_impossible_request_exits_2_with_one_error_line(flags, expected, data, t
 # ----- earlier runs, interrupted runs and torn files -----
 
 
-def test_fresh_run_into_a_used_output_dir_is_refused_and_leaves_it_untouched(one_epoch, data, monkeypatch, capsys):
+def test_fresh_run_into_a_used_output_dir_is_refused_and_leaves_it_untouched(one_epoch, data):
     out = one_epoch[0]
     before = {name: open(os.path.join(out, name), "rb").read() for name in os.listdir(out)}
-    status, stdout, stderr = run_cli_in_process_with_output(
-        ["--data-path", data, *TINY, *SPARSE, "--epochs", "1", "--output-dir", out], monkeypatch, capsys)
+    result = run_in_process("train.py",
+        ["--data-path", data, *TINY, *SPARSE, "--epochs", "1", "--output-dir", out])
+    status, stdout, stderr = result.returncode, result.stdout, result.stderr
     assert status == 2, stderr
     error_lines = [line for line in stderr.splitlines() if "error:" in line]
     assert len(error_lines) == 1, stderr
@@ -510,21 +487,24 @@ def test_fresh_run_into_a_used_output_dir_is_refused_and_leaves_it_untouched(one
     assert {name: open(os.path.join(out, name), "rb").read() for name in os.listdir(out)} == before
 
 
-def test_start_over_removes_the_earlier_runs_checkpoints(one_epoch, data, tmp_path, monkeypatch, capsys):
+def test_start_over_removes_the_earlier_runs_checkpoints(one_epoch, data, tmp_path):
     out = str(tmp_path / "run")
     shutil.copytree(one_epoch[0], out)
     shutil.copy(os.path.join(out, "model_0.pth"), os.path.join(out, "model_7.pth"))  # a later epoch of the old run
     (tmp_path / "run" / "notes.txt").write_text("mine")
-    stdout, _ = run_cli_to_the_end(["--data-path", data, *TINY, *SPARSE, "--epochs", "1", "--output-dir", out,
-                                    "--start-over"], monkeypatch, capsys)
+    result = run_in_process("train.py", ["--data-path", data, *TINY, *SPARSE, "--epochs", "1", "--output-dir", out,
+                                    "--start-over"])
+    assert_ok(result)
+    stdout = result.stdout
     assert "removed the earlier run's 3 checkpoint file(s)" in stdout, stdout
     assert sorted(os.listdir(out)) == ["checkpoint.pth", "model_0.pth", "notes.txt"]  # nothing else of the user's
     assert load(os.path.join(out, "checkpoint.pth"))["epoch"] == 0
 
 
-def test_start_over_with_resume_exits_2(data, tmp_path, monkeypatch, capsys):
-    status, stderr = run_cli_in_process(["--data-path", data, *TINY, "--epochs", "1", "--output-dir", str(tmp_path),
-                                         "--start-over", "--resume", "auto"], monkeypatch, capsys)
+def test_start_over_with_resume_exits_2(data, tmp_path):
+    result = run_in_process("train.py", ["--data-path", data, *TINY, "--epochs", "1", "--output-dir", str(tmp_path),
+                                         "--start-over", "--resume", "auto"])
+    status, stderr = result.returncode, result.stderr
     assert status == 2 and "pass one of them" in stderr, stderr
 
 
@@ -540,14 +520,15 @@ def _flipped(path, tmp_path):
 
 
 @pytest.mark.parametrize("damage", [_torn, _flipped], ids=["torn", "checksum_mismatch"])
-def test_resume_auto_falls_back_to_the_newest_checkpoint_that_loads(damage, one_epoch, data, tmp_path, monkeypatch,
-                                                                    capsys):
+def test_resume_auto_falls_back_to_the_newest_checkpoint_that_loads(damage, one_epoch, data, tmp_path):
     out = str(tmp_path / "run")
     shutil.copytree(one_epoch[0], out)
     damage(os.path.join(out, "checkpoint.pth"), tmp_path)
     (tmp_path / "run" / "checkpoint.pth.k3j2x_a.tmp").write_bytes(b"half a checkpoint")  # a killed write's
-    stdout, stderr = run_cli_to_the_end(["--data-path", data, *TINY, "--test-only", "--resume", "auto",
-                                         "--output-dir", out], monkeypatch, capsys)
+    result = run_in_process("train.py", ["--data-path", data, *TINY, "--test-only", "--resume", "auto",
+                                         "--output-dir", out])
+    assert_ok(result)
+    stdout, stderr = result.stdout, result.stderr
     assert f"Notice: resuming from {os.path.join(out, 'model_0.pth')}, the newest checkpoint that loads; skipped: " \
            in stderr, stderr
     assert "Resumed from" in stdout and "model_0.pth (epoch 0)" in stdout, stdout
@@ -555,14 +536,14 @@ def test_resume_auto_falls_back_to_the_newest_checkpoint_that_loads(damage, one_
     assert "Removed 1 temporary file(s)" in stdout
 
 
-def test_resume_auto_with_no_checkpoint_that_loads_exits_2_naming_each(one_epoch, data, tmp_path, monkeypatch,
-                                                                      capsys):
+def test_resume_auto_with_no_checkpoint_that_loads_exits_2_naming_each(one_epoch, data, tmp_path):
     out = str(tmp_path / "run")
     shutil.copytree(one_epoch[0], out)
     for name in ("checkpoint.pth", "model_0.pth"):
         _torn(os.path.join(out, name), tmp_path)
-    status, stderr = run_cli_in_process(["--data-path", data, *TINY, "--epochs", "2", "--resume", "auto",
-                                         "--output-dir", out], monkeypatch, capsys)
+    result = run_in_process("train.py", ["--data-path", data, *TINY, "--epochs", "2", "--resume", "auto",
+                                         "--output-dir", out])
+    status, stderr = result.returncode, result.stderr
     assert status == 2, stderr
     error_lines = [line for line in stderr.splitlines() if "error:" in line]
     assert len(error_lines) == 1 and "found no checkpoint in" in error_lines[0], stderr
@@ -590,7 +571,7 @@ def test_ctrl_c_says_which_epoch_the_checkpoint_holds_and_exits_130(data, tmp_pa
 
 
 def test_ctrl_c_during_a_checkpoint_write_waits_for_the_file(tmp_path, monkeypatch):
-    import utils
+    import checkpoints
 
     path = str(tmp_path / "checkpoint.pth")
     real_save = torch.save
@@ -601,9 +582,9 @@ def test_ctrl_c_during_a_checkpoint_write_waits_for_the_file(tmp_path, monkeypat
 
     monkeypatch.setattr(torch, "save", save_interrupted_midway)
     with pytest.raises(KeyboardInterrupt):
-        utils.save_checkpoint({"epoch": 4, "w": torch.ones(3)}, path)
+        checkpoints.save_checkpoint({"epoch": 4, "w": torch.ones(3)}, path)
     monkeypatch.undo()
-    assert utils.load_checkpoint(path)["epoch"] == 4, "the interrupt cut the checkpoint short"
+    assert checkpoints.load_checkpoint(path)["epoch"] == 4, "the interrupt cut the checkpoint short"
     assert os.listdir(tmp_path) == ["checkpoint.pth"]
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
@@ -621,21 +602,22 @@ def test_log_lists_the_settings_that_differ_from_the_defaults(one_epoch):
     assert not any(line.startswith(("--hflip-prob", "--backend", "--seed")) for line in lines), settings
 
 
-def test_keep_last_keeps_the_newest_epoch_files_and_resume_auto_continues(data, tmp_path, monkeypatch, capsys):
+def test_keep_last_keeps_the_newest_epoch_files_and_resume_auto_continues(data, tmp_path):
     out = str(tmp_path / "run")
     flags = ["--data-path", data, *TINY, "--output-dir", out, "--keep-last", "2"]
-    run_cli_to_the_end([*flags, "--epochs", "3"], monkeypatch, capsys)
+    assert_ok(run_in_process("train.py", [*flags, "--epochs", "3"]))
     assert sorted(os.listdir(out)) == ["checkpoint.pth", "model_1.pth", "model_2.pth"]
-    stdout, _ = run_cli_to_the_end([*flags, "--epochs", "4", "--resume", "auto"], monkeypatch, capsys)
+    result = run_in_process("train.py", [*flags, "--epochs", "4", "--resume", "auto"])
+    assert_ok(result)
+    stdout = result.stdout
     assert "checkpoint.pth (epoch 2)" in stdout, stdout
     assert sorted(os.listdir(out)) == ["checkpoint.pth", "model_2.pth", "model_3.pth"]
     assert load(os.path.join(out, "checkpoint.pth"))["epoch"] == 3
 
 
-def test_keep_last_0_writes_only_checkpoint_pth(data, tmp_path, monkeypatch, capsys):
+def test_keep_last_0_writes_only_checkpoint_pth(data, tmp_path):
     out = str(tmp_path / "run")
-    run_cli_to_the_end(["--data-path", data, *TINY, "--output-dir", out, "--keep-last", "0", "--epochs", "2"],
-                       monkeypatch, capsys)
+    assert_ok(run_in_process("train.py", ["--data-path", data, *TINY, "--output-dir", out, "--keep-last", "0", "--epochs", "2"]))
     assert os.listdir(out) == ["checkpoint.pth"]
 
 
@@ -727,14 +709,15 @@ def test_distillation_loss_mixes_hard_and_soft_terms():
     torch.testing.assert_close(got, 0.75 * hard + 0.25 * t * t * kl)
 
 
-def test_distill_without_dense_start_exits_2(data, tmp_path, monkeypatch, capsys):
-    status, stderr = run_cli_in_process(
-        ["--data-path", data, *TINY, *FROM_DENSE_SPARSE, "--distill", "--epochs", "1", "--output-dir", str(tmp_path)],
-        monkeypatch, capsys)
+def test_distill_without_dense_start_exits_2(data, tmp_path):
+    result = run_in_process("train.py",
+        ["--data-path", data, *TINY, *FROM_DENSE_SPARSE, "--distill", "--epochs", "1", "--output-dir", str(tmp_path)])
+    status, stderr = result.returncode, result.stderr
     assert status == 2 and "--distill learns from the dense model" in stderr, stderr
 
 
-def test_ramp_longer_than_training_exits_2(data, tmp_path, monkeypatch, capsys):
-    status, stderr = run_cli_in_process(
-        ["--data-path", data, *TINY, *FROM_DENSE_SPARSE, "--sparsity-warmup-epochs", "5", "--epochs", "2"], monkeypatch, capsys)
+def test_ramp_longer_than_training_exits_2(data, tmp_path):
+    result = run_in_process("train.py",
+        ["--data-path", data, *TINY, *FROM_DENSE_SPARSE, "--sparsity-warmup-epochs", "5", "--epochs", "2"])
+    status, stderr = result.returncode, result.stderr
     assert status == 2 and "--sparsity-warmup-epochs 5" in stderr, stderr

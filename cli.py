@@ -1,0 +1,375 @@
+"""The command-line layer of train.py, evaluate.py and benchmark.py: one __main__, flag groups, output paths.
+
+Each script's `main(args)` checks its own flags and raises utils.InputError for a mistake; `run` turns that into
+one line and exit status 2, as argparse does for a malformed flag.
+"""
+import argparse
+import contextlib
+import os
+import sys
+import warnings
+
+import torch
+from torchvision.transforms import InterpolationMode
+
+import models
+import presets
+import supermask
+import utils
+from utils import InputError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+##### One __main__ #####
+
+
+def run(main, parser, argv=None, *, interrupted=None):
+    """Parse `argv` (the command line when None), call main(args) and return its result.
+
+    An InputError ends the process with its one-line message and exit status 2. With `interrupted` (a function
+    returning the message to print), Ctrl-C prints it on rank 0 and exits with 130, the shell's code for SIGINT.
+    """
+    args = parser.parse_args(argv)
+    try:
+        return main(args)
+    except InputError as e:
+        parser.error(user_error_message(e))
+    except KeyboardInterrupt:
+        if interrupted is None:
+            raise
+        if utils.is_main_process():
+            print(interrupted(), file=sys.stderr, flush=True)
+        sys.exit(130)
+    finally:
+        if utils.is_dist_avail_and_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def user_error_message(error):
+    """The one-line message of an InputError, also when it was raised in a data loader worker.
+
+    A worker's exception reaches the main process re-raised with the worker's whole traceback as its message;
+    the original message is that traceback's last line, after the exception's name.
+    """
+    message = str(error).strip()
+    if "Traceback" in message:
+        last = message.splitlines()[-1]
+        message = last.split(f"{InputError.__name__}: ", 1)[-1]
+    return message
+
+
+def autocast(amp, device):
+    """A function returning the forward's autocast context: float16 on CUDA, bfloat16 on the CPU, or none."""
+    if not amp:
+        return contextlib.nullcontext
+    dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+    return lambda: torch.autocast(device.type, dtype=dtype)
+
+
+##### Flag groups #####
+
+
+def add_data_args(parser):
+    """Add the data set and preprocessing flags (torchvision's names and defaults)."""
+    group = parser.add_argument_group("data")
+    group.add_argument(
+        "--data-path",
+        default="/datasets01/imagenet_full_size/061417/",
+        type=str,
+        help="data set root holding train/ and val/ ImageFolder trees",
+    )
+    group.add_argument(
+        "-b", "--batch-size", default=32, type=int, help="images per process; the total batch is processes x this"
+    )
+    group.add_argument("-j", "--workers", default=16, type=int, metavar="N", help="data loading worker processes")
+    group.add_argument(
+        "--cache-dataset",
+        action="store_true",
+        help="cache the list of image files in ~/.torch/vision/datasets/imagefolder to skip the directory scan",
+    )
+    group.add_argument(
+        "--interpolation", default="bilinear", type=str, help="resize interpolation: bilinear, bicubic or nearest"
+    )
+    group.add_argument("--val-resize-size", default=256, type=int, help="resize size for evaluation")
+    group.add_argument("--val-crop-size", default=224, type=int, help="center-crop size for evaluation")
+    group.add_argument(
+        "--backend", default="PIL", type=str.lower, choices=presets.BACKENDS, help="image backend: PIL or tensor"
+    )
+    group.add_argument("--use-v2", action="store_true", help="use torchvision.transforms.v2 for preprocessing")
+
+
+def add_model_args(parser, *, device="cuda"):
+    """Add the model and device flags (torchvision's names and defaults; `device` for --device's)."""
+    group = parser.add_argument_group("model")
+    group.add_argument(
+        "--model", default="resnet18", type=str, help="torchvision classification model name, or vit_tiny"
+    )
+    group.add_argument(
+        "--weights",
+        default=None,
+        type=str,
+        help="torchvision pretrained weights enum, e.g. ResNet50_Weights.IMAGENET1K_V2",
+    )
+    group.add_argument("--device", default=device, type=str, help=f"device: cuda or cpu (default: {device})")
+
+
+def add_distributed_args(parser):
+    """Add the multi-process flags (torchvision's names and defaults)."""
+    group = parser.add_argument_group("distributed")
+    group.add_argument("--world-size", default=1, type=int, help="number of processes (set by torchrun / SLURM)")
+    group.add_argument("--dist-url", default="env://", type=str, help="URL used to set up the process group")
+
+
+def _fraction(text):
+    """argparse type: a sparsity in [0, 1)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a number") from None
+    if not 0.0 <= value < 1.0:
+        raise ValueError(f"{text!r} is outside [0, 1)")
+    return value
+
+
+_fraction.__name__ = "sparsity in [0, 1)"
+
+
+def _positive_int(text):
+    """argparse type: an integer >= 1."""
+    value = int(text)
+    if value < 1:
+        raise ValueError(f"{text!r} is below 1")
+    return value
+
+
+_positive_int.__name__ = "integer >= 1"
+
+
+# The Supermask settings a checkpoint of this project stores in its args (train.py saves vars(args)), with the
+# defaults of their flags: evaluate.py and --resume take an omitted one from the checkpoint.
+SUPERMASK_DEFAULTS = {
+    "sparsity_linear": 0.0, "sp_linear_tile_size": 1,
+    "sparsity_conv1x1": 0.0, "sp_conv1x1_tile_size": 1,
+    "sparsity_conv": 0.0, "sp_conv_tile_size": 1,
+    "sparsity_attention": 0.0, "sp_attention_tile_size": 1,
+    "skip_last_layer_sparsity": False, "skip_first_transformer_sparsity": False,
+}
+_GIVEN = "_given_supermask_flags"  # the namespace entry listing the Supermask flags on the command line
+
+
+class _StoreGiven(argparse.Action):
+    """argparse's "store", also noting that the flag was given (a checkpoint fills only the omitted ones)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+        setattr(namespace, _GIVEN, (*getattr(namespace, _GIVEN, ()), self.dest))
+
+
+class _StoreTrueGiven(_StoreGiven):
+    """argparse's "store_true", also noting that the flag was given."""
+
+    def __init__(self, option_strings, dest, default=False, help=None):
+        super().__init__(option_strings, dest, nargs=0, default=default, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        super().__call__(parser, namespace, True, option_string)
+
+
+def add_supermask_args(parser):
+    """Add the Supermask flags of the original SuperBlock plus --weights-path."""
+    group = parser.add_argument_group("Supermask (learned block sparsity)")
+    parser.set_defaults(**{_GIVEN: ()})  # so that a parsed namespace tells "none given" from "not parsed"
+    # (flag suffix, what the sparsity flag prunes, what the tile-size flag's masks belong to)
+    for kind, pruned, masks in (
+        ("linear", "each Linear weight's tiles", "Linear"),
+        ("conv1x1", "each 1x1 Conv2d weight's tiles", "1x1 Conv2d"),
+        ("conv", "each other Conv2d weight's tiles", "other Conv2d"),
+        ("attention", "the tiles in every attention q/k/v and output projection", "attention"),
+    ):
+        group.add_argument(f"--sparsity-{kind}", default=SUPERMASK_DEFAULTS[f"sparsity_{kind}"], type=_fraction,
+                           action=_StoreGiven, help=f"fraction of {pruned} masked off (default: 0; with a "
+                           f"checkpoint of this project, evaluate.py and --resume take its value)")
+        group.add_argument(f"--sp-{kind}-tile-size", default=SUPERMASK_DEFAULTS[f"sp_{kind}_tile_size"],
+                           type=_positive_int, action=_StoreGiven,
+                           help=f"tile (block) side for {masks} masks (default: 1; or the checkpoint's, as above)")
+    group.add_argument(
+        "--score-init",
+        default="auto",
+        choices=("auto", "kaiming", "magnitude"),
+        help="mask scores: kaiming (random), magnitude (each tile's L2 norm: keep the largest tiles first); "
+        "auto is magnitude when starting from dense weights, else kaiming (default: auto)",
+    )
+    group.add_argument(
+        "--skip-last-layer-sparsity", action=_StoreTrueGiven,
+        help="keep the classifier (last layer) dense (default: off; or the checkpoint's, as above)",
+    )
+    group.add_argument(
+        "--skip-first-transformer-sparsity",
+        action=_StoreTrueGiven,
+        help="keep the first transformer block dense (ViT; default: off; or the checkpoint's, as above)",
+    )
+    group.add_argument(
+        "--weights-path",
+        default=None,
+        type=str,
+        help="start from this checkpoint's model weights (this project's or the original SuperBlock's; default: none)",
+    )
+
+
+def _setting_text(name, value):
+    flag = "--" + name.replace("_", "-")
+    return f"{flag} {'on' if value else 'off'}" if isinstance(value, bool) else f"{flag} {value}"
+
+
+def resolve_supermask_args(args, checkpoint, *, source, fix):
+    """Fill the Supermask flags left out from the args a checkpoint of this project stores; refuse contradictions.
+
+    `checkpoint` is a loaded checkpoint or None; only the dict args train.py writes count (the original
+    SuperBlock's Namespace args do not). A given flag whose value differs from the stored one is an InputError
+    naming both, ending with `fix`. A namespace the parser did not make has no record of the flags given: there
+    a value other than the flag's default counts as given.
+    """
+    given = vars(args).pop(_GIVEN, None)  # popped: train.py stores vars(args) in its checkpoints
+    stored = checkpoint.get("args") if isinstance(checkpoint, dict) else None
+    if not isinstance(stored, dict):
+        return
+    for name, default in SUPERMASK_DEFAULTS.items():
+        if stored.get(name) is None:  # a checkpoint from before the flag existed
+            continue
+        value = getattr(args, name, default)
+        was_given = name in given if given is not None else value != default
+        if was_given and value != stored[name]:
+            raise InputError(f"{_setting_text(name, value)} contradicts {source}, which was trained with "
+                             f"{_setting_text(name, stored[name])}; {fix}")
+        setattr(args, name, stored[name])
+
+
+# What each kind of supermask.unprunable_kinds is, for its error message.
+_KIND_LAYERS = {"linear": "Linear", "conv1x1": "1x1 Conv2d", "conv": "Conv2d", "attention": "attention projection"}
+
+
+def apply_supermask_flags(model, args, *, score_init="kaiming"):
+    """supermask.apply_supermask with the flags' settings, refusing a tile size that leaves a kind nothing to prune.
+
+    That is an InputError: every layer of the kind would stay dense while the run claims its sparsity.
+    """
+    # The layers' "lowering the sparsity" warnings wait until the settings are known to be usable: a refused
+    # request is then one error line, not one warning per layer shape before it.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            supermask.apply_supermask(model, **supermask_kwargs(args, score_init=score_init))
+        except ValueError as e:
+            raise InputError(str(e)) from None
+    for kind, (tile_size, sparsity, largest) in supermask.unprunable_kinds(model).items():
+        fix = (f"the largest tile size that prunes is {largest}" if largest else
+               f"no tile size prunes at this sparsity; raise --sparsity-{kind}")
+        raise InputError(f"--sp-{kind}-tile-size {tile_size} leaves every {_KIND_LAYERS[kind]} layer too few tiles "
+                         f"to prune any at --sparsity-{kind} {sparsity}, so the model would stay dense; {fix}")
+    # Once each, as Python's default filter shows them (the layers of one shape all warn alike).
+    for text, category, filename, lineno in dict.fromkeys(
+            (str(w.message), w.category, w.filename, w.lineno) for w in caught):
+        warnings.warn_explicit(text, category, filename, lineno)
+    return model
+
+
+def supermask_kwargs(args, *, score_init="kaiming"):
+    """The keyword arguments of supermask.apply_supermask that the Supermask flags ask for."""
+    return dict(
+        attention_sparsity=args.sparsity_attention,
+        attention_sp_tilesize=args.sp_attention_tile_size,
+        score_init=score_init,
+        linear_sparsity=args.sparsity_linear,
+        linear_sp_tilesize=args.sp_linear_tile_size,
+        conv1x1_sparsity=args.sparsity_conv1x1,
+        conv1x1_sp_tilesize=args.sp_conv1x1_tile_size,
+        conv_sparsity=args.sparsity_conv,
+        conv_sp_tilesize=args.sp_conv_tile_size,
+        skip_last_layer_sparsity=args.skip_last_layer_sparsity,
+        skip_first_transformer_sparsity=args.skip_first_transformer_sparsity,
+    )
+
+
+##### Models and preprocessing, as the flags name them #####
+
+
+def check_model_name(name):
+    """Raise InputError unless `name` is a model --model accepts (models.check_model_name)."""
+    try:
+        models.check_model_name(name)
+    except ValueError as e:
+        raise InputError(f"--model {e}") from None
+
+
+def build_model(args, *, num_classes, image_size):
+    """The dense model named by --model (with --weights if given); ViTs are built for `image_size` inputs."""
+    check_model_name(args.model)
+    if args.model == "vit_tiny" and args.weights:
+        raise InputError("vit_tiny has no pretrained weights; drop --weights")
+    try:
+        return models.build_model(args.model, weights=args.weights, num_classes=num_classes, image_size=image_size)
+    except ValueError as e:
+        raise InputError(f"--weights: {e}") from None
+
+
+def check_interpolation(name):
+    """Raise InputError for an interpolation name torchvision does not know."""
+    choices = [mode.value for mode in InterpolationMode]
+    if name not in choices:
+        raise InputError(f"--interpolation {name} is unknown; use one of {', '.join(choices)}")
+
+
+##### Output paths, the run's settings #####
+
+
+def _make_folder(folder, flag, value):
+    """Create `folder` (and its parents) for the output `flag value`; a path through a file is an InputError."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        blocker = folder
+        while blocker and not os.path.exists(blocker):  # the part of the path that exists but is a file
+            blocker = os.path.dirname(blocker)
+        raise InputError(f"{flag} {value}: {blocker or folder} is a file, not a folder; pick another path") from None
+    except OSError as e:
+        raise InputError(f"{flag} {value}: cannot create folder {folder} ({e.strerror}); pick another path") from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise InputError(f"{flag} {value}: folder {folder} is not writable; pick another path")
+
+
+def prepare_output_dir(folder, flag="--output-dir"):
+    """Create the output folder before any work, so a bad path fails at once rather than after the first epoch."""
+    _make_folder(folder, flag, folder)
+
+
+def prepare_output_file(path, flag):
+    """Check that `path` can be written (creating its folder), before the work whose result it will hold."""
+    if os.path.isdir(path):
+        raise InputError(f"{flag} {path} is a folder; pass a file name, e.g. {os.path.join(path, 'out')}")
+    _make_folder(os.path.dirname(os.path.abspath(path)), flag, path)
+    if os.path.exists(path) and not os.access(path, os.W_OK):
+        raise InputError(f"{flag} {path} exists and is not writable; pick another path")
+
+
+def changed_settings(args, parser):
+    """The flags whose values differ from the parser's defaults, as `--flag value` lines (for the run's log).
+
+    Entries the parser does not define (rank, gpu, distributed, ...) are left out.
+    """
+    defaults = vars(parser.parse_args([]))  # as parsed: a string default passes through the flag's type
+    lines = []
+    for action in parser._actions:
+        if not action.option_strings or action.dest not in defaults or not hasattr(args, action.dest):
+            continue
+        value = getattr(args, action.dest)
+        if value == defaults[action.dest]:
+            continue
+        flag = next(o for o in action.option_strings if o.startswith("--"))  # --wd, as torchvision's recipes
+        if isinstance(value, bool):
+            lines.append(flag if value else f"{flag} off")
+        elif isinstance(value, (list, tuple)):
+            lines.append(f"{flag} {' '.join(str(v) for v in value)}")
+        else:
+            lines.append(f"{flag} {value}")
+    return lines

@@ -1,0 +1,107 @@
+"""Image folders for the scripts: the validation set the flags describe, and images read with clear errors."""
+import hashlib
+import os
+
+import torch
+import torchvision
+from torchvision.transforms import InterpolationMode
+
+import checkpoints
+import presets
+import sampler
+import utils
+from utils import InputError
+
+
+def load_image(path):
+    """Read an image file as RGB PIL image; an unreadable file is an InputError naming it."""
+    from PIL import Image
+
+    try:
+        with open(path, "rb") as f:
+            img = Image.open(f)
+            return img.convert("RGB")
+    except (OSError, SyntaxError, ValueError) as e:
+        raise InputError(f"cannot read image {path} ({e}); delete or replace the file") from None
+
+
+class _ListedImageFolder(torchvision.datasets.ImageFolder):
+    """An ImageFolder built from a saved file listing instead of a directory scan (for --cache-dataset)."""
+
+    def __init__(self, root, listing, **kwargs):
+        self._listing = listing
+        super().__init__(root, **kwargs)
+
+    def find_classes(self, directory):
+        return list(self._listing["classes"]), dict(self._listing["class_to_idx"])
+
+    def make_dataset(self, directory, class_to_idx, extensions=None, is_valid_file=None, allow_empty=False):
+        return [(path, int(target)) for path, target in self._listing["samples"]]
+
+
+def _listing_cache_path(folder):
+    digest = hashlib.sha1(os.path.abspath(folder).encode()).hexdigest()[:10]
+    return os.path.expanduser(os.path.join("~", ".torch", "vision", "datasets", "imagefolder", digest + ".pt"))
+
+
+def image_folder(folder, transform, *, cache=False):
+    """An ImageFolder over `folder`; problems with the tree are InputErrors that say how to fix it."""
+    if not os.path.isdir(folder):
+        raise InputError(f"{folder} does not exist; --data-path must hold train/ and val/ ImageFolder trees")
+    cache_path = _listing_cache_path(folder)
+    if cache and os.path.exists(cache_path):
+        # Only the file listing is cached (plain lists), not the transforms, so flags still apply.
+        listing = torch.load(cache_path, weights_only=True)
+        return _ListedImageFolder(folder, listing, transform=transform, loader=load_image)
+    try:
+        dataset = torchvision.datasets.ImageFolder(folder, transform=transform, loader=load_image)
+    except FileNotFoundError as e:
+        raise InputError(f"{e}; put each class's images in {folder}/<class name>/") from None
+    if cache and utils.is_main_process():
+        listing = {"classes": dataset.classes, "class_to_idx": dataset.class_to_idx, "samples": dataset.samples}
+        os.makedirs(os.path.dirname(cache_path), exist_ok=True)
+        # No checksum: a cache read by torch.load, and hashing ImageNet's 1.28M names one by one takes seconds.
+        checkpoints.save_checkpoint(listing, cache_path, checksum=False)
+    return dataset
+
+
+def check_data_path(data_path):
+    """Raise InputError unless data_path holds train/ and val/ folders."""
+    if not data_path:
+        raise InputError("--data-path is empty; pass the folder that holds train/ and val/")
+    if os.path.exists(data_path) and not os.path.isdir(data_path):
+        raise InputError(f"--data-path {data_path} is a file, not a folder; pass the folder that holds train/ and val/")
+    if not os.path.isdir(data_path):
+        raise InputError(
+            f"--data-path {data_path} does not exist; pass the folder that holds train/ and val/ "
+            "(`python sample_data.py DIR` writes a small one)"
+        )
+    for split in ("train", "val"):
+        if not os.path.isdir(os.path.join(data_path, split)):
+            raise InputError(
+                f"--data-path {data_path} has no {split}/ folder; it must hold train/ and val/ ImageFolder trees"
+            )
+
+
+def eval_transform(args):
+    """The evaluation preprocessing the flags ask for."""
+    if args.weights and getattr(args, "test_only", False):
+        # As torchvision's reference: pretrained weights are evaluated with the preprocessing they were trained for.
+        try:
+            return torchvision.models.get_weight(args.weights).transforms(antialias=True)
+        except (ValueError, KeyError, AttributeError) as e:
+            raise InputError(f"--weights {args.weights} is unknown ({e}); see the model's docs for its weights") from None
+    return presets.ClassificationPresetEval(
+        crop_size=args.val_crop_size,
+        resize_size=args.val_resize_size,
+        interpolation=InterpolationMode(args.interpolation),
+        backend=args.backend,
+        use_v2=args.use_v2,
+    )
+
+
+def load_val_data(args):
+    """The validation ImageFolder (data_path/val) and a sampler that visits each image once over all processes."""
+    check_data_path(args.data_path)
+    dataset = image_folder(os.path.join(args.data_path, "val"), eval_transform(args), cache=args.cache_dataset)
+    return dataset, sampler.DistributedEvalSampler(dataset, num_replicas=utils.get_world_size(), rank=utils.get_rank())
