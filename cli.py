@@ -89,7 +89,8 @@ def add_data_args(parser):
         help="cache the list of image files in ~/.torch/vision/datasets/imagefolder to skip the directory scan",
     )
     group.add_argument(
-        "--interpolation", default="bilinear", type=str, help="resize interpolation: bilinear, bicubic or nearest"
+        "--interpolation", default="bilinear", choices=[mode.value for mode in InterpolationMode],
+        help="resize interpolation",
     )
     group.add_argument("--val-resize-size", default=256, type=int, help="resize size for evaluation")
     group.add_argument("--val-crop-size", default=224, type=int, help="center-crop size for evaluation")
@@ -276,19 +277,13 @@ def apply_supermask_flags(model, args, *, score_init="kaiming"):
 
 def supermask_kwargs(args, *, score_init="kaiming"):
     """The keyword arguments of supermask.apply_supermask that the Supermask flags ask for."""
-    return dict(
-        attention_sparsity=args.sparsity_attention,
-        attention_sp_tilesize=args.sp_attention_tile_size,
-        score_init=score_init,
-        linear_sparsity=args.sparsity_linear,
-        linear_sp_tilesize=args.sp_linear_tile_size,
-        conv1x1_sparsity=args.sparsity_conv1x1,
-        conv1x1_sp_tilesize=args.sp_conv1x1_tile_size,
-        conv_sparsity=args.sparsity_conv,
-        conv_sp_tilesize=args.sp_conv_tile_size,
-        skip_last_layer_sparsity=args.skip_last_layer_sparsity,
-        skip_first_transformer_sparsity=args.skip_first_transformer_sparsity,
-    )
+    # --sparsity-KIND and --sp-KIND-tile-size are apply_supermask's KIND_sparsity and KIND_sp_tilesize.
+    kwargs = {"score_init": score_init, "skip_last_layer_sparsity": args.skip_last_layer_sparsity,
+              "skip_first_transformer_sparsity": args.skip_first_transformer_sparsity}
+    for kind in _KIND_LAYERS:
+        kwargs[f"{kind}_sparsity"] = getattr(args, f"sparsity_{kind}")
+        kwargs[f"{kind}_sp_tilesize"] = getattr(args, f"sp_{kind}_tile_size")
+    return kwargs
 
 
 ##### Models and preprocessing, as the flags name them #####
@@ -311,13 +306,6 @@ def build_model(args, *, num_classes, image_size):
         return models.build_model(args.model, weights=args.weights, num_classes=num_classes, image_size=image_size)
     except ValueError as e:
         raise InputError(f"--weights: {e}") from None
-
-
-def check_interpolation(name):
-    """Raise InputError for an interpolation name torchvision does not know."""
-    choices = [mode.value for mode in InterpolationMode]
-    if name not in choices:
-        raise InputError(f"--interpolation {name} is unknown; use one of {', '.join(choices)}")
 
 
 ##### Output paths, the run's settings #####

@@ -175,7 +175,6 @@ def check_args(args):
     if args.save_compact and not args.bsr:
         raise utils.InputError("--save-compact stores block-sparse layers: add --bsr N (e.g. the tile size of the "
                                "masks)")
-    cli.check_interpolation(args.interpolation)
     cli.check_model_name(args.model)
     if args.weights_path and os.path.isdir(args.weights_path):
         raise utils.InputError(f"--weights-path {args.weights_path} is a folder; pass a checkpoint file in it, e.g. "

@@ -10,17 +10,12 @@ import difflib
 import torchvision
 
 
+_VIT_TINY = dict(patch_size=4, num_layers=6, num_heads=4, hidden_dim=128, mlp_dim=512)
+
+
 def vit_tiny(*, image_size, num_classes):
     """A small VisionTransformer for small images: patch 4, 6 layers, 4 heads, hidden 128, MLP 512."""
-    return torchvision.models.VisionTransformer(
-        image_size=image_size,
-        patch_size=4,
-        num_layers=6,
-        num_heads=4,
-        hidden_dim=128,
-        mlp_dim=512,
-        num_classes=num_classes,
-    )
+    return torchvision.models.VisionTransformer(image_size=image_size, num_classes=num_classes, **_VIT_TINY)
 
 
 def model_names():

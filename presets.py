@@ -29,15 +29,20 @@ def _check_backend(backend, use_v2):
     return backend
 
 
-def _to_tensor_step(T, backend):
-    """The step that turns a decoded PIL image into the backend's tensor type."""
-    return T.ToImage() if backend == "tv_tensor" else T.PILToTensor()
-
-
-def _to_float_steps(T, use_v2, mean, std):
-    """uint8 tensor -> float in [0, 1] -> normalised."""
-    to_float = T.ToDtype(torch.float32, scale=True) if use_v2 else T.ConvertImageDtype(torch.float32)
-    return [to_float, T.Normalize(mean=mean, std=std)]
+def _pipeline(T, *, backend, use_v2, image_steps, tensor_steps=(), mean, std):
+    """Compose `image_steps` (on the decoded image, whatever its backend), then float conversion, normalisation
+    and `tensor_steps` (on the normalised float tensor)."""
+    to_tensor = T.ToImage() if backend == "tv_tensor" else T.PILToTensor()
+    # Tensor backends convert first so that every image step runs on tensors; PIL converts after them.
+    steps = [to_tensor] if backend != "pil" else []
+    steps += image_steps
+    steps += [to_tensor] if backend == "pil" else []
+    steps.append(T.ToDtype(torch.float32, scale=True) if use_v2 else T.ConvertImageDtype(torch.float32))
+    steps.append(T.Normalize(mean=mean, std=std))
+    steps += tensor_steps
+    if use_v2:
+        steps.append(T.ToPureTensor())
+    return T.Compose(steps)
 
 
 class ClassificationPresetTrain:
@@ -60,12 +65,7 @@ class ClassificationPresetTrain:
         use_v2=False,
     ):
         T = _transforms_module(use_v2)
-        backend = _check_backend(backend, use_v2)
-        steps = []
-        # Tensor backends convert first so that every following step runs on tensors.
-        if backend != "pil":
-            steps.append(_to_tensor_step(T, backend))
-        steps.append(T.RandomResizedCrop(crop_size, scale=crop_scale, interpolation=interpolation, antialias=True))
+        steps = [T.RandomResizedCrop(crop_size, scale=crop_scale, interpolation=interpolation, antialias=True)]
         if hflip_prob > 0:
             steps.append(T.RandomHorizontalFlip(hflip_prob))
         if auto_augment_policy == "ra":
@@ -77,15 +77,10 @@ class ClassificationPresetTrain:
         elif auto_augment_policy is not None:
             policy = T.AutoAugmentPolicy(auto_augment_policy)
             steps.append(T.AutoAugment(policy=policy, interpolation=interpolation))
-        if backend == "pil":
-            steps.append(_to_tensor_step(T, backend))
-        steps.extend(_to_float_steps(T, use_v2, mean, std))
         # Random erasing works on the normalised tensor, as in the paper (Zhong et al., 2017).
-        if random_erase_prob > 0:
-            steps.append(T.RandomErasing(p=random_erase_prob))
-        if use_v2:
-            steps.append(T.ToPureTensor())
-        self.transforms = T.Compose(steps)
+        erase = [T.RandomErasing(p=random_erase_prob)] if random_erase_prob > 0 else []
+        self.transforms = _pipeline(T, backend=_check_backend(backend, use_v2), use_v2=use_v2, image_steps=steps,
+                                    tensor_steps=erase, mean=mean, std=std)
 
     def __call__(self, img):
         return self.transforms(img)
@@ -106,17 +101,9 @@ class ClassificationPresetEval:
         use_v2=False,
     ):
         T = _transforms_module(use_v2)
-        backend = _check_backend(backend, use_v2)
-        steps = []
-        if backend != "pil":
-            steps.append(_to_tensor_step(T, backend))
-        steps += [T.Resize(resize_size, interpolation=interpolation, antialias=True), T.CenterCrop(crop_size)]
-        if backend == "pil":
-            steps.append(_to_tensor_step(T, backend))
-        steps.extend(_to_float_steps(T, use_v2, mean, std))
-        if use_v2:
-            steps.append(T.ToPureTensor())
-        self.transforms = T.Compose(steps)
+        steps = [T.Resize(resize_size, interpolation=interpolation, antialias=True), T.CenterCrop(crop_size)]
+        self.transforms = _pipeline(T, backend=_check_backend(backend, use_v2), use_v2=use_v2, image_steps=steps,
+                                    mean=mean, std=std)
 
     def __call__(self, img):
         return self.transforms(img)

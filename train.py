@@ -162,14 +162,6 @@ def train_one_epoch(*, model, criterion, optimizer, data_loader, device, epoch, 
 
 def check_args(args):
     """Reject flag values and combinations that cannot work, before any data is read."""
-    args.opt = args.opt.lower()
-    if args.opt not in OPTIMIZERS and not args.opt.startswith("sgd"):
-        raise utils.InputError(f"Invalid optimizer {args.opt}; use one of {', '.join(OPTIMIZERS)}")
-    args.lr_scheduler = args.lr_scheduler.lower()
-    if args.lr_scheduler not in LR_SCHEDULERS:
-        raise utils.InputError(f"Invalid lr scheduler {args.lr_scheduler}; use one of {', '.join(LR_SCHEDULERS)}")
-    if args.lr_warmup_method not in ("linear", "constant"):
-        raise utils.InputError(f"Invalid --lr-warmup-method {args.lr_warmup_method}; use linear or constant")
     if args.epochs < 0:
         raise utils.InputError(f"--epochs {args.epochs} is negative; pass the number of epochs to train (1 or more)")
     if args.epochs < 1 and not args.test_only:
@@ -180,7 +172,6 @@ def check_args(args):
             f"--lr-warmup-epochs {args.lr_warmup_epochs} leaves no epochs for cosine annealing; "
             f"use fewer than --epochs {args.epochs}"
         )
-    cli.check_interpolation(args.interpolation)
     cli.check_model_name(args.model)
     if models.is_vit(args.model) and args.train_crop_size != args.val_crop_size and not args.test_only:
         raise utils.InputError(
@@ -201,10 +192,6 @@ def check_args(args):
                                "them")
     if args.accumulation_steps < 1:
         raise utils.InputError(f"--accumulation-steps must be at least 1, got {args.accumulation_steps}")
-    if args.auto_augment is not None and args.auto_augment not in presets.AUTO_AUGMENT_POLICIES:
-        raise utils.InputError(
-            f"Invalid --auto-augment {args.auto_augment}; use one of {', '.join(presets.AUTO_AUGMENT_POLICIES)}"
-        )
     if args.backend == "tv_tensor" and not args.use_v2:
         raise utils.InputError("--backend tv_tensor needs --use-v2")
     if args.weights_path and os.path.isdir(args.weights_path):
@@ -451,22 +438,11 @@ def main(args):
     mix = transforms.get_mixup_cutmix(
         mixup_alpha=args.mixup_alpha, cutmix_alpha=args.cutmix_alpha, num_classes=num_classes
     )
+    loader_args = dict(batch_size=args.batch_size, num_workers=args.workers, pin_memory=device.type == "cuda")
     data_loader = torch.utils.data.DataLoader(
-        dataset,
-        batch_size=args.batch_size,
-        sampler=train_sampler,
-        num_workers=args.workers,
-        pin_memory=device.type == "cuda",
-        collate_fn=transforms.MixCollate(mix) if mix is not None else None,
-        generator=loader_generator,
-    )
-    data_loader_test = torch.utils.data.DataLoader(
-        dataset_test,
-        batch_size=args.batch_size,
-        sampler=test_sampler,
-        num_workers=args.workers,
-        pin_memory=device.type == "cuda",
-    )
+        dataset, sampler=train_sampler, collate_fn=transforms.MixCollate(mix) if mix is not None else None,
+        generator=loader_generator, **loader_args)
+    data_loader_test = torch.utils.data.DataLoader(dataset_test, sampler=test_sampler, **loader_args)
 
     utils.log("Creating model")
     # The same seed on every rank gives every rank the same initial model (DDP also broadcasts rank 0's).
@@ -623,7 +599,7 @@ def get_args_parser(add_help=True):
 
     group = parser.add_argument_group("optimization")
     group.add_argument("--epochs", default=90, type=int, metavar="N", help="total number of epochs to run")
-    group.add_argument("--opt", default="sgd", type=str, help="optimizer: sgd, sgd_nesterov, rmsprop or adamw")
+    group.add_argument("--opt", default="sgd", type=str.lower, choices=OPTIMIZERS, help="optimizer")
     group.add_argument("--lr", default=0.1, type=float, help="initial learning rate")
     group.add_argument("--momentum", default=0.9, type=float, metavar="M", help="momentum (sgd, rmsprop)")
     group.add_argument(
@@ -643,10 +619,10 @@ def get_args_parser(add_help=True):
     group.add_argument("--mixup-alpha", default=0.0, type=float, help="MixUp alpha (0 turns MixUp off)")
     group.add_argument("--cutmix-alpha", default=0.0, type=float, help="CutMix alpha (0 turns CutMix off)")
     group.add_argument(
-        "--lr-scheduler", default="steplr", type=str, help="steplr, cosineannealinglr or exponentiallr"
+        "--lr-scheduler", default="steplr", type=str.lower, choices=LR_SCHEDULERS, help="learning-rate schedule"
     )
     group.add_argument("--lr-warmup-epochs", default=0, type=int, help="epochs of learning-rate warmup")
-    group.add_argument("--lr-warmup-method", default="constant", type=str, help="warmup: constant or linear")
+    group.add_argument("--lr-warmup-method", default="constant", choices=("constant", "linear"), help="warmup")
     group.add_argument("--lr-warmup-decay", default=0.01, type=float, help="warmup starts at lr times this")
     group.add_argument("--lr-step-size", default=30, type=int, help="steplr: epochs between decays")
     group.add_argument("--lr-gamma", default=0.1, type=float, help="steplr / exponentiallr: decay factor")
@@ -664,7 +640,7 @@ def get_args_parser(add_help=True):
     group = parser.add_argument_group("augmentation")
     group.add_argument("--train-crop-size", default=224, type=int, help="random-resized-crop size for training")
     group.add_argument(
-        "--auto-augment", default=None, type=str, help="auto-augment policy: ra, ta_wide, augmix, imagenet, ..."
+        "--auto-augment", default=None, choices=presets.AUTO_AUGMENT_POLICIES, help="auto-augment policy"
     )
     group.add_argument("--ra-magnitude", default=9, type=int, help="magnitude of RandAugment (ra)")
     group.add_argument("--augmix-severity", default=3, type=int, help="severity of AugMix")

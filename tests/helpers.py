@@ -121,7 +121,7 @@ def flip_byte_in_tensor_data(path, out):
     return out
 
 
-# ----- small models for the library's tests -----
+##### Small models for the library's tests #####
 
 
 def tiny_vit(num_classes=10):

@@ -155,14 +155,3 @@ def test_compact_file_without_checksum_loads_with_a_notice(tmp_path, capsys):
         torch.testing.assert_close(loaded(x), model(x), rtol=1e-5, atol=1e-5)
 
 
-def test_checksum_is_the_same_for_the_same_content_and_changes_with_any_value():
-    state = {"b": torch.arange(6, dtype=torch.bfloat16).reshape(2, 3), "a": {"lr": 0.1, "steps": [1, 2]},
-             "flag": torch.tensor(True)}
-    reordered = {"flag": state["flag"].clone(), "a": {"steps": [1, 2], "lr": 0.1}, "b": state["b"].clone()}
-    assert checkpoints.checkpoint_digest(state) == checkpoints.checkpoint_digest(reordered)
-    changed_value = {**state, "b": state["b"].clone().index_fill_(1, torch.tensor([2]), 7.0)}
-    changed_shape = {**state, "b": state["b"].reshape(3, 2)}
-    changed_dtype = {**state, "b": state["b"].view(torch.float16)}
-    changed_plain = {**state, "a": {"lr": 0.2, "steps": [1, 2]}}
-    digests = {checkpoints.checkpoint_digest(s) for s in (state, changed_value, changed_shape, changed_dtype, changed_plain)}
-    assert len(digests) == 5, "a change in a value, shape, dtype or plain entry left the checksum unchanged"

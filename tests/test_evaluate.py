@@ -124,7 +124,7 @@ def test_compact_checkpoint_runs_without_sparsity_flags_at_the_same_accuracy(dat
     assert "BlockSparseLinear" in rerun.stdout
 
 
-# ----- bad input: one line, exit status 2 (run in this process: each fails within a second) -----
+##### Bad input: one line, exit status 2 (run in this process: each fails within a second) #####
 
 
 def _missing_weights(checkpoint, tmp_path):

@@ -328,24 +328,6 @@ def test_checkpoint_of_another_tile_size_exits_2_naming_the_layer(one_epoch, dat
     assert "scores of layer" in stderr and "tile size 8 would fit" in stderr, stderr
 
 
-def test_interrupted_save_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch):
-    import checkpoints
-
-    path = str(tmp_path / "checkpoint.pth")
-    checkpoints.save_checkpoint({"epoch": 0}, path)
-
-    def interrupted_save(obj, f, *args, **kwargs):
-        f.write(b"half a checkpoint")
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(torch, "save", interrupted_save)
-    with pytest.raises(KeyboardInterrupt):
-        checkpoints.save_checkpoint({"epoch": 1}, path)
-    monkeypatch.undo()
-    assert checkpoints.load_checkpoint(path) == {"epoch": 0}
-    assert os.listdir(tmp_path) == ["checkpoint.pth"], "the temporary file was left behind"
-
-
 FLAG_COMBINATIONS = {
     "sgd_nesterov_steplr_ra_sampler_v2": [
         "--opt", "sgd_nesterov", "--lr", "0.01", "--lr-scheduler", "steplr", "--lr-step-size", "1", "--ra-sampler",
@@ -388,7 +370,7 @@ def test_help_states_each_default_once():
     assert "(default: 90)" in help_text  # --epochs, whose help does not: the formatter adds it
 
 
-# ----- silent wrong results: corrupt files, contradicting flags, requests that cannot do anything -----
+##### Silent wrong results: corrupt files, contradicting flags, requests that cannot do anything #####
 
 
 def test_flipped_byte_in_a_checkpoint_exits_2_as_corrupt(one_epoch, data, tmp_path):
@@ -409,14 +391,6 @@ def test_checksum_covers_the_stored_args_too(one_epoch, tmp_path):
     torch.save(checkpoint, tmp_path / "edited.pth")
     with pytest.raises(utils.InputError, match="is corrupt"):
         checkpoints.load_checkpoint(str(tmp_path / "edited.pth"))
-
-
-def test_checkpoint_without_checksum_loads_with_a_notice(tmp_path, capsys):
-    import checkpoints
-
-    torch.save({"epoch": 3}, tmp_path / "old.pth")  # as written before checkpoints carried a checksum
-    assert checkpoints.load_checkpoint(str(tmp_path / "old.pth")) == {"epoch": 3}
-    assert "has no checksum" in capsys.readouterr().err
 
 
 def test_resume_with_contradicting_sparsity_exits_2_naming_the_flag_and_both_values(one_epoch, data):
@@ -469,7 +443,7 @@ def test_impossible_request_exits_2_with_one_error_line(flags, expected, data, t
     assert len(error_lines) == 1 and expected in error_lines[0], stderr
 
 
-# ----- earlier runs, interrupted runs and torn files -----
+##### Earlier runs, interrupted runs and torn files #####
 
 
 def test_fresh_run_into_a_used_output_dir_is_refused_and_leaves_it_untouched(one_epoch, data):
@@ -570,26 +544,7 @@ def test_ctrl_c_says_which_epoch_the_checkpoint_holds_and_exits_130(data, tmp_pa
     assert "Traceback" not in stderr, stderr
 
 
-def test_ctrl_c_during_a_checkpoint_write_waits_for_the_file(tmp_path, monkeypatch):
-    import checkpoints
-
-    path = str(tmp_path / "checkpoint.pth")
-    real_save = torch.save
-
-    def save_interrupted_midway(obj, f, *args, **kwargs):
-        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C while the file is being written
-        real_save(obj, f, *args, **kwargs)
-
-    monkeypatch.setattr(torch, "save", save_interrupted_midway)
-    with pytest.raises(KeyboardInterrupt):
-        checkpoints.save_checkpoint({"epoch": 4, "w": torch.ones(3)}, path)
-    monkeypatch.undo()
-    assert checkpoints.load_checkpoint(path)["epoch"] == 4, "the interrupt cut the checkpoint short"
-    assert os.listdir(tmp_path) == ["checkpoint.pth"]
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
-
-
-# ----- newcomer friction: the settings line, the demo's disk use -----
+##### Newcomer friction: the settings line, the demo's disk use #####
 
 
 def test_log_lists_the_settings_that_differ_from_the_defaults(one_epoch):
@@ -621,7 +576,7 @@ def test_keep_last_0_writes_only_checkpoint_pth(data, tmp_path):
     assert os.listdir(out) == ["checkpoint.pth"]
 
 
-# ----- sparsifying a dense model: magnitude score init, the sparsity ramp, distillation -----
+##### Sparsifying a dense model: magnitude score init, the sparsity ramp, distillation #####
 
 FROM_DENSE_SPARSE = ["--sparsity-linear", "0.8", "--sp-linear-tile-size", "8", "--skip-last-layer-sparsity"]
 RAMP = ["--sparsity-warmup-epochs", "2", "--sparsity-schedule", "cubic"]

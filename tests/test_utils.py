@@ -1,4 +1,4 @@
-"""utils.keep_freed_memory: freed heap memory is reused instead of being page-faulted back in."""
+"""utils.py: glibc malloc kept from handing freed memory back (utils.keep_freed_memory)."""
 import platform
 import subprocess
 import sys
