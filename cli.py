@@ -10,6 +10,7 @@ import sys
 import warnings
 
 import torch
+import torch.distributed
 from torchvision.transforms import InterpolationMode
 
 import models
@@ -65,6 +66,46 @@ def autocast(amp, device):
         return contextlib.nullcontext
     dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
     return lambda: torch.autocast(device.type, dtype=dtype)
+
+
+##### Processes and devices, as the flags ask #####
+
+
+def init_distributed_mode(args):
+    """Join a process group when launched by torchrun or SLURM; set args.distributed, rank, gpu, world_size.
+
+    torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; under SLURM the rank is SLURM_PROCID and --world-size and
+    --dist-url come from the command line. NCCL is used on CUDA, Gloo on CPU.
+    """
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        args.rank = int(os.environ["RANK"])
+        args.world_size = int(os.environ["WORLD_SIZE"])
+        args.gpu = int(os.environ.get("LOCAL_RANK", 0))
+    elif "SLURM_PROCID" in os.environ:
+        args.rank = int(os.environ["SLURM_PROCID"])
+        args.gpu = args.rank % max(torch.cuda.device_count(), 1)
+    else:
+        args.distributed = False
+        args.rank = 0
+        args.gpu = 0
+        return
+    args.distributed = True
+    use_cuda = args.device.startswith("cuda")
+    if use_cuda:
+        utils.check_device(args.device)
+        torch.cuda.set_device(args.gpu)
+    backend = "nccl" if use_cuda else "gloo"
+    torch.distributed.init_process_group(backend=backend, init_method=args.dist_url, world_size=args.world_size,
+                                         rank=args.rank)
+    torch.distributed.barrier()
+
+
+def process_device(args):
+    """The torch.device this process computes on (its own GPU under torchrun)."""
+    utils.check_device(args.device)
+    if args.device.startswith("cuda") and getattr(args, "distributed", False):
+        return torch.device("cuda", args.gpu)
+    return torch.device(args.device)
 
 
 ##### Flag groups #####

@@ -103,7 +103,7 @@ def prepare_model(args, target, *, num_classes):
     plot_masks(model, args, target)  # the masks as learned, before block-sparse packing reorders anything
     if target.sparsify_weights:
         supermask.sparsify_offline(model)
-    model.to(device=utils.process_device(args), dtype=dtype)
+    model.to(device=cli.process_device(args), dtype=dtype)
     bsr = None
     if target.bsr:
         import blocksparse
@@ -138,7 +138,7 @@ def load_compact_model(args, compact, *, num_classes):
         raise utils.InputError(f"{args.weights_path} classifies {architecture['num_classes']} classes but the data "
                                f"has {num_classes}")
     try:
-        return blocksparse.model_from_compact(compact, kernel=args.bsr_kernel, device=utils.process_device(args))
+        return blocksparse.model_from_compact(compact, kernel=args.bsr_kernel, device=cli.process_device(args))
     except (ValueError, KeyError, RuntimeError) as e:
         raise utils.InputError(f"cannot rebuild the model of compact checkpoint {args.weights_path}: {e}") from None
 
@@ -192,8 +192,8 @@ def main(args):
         if path:
             cli.prepare_output_file(path, flag)
     target = resolve_target(args)
-    utils.init_distributed_mode(args)
-    device = utils.process_device(args)
+    cli.init_distributed_mode(args)
+    device = cli.process_device(args)
 
     dataset, eval_sampler = data.load_val_data(args)
     data_loader = torch.utils.data.DataLoader(

@@ -420,8 +420,8 @@ def main(args):
     check_output_dir(args, resume_path)
     if resume_path:
         last_checkpoint.update(path=resume_path, epoch=resume_checkpoint["epoch"])
-    utils.init_distributed_mode(args)
-    device = utils.process_device(args)
+    cli.init_distributed_mode(args)
+    device = cli.process_device(args)
     settings = cli.changed_settings(args, get_args_parser(add_help=False))
     utils.log("Settings (flags not at their defaults; --help lists all):\n  " + "\n  ".join(settings))
 

@@ -1,4 +1,4 @@
-"""Shared plumbing, as torchvision's references keep it: user errors, processes and devices, logging, seeds, metrics."""
+"""Shared plumbing, as torchvision's references keep it: user errors, ranks and devices, logging, seeds, metrics."""
 import ctypes
 import os
 import platform
@@ -38,46 +38,10 @@ def is_main_process():
     return get_rank() == 0
 
 
-def init_distributed_mode(args):
-    """Join a process group when launched by torchrun or SLURM; set args.distributed, rank, gpu, world_size.
-
-    torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; under SLURM the rank is SLURM_PROCID and --world-size and
-    --dist-url come from the command line. NCCL is used on CUDA, Gloo on CPU.
-    """
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        args.rank = int(os.environ["RANK"])
-        args.world_size = int(os.environ["WORLD_SIZE"])
-        args.gpu = int(os.environ.get("LOCAL_RANK", 0))
-    elif "SLURM_PROCID" in os.environ:
-        args.rank = int(os.environ["SLURM_PROCID"])
-        args.gpu = args.rank % max(torch.cuda.device_count(), 1)
-    else:
-        args.distributed = False
-        args.rank = 0
-        args.gpu = 0
-        return
-    args.distributed = True
-    use_cuda = args.device.startswith("cuda")
-    if use_cuda:
-        check_device(args.device)
-        torch.cuda.set_device(args.gpu)
-    backend = "nccl" if use_cuda else "gloo"
-    dist.init_process_group(backend=backend, init_method=args.dist_url, world_size=args.world_size, rank=args.rank)
-    dist.barrier()
-
-
 def check_device(device):
     """Raise InputError when the requested device does not exist on this machine."""
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise InputError(f"--device {device} requested but CUDA is not available; pass --device cpu")
-
-
-def process_device(args):
-    """The torch.device this process computes on (its own GPU under torchrun)."""
-    check_device(args.device)
-    if args.device.startswith("cuda") and getattr(args, "distributed", False):
-        return torch.device("cuda", args.gpu)
-    return torch.device(args.device)
 
 
 def synchronize(device):
