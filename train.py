@@ -382,7 +382,7 @@ def save_checkpoints(*, checkpoint, output_dir, epoch, keep_last=None):
         if keep_last != 0:
             checkpoints.save_checkpoint(checkpoint, os.path.join(output_dir, f"model_{epoch}.pth"), checksum=False)
         checkpoints.save_checkpoint(checkpoint, os.path.join(output_dir, "checkpoint.pth"), checksum=False)
-        last_checkpoint.update(path=os.path.join(output_dir, "checkpoint.pth"), epoch=epoch)
+        last_checkpoint.update(path=os.path.join(output_dir, "checkpoint.pth"), epoch=epoch, output_dir=output_dir)
     if keep_last is not None:
         # After the new files are complete, so a crash in between never leaves fewer than asked for.
         for old_epoch, path in checkpoints.epoch_files(output_dir).items():
@@ -419,7 +419,7 @@ def main(args):
                                      "from it with --weights-path instead of --resume")
     check_output_dir(args, resume_path)
     if resume_path:
-        last_checkpoint.update(path=resume_path, epoch=resume_checkpoint["epoch"])
+        last_checkpoint.update(path=resume_path, epoch=resume_checkpoint["epoch"], output_dir=args.output_dir)
     cli.init_distributed_mode(args)
     device = cli.process_device(args)
     settings = cli.changed_settings(args, get_args_parser(add_help=False))
@@ -726,10 +726,14 @@ def get_args_parser(add_help=True):
 
 def interrupted_message():
     """What Ctrl-C leaves behind; checkpoints are written atomically, so whatever is on disk is complete."""
-    if last_checkpoint:
-        return (f"Interrupted; {last_checkpoint['path']} holds epoch {last_checkpoint['epoch']}: continue with "
-                f"--resume auto (and the same flags)")
-    return "Interrupted before the first checkpoint of this run was written; there is nothing to resume"
+    if not last_checkpoint:
+        return "Interrupted before the first checkpoint of this run was written; there is nothing to resume"
+    path, output_dir = last_checkpoint["path"], last_checkpoint["output_dir"]
+    # --resume auto looks in --output-dir: a run resumed from a file elsewhere has nothing there before its first save.
+    in_output_dir = bool(output_dir) and os.path.dirname(os.path.abspath(path)) == os.path.abspath(output_dir)
+    resume = "auto" if in_output_dir else path
+    return (f"Interrupted; {path} holds epoch {last_checkpoint['epoch']}: continue with --resume {resume} (and the "
+            f"same flags)")
 
 
 if __name__ == "__main__":

@@ -544,6 +544,16 @@ def test_ctrl_c_says_which_epoch_the_checkpoint_holds_and_exits_130(data, tmp_pa
     assert "Traceback" not in stderr, stderr
 
 
+@pytest.mark.parametrize("folder, expected", [("run", "--resume auto"), ("elsewhere", "--resume {path}")])
+def test_ctrl_c_hint_resumes_from_where_the_checkpoint_is(folder, expected, tmp_path, monkeypatch):
+    import train
+
+    path = str(tmp_path / folder / "model_3.pth")
+    monkeypatch.setattr(train, "last_checkpoint", dict(path=path, epoch=3, output_dir=str(tmp_path / "run")))
+    message = train.interrupted_message()
+    assert message.startswith(f"Interrupted; {path} holds epoch 3: continue with {expected.format(path=path)} "), message
+
+
 ##### Newcomer friction: the settings line, the demo's disk use #####
 
 
