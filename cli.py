@@ -259,6 +259,12 @@ def add_supermask_args(parser):
     )
 
 
+def given_supermask_flags(args):
+    """The Supermask flags given on the command line, as "--flag" names in the order given (none for a namespace
+    the parser did not make, or once resolve_supermask_args has read them)."""
+    return ["--" + name.replace("_", "-") for name in dict.fromkeys(getattr(args, _GIVEN, ()))]
+
+
 def _setting_text(name, value):
     flag = "--" + name.replace("_", "-")
     return f"{flag} {'on' if value else 'off'}" if isinstance(value, bool) else f"{flag} {value}"

@@ -62,8 +62,13 @@ def is_compact(checkpoint) -> bool:
     return checkpoints.is_compact_file(checkpoint)
 
 
-def _check_layout(checkpoint: dict) -> None:
-    """Raise ValueError naming the first entry of a compact checkpoint that is missing or of the wrong kind."""
+def check_compact(checkpoint: dict) -> None:
+    """Raise ValueError for a compact checkpoint newer than this code, or naming its first entry that is missing or
+    of the wrong kind."""
+    if checkpoint.get("version", 0) > COMPACT_VERSION:
+        raise ValueError(f"compact checkpoint format version {checkpoint['version']} is newer than this SuperBlock "
+                         f"reads ({COMPACT_VERSION}); update SuperBlock")
+
     def need(ok, what):
         if not ok:
             raise ValueError(f"malformed compact checkpoint: {what}; re-create it with evaluate.py --save-compact")
@@ -98,10 +103,7 @@ def model_from_compact(checkpoint: dict, *, kernel: str = "auto", device=None) -
 
     Raises ValueError, with the reason, for a file that is newer than this code or malformed.
     """
-    if checkpoint.get("version", 0) > COMPACT_VERSION:
-        raise ValueError(f"compact checkpoint format version {checkpoint['version']} is newer than this SuperBlock "
-                         f"reads ({COMPACT_VERSION}); update SuperBlock")
-    _check_layout(checkpoint)
+    check_compact(checkpoint)
     arch = checkpoint["architecture"]
     try:
         model = models.build_model(arch["model"], num_classes=arch["num_classes"], image_size=arch["image_size"])

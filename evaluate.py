@@ -52,14 +52,31 @@ def resolve_target(args):
     """The Target of the flags; loads --weights-path and fills the Supermask flags it knows (InputError if it can't)."""
     checkpoint = checkpoints.load_checkpoint(args.weights_path) if args.weights_path else None
     if checkpoints.is_compact_file(checkpoint):
-        # A compact file knows its model and sparsity: the flags that describe them do not apply.
-        return Target(model=checkpoint["architecture"]["model"], bsr=checkpoint["blocksize"], sparsify_weights=True,
-                      checkpoint=checkpoint, compact=True)
+        return Target(**_compact_target(args, checkpoint), checkpoint=checkpoint, compact=True)
     # A checkpoint of this project knows the Supermask settings it was trained with: omitted flags take them.
     cli.resolve_supermask_args(args, checkpoint, source=f"--weights-path {args.weights_path}",
                                fix="drop the flag to evaluate with the checkpoint's setting")
     return Target(model=args.model, bsr=args.bsr, sparsify_weights=args.sparsify_weights or bool(args.bsr),
                   checkpoint=checkpoint, compact=False)
+
+
+def _compact_target(args, checkpoint):
+    """Model, blocks and freezing of a compact file, which knows them: flags that say otherwise are InputErrors."""
+    import compact
+
+    try:
+        compact.check_compact(checkpoint)
+    except ValueError as e:
+        raise utils.InputError(f"--weights-path {args.weights_path}: {e}") from None
+    path, blocksize = args.weights_path, checkpoint["blocksize"]
+    given = cli.given_supermask_flags(args)
+    if given:
+        raise utils.InputError(f"{given[0]} does not apply to compact checkpoint {path}, which holds its own blocks "
+                               f"and sparsity; drop the flag")
+    if args.bsr and args.bsr != blocksize:
+        raise utils.InputError(f"--bsr {args.bsr} contradicts compact checkpoint {path}, which holds "
+                               f"{blocksize}x{blocksize} blocks; drop --bsr")
+    return dict(model=checkpoint["architecture"]["model"], bsr=blocksize, sparsify_weights=True)
 
 
 ##### The model #####

@@ -124,6 +124,37 @@ def test_compact_checkpoint_runs_without_sparsity_flags_at_the_same_accuracy(dat
     assert "BlockSparseLinear" in rerun.stdout
 
 
+@pytest.fixture(scope="module")
+def compact_file(data, checkpoint, tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("compact") / "compact.pth")
+    evaluate(data, checkpoint[0], "--bsr", "16", "--save-compact", path)
+    return path
+
+
+def _malformed(compact_file, tmp_path):
+    import checkpoints
+
+    broken = {k: v for k, v in checkpoints.load_checkpoint(compact_file).items() if k != "architecture"}
+    checkpoints.save_checkpoint(broken, str(tmp_path / "broken.pth"))
+    return str(tmp_path / "broken.pth"), [], "malformed compact checkpoint: 'architecture' must hold"
+
+
+@pytest.mark.parametrize("case", [
+    lambda path, tmp: (path, ["--sparsity-linear", "0.5"], "--sparsity-linear does not apply to compact checkpoint"),
+    lambda path, tmp: (path, ["--skip-last-layer-sparsity"], "--skip-last-layer-sparsity does not apply"),
+    lambda path, tmp: (path, ["--bsr", "8"], "--bsr 8 contradicts compact checkpoint"),
+    _malformed,
+], ids=["sparsity_flag", "skip_flag", "other_block_size", "malformed"])
+def test_compact_file_refuses_flags_it_would_ignore_and_malformed_content(case, data, compact_file, tmp_path):
+    path, flags, expected = case(compact_file, tmp_path)
+    result = run_in_process("evaluate.py", ["--data-path", data, "--device", "cpu", "-j", "0", *SIZE, "-b", "4",
+                                            "--weights-path", path, *flags])
+    assert result.returncode == 2, result.stderr
+    error_lines = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert len(error_lines) == 1 and expected in error_lines[0], result.stderr
+    assert "Traceback" not in result.stderr
+
+
 ##### Bad input: one line, exit status 2 (run in this process: each fails within a second) #####
 
 
