@@ -124,13 +124,13 @@ class Plan:
     device: torch.device
     dtype: torch.dtype
     blocksize: int
-    kernels: tuple  # blocksparse kernels, each timed as bsr-<kernel> (bsr for auto)
-    baselines: tuple  # dense first, then any of online, offline, torch
+    kernels: list  # blocksparse kernels, each timed as bsr-<kernel> (bsr for auto)
+    baselines: list  # dense first, then any of online, offline, torch
     layer_shape: tuple | None  # --layer's sides: (IN, OUT) or (IN, HIDDEN, OUT)
-    sweep_sparsities: tuple | None  # None: no sweep
-    sweep_tiles: tuple | None
-    sweep_batches: tuple | None
-    sweep_token_counts: tuple | None
+    sweep_sparsities: list | None  # None: no sweep
+    sweep_tiles: list | None
+    sweep_batches: list | None
+    sweep_token_counts: list | None
 
 
 def check_args(args):
@@ -202,15 +202,9 @@ def check_args(args):
     if args.layer is None and not sweep_sparsities and nothing_sparse:
         raise utils.InputError("--sparsity-linear and --sparsity-attention are 0: nothing to make sparse; "
                                "set one (e.g. 0.9) or --weights-path")
-    device = torch.device(args.device)
-    return Plan(device=device, dtype=cli.DTYPES[args.dtype], blocksize=blocksize, kernels=tuple(kernels),
-                baselines=tuple(baselines), layer_shape=layer_shape, sweep_sparsities=_tuple(sweep_sparsities),
-                sweep_tiles=_tuple(sweep_tiles), sweep_batches=_tuple(sweep_batches),
-                sweep_token_counts=_tuple(sweep_token_counts))
-
-
-def _tuple(values):
-    return tuple(values) if values is not None else None
+    return Plan(device=torch.device(args.device), dtype=cli.DTYPES[args.dtype], blocksize=blocksize, kernels=kernels,
+                baselines=baselines, layer_shape=layer_shape, sweep_sparsities=sweep_sparsities,
+                sweep_tiles=sweep_tiles, sweep_batches=sweep_batches, sweep_token_counts=sweep_token_counts)
 
 
 ##### Timing #####

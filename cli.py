@@ -259,14 +259,28 @@ def add_supermask_args(parser):
     )
 
 
+def check_weights_path(path):
+    """Raise InputError unless --weights-path is empty or names a file (checked before any work)."""
+    if path and os.path.isdir(path):
+        raise InputError(f"--weights-path {path} is a folder; pass a checkpoint file in it, e.g. "
+                         f"{os.path.join(path, 'checkpoint.pth')}")
+    if path and not os.path.isfile(path):
+        raise InputError(f"--weights-path {path} does not exist; pass a checkpoint file")
+
+
+def _flag(name):
+    """The command-line spelling of an args entry: sp_linear_tile_size -> --sp-linear-tile-size."""
+    return "--" + name.replace("_", "-")
+
+
 def given_supermask_flags(args):
     """The Supermask flags given on the command line, as "--flag" names in the order given (none for a namespace
     the parser did not make, or once resolve_supermask_args has read them)."""
-    return ["--" + name.replace("_", "-") for name in dict.fromkeys(getattr(args, _GIVEN, ()))]
+    return [_flag(name) for name in dict.fromkeys(getattr(args, _GIVEN, ()))]
 
 
 def _setting_text(name, value):
-    flag = "--" + name.replace("_", "-")
+    flag = _flag(name)
     return f"{flag} {'on' if value else 'off'}" if isinstance(value, bool) else f"{flag} {value}"
 
 

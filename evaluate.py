@@ -15,7 +15,6 @@ Example:
 import argparse
 import dataclasses
 import json
-import os
 import platform
 import statistics
 
@@ -41,7 +40,11 @@ class Target:
     bsr: int | None  # the block size, or None to stay dense
     sparsify_weights: bool  # freeze the masks into the weights (always with bsr)
     checkpoint: dict | None  # --weights-path, loaded
-    compact: bool  # the checkpoint is a compact block-sparse file
+
+    @property
+    def compact(self):
+        """The checkpoint is a compact block-sparse file."""
+        return checkpoints.is_compact_file(self.checkpoint)
 
     @property
     def mode(self):
@@ -52,12 +55,12 @@ def resolve_target(args):
     """The Target of the flags; loads --weights-path and fills the Supermask flags it knows (InputError if it can't)."""
     checkpoint = checkpoints.load_checkpoint(args.weights_path) if args.weights_path else None
     if checkpoints.is_compact_file(checkpoint):
-        return Target(**_compact_target(args, checkpoint), checkpoint=checkpoint, compact=True)
+        return Target(**_compact_target(args, checkpoint), checkpoint=checkpoint)
     # A checkpoint of this project knows the Supermask settings it was trained with: omitted flags take them.
     cli.resolve_supermask_args(args, checkpoint, source=f"--weights-path {args.weights_path}",
                                fix="drop the flag to evaluate with the checkpoint's setting")
     return Target(model=args.model, bsr=args.bsr, sparsify_weights=args.sparsify_weights or bool(args.bsr),
-                  checkpoint=checkpoint, compact=False)
+                  checkpoint=checkpoint)
 
 
 def _compact_target(args, checkpoint):
@@ -193,11 +196,7 @@ def check_args(args):
         raise utils.InputError("--save-compact stores block-sparse layers: add --bsr N (e.g. the tile size of the "
                                "masks)")
     cli.check_model_name(args.model)
-    if args.weights_path and os.path.isdir(args.weights_path):
-        raise utils.InputError(f"--weights-path {args.weights_path} is a folder; pass a checkpoint file in it, e.g. "
-                               f"{os.path.join(args.weights_path, 'checkpoint.pth')}")
-    if args.weights_path and not os.path.isfile(args.weights_path):
-        raise utils.InputError(f"--weights-path {args.weights_path} does not exist; pass a checkpoint file")
+    cli.check_weights_path(args.weights_path)
 
 
 def main(args):

@@ -194,11 +194,7 @@ def check_args(args):
         raise utils.InputError(f"--accumulation-steps must be at least 1, got {args.accumulation_steps}")
     if args.backend == "tv_tensor" and not args.use_v2:
         raise utils.InputError("--backend tv_tensor needs --use-v2")
-    if args.weights_path and os.path.isdir(args.weights_path):
-        raise utils.InputError(f"--weights-path {args.weights_path} is a folder; pass a checkpoint file in it, e.g. "
-                               f"{os.path.join(args.weights_path, 'checkpoint.pth')}")
-    if args.weights_path and not os.path.isfile(args.weights_path):
-        raise utils.InputError(f"--weights-path {args.weights_path} does not exist; pass a checkpoint file")
+    cli.check_weights_path(args.weights_path)
     if args.sparsity_warmup_epochs < 0 or (args.sparsity_warmup_epochs > args.epochs and not args.test_only):
         raise utils.InputError(f"--sparsity-warmup-epochs {args.sparsity_warmup_epochs} must be between 0 and "
                                f"--epochs {args.epochs}")
