@@ -15,6 +15,10 @@ Linear of a model in place and reports what it left dense. Kernels (``kernel=``)
   own shape, blocks and dtype at conversion and keeps the faster (``choose_kernel``); on CUDA, ``"triton"`` from
   ``CUDA_BREAK_EVEN`` up.
 
+Two "fused" layers of an MLP (Linear, GELU or ReLU, Linear) become one ``blocksparse_mlp.BlockSparseMLP`` whose single
+op computes both per tile of tokens, the hidden activations kept in cache: always with ``kernel="fused"``, and with
+``"auto"`` where that measures faster than the two layers in turn (``choose_mlp_fusion``).
+
 Example::
 
     >>> result = apply_bsr(model.eval(), blocksize=64)
@@ -39,6 +43,7 @@ import blocksparse_fused
 import blocksparse_reference as reference
 import blocksparse_triton
 from attention import ProjectedAttention, unsupported_attention_reason
+from blocksparse_mlp import BlockSparseMLP, fused_activation
 from supermask import num_pruned_tiles
 
 KERNELS = ("auto", "fused", "bmm", "dense", "torch", "triton")
@@ -194,6 +199,42 @@ def _time_candidates(linear: nn.Linear, blocksize: int, candidate: str):
     return seconds, setting
 
 
+_measured_mlps: Dict[tuple, Optional[Tuple[int, bool]]] = {}  # one measurement per distinct pair
+
+
+@torch.no_grad()
+def choose_mlp_fusion(fc1: nn.Module, between: List[nn.Module], fc2: nn.Module,
+                      always: bool = False) -> Optional[Tuple[int, bool]]:
+    """The fused MLP kernel's (tile_tokens, gather) for a converted Linear pair, or None to keep its two layers.
+
+    Only two "fused" layers with the same block size and dtype, and between them modules the kernel computes
+    (``blocksparse_mlp.fused_activation``), can be fused. With ``always`` (kernel="fused") they are. Otherwise
+    (kernel="auto") the fused MLP at its fastest setting and the two layers with the modules between are timed on
+    ``AUTO_SAMPLE_TOKENS`` tokens, and the faster is kept. Each distinct pair is measured once per process.
+    """
+    layers = (fc1, fc2)
+    if not all(isinstance(layer, BlockSparseLinear) and layer.kernel == "fused" for layer in layers):
+        return None
+    dtype = fc1.packed_values.dtype
+    activation = fused_activation(between)
+    if fc1.blocksize != fc2.blocksize or fc2.packed_values.dtype != dtype or activation is None:
+        return None
+    key = (fc1.in_features, fc1.out_features, fc2.out_features, fc1.blocksize, dtype, fc1.kept_blocks,
+           fc2.kept_blocks, activation, torch.get_num_threads(), always)
+    if key not in _measured_mlps:
+        x = torch.randn(AUTO_SAMPLE_TOKENS, fc1.in_features, dtype=dtype)
+        first, second = fc1.fused_operands(), fc2.fused_operands()
+        setting, seconds = blocksparse_fused.fastest_setting(
+            lambda tile, gather: blocksparse_fused.fused_mlp(x, first, second, fc2.out_features, activation, tile,
+                                                              gather), x.shape[0])
+        if not always:
+            separate = nn.Sequential(fc1, *between, fc2)
+            if blocksparse_fused.median_seconds(lambda: separate(x)) <= seconds:
+                setting = None
+        _measured_mlps[key] = setting
+    return _measured_mlps[key]
+
+
 ##### The module #####
 
 
@@ -238,7 +279,7 @@ class BlockSparseLinear(nn.Module):
         if kernel == "fused" and choice is None:
             choice = choose_kernel(linear, blocksize, candidate="fused")
         out_features, in_features = weight.shape
-        module = cls(in_features, out_features, blocksize, kernel, int(mask.sum().item()))
+        module = cls(in_features, out_features, blocksize, kernel, int(mask.sum().item())).train(linear.training)
         bias = None if linear.bias is None else linear.bias.detach().clone()
         module.register_buffer("bias", bias)
         if kernel == "dense":
@@ -283,20 +324,27 @@ class BlockSparseLinear(nn.Module):
         if self.kernel == "fused" and self.block_values.device.type == "cpu":
             self.packed_values = blocksparse_fused.pack(self.block_values)
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
+    def check_input(self, input: torch.Tensor) -> None:
+        """Raise for an input of the wrong width, or one that needs gradients (this layer is frozen)."""
         if input.shape[-1] != self.in_features:
             raise ValueError(f"expected input with last dimension {self.in_features}, got shape {tuple(input.shape)}")
         if input.requires_grad and torch.is_grad_enabled():
             raise RuntimeError("BlockSparseLinear is for inference and its input requires grad: run the model under "
                                "torch.inference_mode() or torch.no_grad(), or train the Supermask model "
                                "(supermask.apply_supermask) and convert it to block-sparse afterwards")
+
+    def fused_operands(self) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        """(packed values, row offsets, columns, bias): what the fused kernel reads ("fused" layers only)."""
+        return self.packed_values, self.block_crow, self.block_col, self.bias
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        self.check_input(input)
         lead = input.shape[:-1]
         # 2-D keeps every kernel on its fast path (torch's BSR F.linear fails on 3-D input under inference_mode).
         x = input.reshape(-1, self.in_features)
         if self.kernel == "fused":
-            y = blocksparse_fused.fused_linear(x.to(self.packed_values.dtype), self.packed_values, self.block_crow,
-                                               self.block_col, self.bias, self.out_features, self.tile_tokens,
-                                               self.gather)
+            y = blocksparse_fused.fused_linear(x.to(self.packed_values.dtype), *self.fused_operands(),
+                                               self.out_features, self.tile_tokens, self.gather)
         elif self.kernel == "dense":
             y = F.linear(x, self.weight, self.bias)
         elif self.kernel == "triton":
@@ -373,6 +421,24 @@ class BlockSparseLinear(nn.Module):
         )
 
 
+def block_sparse_layers(model: nn.Module) -> Dict[str, BlockSparseLinear]:
+    """Every ``BlockSparseLinear`` of ``model`` by the name its Linear had before ``apply_bsr``.
+
+    A ``BlockSparseMLP`` holds two of them as ``fc1`` and ``fc2``; they are listed under the names of the two
+    Linears it replaced (its own name, and ``second_name`` beside it).
+    """
+    layers, inside_mlps = {}, set()
+    for fqn, module in model.named_modules():  # a module comes before its children
+        if isinstance(module, BlockSparseMLP):
+            parent = fqn.rpartition(".")[0]
+            layers[fqn] = module.fc1
+            layers[f"{parent}.{module.second_name}" if parent else module.second_name] = module.fc2
+            inside_mlps.update((id(module.fc1), id(module.fc2)))
+        elif isinstance(module, BlockSparseLinear) and id(module) not in inside_mlps:
+            layers[fqn] = module
+    return layers
+
+
 ##### Whole-model conversion #####
 
 
@@ -385,6 +451,8 @@ class BsrResult:
     # (first Linear, second Linear, what was done) for each Linear -> elementwise -> Linear pair whose
     # hidden units were reordered (and dead ones dropped) before packing; see _prepare_mlp_pair.
     mlp_pairs: List[Tuple[str, str, str]] = field(default_factory=list)
+    # The first Linear of each pair now computed by one BlockSparseMLP (the second's place holds nn.Identity).
+    fused_mlps: List[str] = field(default_factory=list)
 
     def skipped_summary(self, most: int = 3) -> str:
         """The layers left dense and why, on one short line: the first ``most``, then how many more."""
@@ -402,6 +470,9 @@ class BsrResult:
         if self.mlp_pairs:
             lines.append(f"reordered the hidden units of {len(self.mlp_pairs)} Linear pairs:")
             lines += [f"  {first} -> {second}: {what}" for first, second, what in self.mlp_pairs]
+        if self.fused_mlps:
+            lines.append(f"fused {len(self.fused_mlps)} of them into one BlockSparseMLP kernel each: "
+                         + ", ".join(self.fused_mlps))
         return "\n".join(lines)
 
 
@@ -411,8 +482,8 @@ ELEMENTWISE = (nn.GELU, nn.ReLU, nn.ReLU6, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.Leak
                nn.Mish, nn.Identity, nn.Dropout)
 
 
-def _mlp_pairs(model: nn.Module) -> List[Tuple[str, str, List[nn.Module]]]:
-    """(first, second, between) for each nn.Sequential run Linear, elementwise modules, Linear in ``model``."""
+def _mlp_pairs(model: nn.Module) -> List[Tuple[str, str, List[str]]]:
+    """(first, second, between) names for each nn.Sequential run Linear, elementwise modules, Linear in ``model``."""
     pairs = []
     for fqn, seq in model.named_modules():
         if not isinstance(seq, nn.Sequential):
@@ -428,7 +499,8 @@ def _mlp_pairs(model: nn.Module) -> List[Tuple[str, str, List[nn.Module]]]:
                 second = children[j][1]
                 if second.in_features == first.out_features:
                     prefix = f"{fqn}." if fqn else ""
-                    pairs.append((prefix + first_name, prefix + children[j][0], [m for _, m in children[i + 1:j]]))
+                    pairs.append((prefix + first_name, prefix + children[j][0],
+                                  [prefix + name for name, _ in children[i + 1:j]]))
     return pairs
 
 
@@ -512,7 +584,9 @@ def apply_bsr(
     equivalent pair first (``_prepare_mlp_pair``, listed in ``BsrResult.mlp_pairs``): hidden units the second
     Linear never reads are dropped from the first, constant ones are folded into the second's bias, and the hidden
     units are reordered so that "bmm" writes its output without a scatter. The model computes the same function;
-    its hidden activations come in another order.
+    its hidden activations come in another order. Where both became "fused" layers and ``choose_mlp_fusion`` says
+    so, the pair becomes one ``BlockSparseMLP`` at the first Linear's place (``nn.Identity`` at the others; listed
+    in ``BsrResult.fused_mlps``; ``block_sparse_layers`` still finds both layers by their old names).
 
     Returns:
         ``BsrResult`` listing converted layers and the ones left dense, with the reason.
@@ -556,14 +630,17 @@ def apply_bsr(
     for fqn, module in list(model.named_modules()):
         if isinstance(module, nn.MultiheadAttention):
             _convert_attention(model, fqn, module, convert, reason_to_stay_dense, result)
+    prepared = []
     if kernel in ("auto", "fused", "bmm"):
-        for first_name, second_name, between in _mlp_pairs(model):
+        for first_name, second_name, between_names in _mlp_pairs(model):
             first, second = model.get_submodule(first_name), model.get_submodule(second_name)
+            between = [model.get_submodule(name) for name in between_names]
             if reason_to_stay_dense(first, first_name) is None and reason_to_stay_dense(second, second_name) is None:
                 first, second, what = _prepare_mlp_pair(first, second, between, blocksize)
                 _set_submodule(model, first_name, first)
                 _set_submodule(model, second_name, second)
                 result.mlp_pairs.append((first_name, second_name, what))
+                prepared.append((first_name, second_name, between_names))
     decided = {name for name, _ in result.left_dense}  # the attention projections
     for fqn, module in list(model.named_modules()):
         if not isinstance(module, nn.Linear) or fqn in decided:
@@ -576,7 +653,25 @@ def apply_bsr(
             converted = convert(module, fqn)
             if converted is not module:
                 _set_submodule(model, fqn, converted)
+    for first_name, second_name, between_names in prepared:
+        _fuse_mlp(model, first_name, second_name, between_names, always=kernel == "fused", result=result)
     return result
+
+
+def _fuse_mlp(model, first_name, second_name, between_names, *, always, result):
+    """Replace a converted pair by one BlockSparseMLP where ``choose_mlp_fusion`` says so."""
+    fc1, fc2 = model.get_submodule(first_name), model.get_submodule(second_name)
+    between = [model.get_submodule(name) for name in between_names]
+    setting = choose_mlp_fusion(fc1, between, fc2, always=always)
+    if setting is None:
+        return
+    tile_tokens, gather = setting
+    mlp = BlockSparseMLP(fc1, between, fc2, tile_tokens=tile_tokens, gather=gather,
+                         second_name=second_name.rpartition(".")[2])
+    _set_submodule(model, first_name, mlp.eval())  # apply_bsr converts eval-mode models only
+    for name in between_names + [second_name]:
+        _set_submodule(model, name, nn.Identity())
+    result.fused_mlps.append(first_name)
 
 
 def _convert_attention(model, fqn, mha, convert, reason_to_stay_dense, result):

@@ -1,9 +1,11 @@
 """The fused block-sparse CPU kernel: csrc/fused_bsr_linear.cpp, built on first use and run as a custom op.
 
-``torch.ops.superblock.fused_bsr_linear(x, values, row_offsets, cols, bias, out_features, tile_tokens)`` computes
-``x @ W.T + bias`` for a 2-D float32, bfloat16 or float16 ``x`` from W's kept blocks only, with ATen's brgemm
-micro-kernels (oneDNN's AVX-512/AMX kernels) reading the input in place. A shape-only fake is registered beside it,
-so ``torch.compile(fullgraph=True)`` keeps it as one node and ``torch.export`` can export a model that uses it.
+``torch.ops.superblock.fused_bsr_linear`` (``fused_linear`` here) computes ``x @ W.T + bias`` for a 2-D float32,
+bfloat16 or float16 ``x`` from W's kept blocks only, with ATen's brgemm micro-kernels (oneDNN's AVX-512/AMX kernels)
+reading the input in place. ``torch.ops.superblock.fused_bsr_mlp`` (``fused_mlp``) computes a whole
+Linear -> activation -> Linear pair per tile of tokens, its hidden activations kept in cache. Shape-only fakes are
+registered beside them, so ``torch.compile(fullgraph=True)`` keeps each as one node and ``torch.export`` can export a
+model that uses them.
 
 The extension is compiled once per source, torch version and CPU (the build is cached under torch's extension
 folder, ``~/.cache/torch_extensions`` or ``$TORCH_EXTENSIONS_DIR``), so later processes load it at once. With
@@ -62,6 +64,11 @@ def _build() -> None:
 
     @torch.library.register_fake("superblock::fused_bsr_linear")
     def _(x, values, row_offsets, cols, bias, out_features, tile_tokens, gather):
+        return x.new_empty(x.shape[0], out_features)
+
+    @torch.library.register_fake("superblock::fused_bsr_mlp")
+    def _(x, values1, row_offsets1, cols1, bias1, values2, row_offsets2, cols2, bias2, out_features, activation,
+          tile_tokens, gather):
         return x.new_empty(x.shape[0], out_features)
 
 
@@ -158,6 +165,19 @@ def fused_linear(x, values, row_offsets, cols, bias, out_features: int, tile_tok
                                                  gather)
 
 
+def fused_mlp(x, first, second, out_features: int, activation: str, tile_tokens: int,
+              gather: bool = False) -> torch.Tensor:
+    """``second(act(first(x)))`` for a 2-D ``x``, computed per tile of ``tile_tokens`` tokens in one op.
+
+    ``first`` and ``second`` are each ``(packed values, row_offsets, cols, bias)`` of a block-sparse Linear, with the
+    same block size; ``activation`` is one of ``MLP_ACTIVATIONS``. Only the hidden blocks that ``second`` reads are
+    computed.
+    """
+    return torch.ops.superblock.fused_bsr_mlp(x, *first, *second, out_features, activation, tile_tokens, gather)
+
+
+MLP_ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "identity")
+
 # Token tiles tried at conversion, each with and without gathering a row's inputs: the fastest on this CPU,
 # dtype and layer is kept.
 TILE_CANDIDATES = (32, 64, 128, 256)
@@ -174,14 +194,20 @@ def median_seconds(fn, repeats: int = 5) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def fastest_tile(x, values, row_offsets, cols, bias, out_features: int):
-    """((tile_tokens, gather), seconds): the fastest setting of ``TILE_CANDIDATES`` on the sample input ``x``."""
+def fastest_setting(run, tokens: int):
+    """((tile_tokens, gather), seconds): the fastest of ``run(tile_tokens, gather)`` over ``TILE_CANDIDATES``, timed
+    on a sample of ``tokens`` tokens."""
     timings = {}
     for tile in TILE_CANDIDATES:
-        if tile > 2 * x.shape[0] and timings:
+        if tile > 2 * tokens and timings:
             break  # bigger tiles than the sample only repeat the last measurement
         for gather in (False, True):
-            timings[tile, gather] = median_seconds(
-                lambda: fused_linear(x, values, row_offsets, cols, bias, out_features, tile, gather))
+            timings[tile, gather] = median_seconds(lambda: run(tile, gather))
     best = min(timings, key=timings.get)
     return best, timings[best]
+
+
+def fastest_tile(x, values, row_offsets, cols, bias, out_features: int):
+    """((tile_tokens, gather), seconds): ``fused_linear``'s fastest setting on the sample input ``x``."""
+    return fastest_setting(
+        lambda tile, gather: fused_linear(x, values, row_offsets, cols, bias, out_features, tile, gather), x.shape[0])

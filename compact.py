@@ -40,13 +40,12 @@ def save_compact(model: nn.Module, path: str, *, architecture: dict, blocksize: 
     ``torch.load(weights_only=True)``. Returns the file's size and that of the same model stored dense.
     """
     sparse, sparse_prefixes = {}, []
-    for fqn, module in model.named_modules():
-        if isinstance(module, blocksparse.BlockSparseLinear):
-            values, crow, col = pack_blocks(module.dense_weight(), module.blocksize)
-            sparse[fqn] = {"shape": [module.out_features, module.in_features], "values": values.cpu(),
-                           "crow": crow.cpu(), "col": col.cpu(),
-                           "bias": None if module.bias is None else module.bias.cpu()}
-            sparse_prefixes.append(fqn + ".")
+    # By the dense model's names (a fused MLP's two layers under the two Linears it replaced).
+    for fqn, module in blocksparse.block_sparse_layers(model).items():
+        values, crow, col = pack_blocks(module.dense_weight(), module.blocksize)
+        sparse[fqn] = {"shape": [module.out_features, module.in_features], "values": values.cpu(),
+                       "crow": crow.cpu(), "col": col.cpu(), "bias": None if module.bias is None else module.bias.cpu()}
+        sparse_prefixes.append(fqn + ".")
     dense = {_attention_key(k, model): v.cpu() for k, v in model.state_dict().items()
              if not k.startswith(tuple(sparse_prefixes))}
     checkpoints.save_checkpoint({"format": COMPACT_FORMAT, "version": COMPACT_VERSION, "architecture": dict(architecture),

@@ -9,6 +9,11 @@
 // so the caller measures both. Every item is computed by one thread from start to end, so the result is the same
 // bit for bit whatever the thread count.
 //
+// fused_bsr_mlp runs a whole Linear -> activation -> Linear pair per tile of tokens (one work item each): the first
+// Linear's outputs for the hidden blocks the second one reads go to a buffer of the thread's own, the activation runs
+// on it in place, and the second Linear reads it from there. The hidden activations, four times the width of a ViT's
+// tokens, never make the trip to memory and back.
+//
 // The weight blocks come from fused_pack_blocks below: each block transposed (in x out, the brgemm "B" operand),
 // and for bfloat16/float16, where oneDNN's micro-kernel runs on this CPU, in its pair-interleaved (VNNI) layout.
 
@@ -18,6 +23,7 @@
 #include <torch/library.h>
 
 #include <cstring>
+#include <string>
 #include <vector>
 
 namespace {
@@ -75,109 +81,231 @@ bool vnni_runs(at::ScalarType dtype) {
   return false;
 }
 
+// W's kept blocks as one product reads them: packed blocks (fused_pack_blocks), CSR offsets per output block-row,
+// the column block of each kept block, and the bias (or null).
 template <typename T>
-void run_items(const at::Tensor& x, const at::Tensor& values, const at::Tensor& row_offsets, const at::Tensor& cols,
-               const c10::optional<at::Tensor>& bias, at::Tensor& y, int64_t blocksize, int64_t tile_tokens,
-               bool gather) {
+struct BlockRows {
+  const T* blocks;
+  const int32_t* offsets;
+  const int32_t* cols;
+  const T* bias;
+  int64_t blocksize;
+  bool vnni;
+};
+
+// out (m x blocksize, row stride out_stride) = x_tile (m rows, row stride x_stride) @ W[block-row `row`].T + bias,
+// reading x_tile's column blocks in place. float32 accumulates straight into `out`; other dtypes into `scratch`
+// (m x blocksize floats), converted at the end. `panel` is the buffer of the gathered variant.
+template <typename T>
+void block_row_product(const BlockRows<T>& w, int64_t row, const T* x_tile, int64_t x_stride, int64_t m, T* out,
+                       int64_t out_stride, float* scratch, std::vector<T>& panel, bool gather) {
+  constexpr bool accumulate_in_output = std::is_same_v<T, float>;
+  const int64_t blocksize = w.blocksize, block_numel = blocksize * blocksize;
+  const T* row_bias = w.bias ? w.bias + row * blocksize : nullptr;
+  const int64_t first = w.offsets[row], last = w.offsets[row + 1];
+  if (first == last) {
+    for (int64_t i = 0; i < m; ++i) {
+      for (int64_t c = 0; c < blocksize; ++c) {
+        out[i * out_stride + c] = row_bias ? row_bias[c] : T(0.f);
+      }
+    }
+    return;
+  }
+  float* acc = accumulate_in_output ? reinterpret_cast<float*>(out) : scratch;
+  const int64_t acc_stride = accumulate_in_output ? out_stride : blocksize;
+  if (gather && last - first > 1) {
+    const int64_t depth = (last - first) * blocksize;
+    panel.resize(m * depth);
+    for (int64_t i = 0; i < m; ++i) {
+      for (int64_t j = first; j < last; ++j) {
+        std::memcpy(panel.data() + i * depth + (j - first) * blocksize, x_tile + i * x_stride + w.cols[j] * blocksize,
+                    blocksize * sizeof(T));
+      }
+    }
+    brgemm(m, blocksize, depth, depth, blocksize, acc_stride, false, panel.data(), w.blocks + first * block_numel,
+           acc, w.vnni);
+  } else {
+    for (int64_t j = first; j < last; ++j) {
+      brgemm(m, blocksize, blocksize, x_stride, blocksize, acc_stride, j > first, x_tile + w.cols[j] * blocksize,
+             w.blocks + j * block_numel, acc, w.vnni);
+    }
+  }
+  if (accumulate_in_output) {
+    if (row_bias) {
+      for (int64_t i = 0; i < m; ++i) {
+        float* o = acc + i * acc_stride;
+        for (int64_t c = 0; c < blocksize; ++c) o[c] += float(row_bias[c]);
+      }
+    }
+  } else {
+    for (int64_t i = 0; i < m; ++i) {
+      store_row<T>(out + i * out_stride, acc + i * acc_stride, row_bias, blocksize);
+    }
+  }
+}
+
+template <typename T>
+BlockRows<T> block_rows_of(const at::Tensor& values, const at::Tensor& row_offsets, const at::Tensor& cols,
+                           const c10::optional<at::Tensor>& bias) {
   const bool vnni = values.dim() == 4;
+  return {values.const_data_ptr<T>(), row_offsets.const_data_ptr<int32_t>(), cols.const_data_ptr<int32_t>(),
+          bias.has_value() ? bias->const_data_ptr<T>() : nullptr, vnni ? values.size(1) * 2 : values.size(1), vnni};
+}
+
+template <typename T>
+void linear_items(const at::Tensor& x, const BlockRows<T>& w, at::Tensor& y, int64_t tile_tokens, bool gather) {
   const int64_t tokens = x.size(0), out_features = y.size(1), x_stride = x.stride(0);
-  const int64_t block_rows = out_features / blocksize, block_numel = blocksize * blocksize;
+  const int64_t block_rows = out_features / w.blocksize;
   const int64_t tiles = (tokens + tile_tokens - 1) / tile_tokens;
   const T* x_data = x.const_data_ptr<T>();
-  const T* blocks = values.const_data_ptr<T>();
-  const int32_t* offsets = row_offsets.const_data_ptr<int32_t>();
-  const int32_t* col = cols.const_data_ptr<int32_t>();
-  const T* bias_data = bias.has_value() ? bias->const_data_ptr<T>() : nullptr;
   T* y_data = y.mutable_data_ptr<T>();
-  constexpr bool accumulate_in_output = std::is_same_v<T, float>;
-
   at::parallel_for(0, tiles * block_rows, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> tile(accumulate_in_output ? 0 : tile_tokens * blocksize);
+    std::vector<float> scratch(std::is_same_v<T, float> ? 0 : tile_tokens * w.blocksize);
     std::vector<T> panel;
     for (int64_t item = begin; item < end; ++item) {
       const int64_t row = item % block_rows, first_token = (item / block_rows) * tile_tokens;
       const int64_t m = std::min(tile_tokens, tokens - first_token);
-      const T* row_bias = bias_data ? bias_data + row * blocksize : nullptr;
-      T* out = y_data + first_token * out_features + row * blocksize;
-      const int64_t first = offsets[row], last = offsets[row + 1];
-      // float32 accumulates straight into the output; other dtypes in a float tile converted at the end.
-      float* acc = accumulate_in_output ? reinterpret_cast<float*>(out) : tile.data();
-      const int64_t acc_stride = accumulate_in_output ? out_features : blocksize;
-      if (first == last) {
-        for (int64_t i = 0; i < m; ++i) {
-          for (int64_t c = 0; c < blocksize; ++c) {
-            out[i * out_features + c] = row_bias ? row_bias[c] : T(0.f);
-          }
-        }
-        continue;
-      }
+      block_row_product(w, row, x_data + first_token * x_stride, x_stride, m,
+                        y_data + first_token * out_features + row * w.blocksize, out_features, scratch.data(), panel,
+                        gather);
+    }
+    at::native::cpublas::brgemm_release(w.vnni);
+  });
+}
+
+// The elementwise function between an MLP's two Linears, applied in place to a tile of hidden activations.
+void activate(at::Tensor hidden, const std::string& activation) {
+  if (activation == "gelu") {
+    at::gelu_(hidden, "none");
+  } else if (activation == "gelu_tanh") {
+    at::gelu_(hidden, "tanh");
+  } else if (activation == "relu") {
+    at::relu_(hidden);
+  }
+}
+
+// The whole MLP per tile of tokens: hidden = act(x @ W1.T + b1) for the hidden blocks W2 reads, kept in a buffer
+// of the thread's own (it stays in cache), then y = hidden @ W2.T + b2. The hidden activations never go to memory.
+template <typename T>
+void mlp_items(const at::Tensor& x, const BlockRows<T>& w1, const BlockRows<T>& w2, const at::Tensor& cols2,
+               at::Tensor& y, const std::string& activation, int64_t tile_tokens, bool gather) {
+  const int64_t tokens = x.size(0), out_features = y.size(1), x_stride = x.stride(0), blocksize = w1.blocksize;
+  // Only hidden blocks that W2 reads are computed, side by side in the buffer: W2's columns are renumbered.
+  const int32_t* col = cols2.const_data_ptr<int32_t>();
+  int64_t max_col = -1;
+  for (int64_t j = 0; j < cols2.numel(); ++j) max_col = std::max<int64_t>(max_col, col[j]);
+  std::vector<int32_t> position(max_col + 1, -1), live;
+  for (int64_t j = 0; j < cols2.numel(); ++j) position[col[j]] = 0;
+  for (int64_t h = 0; h <= max_col; ++h) {
+    if (position[h] == 0) {
+      position[h] = int32_t(live.size());
+      live.push_back(int32_t(h));
+    }
+  }
+  std::vector<int32_t> renumbered(cols2.numel());
+  for (int64_t j = 0; j < cols2.numel(); ++j) renumbered[j] = position[col[j]];
+  BlockRows<T> w2_live = w2;
+  w2_live.cols = renumbered.data();
+  const int64_t width = int64_t(live.size()) * blocksize, block_rows = out_features / blocksize;
+  const int64_t tiles = (tokens + tile_tokens - 1) / tile_tokens;
+  const T* x_data = x.const_data_ptr<T>();
+  T* y_data = y.mutable_data_ptr<T>();
+  const auto dtype = x.scalar_type();
+  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scratch(std::is_same_v<T, float> ? 0 : tile_tokens * blocksize);
+    std::vector<T> hidden(tile_tokens * std::max<int64_t>(width, 1)), panel;
+    for (int64_t tile = begin; tile < end; ++tile) {
+      const int64_t first_token = tile * tile_tokens, m = std::min(tile_tokens, tokens - first_token);
       const T* x_tile = x_data + first_token * x_stride;
-      if (gather && last - first > 1) {
-        const int64_t depth = (last - first) * blocksize;
-        panel.resize(m * depth);
-        for (int64_t i = 0; i < m; ++i) {
-          for (int64_t j = first; j < last; ++j) {
-            std::memcpy(panel.data() + i * depth + (j - first) * blocksize, x_tile + i * x_stride + col[j] * blocksize,
-                        blocksize * sizeof(T));
-          }
-        }
-        brgemm(m, blocksize, depth, depth, blocksize, acc_stride, false, panel.data(), blocks + first * block_numel,
-               acc, vnni);
-      } else {
-        for (int64_t j = first; j < last; ++j) {
-          brgemm(m, blocksize, blocksize, x_stride, blocksize, acc_stride, j > first, x_tile + col[j] * blocksize,
-                 blocks + j * block_numel, acc, vnni);
-        }
+      for (size_t k = 0; k < live.size(); ++k) {
+        block_row_product(w1, live[k], x_tile, x_stride, m, hidden.data() + k * blocksize, width, scratch.data(),
+                          panel, gather);
       }
-      if (accumulate_in_output) {
-        if (row_bias) {
-          for (int64_t i = 0; i < m; ++i) {
-            float* o = acc + i * acc_stride;
-            for (int64_t c = 0; c < blocksize; ++c) o[c] += float(row_bias[c]);
-          }
-        }
-      } else {
-        for (int64_t i = 0; i < m; ++i) {
-          store_row<T>(out + i * out_features, acc + i * acc_stride, row_bias, blocksize);
-        }
+      if (width > 0) activate(at::from_blob(hidden.data(), {m, width}, at::TensorOptions().dtype(dtype)), activation);
+      for (int64_t row = 0; row < block_rows; ++row) {
+        block_row_product(w2_live, row, hidden.data(), width, m, y_data + first_token * out_features + row * blocksize,
+                          out_features, scratch.data(), panel, gather);
       }
     }
-    at::native::cpublas::brgemm_release(vnni);
+    at::native::cpublas::brgemm_release(w1.vnni);
   });
+}
+
+// Checks one block-sparse weight's operands; returns its block size.
+int64_t check_blocks(const char* op, const at::Tensor& x, const at::Tensor& values, const at::Tensor& row_offsets,
+                     const at::Tensor& cols, int64_t in_features, int64_t out_features) {
+  TORCH_CHECK(values.scalar_type() == x.scalar_type(), op, ": weight dtype ", values.scalar_type(),
+              " does not match the input's ", x.scalar_type());
+  TORCH_CHECK(values.dim() == 3 || values.dim() == 4, op, ": values must come from fused_pack_blocks");
+  TORCH_CHECK(row_offsets.scalar_type() == at::kInt && cols.scalar_type() == at::kInt && row_offsets.numel() >= 1,
+              op, ": row_offsets and cols must be int32, row_offsets of length block-rows + 1");
+  const int64_t blocksize = values.dim() == 4 ? values.size(1) * 2 : values.size(1);
+  const int64_t block_rows = row_offsets.numel() - 1;
+  TORCH_CHECK(block_rows * blocksize == out_features && in_features % blocksize == 0, op, ": blocks of ", blocksize,
+              " do not tile ", out_features, " outputs in ", block_rows, " block-rows");
+  return blocksize;
+}
+
+// The input as brgemm reads it: rows may have any stride, but each row must be contiguous (its leading dimension).
+at::Tensor rows_contiguous(const char* op, const at::Tensor& input, int64_t tile_tokens) {
+  TORCH_CHECK(input.dim() == 2, op, ": expected a 2-D input, got ", input.dim(), " dimensions");
+  TORCH_CHECK(tile_tokens > 0, op, ": tile_tokens must be positive");
+  TORCH_CHECK(input.scalar_type() == at::kFloat || input.scalar_type() == at::kBFloat16 ||
+              input.scalar_type() == at::kHalf, op, ": float32, bfloat16 or float16 input expected, got ",
+              input.scalar_type());
+  return input.stride(1) == 1 && input.size(1) > 0 ? input : input.contiguous();
+}
+
+c10::optional<at::Tensor> contiguous_bias(const c10::optional<at::Tensor>& bias) {
+  return bias.has_value() ? c10::optional<at::Tensor>(bias->contiguous()) : bias;
+}
+
+// Runs `body` with T = the C++ type of a float32, bfloat16 or float16 input.
+template <typename Body>
+void with_dtype(at::ScalarType dtype, Body body) {
+  switch (dtype) {
+    case at::kFloat: body(float(0.f)); break;
+    case at::kBFloat16: body(at::BFloat16(0.f)); break;
+    default: body(at::Half(0.f)); break;
+  }
 }
 
 at::Tensor fused_bsr_linear(const at::Tensor& input, const at::Tensor& values, const at::Tensor& row_offsets,
                             const at::Tensor& cols, const c10::optional<at::Tensor>& bias, int64_t out_features,
                             int64_t tile_tokens, bool gather) {
-  TORCH_CHECK(input.dim() == 2, "fused_bsr_linear: expected a 2-D input, got ", input.dim(), " dimensions");
-  TORCH_CHECK(values.scalar_type() == input.scalar_type(), "fused_bsr_linear: weight dtype ", values.scalar_type(),
-              " does not match the input's ", input.scalar_type());
-  TORCH_CHECK(tile_tokens > 0, "fused_bsr_linear: tile_tokens must be positive");
-  TORCH_CHECK(values.dim() == 3 || values.dim() == 4, "fused_bsr_linear: values must come from fused_pack_blocks");
-  TORCH_CHECK(row_offsets.scalar_type() == at::kInt && cols.scalar_type() == at::kInt && row_offsets.numel() >= 1,
-              "fused_bsr_linear: row_offsets and cols must be int32, row_offsets of length block-rows + 1");
-  const int64_t blocksize = values.dim() == 4 ? values.size(1) * 2 : values.size(1);
-  // The input's rows may have any stride, but each row must be contiguous for brgemm's leading dimension.
-  const at::Tensor x = input.stride(1) == 1 && input.size(1) > 0 ? input : input.contiguous();
+  const at::Tensor x = rows_contiguous("fused_bsr_linear", input, tile_tokens);
   auto y = at::empty({x.size(0), out_features}, x.options());
   if (x.size(0) == 0 || out_features == 0) return y;
-  const int64_t block_rows = row_offsets.numel() - 1;
-  TORCH_CHECK(block_rows * blocksize == out_features && x.size(1) % blocksize == 0, "fused_bsr_linear: blocks of ",
-              blocksize, " do not tile ", out_features, " outputs in ", block_rows, " block-rows");
-  const c10::optional<at::Tensor> c_bias = bias.has_value() ? c10::optional<at::Tensor>(bias->contiguous()) : bias;
-  switch (x.scalar_type()) {
-    case at::kFloat:
-      run_items<float>(x, values, row_offsets, cols, c_bias, y, blocksize, tile_tokens, gather);
-      break;
-    case at::kBFloat16:
-      run_items<at::BFloat16>(x, values, row_offsets, cols, c_bias, y, blocksize, tile_tokens, gather);
-      break;
-    case at::kHalf:
-      run_items<at::Half>(x, values, row_offsets, cols, c_bias, y, blocksize, tile_tokens, gather);
-      break;
-    default:
-      TORCH_CHECK(false, "fused_bsr_linear: float32, bfloat16 or float16 input expected, got ", x.scalar_type());
-  }
+  check_blocks("fused_bsr_linear", x, values, row_offsets, cols, x.size(1), out_features);
+  const auto b = contiguous_bias(bias);
+  with_dtype(x.scalar_type(), [&](auto zero) {
+    using T = decltype(zero);
+    linear_items<T>(x, block_rows_of<T>(values, row_offsets, cols, b), y, tile_tokens, gather);
+  });
+  return y;
+}
+
+at::Tensor fused_bsr_mlp(const at::Tensor& input, const at::Tensor& values1, const at::Tensor& row_offsets1,
+                         const at::Tensor& cols1, const c10::optional<at::Tensor>& bias1, const at::Tensor& values2,
+                         const at::Tensor& row_offsets2, const at::Tensor& cols2,
+                         const c10::optional<at::Tensor>& bias2, int64_t out_features, c10::string_view activation,
+                         int64_t tile_tokens, bool gather) {
+  const std::string act(activation);
+  TORCH_CHECK(act == "gelu" || act == "gelu_tanh" || act == "relu" || act == "identity",
+              "fused_bsr_mlp: activation must be gelu, gelu_tanh, relu or identity, not ", act);
+  const at::Tensor x = rows_contiguous("fused_bsr_mlp", input, tile_tokens);
+  auto y = at::empty({x.size(0), out_features}, x.options());
+  if (x.size(0) == 0 || out_features == 0) return y;
+  const int64_t hidden = (row_offsets1.numel() - 1) * (values1.dim() == 4 ? values1.size(1) * 2 : values1.size(1));
+  const int64_t blocksize = check_blocks("fused_bsr_mlp", x, values1, row_offsets1, cols1, x.size(1), hidden);
+  TORCH_CHECK(check_blocks("fused_bsr_mlp", x, values2, row_offsets2, cols2, hidden, out_features) == blocksize &&
+              values1.dim() == values2.dim(), "fused_bsr_mlp: both Linears must have the same block size and layout");
+  const auto b1 = contiguous_bias(bias1), b2 = contiguous_bias(bias2);
+  with_dtype(x.scalar_type(), [&](auto zero) {
+    using T = decltype(zero);
+    mlp_items<T>(x, block_rows_of<T>(values1, row_offsets1, cols1, b1),
+                 block_rows_of<T>(values2, row_offsets2, cols2, b2), cols2, y, act, tile_tokens, gather);
+  });
   return y;
 }
 
@@ -208,10 +336,14 @@ at::Tensor fused_pack_blocks(const at::Tensor& blocks, bool allow_vnni) {
 TORCH_LIBRARY_FRAGMENT(superblock, m) {
   m.def("fused_bsr_linear(Tensor input, Tensor values, Tensor row_offsets, Tensor cols, Tensor? bias, "
         "int out_features, int tile_tokens, bool gather) -> Tensor");
+  m.def("fused_bsr_mlp(Tensor input, Tensor values1, Tensor row_offsets1, Tensor cols1, Tensor? bias1, "
+        "Tensor values2, Tensor row_offsets2, Tensor cols2, Tensor? bias2, int out_features, str activation, "
+        "int tile_tokens, bool gather) -> Tensor");
   m.def("fused_pack_blocks(Tensor blocks, bool allow_vnni) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(superblock, CPU, m) {
   m.impl("fused_bsr_linear", &fused_bsr_linear);
+  m.impl("fused_bsr_mlp", &fused_bsr_mlp);
   m.impl("fused_pack_blocks", &fused_pack_blocks);
 }

@@ -7,7 +7,7 @@ import blocksparse
 import blocksparse_fused
 import blocksparse_reference
 import blocksparse_triton
-from blocksparse import BlockSparseLinear, apply_bsr
+from blocksparse import BlockSparseLinear, apply_bsr, block_sparse_layers
 from supermask import SupermaskLinear
 
 # "fused" where the C++ extension builds (tests/test_blocksparse_fused.py checks the fallback where it does not);
@@ -303,7 +303,8 @@ def test_apply_bsr_keeps_vit_logits_and_reports_dense_layers(kernel):
     model = small_vit()
     result, converted, x, expected = apply_bsr_to_vit(model, kernel)
     assert converted == {f"encoder.layers.encoder_layer_{i}.mlp.{j}" for i in range(2) for j in (0, 3)}
-    assert all(isinstance(model.get_submodule(name), BlockSparseLinear) for name in converted)
+    layers = block_sparse_layers(model)  # by their original names, also where a pair became one BlockSparseMLP
+    assert set(layers) == converted and all(isinstance(layer, BlockSparseLinear) for layer in layers.values())
     reasons = dict(result.left_dense)
     assert "block sparsity 0.000" in reasons["encoder.layers.encoder_layer_0.self_attention.out_proj"]
     assert "block sparsity 0.000" in reasons["encoder.layers.encoder_layer_0.self_attention.in_proj"]
@@ -507,7 +508,8 @@ def test_mlp_pair_is_reordered_and_keeps_outputs(kernel, bias):
     result = apply_bsr(model, blocksize=16, min_sparsity=0.3, kernel=kernel)
     assert [(a, b) for a, b, _ in result.mlp_pairs] == [("0.0", "0.3")]
     assert "reordered the hidden units" in str(result)
-    first, second = model[0][0], model[0][3]
+    layers = block_sparse_layers(model)
+    first, second = layers["0.0"], layers["0.3"]
     assert isinstance(first, BlockSparseLinear) and isinstance(second, BlockSparseLinear)
     # The unused block-row (and, with biases, the constant one folded into the second bias) is gone.
     assert first.kept_blocks < first_kept

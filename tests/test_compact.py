@@ -4,15 +4,17 @@ import torch
 from torch import nn
 
 import blocksparse
+import blocksparse_fused
 import checkpoints
 import models
+from blocksparse_mlp import BlockSparseMLP
 from helpers import flip_byte_in_tensor_data
 from supermask import apply_supermask, sparsify_offline
 
 ARCH = dict(model="vit_tiny", num_classes=10, image_size=32)
 
 
-def block_sparse_vit(attention_sparsity):
+def block_sparse_vit(attention_sparsity, kernel="bmm"):
     """vit_tiny, 90% of its MLP blocks (and optionally attention blocks) pruned at random, block-sparse."""
     torch.manual_seed(0)
     model = models.build_model("vit_tiny", num_classes=10, image_size=32)
@@ -20,21 +22,30 @@ def block_sparse_vit(attention_sparsity):
     apply_supermask(model, linear_sparsity=0.9, linear_sp_tilesize=16, skip_last_layer_sparsity=True,
                     attention_sparsity=attention_sparsity, attention_sp_tilesize=16)
     sparsify_offline(model).eval()
-    blocksparse.apply_bsr(model, 16, kernel="bmm")
+    blocksparse.apply_bsr(model, 16, kernel=kernel)
     return model
 
 
+# "fused" (where the extension runs) turns each MLP pair into one BlockSparseMLP: the file must still name the
+# dense model's Linears.
+@pytest.mark.parametrize("kernel", ["bmm"] + (["fused"] if blocksparse_fused.available() else []))
 @pytest.mark.parametrize("attention_sparsity", [0.0, 0.9])
-def test_compact_round_trip_gives_the_same_logits(attention_sparsity, tmp_path):
-    model = block_sparse_vit(attention_sparsity)
+def test_compact_round_trip_gives_the_same_logits(attention_sparsity, kernel, tmp_path):
+    model = block_sparse_vit(attention_sparsity, kernel)
     x = torch.randn(3, 3, 32, 32)
     with torch.inference_mode():
         expected = model(x)
     path = str(tmp_path / "compact.pth")
     blocksparse.save_compact(model, path, architecture=ARCH, blocksize=16)
-    loaded = blocksparse.load_compact(path)
-    converted = [m for m in loaded.modules() if isinstance(m, blocksparse.BlockSparseLinear)]
-    assert len(converted) == (24 if attention_sparsity else 12)
+    plain = models.build_model("vit_tiny", num_classes=10, image_size=32)
+    linears = {name for name, m in plain.named_modules() if isinstance(m, nn.Linear)}
+    stored = set(checkpoints.load_checkpoint(path)["sparse"])
+    assert {name for name in stored if not name.endswith("in_proj")} <= linears, stored
+    loaded = blocksparse.load_compact(path, kernel=kernel)
+    converted = blocksparse.block_sparse_layers(loaded)
+    assert set(converted) == stored and len(converted) == (24 if attention_sparsity else 12)
+    fused = [m for m in loaded.modules() if isinstance(m, BlockSparseMLP)]
+    assert len(fused) == (6 if kernel == "fused" else 0)
     with torch.inference_mode():
         torch.testing.assert_close(loaded(x), expected, rtol=1e-5, atol=1e-5)
 

@@ -1,0 +1,69 @@
+"""A block-sparse MLP in one fused CPU kernel: ``BlockSparseMLP``, which ``blocksparse.apply_bsr`` builds.
+
+A ViT's MLP is Linear -> GELU -> Dropout -> Linear. Pruned to 90%, its expanding Linear is bound by writing its
+outputs (the hidden activations, four times the tokens' width), not by its products, and the activation reads and
+writes them once more. ``BlockSparseMLP`` holds the two converted ``BlockSparseLinear`` layers and the elementwise
+modules between them, and on the CPU computes all three per tile of tokens in one op
+(``blocksparse_fused.fused_mlp``), so the hidden activations stay in cache. In training mode, or off the CPU, it runs
+the three one after the other: the same function.
+"""
+
+from typing import List, Optional
+
+import torch
+from torch import nn
+
+import blocksparse_fused
+
+
+def fused_activation(between: List[nn.Module]) -> Optional[str]:
+    """The fused kernel's name (``blocksparse_fused.MLP_ACTIVATIONS``) for the elementwise modules between two
+    Linears, or None when the kernel cannot compute them. Dropout is the identity at inference."""
+    names = []
+    for module in between:
+        if type(module) in (nn.Dropout, nn.Identity):
+            continue
+        if type(module) is nn.GELU:
+            names.append("gelu" if module.approximate == "none" else "gelu_tanh")
+        elif type(module) is nn.ReLU:
+            names.append("relu")
+        else:
+            return None
+    if len(names) > 1:
+        return None
+    return names[0] if names else "identity"
+
+
+class BlockSparseMLP(nn.Module):
+    """``fc2(between(fc1(x)))`` for two fused-kernel ``BlockSparseLinear`` layers, in one op per tile of tokens.
+
+    ``second_name`` is the name ``fc2`` had in the ``nn.Sequential`` that holds this module (which now has an
+    ``nn.Identity`` there), so a compact checkpoint can store both layers under their original names.
+    """
+
+    def __init__(self, fc1: nn.Module, between: List[nn.Module], fc2: nn.Module, *, tile_tokens: int,
+                 gather: bool, second_name: str):
+        super().__init__()
+        activation = fused_activation(between)
+        if activation is None:
+            raise ValueError(f"the fused MLP kernel computes one of {', '.join(blocksparse_fused.MLP_ACTIVATIONS)} "
+                             f"between its Linears, not {[type(m).__name__ for m in between]}")
+        self.fc1 = fc1
+        self.between = nn.Sequential(*between)
+        self.fc2 = fc2
+        self.activation = activation
+        self.tile_tokens = tile_tokens
+        self.gather = gather
+        self.second_name = second_name
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if self.training or input.device.type != "cpu":  # Dropout acts in training; the kernel is the CPU's
+            return self.fc2(self.between(self.fc1(input)))
+        self.fc1.check_input(input)
+        x = input.reshape(-1, self.fc1.in_features).to(self.fc1.packed_values.dtype)
+        y = blocksparse_fused.fused_mlp(x, self.fc1.fused_operands(), self.fc2.fused_operands(),
+                                        self.fc2.out_features, self.activation, self.tile_tokens, self.gather)
+        return y.reshape(*input.shape[:-1], self.fc2.out_features)
+
+    def extra_repr(self) -> str:
+        return f"activation={self.activation!r}, tile_tokens={self.tile_tokens}, gather={self.gather}"

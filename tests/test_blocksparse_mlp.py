@@ -1,0 +1,213 @@
+"""The fused MLP kernel (BlockSparseMLP): a Linear -> activation -> Linear pair in one op, against float64.
+
+Where the extension cannot be built here, apply_bsr must leave every pair as two layers, and these tests check that.
+"""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import blocksparse
+import blocksparse_fused
+from blocksparse import BlockSparseLinear, apply_bsr, block_sparse_layers
+from blocksparse_mlp import BlockSparseMLP
+from test_blocksparse import random_keep
+from test_blocksparse_fused import FUSED, TOL
+
+ACTIVATIONS = {"gelu": nn.GELU(), "gelu_tanh": nn.GELU(approximate="tanh"), "relu": nn.ReLU(),
+               "identity": nn.Dropout(0.1)}
+
+
+def sparse_mlp(dim, hidden, blocksize, activation, *, bias1=True, bias2=True, dtype=torch.float32, seed=0):
+    """Sequential(Linear, activation, Linear), 70% of the blocks pruned at random, in eval mode.
+
+    Hidden block 0 gets no kept block in the first Linear (a constant unit, act(bias)), hidden block 1 none in the
+    second (a unit nobody reads), and the second Linear's block-row 0 is empty.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    model = nn.Sequential(nn.Linear(dim, hidden, bias=bias1), ACTIVATIONS[activation], nn.Linear(hidden, dim, bias=bias2))
+    keep1 = random_keep(hidden, dim, blocksize, 0.7, seed=seed)
+    keep1[0], keep1[1] = False, True
+    keep2 = random_keep(dim, hidden, blocksize, 0.7, seed=seed + 1)
+    keep2[:, 1], keep2[:, 0], keep2[0] = False, True, False
+    with torch.no_grad():
+        for linear, keep in ((model[0], keep1), (model[2], keep2)):
+            # nn.Linear's own scale, so the outputs are of order 1 and the tolerances mean what they say.
+            bound = linear.in_features ** -0.5
+            linear.weight.uniform_(-bound, bound, generator=gen).mul_(keep.repeat_interleave(blocksize, 0)
+                                                                      .repeat_interleave(blocksize, 1))
+            if linear.bias is not None:
+                linear.bias.normal_(generator=gen)
+    return model.eval().requires_grad_(False).to(dtype)
+
+
+def fuse(model, blocksize, kernel="fused"):
+    """A converted copy of ``model`` and apply_bsr's result; checks the pair was fused exactly when it could be."""
+    converted = copy.deepcopy(model)
+    result = apply_bsr(converted, blocksize, min_sparsity=0.3, kernel=kernel if FUSED else "auto")
+    if FUSED and kernel == "fused":
+        assert result.fused_mlps == ["0"] and isinstance(converted[0], BlockSparseMLP)
+        assert all(isinstance(module, nn.Identity) for module in list(converted)[1:])
+    elif not FUSED:
+        assert result.fused_mlps == [] and isinstance(converted[0], BlockSparseLinear)
+    return converted, result
+
+
+def float64_reference(model, x):
+    return copy.deepcopy(model).double()(x.double())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("blocksize", [16, 32, 64])
+@pytest.mark.parametrize("tokens", [1, 7, 197, 3000])
+def test_fused_mlp_matches_float64_reference(dtype, blocksize, tokens):
+    model = sparse_mlp(128, 256, blocksize, "gelu", dtype=dtype, seed=blocksize + tokens)
+    fused, _ = fuse(model, blocksize)
+    x = torch.randn(tokens, 128, dtype=dtype)
+    with torch.inference_mode():
+        expected = float64_reference(model, x)
+        torch.testing.assert_close(fused(x).double(), expected, **TOL[dtype])
+
+
+@pytest.mark.parametrize("activation", list(ACTIVATIONS))
+@pytest.mark.parametrize("bias1,bias2", [(True, True), (True, False), (False, False)])
+def test_fused_mlp_takes_each_activation_bias_leading_shape_and_strided_input(activation, bias1, bias2):
+    # (True, False): the constant hidden block cannot be folded into a bias, so the kernel computes act(bias1).
+    model = sparse_mlp(64, 192, 16, activation, bias1=bias1, bias2=bias2, seed=3)
+    fused, _ = fuse(model, 16)
+    wide = torch.randn(2, 5, 128)
+    x = wide[..., ::2]  # rows of stride 2: not contiguous
+    with torch.inference_mode():
+        torch.testing.assert_close(fused(x).double(), float64_reference(model, x), atol=1e-5, rtol=1e-5)
+
+
+def test_every_tile_setting_of_the_fused_mlp_gives_the_same_result():
+    model = sparse_mlp(128, 512, 32, "gelu", seed=7)
+    fused, _ = fuse(model, 32)
+    if not FUSED:
+        return
+    x = torch.randn(300, 128)
+    with torch.inference_mode():
+        expected = float64_reference(model, x)
+        for tile in blocksparse_fused.TILE_CANDIDATES:
+            for gather in (False, True):
+                fused[0].tile_tokens, fused[0].gather = tile, gather
+                torch.testing.assert_close(fused(x).double(), expected, atol=1e-4, rtol=1e-4,
+                                           msg=f"tile_tokens={tile}, gather={gather}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_mlp_is_bitwise_identical_at_one_and_two_threads(dtype):
+    model = sparse_mlp(128, 512, 32, "gelu", dtype=dtype, seed=8)
+    fused, _ = fuse(model, 32)
+    x = torch.randn(333, 128, dtype=dtype)
+    threads = torch.get_num_threads()
+    with torch.inference_mode():
+        for gather in (False, True):
+            if FUSED:
+                fused[0].tile_tokens, fused[0].gather = 32, gather
+            try:
+                torch.set_num_threads(1)
+                one = fused(x)
+                torch.set_num_threads(2)
+                two = fused(x)
+            finally:
+                torch.set_num_threads(threads)
+            assert torch.equal(one, two)
+
+
+def test_fused_mlp_in_training_mode_runs_its_three_parts():
+    mlp = sparse_mlp(64, 128, 16, "gelu", seed=9)
+    model = nn.Sequential(mlp[0], mlp[1], nn.Dropout(0.5), mlp[2]).eval()
+    fused, _ = fuse(model, 16)
+    if not FUSED:
+        return
+    mlp = fused[0]
+    x = torch.randn(6, 64)
+    with torch.no_grad():
+        inference = fused(x)
+        mlp.train()
+        torch.manual_seed(0)
+        training = fused(x)
+        torch.manual_seed(0)
+        by_hand = mlp.fc2(mlp.between(mlp.fc1(x)))
+    torch.testing.assert_close(training, by_hand)
+    assert not torch.allclose(training, inference), "Dropout(0.5) acts in training mode"
+
+
+def test_a_pair_with_an_activation_the_kernel_lacks_stays_two_layers():
+    model = sparse_mlp(64, 128, 16, "gelu", seed=10)
+    model[1] = nn.SiLU().eval()
+    converted = copy.deepcopy(model)
+    result = apply_bsr(converted, 16, min_sparsity=0.3, kernel="fused" if FUSED else "auto")
+    assert result.fused_mlps == [] and len(result.mlp_pairs) == 1
+    assert isinstance(converted[0], BlockSparseLinear) and isinstance(converted[2], BlockSparseLinear)
+    x = torch.randn(4, 64)
+    with torch.inference_mode():
+        torch.testing.assert_close(converted(x), model(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("fused_is_faster", [True, False])
+def test_auto_fuses_a_pair_only_where_that_measures_faster(fused_is_faster, monkeypatch):
+    if not FUSED:
+        return
+    model = sparse_mlp(64, 128, 16, "gelu", seed=11)
+    first = BlockSparseLinear.from_dense(model[0], 16, kernel="fused")
+    second = BlockSparseLinear.from_dense(model[2], 16, kernel="fused")
+    fused_seconds = 1.0 if fused_is_faster else 3.0
+    monkeypatch.setattr(blocksparse_fused, "fastest_setting", lambda run, tokens: ((64, False), fused_seconds))
+    monkeypatch.setattr(blocksparse_fused, "median_seconds", lambda fn, repeats=5: 2.0)  # the two layers in turn
+    monkeypatch.setattr(blocksparse, "_measured_mlps", {})
+    chosen = blocksparse.choose_mlp_fusion(first, [model[1]], second)
+    assert chosen == ((64, False) if fused_is_faster else None)
+    assert blocksparse.choose_mlp_fusion(first, [model[1]], second, always=True) == (64, False)
+
+
+def test_fused_mlp_compiles_as_one_node_and_exports():
+    model = sparse_mlp(64, 128, 16, "gelu", seed=12)
+    fused, _ = fuse(model, 16)
+    if not FUSED:
+        return
+    x = torch.randn(2, 7, 64)
+    with torch.inference_mode():
+        expected = float64_reference(model, x)
+        compiled = torch.compile(fused, fullgraph=True)  # inductor; fullgraph: no graph break around the op
+        torch.testing.assert_close(compiled(x).double(), expected, atol=1e-5, rtol=1e-5)
+    exported = torch.export.export(fused, (x,))
+    ops = [str(node.target) for node in exported.graph.nodes if node.op == "call_function"]
+    assert any("superblock.fused_bsr_mlp" in op for op in ops), ops
+    assert not any("superblock.fused_bsr_linear" in op for op in ops), "the pair must be one op, not two"
+    x2 = torch.randn(2, 7, 64)
+    with torch.inference_mode():
+        torch.testing.assert_close(exported.module()(x2).double(), float64_reference(model, x2), atol=1e-5,
+                                   rtol=1e-5)
+
+
+def test_fused_mlp_follows_a_dtype_change():
+    model = sparse_mlp(64, 128, 16, "gelu", seed=13)
+    fused, _ = fuse(model, 16)
+    x = torch.randn(5, 64)
+    with torch.inference_mode():
+        expected = float64_reference(model, x)
+        fused.to(torch.bfloat16)
+        torch.testing.assert_close(fused(x.bfloat16()).double(), expected, **TOL[torch.bfloat16])
+
+
+def test_block_sparse_layers_lists_a_fused_pair_under_its_linears_names():
+    model = nn.Sequential(sparse_mlp(64, 128, 16, "gelu", seed=14)).eval()  # the pair is "0.0" and "0.2"
+    converted = copy.deepcopy(model)
+    apply_bsr(converted, 16, min_sparsity=0.3, kernel="fused" if FUSED else "auto")
+    layers = block_sparse_layers(converted)
+    assert set(layers) == {"0.0", "0.2"}
+    assert layers["0.0"].out_features == 128 and layers["0.2"].in_features == 128
+
+
+def test_the_fused_mlp_op_refuses_an_unknown_activation():
+    if not FUSED:
+        return
+    model = sparse_mlp(64, 128, 16, "gelu", seed=15)
+    mlp = fuse(model, 16)[0][0]
+    with pytest.raises(RuntimeError, match="activation must be gelu, gelu_tanh, relu or identity, not swish"):
+        blocksparse_fused.fused_mlp(torch.randn(2, 64), mlp.fc1.fused_operands(), mlp.fc2.fused_operands(), 64,
+                                    "swish", 32)
