@@ -215,9 +215,11 @@ def time_forwards(fns, x, *, warmup, iters, device, rewarm=False):
     """Median seconds per call of each fn(x), first-call seconds and outputs, as dicts keyed like `fns`.
 
     Calls are interleaved (one call of every fn per round), so that load from other processes on a shared
-    machine hits all variants alike and their ratios stay comparable. With ``rewarm``, each timed call follows
-    an untimed one of the same fn: for calls of milliseconds, whose data the previous variant evicted from the
-    caches (one Linear timed right after the ``torch`` variant measured slower than on its own).
+    machine hits all variants alike and their ratios stay comparable; every other round runs them in reverse
+    order, since the first of a round measured a few percent faster in calls of milliseconds (two copies of one
+    dense layer gave 0.95x in one order, 1.03x in the other). With ``rewarm``, each timed call follows an untimed
+    one of the same fn: for calls of milliseconds, whose data the previous variant evicted from the caches (one
+    Linear timed right after the ``torch`` variant measured slower than on its own).
     """
     outs, first, times = {}, {}, {name: [] for name in fns}
     for name, fn in fns.items():
@@ -229,8 +231,8 @@ def time_forwards(fns, x, *, warmup, iters, device, rewarm=False):
     for _ in range(max(warmup - 1, 0)):
         for fn in fns.values():
             fn(x)
-    for _ in tqdm(range(iters), desc="timing rounds", leave=False):
-        for name, fn in fns.items():
+    for round_index in tqdm(range(iters), desc="timing rounds", leave=False):
+        for name, fn in (reversed(fns.items()) if round_index % 2 else fns.items()):
             if rewarm:
                 fn(x)
             utils.synchronize(device)
@@ -276,7 +278,8 @@ def build_variants(args, plan, dense, sparsity, tile_size, blocksize, variants):
         # Converted where it runs: the kernel choice and packing depend on device and dtype.
         model = copy.deepcopy(offline).to(device=plan.device, dtype=plan.dtype)
         result = blocksparse.apply_bsr(model, blocksize=blocksize, min_sparsity=args.min_sparsity, kernel=kernel)
-        notes[name] = f"{len(result.converted)} Linear converted, {len(result.left_dense)} left dense"
+        fused = f" ({len(result.fused_mlps)} MLPs as one kernel each)" if result.fused_mlps else ""
+        notes[name] = f"{len(result.converted)} Linear converted{fused}, {len(result.left_dense)} left dense"
         models[name] = model
     return {k: v for k, v in models.items() if k in variants}, notes
 
@@ -387,11 +390,13 @@ def run_sweep(args, plan):
 
 
 def _kernel_counts(model):
-    """How many BlockSparseLinear layers of each kernel a model holds, e.g. 'fused:24'."""
+    """How many BlockSparseLinear layers of each kernel a model holds, and fused MLPs, e.g. 'fused:24 mlp:12'."""
     counts = {}
     for module in model.modules():
         if isinstance(module, blocksparse.BlockSparseLinear):
             counts[module.kernel] = counts.get(module.kernel, 0) + 1
+        elif isinstance(module, blocksparse.BlockSparseMLP):
+            counts["mlp"] = counts.get("mlp", 0) + 1
     return " ".join(f"{k}:{v}" for k, v in sorted(counts.items())) or "none"
 
 
@@ -450,7 +455,7 @@ def run_layer(args, plan):
             continue
         model = copy.deepcopy(dense)
         result = blocksparse.apply_bsr(model, blocksize=blocksize, min_sparsity=0.0, kernel=name)
-        chosen = "/".join(kernel for _, kernel, _ in result.converted)
+        chosen = "/".join(kernel for _, kernel, _ in result.converted) + (" mlp" if result.fused_mlps else "")
         fns["torch" if name == "torch" else f"bsr-{name}" + (f" ({chosen})" if name == "auto" else "")] = model
     fns = {timed: fn for name, layer in fns.items() for timed, fn in _prepare(name, layer, args, plan).items()}
     medians, _, outs = time_forwards(fns, x, warmup=args.warmup, iters=args.iters, device=plan.device,
