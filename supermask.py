@@ -747,6 +747,9 @@ def sparsity_report(model):
     blocksparse = sys.modules.get("blocksparse")
     skipped = skipped_layers(model)
     dead = _attention_out_projections(model)
+    original_names = {}
+    if blocksparse is not None:  # a fused MLP's two layers go by the names of the Linears they replaced
+        original_names = {id(layer): fqn for fqn, layer in blocksparse.block_sparse_layers(model).items()}
     rows = []
     for name, module in model.named_modules():
         if isinstance(module, nn.MultiheadAttention):
@@ -754,7 +757,8 @@ def sparsity_report(model):
             weight = module.in_proj_weight if module._qkv_same_embed_dim else module.q_proj_weight
             rows.append(_plain_row(f"{name}.in_proj_weight", "MultiheadAttention", weight, skipped.get(name)))
         if blocksparse is not None and isinstance(module, blocksparse.BlockSparseLinear):
-            rows.append(LayerSparsity(name, type(module).__name__, (module.out_features, module.in_features),
+            rows.append(LayerSparsity(original_names.get(id(module), name), type(module).__name__,
+                                      (module.out_features, module.in_features),
                                       module.blocksize, None, module.sparsity,
                                       module.out_features * module.in_features,
                                       f"block-sparse, kernel={module.kernel}"))

@@ -36,6 +36,18 @@ def write_image_folder(root, *, classes=3, train_per_class=8, val_per_class=3, s
     return root
 
 
+def at_one_and_two_threads(fn):
+    """(fn() with torch at one thread, fn() at two): results that must not depend on the thread count."""
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = fn()
+        torch.set_num_threads(2)
+        return one, fn()
+    finally:
+        torch.set_num_threads(threads)
+
+
 def free_port():
     """A TCP port that nothing listens on right now (for torchrun's rendezvous)."""
     with socket.socket() as s:

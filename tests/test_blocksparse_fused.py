@@ -14,6 +14,7 @@ from torch import nn
 
 import blocksparse_fused
 from blocksparse import BlockSparseLinear, apply_bsr
+from helpers import at_one_and_two_threads
 
 FUSED = blocksparse_fused.available()
 TOL = {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.bfloat16: dict(atol=3e-2, rtol=2e-2),
@@ -127,16 +128,9 @@ def test_fused_is_bitwise_identical_at_one_and_two_threads(dtype):
     if layer is None:
         return
     x = torch.randn(333, 256, dtype=dtype)
-    threads = torch.get_num_threads()
     for gather in (False, True):
         layer.gather = gather
-        try:
-            torch.set_num_threads(1)
-            one = layer(x)
-            torch.set_num_threads(2)
-            two = layer(x)
-        finally:
-            torch.set_num_threads(threads)
+        one, two = at_one_and_two_threads(lambda: layer(x))
         assert torch.equal(one, two)
 
 

@@ -12,6 +12,8 @@ import blocksparse
 import blocksparse_fused
 from blocksparse import BlockSparseLinear, apply_bsr, block_sparse_layers
 from blocksparse_mlp import BlockSparseMLP
+from helpers import at_one_and_two_threads
+from supermask import sparsity_report
 from test_blocksparse import random_keep
 from test_blocksparse_fused import FUSED, TOL
 
@@ -102,18 +104,11 @@ def test_fused_mlp_is_bitwise_identical_at_one_and_two_threads(dtype):
     model = sparse_mlp(128, 512, 32, "gelu", dtype=dtype, seed=8)
     fused, _ = fuse(model, 32)
     x = torch.randn(333, 128, dtype=dtype)
-    threads = torch.get_num_threads()
     with torch.inference_mode():
         for gather in (False, True):
             if FUSED:
                 fused[0].tile_tokens, fused[0].gather = 32, gather
-            try:
-                torch.set_num_threads(1)
-                one = fused(x)
-                torch.set_num_threads(2)
-                two = fused(x)
-            finally:
-                torch.set_num_threads(threads)
+            one, two = at_one_and_two_threads(lambda: fused(x))
             assert torch.equal(one, two)
 
 
@@ -201,6 +196,7 @@ def test_block_sparse_layers_lists_a_fused_pair_under_its_linears_names():
     layers = block_sparse_layers(converted)
     assert set(layers) == {"0.0", "0.2"}
     assert layers["0.0"].out_features == 128 and layers["0.2"].in_features == 128
+    assert {row.name for row in sparsity_report(converted).rows} == {"0.0", "0.2"}
 
 
 def test_the_fused_mlp_op_refuses_an_unknown_activation():
