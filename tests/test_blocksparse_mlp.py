@@ -207,3 +207,14 @@ def test_the_fused_mlp_op_refuses_an_unknown_activation():
     with pytest.raises(RuntimeError, match="activation must be gelu, gelu_tanh, relu or identity, not swish"):
         blocksparse_fused.fused_mlp(torch.randn(2, 64), mlp.fc1.fused_operands(), mlp.fc2.fused_operands(), 64,
                                     "swish", 32)
+
+
+def test_fused_mlp_takes_no_tokens_and_an_all_zero_second_layer():
+    model = sparse_mlp(64, 128, 16, "gelu", seed=16)
+    model[2].weight.zero_()  # no hidden unit is read: the output is the second bias, whatever the input
+    fused, result = fuse(model, 16)
+    assert "8 of 8 hidden blocks unused" in result.mlp_pairs[0][2]
+    with torch.inference_mode():
+        assert fused(torch.randn(0, 64)).shape == (0, 64)
+        x = torch.randn(5, 64)
+        torch.testing.assert_close(fused(x), model[2].bias.expand(5, 64))
