@@ -187,17 +187,21 @@ void activate(at::Tensor hidden, const std::string& activation) {
 // The whole MLP per tile of tokens: hidden = act(x @ W1.T + b1) for the hidden blocks W2 reads, kept in a buffer
 // of the thread's own (it stays in cache), then y = hidden @ W2.T + b2. The hidden activations never go to memory.
 template <typename T>
-void mlp_items(const at::Tensor& x, const BlockRows<T>& w1, const BlockRows<T>& w2, const at::Tensor& cols2,
-               at::Tensor& y, const std::string& activation, int64_t tile_tokens, bool gather) {
+void mlp_items(const at::Tensor& x, const BlockRows<T>& w1, int64_t hidden_blocks, const BlockRows<T>& w2,
+               const at::Tensor& cols2, at::Tensor& y, const std::string& activation, int64_t tile_tokens,
+               bool gather) {
   const int64_t tokens = x.size(0), out_features = y.size(1), x_stride = x.stride(0), blocksize = w1.blocksize;
-  // Only hidden blocks that W2 reads are computed, side by side in the buffer: W2's columns are renumbered.
+  // Only the hidden blocks W2 reads are computed, side by side in the buffer: W2's columns are renumbered to them.
   const int32_t* col = cols2.const_data_ptr<int32_t>();
   int64_t max_col = -1;
   for (int64_t j = 0; j < cols2.numel(); ++j) max_col = std::max<int64_t>(max_col, col[j]);
+  TORCH_CHECK(max_col < hidden_blocks, "fused_bsr_mlp: the second Linear reads hidden block ", max_col,
+              ", but the first one has ", hidden_blocks, " block-rows");
+  std::vector<char> read(max_col + 1, 0);
+  for (int64_t j = 0; j < cols2.numel(); ++j) read[col[j]] = 1;
   std::vector<int32_t> position(max_col + 1, -1), live;
-  for (int64_t j = 0; j < cols2.numel(); ++j) position[col[j]] = 0;
   for (int64_t h = 0; h <= max_col; ++h) {
-    if (position[h] == 0) {
+    if (read[h]) {
       position[h] = int32_t(live.size());
       live.push_back(int32_t(h));
     }
@@ -303,7 +307,7 @@ at::Tensor fused_bsr_mlp(const at::Tensor& input, const at::Tensor& values1, con
   const auto b1 = contiguous_bias(bias1), b2 = contiguous_bias(bias2);
   with_dtype(x.scalar_type(), [&](auto zero) {
     using T = decltype(zero);
-    mlp_items<T>(x, block_rows_of<T>(values1, row_offsets1, cols1, b1),
+    mlp_items<T>(x, block_rows_of<T>(values1, row_offsets1, cols1, b1), row_offsets1.numel() - 1,
                  block_rows_of<T>(values2, row_offsets2, cols2, b2), cols2, y, act, tile_tokens, gather);
   });
   return y;

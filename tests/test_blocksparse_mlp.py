@@ -199,7 +199,7 @@ def test_block_sparse_layers_lists_a_fused_pair_under_its_linears_names():
     assert {row.name for row in sparsity_report(converted).rows} == {"0.0", "0.2"}
 
 
-def test_the_fused_mlp_op_refuses_an_unknown_activation():
+def test_the_fused_mlp_op_refuses_an_unknown_activation_and_layers_that_do_not_chain():
     if not FUSED:
         return
     model = sparse_mlp(64, 128, 16, "gelu", seed=15)
@@ -207,6 +207,10 @@ def test_the_fused_mlp_op_refuses_an_unknown_activation():
     with pytest.raises(RuntimeError, match="activation must be gelu, gelu_tanh, relu or identity, not swish"):
         blocksparse_fused.fused_mlp(torch.randn(2, 64), mlp.fc1.fused_operands(), mlp.fc2.fused_operands(), 64,
                                     "swish", 32)
+    narrow = BlockSparseLinear.from_dense(sparse_mlp(64, 64, 16, "gelu", seed=17)[0], 16, kernel="fused")
+    with pytest.raises(RuntimeError, match="the second Linear reads hidden block 7, but the first one has 4"):
+        blocksparse_fused.fused_mlp(torch.randn(2, 64), narrow.fused_operands(), mlp.fc2.fused_operands(), 64,
+                                    "gelu", 32)
 
 
 def test_fused_mlp_takes_no_tokens_and_an_all_zero_second_layer():
