@@ -187,16 +187,13 @@ void activate(at::Tensor hidden, const std::string& activation) {
 // The whole MLP per tile of tokens: hidden = act(x @ W1.T + b1) for the hidden blocks W2 reads, kept in a buffer
 // of the thread's own (it stays in cache), then y = hidden @ W2.T + b2. The hidden activations never go to memory.
 template <typename T>
-void mlp_items(const at::Tensor& x, const BlockRows<T>& w1, int64_t hidden_blocks, const BlockRows<T>& w2,
-               const at::Tensor& cols2, at::Tensor& y, const std::string& activation, int64_t tile_tokens,
-               bool gather) {
+void mlp_items(const at::Tensor& x, const BlockRows<T>& w1, const BlockRows<T>& w2, const at::Tensor& cols2,
+               at::Tensor& y, const std::string& activation, int64_t tile_tokens, bool gather) {
   const int64_t tokens = x.size(0), out_features = y.size(1), x_stride = x.stride(0), blocksize = w1.blocksize;
   // Only the hidden blocks W2 reads are computed, side by side in the buffer: W2's columns are renumbered to them.
   const int32_t* col = cols2.const_data_ptr<int32_t>();
   int64_t max_col = -1;
   for (int64_t j = 0; j < cols2.numel(); ++j) max_col = std::max<int64_t>(max_col, col[j]);
-  TORCH_CHECK(max_col < hidden_blocks, "fused_bsr_mlp: the second Linear reads hidden block ", max_col,
-              ", but the first one has ", hidden_blocks, " block-rows");
   std::vector<char> read(max_col + 1, 0);
   for (int64_t j = 0; j < cols2.numel(); ++j) read[col[j]] = 1;
   std::vector<int32_t> position(max_col + 1, -1), live;
@@ -241,12 +238,21 @@ int64_t check_blocks(const char* op, const at::Tensor& x, const at::Tensor& valu
   TORCH_CHECK(values.scalar_type() == x.scalar_type(), op, ": weight dtype ", values.scalar_type(),
               " does not match the input's ", x.scalar_type());
   TORCH_CHECK(values.dim() == 3 || values.dim() == 4, op, ": values must come from fused_pack_blocks");
-  TORCH_CHECK(row_offsets.scalar_type() == at::kInt && cols.scalar_type() == at::kInt && row_offsets.numel() >= 1,
-              op, ": row_offsets and cols must be int32, row_offsets of length block-rows + 1");
+  TORCH_CHECK(row_offsets.scalar_type() == at::kInt && cols.scalar_type() == at::kInt && row_offsets.numel() >= 1 &&
+              row_offsets.is_contiguous() && cols.is_contiguous(),
+              op, ": row_offsets and cols must be contiguous int32, row_offsets of length block-rows + 1");
   const int64_t blocksize = values.dim() == 4 ? values.size(1) * 2 : values.size(1);
   const int64_t block_rows = row_offsets.numel() - 1;
   TORCH_CHECK(block_rows * blocksize == out_features && in_features % blocksize == 0, op, ": blocks of ", blocksize,
               " do not tile ", out_features, " outputs in ", block_rows, " block-rows");
+  // Indices that point outside the blocks or the input would read out of bounds: check them (a pass over them).
+  const int32_t* offsets = row_offsets.const_data_ptr<int32_t>();
+  const int32_t* col = cols.const_data_ptr<int32_t>();
+  bool ok = offsets[0] == 0 && offsets[block_rows] == cols.numel() && values.size(0) == cols.numel();
+  for (int64_t r = 0; ok && r < block_rows; ++r) ok = offsets[r] <= offsets[r + 1];
+  for (int64_t j = 0; ok && j < cols.numel(); ++j) ok = col[j] >= 0 && col[j] < in_features / blocksize;
+  TORCH_CHECK(ok, op, ": row_offsets and cols do not index ", values.size(0), " blocks of a ", out_features, "x",
+              in_features, " weight");
   return blocksize;
 }
 
@@ -307,7 +313,7 @@ at::Tensor fused_bsr_mlp(const at::Tensor& input, const at::Tensor& values1, con
   const auto b1 = contiguous_bias(bias1), b2 = contiguous_bias(bias2);
   with_dtype(x.scalar_type(), [&](auto zero) {
     using T = decltype(zero);
-    mlp_items<T>(x, block_rows_of<T>(values1, row_offsets1, cols1, b1), row_offsets1.numel() - 1,
+    mlp_items<T>(x, block_rows_of<T>(values1, row_offsets1, cols1, b1),
                  block_rows_of<T>(values2, row_offsets2, cols2, b2), cols2, y, act, tile_tokens, gather);
   });
   return y;

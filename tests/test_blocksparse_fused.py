@@ -255,3 +255,19 @@ def test_the_plain_layout_fallback_is_exact_too(monkeypatch):
     assert layer.packed_values.dim() == 3, "the plain layout keeps (kept, in, out) blocks"
     x = torch.randn(9, 128, dtype=torch.bfloat16)
     torch.testing.assert_close(layer(x).double(), reference(linear, x), **TOL[torch.bfloat16])
+
+
+def test_fused_op_refuses_indices_outside_the_weight():
+    linear = sparse_linear(64, 32, 16, 0.5, seed=9)
+    layer = fused_layer(linear, 16)
+    if layer is None:
+        return
+    values, crow, col, bias = layer.fused_operands()
+    x = torch.randn(3, 64)
+    bad_col = col.clone()
+    bad_col[0] = 4  # the input has 4 column blocks: 0..3
+    bad_crow = crow.clone()
+    bad_crow[-1] += 1  # one block more than there are
+    for crow_, col_ in ((crow, bad_col), (bad_crow, col)):
+        with pytest.raises(RuntimeError, match="row_offsets and cols do not index"):
+            blocksparse_fused.fused_linear(x, values, crow_, col_, bias, 32, 32)
