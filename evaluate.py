@@ -25,6 +25,7 @@ import checkpoints
 import cli
 import data
 import evaluation
+import models
 import supermask
 import utils
 
@@ -79,6 +80,11 @@ def _compact_target(args, checkpoint):
     if args.bsr and args.bsr != blocksize:
         raise utils.InputError(f"--bsr {args.bsr} contradicts compact checkpoint {path}, which holds "
                                f"{blocksize}x{blocksize} blocks; drop --bsr")
+    arch = checkpoint["architecture"]
+    if models.is_vit(arch["model"]) and arch["image_size"] != args.val_crop_size:
+        raise utils.InputError(f"compact checkpoint {path} holds a {arch['model']} for {arch['image_size']}-pixel "
+                               f"images, not --val-crop-size {args.val_crop_size}; pass --val-crop-size "
+                               f"{arch['image_size']} (and a --val-resize-size to match)")
     return dict(model=checkpoint["architecture"]["model"], bsr=blocksize, sparsify_weights=True)
 
 

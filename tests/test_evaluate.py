@@ -143,8 +143,10 @@ def _malformed(compact_file, tmp_path):
     lambda path, tmp: (path, ["--sparsity-linear", "0.5"], "--sparsity-linear does not apply to compact checkpoint"),
     lambda path, tmp: (path, ["--skip-last-layer-sparsity"], "--skip-last-layer-sparsity does not apply"),
     lambda path, tmp: (path, ["--bsr", "8"], "--bsr 8 contradicts compact checkpoint"),
+    lambda path, tmp: (path, ["--val-crop-size", "24"], "for 16-pixel images, not --val-crop-size 24; pass "
+                                                        "--val-crop-size 16"),
     _malformed,
-], ids=["sparsity_flag", "skip_flag", "other_block_size", "malformed"])
+], ids=["sparsity_flag", "skip_flag", "other_block_size", "other_image_size", "malformed"])
 def test_compact_file_refuses_flags_it_would_ignore_and_malformed_content(case, data, compact_file, tmp_path):
     path, flags, expected = case(compact_file, tmp_path)
     result = run_in_process("evaluate.py", ["--data-path", data, "--device", "cpu", "-j", "0", *SIZE, "-b", "4",
