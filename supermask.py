@@ -664,8 +664,11 @@ def load_supermask_state_dict(model, state_dict):
             raise ValueError(f"the checkpoint has entry {name}, which this model lacks: was it written for "
                              f"another model, or with other sparsity flags?")
         if found.shape != expected[name].shape:
+            # A ViT's position embedding has one entry per patch: its length is set by the image size.
+            cause = ("another image size" if name.endswith("pos_embedding")
+                     else "another model or num_classes")
             raise ValueError(f"checkpoint entry {name} has shape {tuple(found.shape)} but the model expects "
-                             f"{tuple(expected[name].shape)}: was it written for another model or num_classes?")
+                             f"{tuple(expected[name].shape)}: was it written for {cause}?")
     missing = [k for k in expected if k not in state_dict]
     missing_scores = [k[: -len(".scores")] for k in missing if k.endswith(".scores")]
     others = [k for k in missing if not k.endswith(".scores")]

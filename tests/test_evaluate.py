@@ -238,6 +238,10 @@ def _save_compact_without_bsr(checkpoint, tmp_path):
     return ["--weights-path", checkpoint, "--save-compact", str(tmp_path / "c.pth")], "--save-compact"
 
 
+def _another_image_size(checkpoint, tmp_path):
+    return ["--weights-path", checkpoint, "--val-crop-size", "24"], "was it written for another image size?"
+
+
 def _compact_of_a_newer_format(checkpoint, tmp_path):
     import blocksparse
 
@@ -302,7 +306,7 @@ def _data_path_is_a_file(checkpoint, tmp_path):
 
 BAD_INPUTS = [_output_json_through_a_file, _save_compact_through_a_file, _plot_masks_through_a_file,
               _output_json_is_a_folder, _weights_path_is_a_folder, _text_file_as_weights, _random_bytes_as_weights,
-              _pickle_of_other_objects, _data_path_is_a_file, _unknown_bsr_kernel, _save_compact_without_bsr, _compact_of_a_newer_format, _missing_weights, _truncated_checkpoint, _another_model, _other_tile_size,
+              _pickle_of_other_objects, _data_path_is_a_file, _unknown_bsr_kernel, _save_compact_without_bsr, _compact_of_a_newer_format, _another_image_size, _missing_weights, _truncated_checkpoint, _another_model, _other_tile_size,
               _dense_flags_for_sparse_checkpoint, _block_size_dividing_no_layer, _model_ema_without_weights,
               _sparsity_contradicting_the_checkpoint, _tile_size_contradicting_the_checkpoint,
               _skip_flag_contradicting_the_checkpoint, _flipped_byte, _bsr_without_weights,
