@@ -191,8 +191,10 @@ def _time_candidates(linear: nn.Linear, blocksize: int, candidate: str):
     setting = None
     if candidate == "fused":
         values, crow, col = reference.pack_blocks(weight, blocksize)
-        setting, seconds["fused"] = blocksparse_fused.fastest_tile(
-            x, blocksparse_fused.pack(values), crow, col, bias, weight.shape[0])
+        packed, out_features = blocksparse_fused.pack(values), weight.shape[0]
+        setting, seconds["fused"] = blocksparse_fused.fastest_setting(
+            lambda tile, gather: blocksparse_fused.fused_linear(x, packed, crow, col, bias, out_features, tile, gather),
+            x.shape[0])
     else:
         layer = BlockSparseLinear.from_dense(linear, blocksize, kernel=candidate)
         seconds[candidate] = blocksparse_fused.median_seconds(lambda: layer(x))

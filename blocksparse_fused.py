@@ -206,8 +206,3 @@ def fastest_setting(run, tokens: int):
     best = min(timings, key=timings.get)
     return best, timings[best]
 
-
-def fastest_tile(x, values, row_offsets, cols, bias, out_features: int):
-    """((tile_tokens, gather), seconds): ``fused_linear``'s fastest setting on the sample input ``x``."""
-    return fastest_setting(
-        lambda tile, gather: fused_linear(x, values, row_offsets, cols, bias, out_features, tile, gather), x.shape[0])

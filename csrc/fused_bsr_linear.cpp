@@ -23,6 +23,7 @@
 #include <torch/library.h>
 
 #include <cstring>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -214,17 +215,20 @@ void mlp_items(const at::Tensor& x, const BlockRows<T>& w1, const BlockRows<T>& 
   const auto dtype = x.scalar_type();
   at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scratch(std::is_same_v<T, float> ? 0 : tile_tokens * blocksize);
-    std::vector<T> hidden(tile_tokens * std::max<int64_t>(width, 1)), panel;
+    // Not zero-filled (a std::vector would clear megabytes per call): every row the activation and W2 read is
+    // written by W1's products first.
+    std::unique_ptr<T[]> hidden(new T[tile_tokens * std::max<int64_t>(width, 1)]);
+    std::vector<T> panel;
     for (int64_t tile = begin; tile < end; ++tile) {
       const int64_t first_token = tile * tile_tokens, m = std::min(tile_tokens, tokens - first_token);
       const T* x_tile = x_data + first_token * x_stride;
       for (size_t k = 0; k < live.size(); ++k) {
-        block_row_product(w1, live[k], x_tile, x_stride, m, hidden.data() + k * blocksize, width, scratch.data(),
+        block_row_product(w1, live[k], x_tile, x_stride, m, hidden.get() + k * blocksize, width, scratch.data(),
                           panel, gather);
       }
-      if (width > 0) activate(at::from_blob(hidden.data(), {m, width}, at::TensorOptions().dtype(dtype)), activation);
+      if (width > 0) activate(at::from_blob(hidden.get(), {m, width}, at::TensorOptions().dtype(dtype)), activation);
       for (int64_t row = 0; row < block_rows; ++row) {
-        block_row_product(w2_live, row, hidden.data(), width, m, y_data + first_token * out_features + row * blocksize,
+        block_row_product(w2_live, row, hidden.get(), width, m, y_data + first_token * out_features + row * blocksize,
                           out_features, scratch.data(), panel, gather);
       }
     }
