@@ -205,4 +205,3 @@ def fastest_setting(run, tokens: int):
             timings[tile, gather] = median_seconds(lambda: run(tile, gather))
     best = min(timings, key=timings.get)
     return best, timings[best]
-
