@@ -85,7 +85,7 @@ def _compact_target(args, checkpoint):
         raise utils.InputError(f"compact checkpoint {path} holds a {arch['model']} for {arch['image_size']}-pixel "
                                f"images, not --val-crop-size {args.val_crop_size}; pass --val-crop-size "
                                f"{arch['image_size']} (and a --val-resize-size to match)")
-    return dict(model=checkpoint["architecture"]["model"], bsr=blocksize, sparsify_weights=True)
+    return dict(model=arch["model"], bsr=blocksize, sparsify_weights=True)
 
 
 ##### The model #####
