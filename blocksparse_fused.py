@@ -1,4 +1,4 @@
-"""The fused block-sparse CPU kernel: csrc/fused_bsr_linear.cpp, built on first use and run as a custom op.
+"""The fused block-sparse CPU kernels: the C++ extension of csrc/, built on first use, and its float ops.
 
 ``torch.ops.superblock.fused_bsr_linear`` (``fused_linear`` here) computes ``x @ W.T + bias`` for a 2-D float32,
 bfloat16 or float16 ``x`` from W's kept blocks only, with ATen's brgemm micro-kernels (oneDNN's AVX-512/AMX kernels)
@@ -7,7 +7,8 @@ Linear -> activation -> Linear pair per tile of tokens, its hidden activations k
 registered beside them, so ``torch.compile(fullgraph=True)`` keeps each as one node and ``torch.export`` can export a
 model that uses them.
 
-The extension is compiled once per source, torch version and CPU (the build is cached under torch's extension
+The extension (``csrc/fused_bsr_linear.cpp`` and the int8 ops of ``csrc/int8_bsr_linear.cpp``, which
+``blocksparse_int8`` wraps) is compiled once per source, torch version and CPU (the build is cached under torch's extension
 folder, ``~/.cache/torch_extensions`` or ``$TORCH_EXTENSIONS_DIR``), so later processes load it at once. With
 ``SUPERBLOCK_NO_EXTENSION=1`` in the environment, or where no compiler works, ``unavailable_reason()`` says why and
 block-sparse layers fall back to the pure-PyTorch kernels of ``blocksparse_reference`` (one warning says so).
@@ -22,7 +23,9 @@ from typing import Optional
 
 import torch
 
-SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "fused_bsr_linear.cpp")
+# One extension: the float kernels here, and the int8 ones that blocksparse_int8.py wraps (compiled side by side).
+SOURCES = tuple(os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", name)
+                for name in ("fused_bsr_linear.cpp", "int8_bsr_linear.cpp"))
 DISABLE_VARIABLE = "SUPERBLOCK_NO_EXTENSION"
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -40,8 +43,9 @@ def _cpu_flags() -> bytes:
 
 def _build_name() -> str:
     digest = hashlib.sha256()
-    with open(SOURCE, "rb") as f:
-        digest.update(f.read())
+    for source in SOURCES:
+        with open(source, "rb") as f:
+            digest.update(f.read())
     digest.update(torch.__version__.encode())
     digest.update(_cpu_flags())
     return f"superblock_fused_{digest.hexdigest()[:16]}"
@@ -56,7 +60,7 @@ def _build() -> None:
         from torch.utils import cpp_extension
 
         cpp_extension.load(
-            name=_build_name(), sources=[SOURCE], is_python_module=False, verbose=False,
+            name=_build_name(), sources=list(SOURCES), is_python_module=False, verbose=False,
             extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"],
         )
     finally:
@@ -85,7 +89,7 @@ def unavailable_reason() -> Optional[str]:
             except Exception as e:  # no compiler, no headers, a failed link: all mean the same to a user
                 lines = [line.strip() for line in str(e).splitlines() if line.strip()]
                 errors = [line for line in lines if "error" in line] or lines or [type(e).__name__]
-                reason = f"building {os.path.relpath(SOURCE)} failed: {errors[0]}"
+                reason = f"building the C++ extension (csrc/) failed: {errors[0]}"
             _loaded["build_seconds"] = time.perf_counter() - start
         _loaded["reason"] = reason
         if reason is not None:
@@ -133,9 +137,12 @@ def _packed_layout_is_exact(dtype: torch.dtype, blocksize: int) -> bool:
     if key not in _loaded.setdefault("exact", {}):
         gen = torch.Generator().manual_seed(0)
         values = torch.randn(3, blocksize, blocksize, generator=gen).to(dtype)
-        packed = torch.ops.superblock.fused_pack_blocks(values, True)
-        exact = True
-        if packed.dim() == 4:  # else the micro-kernel does not run here: nothing to check
+        try:
+            packed = torch.ops.superblock.fused_pack_blocks(values, True)
+        except RuntimeError:  # oneDNN's packing refuses this block size here (AMX, blocks of 8)
+            packed = None
+        exact = packed is not None
+        if exact and packed.dim() == 4:  # else the micro-kernel does not run here: nothing to check
             # Two block-rows: blocks (0, 0) and (0, 1), then (1, 1); with and without the gathered panel.
             x = torch.randn(37, 2 * blocksize, generator=gen).to(dtype)
             crow, col = torch.tensor([0, 2, 3], dtype=torch.int32), torch.tensor([0, 1, 1], dtype=torch.int32)
@@ -149,8 +156,8 @@ def _packed_layout_is_exact(dtype: torch.dtype, blocksize: int) -> bool:
                     break
                 exact &= torch.allclose(y, expected, rtol=2e-2, atol=2e-2 * expected.abs().max().item())
         if not exact:
-            warnings.warn(f"the fused kernel's packed layout gave wrong products for {dtype} blocks of {blocksize} on "
-                          f"this CPU; using the plain layout (slower)", stacklevel=3)
+            warnings.warn(f"the fused kernel's packed layout is refused or gives wrong products for {dtype} blocks of "
+                          f"{blocksize} on this CPU; using the plain layout (slower)", stacklevel=3)
         _loaded["exact"][key] = exact
     return _loaded["exact"][key]
 

@@ -337,8 +337,8 @@ at::Tensor fused_pack_blocks(const at::Tensor& blocks, bool allow_vnni) {
     for (int64_t j = 0; j < kept; ++j) {
       const int64_t offset = j * blocksize * blocksize;
       at::native::cpublas::pack(blocksize, blocksize, blocksize, blocksize, dtype, dtype,
-                                source.const_data_ptr<uint8_t>() + offset * source.element_size(),
-                                packed.mutable_data_ptr<uint8_t>() + offset * packed.element_size());
+                                static_cast<const char*>(source.const_data_ptr()) + offset * source.element_size(),
+                                static_cast<char*>(packed.mutable_data_ptr()) + offset * packed.element_size());
     }
     return packed;
   }
