@@ -40,13 +40,16 @@ import torch.nn.functional as F
 from torch import nn
 
 import blocksparse_fused
+import blocksparse_int8
 import blocksparse_reference as reference
 import blocksparse_triton
 from attention import ProjectedAttention, unsupported_attention_reason
+from blocksparse_int8 import Int8BlockSparseLinear
 from blocksparse_mlp import BlockSparseMLP, fused_activation
-from supermask import num_pruned_tiles
+from supermask import find_classifier, num_pruned_tiles
 
 KERNELS = ("auto", "fused", "bmm", "dense", "torch", "triton")
+QUANTIZE = (None, "int8")
 
 # On CUDA, "auto" runs the Triton kernel from this block sparsity up, and the dense product below it.
 # An estimate, not yet a measurement: no GPU was available when it was set (benchmarks/RESULTS.md,
@@ -59,8 +62,7 @@ CUDA_BREAK_EVEN = 0.5
 # than dense)".
 DEFAULT_MIN_SPARSITY = 0.5
 
-# "auto" on CPU times the candidates on this many tokens (a 224-pixel ViT-B/16 image is 197).
-AUTO_SAMPLE_TOKENS = 256
+AUTO_SAMPLE_TOKENS = blocksparse_fused.AUTO_SAMPLE_TOKENS
 
 
 ##### Kernel limits #####
@@ -209,26 +211,32 @@ def choose_mlp_fusion(fc1: nn.Module, between: List[nn.Module], fc2: nn.Module,
                       always: bool = False) -> Optional[Tuple[int, bool]]:
     """The fused MLP kernel's (tile_tokens, gather) for a converted Linear pair, or None to keep its two layers.
 
-    Only two "fused" layers with the same block size and dtype, and between them modules the kernel computes
+    Only two "fused" layers of one kind (float ``BlockSparseLinear`` of one dtype, or ``Int8BlockSparseLinear``,
+    whose setting's second item is then the instruction set) with the same block size, and between them modules the
+    kernel computes
     (``blocksparse_mlp.fused_activation``), can be fused. With ``always`` (kernel="fused") they are. Otherwise
     (kernel="auto") the fused MLP at its fastest setting and the two layers with the modules between are timed on
     ``AUTO_SAMPLE_TOKENS`` tokens, and the faster is kept. Each distinct pair is measured once per process.
     """
-    layers = (fc1, fc2)
-    if not all(isinstance(layer, BlockSparseLinear) and layer.kernel == "fused" for layer in layers):
-        return None
-    dtype = fc1.packed_values.dtype
     activation = fused_activation(between)
-    if fc1.blocksize != fc2.blocksize or fc2.packed_values.dtype != dtype or activation is None:
+    if (activation is None or fc1.blocksize != fc2.blocksize or type(fc1) is not type(fc2)
+            or not fc1.kernel == fc2.kernel == "fused"):
         return None
-    key = (fc1.in_features, fc1.out_features, fc2.out_features, fc1.blocksize, dtype, fc1.kept_blocks,
+    first, second = fc1.fused_operands(), fc2.fused_operands()
+    if isinstance(fc1, Int8BlockSparseLinear):
+        dtype, variants = fc1.measured_dtype, blocksparse_int8.isas(fc1.blocksize)
+        fused = blocksparse_int8.int8_mlp
+    elif isinstance(fc1, BlockSparseLinear) and fc2.packed_values.dtype == first[0].dtype:
+        dtype, variants, fused = first[0].dtype, (False, True), blocksparse_fused.fused_mlp
+    else:
+        return None
+    key = (type(fc1), fc1.in_features, fc1.out_features, fc2.out_features, fc1.blocksize, dtype, fc1.kept_blocks,
            fc2.kept_blocks, activation, torch.get_num_threads(), always)
     if key not in _measured_mlps:
         x = torch.randn(AUTO_SAMPLE_TOKENS, fc1.in_features, dtype=dtype)
-        first, second = fc1.fused_operands(), fc2.fused_operands()
         setting, seconds = blocksparse_fused.fastest_setting(
-            lambda tile, gather: blocksparse_fused.fused_mlp(x, first, second, fc2.out_features, activation, tile,
-                                                              gather), x.shape[0])
+            lambda tile, variant: fused(x, first, second, fc2.out_features, activation, tile, variant), x.shape[0],
+            variants)
         if not always:
             separate = nn.Sequential(fc1, *between, fc2)
             if blocksparse_fused.median_seconds(lambda: separate(x)) <= seconds:
@@ -328,12 +336,7 @@ class BlockSparseLinear(nn.Module):
 
     def check_input(self, input: torch.Tensor) -> None:
         """Raise for an input of the wrong width, or one that needs gradients (this layer is frozen)."""
-        if input.shape[-1] != self.in_features:
-            raise ValueError(f"expected input with last dimension {self.in_features}, got shape {tuple(input.shape)}")
-        if input.requires_grad and torch.is_grad_enabled():
-            raise RuntimeError("BlockSparseLinear is for inference and its input requires grad: run the model under "
-                               "torch.inference_mode() or torch.no_grad(), or train the Supermask model "
-                               "(supermask.apply_supermask) and convert it to block-sparse afterwards")
+        reference.check_frozen_input(input, self.in_features, type(self).__name__)
 
     def fused_operands(self) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
         """(packed values, row offsets, columns, bias): what the fused kernel reads ("fused" layers only)."""
@@ -423,8 +426,9 @@ class BlockSparseLinear(nn.Module):
         )
 
 
-def block_sparse_layers(model: nn.Module) -> Dict[str, BlockSparseLinear]:
-    """Every ``BlockSparseLinear`` of ``model`` by the name its Linear had before ``apply_bsr``.
+def block_sparse_layers(model: nn.Module) -> Dict[str, nn.Module]:
+    """Every ``BlockSparseLinear`` and ``Int8BlockSparseLinear`` of ``model`` by the name its Linear had before
+    ``apply_bsr``.
 
     A ``BlockSparseMLP`` holds two of them as ``fc1`` and ``fc2``; they are listed under the names of the two
     Linears it replaced (its own name, and ``second_name`` beside it).
@@ -436,7 +440,7 @@ def block_sparse_layers(model: nn.Module) -> Dict[str, BlockSparseLinear]:
             layers[fqn] = module.fc1
             layers[f"{parent}.{module.second_name}" if parent else module.second_name] = module.fc2
             inside_mlps.update((id(module.fc1), id(module.fc2)))
-        elif isinstance(module, BlockSparseLinear) and id(module) not in inside_mlps:
+        elif isinstance(module, (BlockSparseLinear, Int8BlockSparseLinear)) and id(module) not in inside_mlps:
             layers[fqn] = module
     return layers
 
@@ -465,7 +469,7 @@ class BsrResult:
         return f"{named}; and {more} more" if more > 0 else named
 
     def __str__(self) -> str:
-        lines = [f"converted {len(self.converted)} Linear layers to BlockSparseLinear:"]
+        lines = [f"converted {len(self.converted)} Linear layers to BlockSparseLinear (int8/...: W8A8 layers):"]
         lines += [f"  {name:40s} kernel={kernel:6s} block sparsity={sp:.3f}" for name, kernel, sp in self.converted]
         lines.append(f"left {len(self.left_dense)} Linear layers dense:")
         lines += [f"  {name:40s} {reason}" for name, reason in self.left_dense]
@@ -552,6 +556,66 @@ def _prepare_mlp_pair(first: nn.Linear, second: nn.Linear, between: List[nn.Modu
     return pair[0], pair[1], what
 
 
+EXCLUDED = "excluded by filter_fn"
+
+# Dense int8 layers (every block kept) are cut into the largest of these blocks that divides their shape.
+INT8_DENSE_BLOCKS = (64, 32, 16)
+
+
+def kernel_label(layer: nn.Module) -> str:
+    """How ``BsrResult`` names a converted layer's kernel: "fused", "bmm", ...; "int8/amx", "int8/vnni", "int8/bmm"."""
+    if isinstance(layer, Int8BlockSparseLinear):
+        return f"int8/{layer.isa or layer.kernel}"
+    return layer.kernel
+
+
+def _quantize_filter(model, blocksize, kernel, quantize, quantize_filter_fn) -> Callable[[nn.Module, str], bool]:
+    """apply_bsr's checks of its quantize arguments; the layers to quantize, as a filter."""
+    if quantize not in QUANTIZE:
+        raise ValueError(f"unknown quantize {quantize!r}; choose None or 'int8'")
+    if quantize is None:
+        return lambda module, fqn: False
+    if kernel not in ("auto", "fused", "bmm"):
+        raise ValueError(f"quantize='int8' runs kernel 'auto', 'fused' or 'bmm' (the pure-PyTorch reference), "
+                         f"not {kernel!r}")
+    if not isinstance(blocksize, int) or blocksize <= 0 or blocksize % 16 != 0:
+        raise ValueError(f"quantize='int8' takes a blocksize that is a multiple of 16, not {blocksize!r}")
+    devices = {t.device.type for t in list(model.parameters()) + list(model.buffers())}
+    if devices - {"cpu"}:
+        raise ValueError(f"quantize='int8' runs on the CPU; the model is on {', '.join(sorted(devices))}")
+    if kernel != "bmm":
+        blocksparse_int8.require(blocksize)
+    if quantize_filter_fn is not None:
+        return lambda module, fqn: type(module) is nn.Linear and quantize_filter_fn(module, fqn)
+    classifier = find_classifier(model)
+    return lambda module, fqn: type(module) is nn.Linear and fqn != classifier
+
+
+@torch.no_grad()
+def _quantized(linear: nn.Linear, blocksize: int, kernel: str, *, sparse: bool) -> Tuple[nn.Module, str]:
+    """(W8A8 form of ``linear``, "") : block-sparse, or dense int8 where not ``sparse``. With kernel "auto" its float
+    form is timed too on the same sample, and where that is faster (float form, why it stayed float) is returned."""
+    shape = tuple(linear.weight.shape)
+    size = blocksize if sparse else next((b for b in INT8_DENSE_BLOCKS if blocksize_divides(shape, b)), None)
+    if size is None:
+        return linear, f"no int8 block size ({', '.join(map(str, INT8_DENSE_BLOCKS))}) divides its shape"
+    int8 = Int8BlockSparseLinear.from_dense(linear, size, kernel="bmm" if kernel == "bmm" else "fused")
+    if kernel != "auto":
+        return int8, ""
+    if sparse:
+        choice = choose_kernel(linear, blocksize)
+        float_kernel, float_seconds = choice.kernel, choice.seconds[choice.kernel]
+    else:
+        weight, bias = linear.weight.detach(), None if linear.bias is None else linear.bias.detach()
+        x = torch.randn(AUTO_SAMPLE_TOKENS, shape[1], dtype=weight.dtype)
+        float_kernel, float_seconds = "dense", blocksparse_fused.median_seconds(lambda: F.linear(x, weight, bias))
+    if int8.seconds < float_seconds:
+        return int8, ""
+    if float_kernel == "dense":
+        return linear, "float dense measured faster than int8"
+    return BlockSparseLinear.from_dense(linear, blocksize, kernel="auto"), ""
+
+
 def _set_submodule(model: nn.Module, fqn: str, module: nn.Module) -> None:
     parent, _, name = fqn.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, name, module)
@@ -563,6 +627,8 @@ def apply_bsr(
     min_sparsity: float = DEFAULT_MIN_SPARSITY,
     kernel: str = "auto",
     filter_fn: Optional[Callable[[nn.Module, str], bool]] = None,
+    quantize: Optional[str] = None,
+    quantize_filter_fn: Optional[Callable[[nn.Module, str], bool]] = None,
 ) -> BsrResult:
     """Replace every eligible ``nn.Linear`` of ``model`` (in place) by a ``BlockSparseLinear``.
 
@@ -574,6 +640,14 @@ def apply_bsr(
             above it are measured and run block-sparse only where that is faster (``choose_kernel``).
         kernel: one of ``KERNELS`` for every converted layer.
         filter_fn: ``filter_fn(module, fqn) -> bool``; layers it rejects stay dense.
+        quantize: None, or ``"int8"``: every layer it converts runs W8A8 (``blocksparse_int8.Int8BlockSparseLinear``:
+            int8 weights with a scale per output channel, activations quantized per token inside the op), and so
+            does every Linear left dense for its sparsity alone, as a dense int8 layer (every block kept; blocks of
+            64, 32 or 16). With ``kernel="auto"`` each layer's int8 and float forms are timed on its shape and the
+            faster is kept; ``"fused"`` always runs the int8 C++ kernels, ``"bmm"`` the pure-PyTorch int8
+            reference. CPU only; ``blocksize`` must be a multiple of 16.
+        quantize_filter_fn: ``quantize_filter_fn(module, fqn) -> bool``: the layers ``quantize`` applies to (default:
+            every Linear but the classifier, ``supermask.find_classifier``, which stays in float).
 
     An ``nn.MultiheadAttention`` reads its projection weights directly, so when its q/k/v input projection
     (``in_proj_weight``) or its ``out_proj`` is worth converting, the module is replaced by an
@@ -602,6 +676,7 @@ def apply_bsr(
         raise ValueError(f"unknown kernel {kernel!r}; choose one of {', '.join(KERNELS)}")
     if not 0.0 <= min_sparsity <= 1.0:
         raise ValueError(f"min_sparsity must be in [0, 1], got {min_sparsity}")
+    quantizes = _quantize_filter(model, blocksize, kernel, quantize, quantize_filter_fn)
     training = next((fqn for fqn, m in model.named_modules() if m.training), None)
     if training is not None:
         what = f"its module {training}" if training else "the model"
@@ -611,7 +686,7 @@ def apply_bsr(
 
     def reason_to_stay_dense(module, fqn):
         if filter_fn is not None and not filter_fn(module, fqn):
-            return "excluded by filter_fn"
+            return EXCLUDED
         if not blocksize_divides(tuple(module.weight.shape), blocksize):
             out_features, in_features = module.weight.shape
             return f"shape {out_features}x{in_features} not divisible by blocksize {blocksize}"
@@ -622,6 +697,12 @@ def apply_bsr(
 
     def convert(module, fqn):
         reason = reason_to_stay_dense(module, fqn)
+        if reason != EXCLUDED and quantizes(module, fqn):
+            converted, why_float = _quantized(module, blocksize, kernel, sparse=reason is None)
+            if converted is not module:
+                result.converted.append((fqn, kernel_label(converted), converted.sparsity))
+                return converted
+            reason = f"{reason}; {why_float}" if reason else why_float
         if reason is not None:
             result.left_dense.append((fqn, reason))
             return module
@@ -631,13 +712,14 @@ def apply_bsr(
 
     for fqn, module in list(model.named_modules()):
         if isinstance(module, nn.MultiheadAttention):
-            _convert_attention(model, fqn, module, convert, reason_to_stay_dense, result)
+            _convert_attention(model, fqn, module, convert, reason_to_stay_dense, quantizes, result)
     prepared = []
     if kernel in ("auto", "fused", "bmm"):
         for first_name, second_name, between_names in _mlp_pairs(model):
             first, second = model.get_submodule(first_name), model.get_submodule(second_name)
             between = [model.get_submodule(name) for name in between_names]
-            if reason_to_stay_dense(first, first_name) is None and reason_to_stay_dense(second, second_name) is None:
+            if all(reason_to_stay_dense(layer, name) is None or quantizes(layer, name)
+                   for layer, name in ((first, first_name), (second, second_name))):
                 first, second, what = _prepare_mlp_pair(first, second, between, blocksize)
                 _set_submodule(model, first_name, first)
                 _set_submodule(model, second_name, second)
@@ -667,16 +749,17 @@ def _fuse_mlp(model, first_name, second_name, between_names, *, always, result):
     setting = choose_mlp_fusion(fc1, between, fc2, always=always)
     if setting is None:
         return
-    tile_tokens, gather = setting
-    mlp = BlockSparseMLP(fc1, between, fc2, tile_tokens=tile_tokens, gather=gather,
-                         second_name=second_name.rpartition(".")[2])
+    tile_tokens, variant = setting
+    int8 = isinstance(fc1, Int8BlockSparseLinear)
+    mlp = BlockSparseMLP(fc1, between, fc2, tile_tokens=tile_tokens, gather=False if int8 else variant,
+                         isa=variant if int8 else None, second_name=second_name.rpartition(".")[2])
     _set_submodule(model, first_name, mlp.eval())  # apply_bsr converts eval-mode models only
     for name in between_names + [second_name]:
         _set_submodule(model, name, nn.Identity())
     result.fused_mlps.append(first_name)
 
 
-def _convert_attention(model, fqn, mha, convert, reason_to_stay_dense, result):
+def _convert_attention(model, fqn, mha, convert, reason_to_stay_dense, quantizes, result):
     """Replace `mha` by a ProjectedAttention with block-sparse projections, when either one is worth it."""
     in_name, out_name = f"{fqn}.in_proj", f"{fqn}.out_proj"
     unsupported = unsupported_attention_reason(mha)
@@ -685,16 +768,19 @@ def _convert_attention(model, fqn, mha, convert, reason_to_stay_dense, result):
         result.left_dense.append((out_name, unsupported))
         return
     projected = ProjectedAttention.from_attention(mha, lambda linear: linear)
-    if all(reason_to_stay_dense(layer, name) is not None
-           for layer, name in [(projected.in_proj, in_name), (projected.out_proj, out_name)]):
-        # Neither projection gains: keep nn.MultiheadAttention and its fused fast path.
-        result.left_dense.append((in_name, reason_to_stay_dense(projected.in_proj, in_name)))
-        result.left_dense.append((out_name, reason_to_stay_dense(projected.out_proj, out_name)))
-        return
     if fqn == "":
         raise ValueError("apply_bsr needs a model that contains the nn.MultiheadAttention, not the module itself")
+    projections = (projected.in_proj, projected.out_proj)
+    names = (in_name, out_name)
+    if all(reason_to_stay_dense(layer, name) is not None and not quantizes(layer, name)
+           for layer, name in zip(projections, names)):
+        # Neither projection gains: keep nn.MultiheadAttention and its fused fast path.
+        result.left_dense += [(name, reason_to_stay_dense(layer, name)) for layer, name in zip(projections, names)]
+        return
     projected.in_proj = convert(projected.in_proj, in_name)
     projected.out_proj = convert(projected.out_proj, out_name)
+    if projected.in_proj is projections[0] and projected.out_proj is projections[1]:
+        return  # both measured faster as they were: keep nn.MultiheadAttention (the reasons are recorded)
     projected.train(mha.training)
     _set_submodule(model, fqn, projected)
 

@@ -185,6 +185,9 @@ def fused_mlp(x, first, second, out_features: int, activation: str, tile_tokens:
 
 MLP_ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "identity")
 
+# "auto" on CPU times the candidates on this many tokens (a 224-pixel ViT-B/16 image is 197).
+AUTO_SAMPLE_TOKENS = 256
+
 # Token tiles tried at conversion, each with and without gathering a row's inputs: the fastest on this CPU,
 # dtype and layer is kept.
 TILE_CANDIDATES = (32, 64, 128, 256)
@@ -201,14 +204,14 @@ def median_seconds(fn, repeats: int = 5) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def fastest_setting(run, tokens: int):
-    """((tile_tokens, gather), seconds): the fastest of ``run(tile_tokens, gather)`` over ``TILE_CANDIDATES``, timed
-    on a sample of ``tokens`` tokens."""
+def fastest_setting(run, tokens: int, variants=(False, True)):
+    """((tile_tokens, variant), seconds): the fastest of ``run(tile_tokens, variant)`` over ``TILE_CANDIDATES`` and
+    ``variants`` (whether to gather, or for the int8 kernels the instruction set), timed on ``tokens`` tokens."""
     timings = {}
     for tile in TILE_CANDIDATES:
         if tile > 2 * tokens and timings:
             break  # bigger tiles than the sample only repeat the last measurement
-        for gather in (False, True):
-            timings[tile, gather] = median_seconds(lambda: run(tile, gather))
+        for variant in variants:
+            timings[tile, variant] = median_seconds(lambda: run(tile, variant))
     best = min(timings, key=timings.get)
     return best, timings[best]

@@ -26,8 +26,14 @@ def quantize_weight(weight: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """(int8 weight, float32 scale per output channel) of a 2-D float weight; a row of zeros gets scale 1."""
     w = weight.detach().float()
     amax = w.abs().amax(dim=1)
-    scale = torch.where(amax > 0, amax / 127, torch.ones_like(amax))
+    # Tensor by tensor (see quantize_tokens). Quantizing ``dequantize_weight``'s result gives these scales back.
+    scale = torch.where(amax > 0, amax / torch.full_like(amax, 127), torch.ones_like(amax))
     return torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8), scale
+
+
+def dequantize_weight(weight_q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The float32 weight an int8 weight and its channel scales stand for."""
+    return weight_q.float() * scale[:, None]
 
 
 def quantize_tokens(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -35,9 +41,11 @@ def quantize_tokens(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     x = x.float()
     amax = x.abs().amax(dim=1)
     finite = torch.isfinite(x).all(dim=1)
-    inverse = torch.where(finite & (amax > 0), 127 / amax, torch.zeros_like(amax))
+    # Tensor by tensor: torch divides by a Python number as a product with its reciprocal, the kernels do not.
+    fixed = torch.full_like(amax, 127)
+    inverse = torch.where(finite & (amax > 0), fixed / amax, torch.zeros_like(amax))
     q = torch.round(torch.where(finite[:, None], x, 0) * inverse[:, None]).clamp_(-127, 127).to(torch.int8)
-    scale = torch.where(finite, amax / 127, torch.full_like(amax, float("nan")))
+    scale = torch.where(finite, amax / fixed, torch.full_like(amax, float("nan")))
     return q, scale
 
 

@@ -4,7 +4,8 @@ A ViT's MLP is Linear -> GELU -> Dropout -> Linear. Pruned to 90%, its expanding
 outputs (the hidden activations, four times the tokens' width), not by its products, and the activation reads and
 writes them once more. ``BlockSparseMLP`` holds the two converted ``BlockSparseLinear`` layers and the elementwise
 modules between them, and on the CPU computes all three per tile of tokens in one op
-(``blocksparse_fused.fused_mlp``), so the hidden activations stay in cache. In training mode, or off the CPU, it runs
+(``blocksparse_fused.fused_mlp``; for two ``Int8BlockSparseLinear`` layers ``blocksparse_int8.int8_mlp``), so the
+hidden activations stay in cache. In training mode, or off the CPU, it runs
 the three one after the other: the same function.
 """
 
@@ -14,6 +15,7 @@ import torch
 from torch import nn
 
 import blocksparse_fused
+import blocksparse_int8
 
 
 def fused_activation(between: List[nn.Module]) -> Optional[str]:
@@ -42,7 +44,7 @@ class BlockSparseMLP(nn.Module):
     """
 
     def __init__(self, fc1: nn.Module, between: List[nn.Module], fc2: nn.Module, *, tile_tokens: int,
-                 gather: bool, second_name: str):
+                 gather: bool, second_name: str, isa: Optional[str] = None):
         super().__init__()
         activation = fused_activation(between)
         if activation is None:
@@ -54,16 +56,23 @@ class BlockSparseMLP(nn.Module):
         self.activation = activation
         self.tile_tokens = tile_tokens
         self.gather = gather
+        self.isa = isa  # int8 layers: the instruction set their kernel uses ("amx" or "vnni")
         self.second_name = second_name
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if self.training or input.device.type != "cpu":  # Dropout acts in training; the kernel is the CPU's
             return self.fc2(self.between(self.fc1(input)))
         self.fc1.check_input(input)
-        x = input.reshape(-1, self.fc1.in_features).to(self.fc1.packed_values.dtype)
-        y = blocksparse_fused.fused_mlp(x, self.fc1.fused_operands(), self.fc2.fused_operands(),
-                                        self.fc2.out_features, self.activation, self.tile_tokens, self.gather)
+        x = input.reshape(-1, self.fc1.in_features)
+        first, second = self.fc1.fused_operands(), self.fc2.fused_operands()
+        if self.isa is not None:
+            y = blocksparse_int8.int8_mlp(x.to(self.fc1.compute_dtype(x.dtype)), first, second, self.fc2.out_features,
+                                          self.activation, self.tile_tokens, self.isa).to(input.dtype)
+        else:
+            y = blocksparse_fused.fused_mlp(x.to(first[0].dtype), first, second, self.fc2.out_features,
+                                            self.activation, self.tile_tokens, self.gather)
         return y.reshape(*input.shape[:-1], self.fc2.out_features)
 
     def extra_repr(self) -> str:
-        return f"activation={self.activation!r}, tile_tokens={self.tile_tokens}, gather={self.gather}"
+        variant = f"isa={self.isa!r}" if self.isa is not None else f"gather={self.gather}"
+        return f"activation={self.activation!r}, tile_tokens={self.tile_tokens}, {variant}"

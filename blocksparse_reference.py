@@ -27,6 +27,16 @@ MAX_GROUPS = 6
 ##### The shared layout #####
 
 
+def check_frozen_input(input: torch.Tensor, in_features: int, layer: str) -> None:
+    """Raise for an input of a frozen layer that has the wrong width, or that needs gradients."""
+    if input.shape[-1] != in_features:
+        raise ValueError(f"expected input with last dimension {in_features}, got shape {tuple(input.shape)}")
+    if input.requires_grad and torch.is_grad_enabled():
+        raise RuntimeError(f"{layer} is for inference and its input requires grad: run the model under "
+                           f"torch.inference_mode() or torch.no_grad(), or train the Supermask model "
+                           f"(supermask.apply_supermask) and convert it to block-sparse afterwards")
+
+
 @torch.no_grad()
 def pack_blocks(weight: torch.Tensor, blocksize: int):
     """(values (kept, in, out), crow (rows+1,) int32, col (kept,) int32): the non-zero blocks of ``weight``."""
