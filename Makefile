@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # Subprocess-heavy tests oversubscribe two cores; one thread per process keeps them from stalling.
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: test test-slow demo clean
+.PHONY: test test-slow demo bench-peers clean
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -39,6 +39,17 @@ demo: $(VENV)/.installed
 	$(PY) train.py --data-path demo/data $(DEMO_MODEL) $(DEMO_TRAIN) --output-dir demo/output
 	$(PY) evaluate.py --data-path demo/data $(DEMO_EVAL) --weights-path demo/output/checkpoint.pth \
 		--bsr 16 --save-compact demo/output/compact.pth --plot-masks demo/output/masks.png
+
+# The runtimes a deploying user would otherwise pick (ONNX Runtime, OpenVINO with NNCF, torch.compile), timed
+# against SuperBlock by benchmarks/peers.py; flags through ARGS, e.g. make bench-peers ARGS="--image-size 32 --iters 2".
+# Their packages go into .venv only here, never for the tests. The benchmark runs on torch's thread count, not the
+# OMP_NUM_THREADS=1 set above for the tests (choose one with ARGS="--threads N").
+$(VENV)/.bench-installed: $(VENV)/.installed requirements-bench.txt
+	$(PY) -m pip install --quiet -r requirements-bench.txt
+	touch $@
+
+bench-peers: $(VENV)/.bench-installed
+	env -u OMP_NUM_THREADS $(PY) benchmarks/peers.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) demo
