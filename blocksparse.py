@@ -783,19 +783,3 @@ def _convert_attention(model, fqn, mha, convert, reason_to_stay_dense, quantizes
         return  # both measured faster as they were: keep nn.MultiheadAttention (the reasons are recorded)
     projected.train(mha.training)
     _set_submodule(model, fqn, projected)
-
-
-##### Compact checkpoints (compact.py) #####
-
-_COMPACT_NAMES = ("save_compact", "load_compact", "model_from_compact", "is_compact", "COMPACT_FORMAT",
-                  "COMPACT_VERSION")
-
-
-def __getattr__(name):
-    # compact.py imports this module, so its public names are re-exported lazily: `from blocksparse import
-    # save_compact` keeps working without an import cycle.
-    if name in _COMPACT_NAMES:
-        import compact
-
-        return getattr(compact, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,8 +1,7 @@
 """Compact checkpoints: the deployable block-sparse model, kept blocks and their indices only.
 
 ``save_compact`` writes it from a model converted by ``blocksparse.apply_bsr``; ``load_compact`` rebuilds the
-ready-to-run block-sparse model. The file loads with ``torch.load(weights_only=True)``. ``blocksparse`` re-exports
-these names, so ``from blocksparse import save_compact, load_compact`` keeps working.
+ready-to-run block-sparse model. The file loads with ``torch.load(weights_only=True)``.
 """
 
 import os

@@ -155,25 +155,25 @@ def plot_masks(model, args, target):
         raise utils.InputError(f"--plot-masks: {e}") from None
 
 
-def load_compact_model(args, compact, *, num_classes):
+def load_compact_model(args, checkpoint, *, num_classes):
     """The block-sparse model of a compact checkpoint (evaluate.py --save-compact), ready to run."""
-    import blocksparse
+    import compact
 
-    architecture = compact["architecture"]
+    architecture = checkpoint["architecture"]
     if architecture["num_classes"] != num_classes:
         raise utils.InputError(f"{args.weights_path} classifies {architecture['num_classes']} classes but the data "
                                f"has {num_classes}")
     try:
-        return blocksparse.model_from_compact(compact, kernel=args.bsr_kernel, device=cli.process_device(args))
+        return compact.model_from_compact(checkpoint, kernel=args.bsr_kernel, device=cli.process_device(args))
     except (ValueError, KeyError, RuntimeError) as e:
         raise utils.InputError(f"cannot rebuild the model of compact checkpoint {args.weights_path}: {e}") from None
 
 
 def save_compact(model, args, target, *, num_classes):
     """Write --save-compact and report its size against the dense model's."""
-    import blocksparse
+    import compact
 
-    sizes = blocksparse.save_compact(model, args.save_compact, blocksize=target.bsr, architecture=dict(
+    sizes = compact.save_compact(model, args.save_compact, blocksize=target.bsr, architecture=dict(
         model=target.model, num_classes=num_classes, image_size=args.val_crop_size))
     utils.log(f"Compact checkpoint {args.save_compact}: {sizes['bytes'] / 2**20:.2f} MiB, "
               f"{100 * sizes['bytes'] / sizes['dense_bytes']:.1f}% of the dense weights "

@@ -10,6 +10,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import blocksparse  # noqa: E402
+import compact  # noqa: E402
 import models  # noqa: E402
 from supermask import apply_supermask, sparsify_offline  # noqa: E402
 
@@ -23,8 +24,8 @@ for attention in (0.0, 0.9):
     sparsify_offline(model.eval())
     torch.save(model.state_dict(), dense_path)
     blocksparse.apply_bsr(model, 32)
-    sizes = blocksparse.save_compact(model, compact_path, blocksize=32,
-                                     architecture=dict(model="vit_b_16", num_classes=1000, image_size=224))
+    sizes = compact.save_compact(model, compact_path, blocksize=32,
+                                 architecture=dict(model="vit_b_16", num_classes=1000, image_size=224))
     dense = os.path.getsize(dense_path)
     print(f"attention sparsity {attention}: compact {sizes['bytes'] / 2**20:.1f} MiB, dense state_dict "
           f"{dense / 2**20:.1f} MiB: {100 * sizes['bytes'] / dense:.1f}%")

@@ -6,6 +6,7 @@ from torch import nn
 import blocksparse
 import blocksparse_fused
 import checkpoints
+import compact
 import models
 from blocksparse_mlp import BlockSparseMLP
 from helpers import flip_byte_in_tensor_data
@@ -36,12 +37,12 @@ def test_compact_round_trip_gives_the_same_logits(attention_sparsity, kernel, tm
     with torch.inference_mode():
         expected = model(x)
     path = str(tmp_path / "compact.pth")
-    blocksparse.save_compact(model, path, architecture=ARCH, blocksize=16)
+    compact.save_compact(model, path, architecture=ARCH, blocksize=16)
     plain = models.build_model("vit_tiny", num_classes=10, image_size=32)
     linears = {name for name, m in plain.named_modules() if isinstance(m, nn.Linear)}
     stored = set(checkpoints.load_checkpoint(path)["sparse"])
     assert {name for name in stored if not name.endswith("in_proj")} <= linears, stored
-    loaded = blocksparse.load_compact(path, kernel=kernel)
+    loaded = compact.load_compact(path, kernel=kernel)
     converted = blocksparse.block_sparse_layers(loaded)
     assert set(converted) == stored and len(converted) == (24 if attention_sparsity else 12)
     fused = [m for m in loaded.modules() if isinstance(m, BlockSparseMLP)]
@@ -53,7 +54,7 @@ def test_compact_round_trip_gives_the_same_logits(attention_sparsity, kernel, tm
 def test_compact_file_holds_only_kept_blocks_and_no_training_state(tmp_path):
     model = block_sparse_vit(0.9)
     path = str(tmp_path / "compact.pth")
-    sizes = blocksparse.save_compact(model, path, architecture=ARCH, blocksize=16)
+    sizes = compact.save_compact(model, path, architecture=ARCH, blocksize=16)
     saved = torch.load(path, weights_only=True)
     assert set(saved) == {"format", "version", "architecture", "blocksize", "dense", "sparse", "sha256"}
     assert not any("scores" in k for k in saved["dense"])
@@ -69,19 +70,19 @@ def test_compact_file_holds_only_kept_blocks_and_no_training_state(tmp_path):
 
 def test_truncated_and_newer_files_are_clear_errors(tmp_path):
     path = tmp_path / "compact.pth"
-    blocksparse.save_compact(block_sparse_vit(0.0), str(path), architecture=ARCH, blocksize=16)
+    compact.save_compact(block_sparse_vit(0.0), str(path), architecture=ARCH, blocksize=16)
     truncated = tmp_path / "truncated.pth"
     truncated.write_bytes(path.read_bytes()[:4000])
     with pytest.raises(ValueError, match="cannot load checkpoint"):
-        blocksparse.load_compact(str(truncated))
+        compact.load_compact(str(truncated))
     newer = checkpoints.load_checkpoint(str(path))
-    newer["version"] = blocksparse.COMPACT_VERSION + 1
+    newer["version"] = compact.COMPACT_VERSION + 1
     checkpoints.save_checkpoint(newer, str(tmp_path / "newer.pth"))
     with pytest.raises(ValueError, match="newer than this SuperBlock reads"):
-        blocksparse.load_compact(str(tmp_path / "newer.pth"))
+        compact.load_compact(str(tmp_path / "newer.pth"))
     with pytest.raises(ValueError, match="not a compact SuperBlock checkpoint"):
         torch.save({"model": {}}, tmp_path / "plain.pth")
-        blocksparse.load_compact(str(tmp_path / "plain.pth"))
+        compact.load_compact(str(tmp_path / "plain.pth"))
 
 
 def _drop(key):
@@ -114,19 +115,19 @@ def _weights_of_another_model(checkpoint):
         "bad_col", "wrong_weights", "unknown_model"])
 def test_malformed_compact_files_are_one_clear_value_error(edit, message, tmp_path):
     path = tmp_path / "compact.pth"
-    blocksparse.save_compact(block_sparse_vit(0.0), str(path), architecture=ARCH, blocksize=16)
+    compact.save_compact(block_sparse_vit(0.0), str(path), architecture=ARCH, blocksize=16)
     checkpoint = checkpoints.load_checkpoint(str(path))
     edit(checkpoint)
     checkpoints.save_checkpoint(checkpoint, str(tmp_path / "bad.pth"))  # a valid checksum over malformed content
     with pytest.raises(ValueError, match="malformed compact checkpoint") as caught:
-        blocksparse.load_compact(str(tmp_path / "bad.pth"))
+        compact.load_compact(str(tmp_path / "bad.pth"))
     assert message in str(caught.value) and "\n" not in str(caught.value)
 
 
 def test_compact_model_reports_its_dense_layers_as_stored_dense(tmp_path):
     path = str(tmp_path / "compact.pth")
-    blocksparse.save_compact(block_sparse_vit(0.0), path, architecture=ARCH, blocksize=16)
-    _, result = blocksparse.model_from_compact(checkpoints.load_checkpoint(path))
+    compact.save_compact(block_sparse_vit(0.0), path, architecture=ARCH, blocksize=16)
+    _, result = compact.model_from_compact(checkpoints.load_checkpoint(path))
     reasons = dict(result.left_dense)
     assert reasons["heads.head"] == "stored dense in the compact file"
     assert "excluded by filter_fn" not in str(result)
@@ -144,22 +145,22 @@ def test_sparsity_report_lists_block_sparse_layers():
 
 def test_flipped_byte_in_a_compact_file_is_refused_as_corrupt(tmp_path):
     path = str(tmp_path / "compact.pth")
-    blocksparse.save_compact(block_sparse_vit(0.9), path, architecture=ARCH, blocksize=16)
+    compact.save_compact(block_sparse_vit(0.9), path, architecture=ARCH, blocksize=16)
     corrupt = flip_byte_in_tensor_data(path, str(tmp_path / "corrupt.pth"))
     with pytest.raises(ValueError, match=r"corrupt\.pth is corrupt: its checksum does not match; re-copy or re-create"):
-        blocksparse.load_compact(corrupt)
-    blocksparse.load_compact(path)  # the intact file still loads
+        compact.load_compact(corrupt)
+    compact.load_compact(path)  # the intact file still loads
 
 
 def test_compact_file_without_checksum_loads_with_a_notice(tmp_path, capsys):
     model = block_sparse_vit(0.0)
     path = str(tmp_path / "compact.pth")
-    blocksparse.save_compact(model, path, architecture=ARCH, blocksize=16)
+    compact.save_compact(model, path, architecture=ARCH, blocksize=16)
     # A file as written before compact files carried a checksum.
     old = torch.load(path, weights_only=True)
     del old["sha256"]
     torch.save(old, tmp_path / "old.pth")
-    loaded = blocksparse.load_compact(str(tmp_path / "old.pth"))
+    loaded = compact.load_compact(str(tmp_path / "old.pth"))
     assert "has no checksum" in capsys.readouterr().err
     x = torch.randn(2, 3, 32, 32)
     with torch.inference_mode():

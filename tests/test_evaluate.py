@@ -243,10 +243,10 @@ def _another_image_size(checkpoint, tmp_path):
 
 
 def _compact_of_a_newer_format(checkpoint, tmp_path):
-    import blocksparse
+    import compact
 
     newer = tmp_path / "newer.pth"
-    torch.save({"format": blocksparse.COMPACT_FORMAT, "version": blocksparse.COMPACT_VERSION + 1,
+    torch.save({"format": compact.COMPACT_FORMAT, "version": compact.COMPACT_VERSION + 1,
                 "architecture": {"model": "vit_tiny", "num_classes": 4, "image_size": 16}, "blocksize": 16,
                 "dense": {}, "sparse": {}}, newer)
     return ["--weights-path", str(newer)], "newer than this SuperBlock reads"
