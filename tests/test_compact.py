@@ -5,17 +5,21 @@ from torch import nn
 
 import blocksparse
 import blocksparse_fused
+import blocksparse_int8
+import blocksparse_int8_reference as int8_reference
 import checkpoints
 import compact
 import models
+from blocksparse_int8 import Int8BlockSparseLinear
 from blocksparse_mlp import BlockSparseMLP
-from helpers import flip_byte_in_tensor_data
+from blocksparse_reference import pack_blocks
+from helpers import flip_byte_in_tensor_data, tiny_vit
 from supermask import apply_supermask, sparsify_offline
 
 ARCH = dict(model="vit_tiny", num_classes=10, image_size=32)
 
 
-def block_sparse_vit(attention_sparsity, kernel="bmm"):
+def block_sparse_vit(attention_sparsity, kernel="bmm", quantize=None):
     """vit_tiny, 90% of its MLP blocks (and optionally attention blocks) pruned at random, block-sparse."""
     torch.manual_seed(0)
     model = models.build_model("vit_tiny", num_classes=10, image_size=32)
@@ -23,7 +27,7 @@ def block_sparse_vit(attention_sparsity, kernel="bmm"):
     apply_supermask(model, linear_sparsity=0.9, linear_sp_tilesize=16, skip_last_layer_sparsity=True,
                     attention_sparsity=attention_sparsity, attention_sp_tilesize=16)
     sparsify_offline(model).eval()
-    blocksparse.apply_bsr(model, 16, kernel=kernel)
+    blocksparse.apply_bsr(model, 16, kernel=kernel, quantize=quantize)
     return model
 
 
@@ -167,3 +171,154 @@ def test_compact_file_without_checksum_loads_with_a_notice(tmp_path, capsys):
         torch.testing.assert_close(loaded(x), model(x), rtol=1e-5, atol=1e-5)
 
 
+
+
+def test_version_1_file_written_by_old_code_loads(tmp_path):
+    model = block_sparse_vit(0.9)
+    # As the code before int8 layers wrote it: float blocks only, no quantize, weight_scale or per-layer blocksize.
+    sparse, prefixes = {}, []
+    for fqn, module in blocksparse.block_sparse_layers(model).items():
+        values, crow, col = pack_blocks(module.dense_weight(), module.blocksize)
+        sparse[fqn] = {"shape": [module.out_features, module.in_features], "values": values, "crow": crow, "col": col,
+                       "bias": module.bias}
+        prefixes.append(fqn + ".")
+    dense = {compact._attention_key(k, model): v for k, v in model.state_dict().items()
+             if not k.startswith(tuple(prefixes))}
+    path = str(tmp_path / "v1.pth")
+    checkpoints.save_checkpoint({"format": compact.COMPACT_FORMAT, "version": 1, "architecture": ARCH,
+                                 "blocksize": 16, "dense": dense, "sparse": sparse}, path)
+    loaded = compact.load_compact(path, kernel="bmm")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.inference_mode():
+        torch.testing.assert_close(loaded(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+##### int8 (W8A8) layers #####
+
+INT8_KERNELS = ["bmm"] + (["fused"] if blocksparse_int8.unavailable_reason(16) is None else [])
+
+
+def test_quantizing_dequantized_weights_gives_the_same_int8_weights_and_scales():
+    torch.manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16):
+        for shape, scale in (((64, 32), 1.0), ((96, 48), 1e-3), ((16, 128), 30.0)):
+            weight = (torch.randn(shape) * scale).to(dtype)
+            weight[3] = 0  # a row of zeros has scale 1
+            weight_q, weight_scale = int8_reference.quantize_weight(weight)
+            # A bfloat16 model's dense weights are rounded to bfloat16 when it loads.
+            dequantized = int8_reference.dequantize_weight(weight_q, weight_scale).to(dtype)
+            again_q, again_scale = int8_reference.quantize_weight(dequantized)
+            assert torch.equal(again_q, weight_q) and torch.equal(again_scale, weight_scale), (shape, dtype)
+
+
+def int8_tiny_vit(kernel, case, dtype=torch.float32):
+    """tests/helpers.tiny_vit in int8 in blocks of 16. Its layers are 0% block-sparse, below apply_bsr's min_sparsity:
+    dense int8 layers, which apply_bsr packs in blocks of 32. "sparse_mlp" prunes half the MLP blocks, "half_attention"
+    half of each in_proj's (its out_proj stays dense int8)."""
+    model = tiny_vit()
+    if case == "sparse_mlp":
+        apply_supermask(model, linear_sparsity=0.5, linear_sp_tilesize=16, skip_last_layer_sparsity=True)
+        sparsify_offline(model)
+    if case == "half_attention":
+        with torch.no_grad():
+            for module in model.modules():
+                if isinstance(module, nn.MultiheadAttention):
+                    module.in_proj_weight[:48] = 0  # 6 of its 12 blocks
+    model.eval().to(dtype)
+    blocksparse.apply_bsr(model, 16, kernel=kernel, quantize="int8")
+    return model
+
+
+def int8_layers(model):
+    return {fqn: m for fqn, m in blocksparse.block_sparse_layers(model).items()
+            if isinstance(m, Int8BlockSparseLinear)}
+
+
+TINY_ARCH = dict(model="tiny_vit", num_classes=10, image_size=16)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("kernel", INT8_KERNELS)
+@pytest.mark.parametrize("case", ["sparse_mlp", "dense_int8", "half_attention"])
+def test_int8_compact_round_trip_gives_the_same_outputs_and_int8_weights(case, kernel, dtype, tmp_path, monkeypatch):
+    monkeypatch.setattr(models, "build_model", lambda name, **kwargs: tiny_vit(kwargs["num_classes"]))
+    model = int8_tiny_vit(kernel, case, dtype)
+    saved = int8_layers(model)
+    assert len(saved) == 8, "every Linear but the head runs int8"
+    assert {layer.blocksize for layer in saved.values()} == ({16, 32} if case != "dense_int8" else {32})
+    path = str(tmp_path / "int8.pth")
+    compact.save_compact(model, path, architecture=TINY_ARCH, blocksize=16)
+    stored = checkpoints.load_checkpoint(path)
+    assert stored["version"] == 2 and compact.quantization(stored) == "int8"
+    loaded = compact.load_compact(path, kernel=kernel)
+    restored = int8_layers(loaded)
+    assert set(restored) == set(saved)
+    for fqn, layer in saved.items():
+        again = restored[fqn]
+        assert again.blocksize == layer.blocksize, fqn
+        for name in ("block_values", "block_crow", "block_col", "weight_scale", "bias"):
+            assert torch.equal(getattr(again, name), getattr(layer, name)), f"{fqn}.{name}"
+    fused = [m for m in model.modules() if isinstance(m, BlockSparseMLP)]
+    assert len([m for m in loaded.modules() if isinstance(m, BlockSparseMLP)]) == len(fused)
+    assert len(fused) == (2 if kernel == "fused" else 0)
+    x = torch.randn(3, 3, 16, 16, dtype=dtype)
+    with torch.inference_mode():
+        assert torch.equal(loaded(x), model(x))
+
+
+def test_int8_compact_file_stores_int8_blocks_a_quarter_of_float32_ones(tmp_path):
+    sizes, files = {}, {}
+    for quantize in (None, "int8"):
+        path = str(tmp_path / f"{quantize}.pth")
+        sizes[quantize] = compact.save_compact(block_sparse_vit(0.9, quantize=quantize), path, architecture=ARCH,
+                                               blocksize=16)
+        files[quantize] = checkpoints.load_checkpoint(path)
+    assert files[None]["version"] == 1, "a file without int8 layers stays readable by older code"
+    assert files["int8"]["version"] == 2 and compact.quantization(files[None]) is None
+    values = {q: sum(layer["values"].nbytes for layer in f["sparse"].values()) for q, f in files.items()}
+    int8_layers = [layer for layer in files["int8"]["sparse"].values() if "quantize" in layer]
+    assert len(int8_layers) == 24 and all(layer["values"].dtype == torch.int8 for layer in int8_layers)
+    assert values["int8"] == values[None] / 4
+    # Besides the blocks, an int8 layer stores what a float one does (indices, bias) and a float32 scale per channel.
+    sparse_bytes = {q: sum(t.nbytes for layer in f["sparse"].values() for t in layer.values()
+                           if isinstance(t, torch.Tensor)) for q, f in files.items()}
+    scale_bytes = sum(4 * layer["shape"][0] for layer in int8_layers)
+    assert sparse_bytes["int8"] - values["int8"] == sparse_bytes[None] - values[None] + scale_bytes
+    assert sizes["int8"]["dense_bytes"] == sizes[None]["dense_bytes"], "the dense model is float32 in both"
+
+
+def _int8_entry(key, value):
+    def edit(checkpoint):
+        layer = next(layer for layer in checkpoint["sparse"].values() if "quantize" in layer)
+        layer[key] = value(layer) if callable(value) else value
+    return edit
+
+
+def _int8_values_in_a_float_entry(checkpoint):
+    layer = next(layer for layer in checkpoint["sparse"].values() if layer.get("blocksize") == checkpoint["blocksize"])
+    del layer["quantize"]
+
+
+@pytest.mark.parametrize("edit,message", [
+    (_int8_entry("values", lambda layer: layer["values"].float()), "an int8 layer's values are torch.float32"),
+    (_int8_entry("weight_scale", lambda layer: layer["weight_scale"][:-1]), "'weight_scale' must be"),
+    (_int8_entry("weight_scale", lambda layer: layer["weight_scale"].double()), "'weight_scale' must be"),
+    (_int8_entry("weight_scale", None), "'weight_scale' must be"),
+    (_int8_entry("weight_scale", lambda layer: layer["weight_scale"] * 0), "'weight_scale' must be"),
+    (_int8_entry("quantize", "int4"), "unknown quantize 'int4'"),
+    (_int8_entry("blocksize", 8), "'blocksize' must be a positive multiple of 16"),
+    (_int8_entry("blocksize", 32), "its blocks and indices do not fit"),
+    (_int8_values_in_a_float_entry, "its values are torch.int8, not floats"),
+    (lambda checkpoint: checkpoint.update(blocksize=8), "must have a 'blocksize' that is a multiple of 16"),
+], ids=["float_values", "short_scale", "float64_scale", "no_scale", "zero_scale", "unknown_quantize", "blocksize_8",
+        "other_blocksize", "int8_without_quantize",
+        "file_blocksize_8"])
+def test_corrupt_int8_entries_are_one_clear_value_error(edit, message, tmp_path):
+    path = tmp_path / "int8.pth"
+    compact.save_compact(block_sparse_vit(0.0, quantize="int8"), str(path), architecture=ARCH, blocksize=16)
+    checkpoint = checkpoints.load_checkpoint(str(path))
+    edit(checkpoint)
+    checkpoints.save_checkpoint(checkpoint, str(tmp_path / "bad.pth"))
+    with pytest.raises(ValueError, match="malformed compact checkpoint") as caught:
+        compact.load_compact(str(tmp_path / "bad.pth"), kernel="bmm")
+    assert message in str(caught.value) and "\n" not in str(caught.value)
