@@ -78,24 +78,17 @@ inline __mmask16 first_lanes(int64_t count) {
   return count >= 16 ? __mmask16(0xffff) : __mmask16((1u << count) - 1);
 }
 
-// One row of `count` values -> uint8 (round(x * 127 / amax) + 128) and its scale amax / 127. A row of zeros gets
-// scale 0 (and every value 128); a row holding inf or NaN gets scale NaN, so its outputs are NaN as nn.Linear's are.
+// One row of `count` values -> uint8 (round(x * 127 / amax) + 128) and its scale amax / 127, given the row's amax
+// (`top`) and whether it holds inf or NaN. A row of zeros gets scale 0 (every value 128); a row holding inf or NaN
+// gets scale NaN, so its outputs are NaN as nn.Linear's are.
 template <typename T>
-SUPERBLOCK_AVX512 void quantize_row(const T* x, int64_t count, uint8_t* q, float* scale) {
-  const __m512 sign = _mm512_set1_ps(-0.f), inf = _mm512_set1_ps(std::numeric_limits<float>::infinity());
-  __m512 amax = _mm512_setzero_ps();
-  __mmask16 not_finite = 0;
-  for (int64_t c = 0; c < count; c += 16) {
-    const __m512 v = _mm512_andnot_ps(sign, load16(x + c, first_lanes(count - c)));
-    not_finite |= _mm512_cmp_ps_mask(v, inf, _CMP_NLT_UQ);  // |v| >= inf, or NaN
-    amax = _mm512_max_ps(amax, v);
-  }
-  if (not_finite) {
+SUPERBLOCK_AVX512 void quantize_row_with(const T* x, int64_t count, float top, bool not_finite, uint8_t* q,
+                                         float* scale) {
+  if (not_finite || std::isinf(top)) {
     std::memset(q, 128, count);
     *scale = std::numeric_limits<float>::quiet_NaN();
     return;
   }
-  const float top = _mm512_reduce_max_ps(amax);
   *scale = top / 127.f;
   const __m512 inverse = _mm512_set1_ps(top > 0.f ? 127.f / top : 0.f);
   const __m512i low = _mm512_set1_epi32(-127), high = _mm512_set1_epi32(127), shift = _mm512_set1_epi32(128);
@@ -107,6 +100,19 @@ SUPERBLOCK_AVX512 void quantize_row(const T* x, int64_t count, uint8_t* q, float
     v = _mm512_add_epi32(_mm512_min_epi32(_mm512_max_epi32(v, low), high), shift);
     _mm_mask_storeu_epi8(q + c, lanes, _mm512_cvtepi32_epi8(v));
   }
+}
+
+template <typename T>
+SUPERBLOCK_AVX512 void quantize_row(const T* x, int64_t count, uint8_t* q, float* scale) {
+  const __m512 sign = _mm512_set1_ps(-0.f);
+  __m512 amax = _mm512_setzero_ps();
+  __mmask16 nan = 0;
+  for (int64_t c = 0; c < count; c += 16) {
+    const __m512 v = _mm512_andnot_ps(sign, load16(x + c, first_lanes(count - c)));
+    nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    amax = _mm512_max_ps(amax, v);  // an inf stays the maximum; a NaN may not, hence the mask
+  }
+  quantize_row_with<T>(x, count, _mm512_reduce_max_ps(amax), nan != 0, q, scale);
 }
 
 // Rows of a quantized matrix with kSpareRows rows to spare: data (rows + spare) x width, one scale per row.
@@ -180,23 +186,30 @@ void vnni_item(const uint8_t* a, int64_t lda, int64_t m, const Int8Blocks& w, co
 }
 
 // c (m x blocksize int32, row stride blocksize) = a (m rows, stride lda) @ block-row `row` of w (cols may be
-// renumbered). May write up to kSpareRows - 1 rows beyond m.
+// renumbered). May write up to kSpareRows - 1 rows beyond m. `panel` (m x lda bytes) is the AMX path's: a row whose
+// kept blocks are not adjacent has their input columns copied side by side there, for one brgemm over all of them
+// (each call loads and stores its accumulator tiles: one call per block-row instead of one per block).
 void item_products(Isa isa, const uint8_t* a, int64_t lda, int64_t m, const Int8Blocks& w, const int32_t* cols,
-                   int64_t row, int32_t* c) {
+                   int64_t row, int32_t* c, uint8_t* panel) {
   const int64_t bs = w.blocksize, first = w.offsets[row], last = w.offsets[row + 1];
   if (first == last) {
     std::memset(c, 0, m * bs * sizeof(int32_t));
     return;
   }
   if (isa == Isa::amx) {
-    // One brgemm per run of adjacent blocks: their packed blocks are one (run * blocksize)-deep operand.
-    for (int64_t j = first; j < last;) {
-      int64_t end = j + 1;
-      while (end < last && cols[end] == cols[j] + (end - j)) ++end;
-      at::native::cpublas::brgemm(m, bs, (end - j) * bs, lda, bs, bs, j > first, a + int64_t(cols[j]) * bs,
-                                  reinterpret_cast<const signed char*>(w.blocks + j * bs * bs), c, true);
-      j = end;
+    // The row's packed blocks, one after the other, are one ((last - first) * blocksize)-deep operand.
+    const signed char* blocks = reinterpret_cast<const signed char*>(w.blocks + first * bs * bs);
+    const int64_t depth = (last - first) * bs;
+    if (cols[last - 1] - cols[first] == last - 1 - first) {  // adjacent blocks: read the input in place
+      at::native::cpublas::brgemm(m, bs, depth, lda, bs, bs, false, a + int64_t(cols[first]) * bs, blocks, c, true);
+      return;
     }
+    for (int64_t i = 0; i < m; ++i) {
+      for (int64_t j = first; j < last; ++j) {
+        std::memcpy(panel + i * depth + (j - first) * bs, a + i * lda + int64_t(cols[j]) * bs, bs);
+      }
+    }
+    at::native::cpublas::brgemm(m, bs, depth, depth, bs, bs, false, panel, blocks, c, true);
     return;
   }
   for (int64_t n0 = 0; n0 < bs; n0 += 64) {
@@ -254,10 +267,12 @@ void linear_items(Isa isa, const at::Tensor& x, const Int8Blocks& w, at::Tensor&
   T* y_data = y.mutable_data_ptr<T>();
   at::parallel_for(0, tiles * block_rows, 1, [&](int64_t begin, int64_t end) {
     std::unique_ptr<int32_t[]> c(new int32_t[(tile_tokens + kSpareRows) * w.blocksize]);
+    std::unique_ptr<uint8_t[]> panel(isa == Isa::amx ? new uint8_t[tile_tokens * in_features] : nullptr);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t row = item % block_rows, first_token = (item / block_rows) * tile_tokens;
       const int64_t m = std::min(tile_tokens, tokens - first_token);
-      item_products(isa, q.data.get() + first_token * in_features, in_features, m, w, w.cols, row, c.get());
+      item_products(isa, q.data.get() + first_token * in_features, in_features, m, w, w.cols, row, c.get(),
+                    panel.get());
       dequantize<T>(c.get(), m, q.scales.get() + first_token, w, row,
                     y_data + first_token * out_features + row * w.blocksize, out_features);
     }
@@ -265,19 +280,131 @@ void linear_items(Isa isa, const at::Tensor& x, const Int8Blocks& w, at::Tensor&
   });
 }
 
-// The elementwise function between an MLP's two Linears, in place on a tile of float hidden activations.
-void activate(at::Tensor hidden, const std::string& activation) {
-  if (activation == "gelu") {
-    at::gelu_(hidden, "none");
-  } else if (activation == "gelu_tanh") {
-    at::gelu_(hidden, "tanh");
-  } else if (activation == "relu") {
-    at::relu_(hidden);
+SUPERBLOCK_AVX512 float reduce_max16(const float* lanes) { return _mm512_reduce_max_ps(_mm512_loadu_ps(lanes)); }
+
+// ---- The MLP's activation, in registers ----
+//
+// The activation runs in the first layer's epilogue, so the hidden activations are written once, already activated,
+// with each token's running amax for their quantization. GELU is not ATen's: erf(z) = z P(z^2) on [-3, 3] (a
+// Chebyshev fit of degree 8 in z^2) and +-1 beyond, within 6e-5 of nn.GELU everywhere (the hidden activations are
+// quantized next in steps of amax / 127, hundreds of times coarser), at half the instructions of ATen's
+// exp-based erf, which measured as long as all the rest of the MLP's elementwise work. The tanh form uses exp by
+// range reduction and a degree-7 polynomial, and one Newton step per reciprocal. The tests compare both with nn.GELU.
+
+enum class Activation { identity, relu, gelu, gelu_tanh };
+
+Activation activation_of(const std::string& name) {
+  if (name == "gelu") return Activation::gelu;
+  if (name == "gelu_tanh") return Activation::gelu_tanh;
+  if (name == "relu") return Activation::relu;
+  return Activation::identity;
+}
+
+SUPERBLOCK_AVX512 inline __m512 exp16(__m512 x) {
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.f)), _mm512_set1_ps(88.f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);  // ln 2 in two parts: x - n ln 2 stays exact
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.f / 5040);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 720));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  return _mm512_scalef_ps(p, n);
+}
+
+SUPERBLOCK_AVX512 inline __m512 reciprocal16(__m512 d) {
+  const __m512 r = _mm512_rcp14_ps(d);
+  return _mm512_mul_ps(r, _mm512_fnmadd_ps(d, r, _mm512_set1_ps(2.f)));
+}
+
+template <Activation act>
+SUPERBLOCK_AVX512 inline __m512 activate16(__m512 x) {
+  const __m512 half = _mm512_set1_ps(0.5f), one = _mm512_set1_ps(1.f);
+  switch (act) {
+    case Activation::relu:
+      return _mm512_max_ps(x, _mm512_setzero_ps());
+    case Activation::gelu: {  // x/2 (1 + erf(z)), z = x / sqrt 2 clamped to [-3, 3], erf z = z P(z^2)
+      const __m512 limit = _mm512_set1_ps(3.f);
+      const __m512 z = _mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(x, _mm512_set1_ps(0.70710678f)),
+                                                   _mm512_sub_ps(_mm512_setzero_ps(), limit)), limit);
+      const __m512 z2 = _mm512_mul_ps(z, z);
+      __m512 p = _mm512_set1_ps(4.312728663e-08f);
+      p = _mm512_fmadd_ps(p, z2, _mm512_set1_ps(-2.029264351e-06f));
+      p = _mm512_fmadd_ps(p, z2, _mm512_set1_ps(4.228137914e-05f));
+      p = _mm512_fmadd_ps(p, z2, _mm512_set1_ps(-5.203090259e-04f));
+      p = _mm512_fmadd_ps(p, z2, _mm512_set1_ps(4.275033716e-03f));
+      p = _mm512_fmadd_ps(p, z2, _mm512_set1_ps(-2.519730292e-02f));
+      p = _mm512_fmadd_ps(p, z2, _mm512_set1_ps(1.111962572e-01f));
+      p = _mm512_fmadd_ps(p, z2, _mm512_set1_ps(-3.753779829e-01f));
+      p = _mm512_fmadd_ps(p, z2, _mm512_set1_ps(1.128277898e+00f));
+      const __m512 erf = _mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(p, z), _mm512_set1_ps(-1.f)), one);
+      return _mm512_mul_ps(_mm512_mul_ps(x, half), _mm512_add_ps(one, erf));
+    }
+    case Activation::gelu_tanh: {  // x/2 (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), tanh u = 1 - 2 / (e^2u + 1)
+      const __m512 x3 = _mm512_mul_ps(_mm512_mul_ps(x, x), x);
+      const __m512 u = _mm512_mul_ps(_mm512_set1_ps(0.7978845608f), _mm512_fmadd_ps(_mm512_set1_ps(0.044715f), x3, x));
+      const __m512 e = exp16(_mm512_add_ps(u, u));
+      const __m512 tanh = _mm512_fnmadd_ps(_mm512_set1_ps(2.f), reciprocal16(_mm512_add_ps(e, one)), one);
+      return _mm512_mul_ps(_mm512_mul_ps(x, half), _mm512_add_ps(one, tanh));
+    }
+    default:
+      return x;
+  }
+}
+
+// The MLP's first layer for block-row `row` into its hidden columns: out = act(float(c - compensation) * scales +
+// bias), and per token the running amax of |out| in 16 lanes. (Finite scales, bias and accumulators give finite
+// activations: a token's hidden row can only be non-finite through its input's NaN scale, or non-finite weights.)
+template <Activation act>
+SUPERBLOCK_AVX512 void dequantize_activate(const int32_t* c, int64_t m, const float* row_scales, const Int8Blocks& w,
+                                           int64_t row, float* out, int64_t ldo, float* amax) {
+  constexpr int kRound = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+  const int64_t bs = w.blocksize, o0 = row * bs;
+  const int32_t* __restrict compensation = w.compensation + o0;
+  const float* __restrict scales = w.scales + o0;
+  const float* __restrict bias = w.bias ? w.bias + o0 : nullptr;
+  for (int64_t i = 0; i < m; ++i) {
+    const __m512 row_scale = _mm512_set1_ps(row_scales[i]);
+    __m512 running = _mm512_loadu_ps(amax + i * 16);
+    for (int64_t n = 0; n < bs; n += 16) {
+      const __m512i acc = _mm512_sub_epi32(_mm512_loadu_si512(c + i * bs + n), _mm512_loadu_si512(compensation + n));
+      const __m512 scale = _mm512_mul_round_ps(row_scale, _mm512_loadu_ps(scales + n), kRound);
+      __m512 y = _mm512_mul_round_ps(_mm512_cvtepi32_ps(acc), scale, kRound);
+      if (bias) y = _mm512_add_round_ps(y, _mm512_loadu_ps(bias + n), kRound);
+      y = activate16<act>(y);
+      running = _mm512_max_ps(running, _mm512_abs_ps(y));
+      _mm512_storeu_ps(out + i * ldo + n, y);
+    }
+    _mm512_storeu_ps(amax + i * 16, running);
+  }
+}
+
+// Whether a layer's weight scales or bias hold inf or NaN (then so may every hidden activation).
+bool not_finite(const Int8Blocks& w, int64_t out_features) {
+  for (int64_t o = 0; o < out_features; ++o) {
+    if (!std::isfinite(w.scales[o]) || (w.bias && !std::isfinite(w.bias[o]))) return true;
+  }
+  return false;
+}
+
+// dequantize_activate with the activation chosen once per call.
+void dequantize_activate(Activation act, const int32_t* c, int64_t m, const float* row_scales, const Int8Blocks& w,
+                         int64_t row, float* out, int64_t ldo, float* amax) {
+  switch (act) {
+    case Activation::gelu: dequantize_activate<Activation::gelu>(c, m, row_scales, w, row, out, ldo, amax); break;
+    case Activation::gelu_tanh: dequantize_activate<Activation::gelu_tanh>(c, m, row_scales, w, row, out, ldo, amax); break;
+    case Activation::relu: dequantize_activate<Activation::relu>(c, m, row_scales, w, row, out, ldo, amax); break;
+    default: dequantize_activate<Activation::identity>(c, m, row_scales, w, row, out, ldo, amax); break;
   }
 }
 
 template <typename T>
-void mlp_items(Isa isa, const at::Tensor& x, const Int8Blocks& w1, const Int8Blocks& w2, int64_t cols2_count,
+void mlp_items(Isa isa, const at::Tensor& x, const Int8Blocks& w1, int64_t hidden_features, const Int8Blocks& w2,
+               int64_t cols2_count,
                at::Tensor& y, const std::string& activation, int64_t tile_tokens) {
   const int64_t tokens = x.size(0), in_features = x.size(1), out_features = y.size(1), bs = w1.blocksize;
   // Only the hidden blocks W2 reads are computed, side by side in the buffer: W2's columns are renumbered to them.
@@ -299,23 +426,30 @@ void mlp_items(Isa isa, const at::Tensor& x, const Int8Blocks& w1, const Int8Blo
   QuantizedRows q(tokens, in_features);
   quantize_rows<T>(x.const_data_ptr<T>(), x.stride(0), tokens, in_features, q, true);
   T* y_data = y.mutable_data_ptr<T>();
+  const Activation act = activation_of(activation);
+  const bool weights_not_finite = not_finite(w1, hidden_features);
   at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
     std::unique_ptr<int32_t[]> c(new int32_t[(tile_tokens + kSpareRows) * bs]);
     std::unique_ptr<float[]> hidden(new float[tile_tokens * std::max<int64_t>(width, 1)]);
+    std::unique_ptr<float[]> amax(new float[tile_tokens * 16]);
     QuantizedRows hidden_q(tile_tokens, std::max<int64_t>(width, 1));
+    std::unique_ptr<uint8_t[]> panel(isa == Isa::amx ? new uint8_t[tile_tokens * std::max(in_features, width)] : nullptr);
     for (int64_t tile = begin; tile < end; ++tile) {
       const int64_t first_token = tile * tile_tokens, m = std::min(tile_tokens, tokens - first_token);
       const uint8_t* a = q.data.get() + first_token * in_features;
+      std::fill(amax.get(), amax.get() + m * 16, 0.f);
       for (size_t k = 0; k < live.size(); ++k) {
-        item_products(isa, a, in_features, m, w1, w1.cols, live[k], c.get());
-        dequantize<float>(c.get(), m, q.scales.get() + first_token, w1, live[k], hidden.get() + k * bs, width);
+        item_products(isa, a, in_features, m, w1, w1.cols, live[k], c.get(), panel.get());
+        dequantize_activate(act, c.get(), m, q.scales.get() + first_token, w1, live[k], hidden.get() + k * bs, width,
+                            amax.get());
       }
-      if (width > 0) {
-        activate(at::from_blob(hidden.get(), {m, width}, at::TensorOptions().dtype(at::kFloat)), activation);
-        quantize_rows<float>(hidden.get(), width, m, width, hidden_q, false);
+      for (int64_t i = 0; i < m && width > 0; ++i) {
+        quantize_row_with<float>(hidden.get() + i * width, width, reduce_max16(amax.get() + i * 16),
+                                 weights_not_finite || std::isnan(q.scales[first_token + i]),
+                                 hidden_q.data.get() + i * width, hidden_q.scales.get() + i);
       }
       for (int64_t row = 0; row < block_rows; ++row) {
-        item_products(isa, hidden_q.data.get(), width, m, w2, renumbered.data(), row, c.get());
+        item_products(isa, hidden_q.data.get(), width, m, w2, renumbered.data(), row, c.get(), panel.get());
         dequantize<T>(c.get(), m, hidden_q.scales.get(), w2, row, y_data + first_token * out_features + row * bs,
                       out_features);
       }
@@ -416,7 +550,7 @@ at::Tensor int8_bsr_mlp(const at::Tensor& input, const at::Tensor& blocks1, cons
   const Int8Blocks w1 = blocks_of(blocks1, row_offsets1, cols1, weight_scale1, compensation1, bias1);
   const Int8Blocks w2 = blocks_of(blocks2, row_offsets2, cols2, weight_scale2, compensation2, bias2);
   with_dtype(x.scalar_type(), [&](auto zero) {
-    mlp_items<decltype(zero)>(isa, x, w1, w2, cols2.numel(), y, act, tile_tokens);
+    mlp_items<decltype(zero)>(isa, x, w1, hidden, w2, cols2.numel(), y, act, tile_tokens);
   });
   return y;
 }
