@@ -147,6 +147,10 @@ def _quantize(linear: nn.Linear, blocksize: int):
 
 ##### The module #####
 
+
+def _repack_after_load(module: "Int8BlockSparseLinear", incompatible_keys) -> None:
+    module._repack()  # a function, not a lambda: a converted model must pickle
+
 _measured: Dict[tuple, Tuple[Tuple[int, str], float]] = {}  # one measurement per distinct layer
 
 
@@ -166,7 +170,7 @@ class Int8BlockSparseLinear(nn.Module):
         self.isa: Optional[str] = None  # "fused": "amx" or "vnni", measured at conversion
         self.seconds: Optional[float] = None  # "fused": its time on the conversion's sample, for apply_bsr's choice
         self.measured_dtype = torch.float32  # "fused": the input dtype it was timed with (the model's)
-        self.register_load_state_dict_post_hook(lambda module, incompatible: module._repack())
+        self.register_load_state_dict_post_hook(_repack_after_load)
 
     @property
     def sparsity(self) -> float:
