@@ -585,10 +585,13 @@ def _quantize_filter(model, blocksize, kernel, quantize, quantize_filter_fn) -> 
         raise ValueError(f"quantize='int8' runs on the CPU; the model is on {', '.join(sorted(devices))}")
     if kernel != "bmm":
         blocksparse_int8.require(blocksize)
+    # Plain Linears, and the out_proj of an nn.MultiheadAttention (a Linear subclass that ProjectedAttention calls
+    # as a module); other subclasses stay dense before this filter is asked.
+    linear_types = (nn.Linear, nn.modules.linear.NonDynamicallyQuantizableLinear)
     if quantize_filter_fn is not None:
-        return lambda module, fqn: type(module) is nn.Linear and quantize_filter_fn(module, fqn)
+        return lambda module, fqn: type(module) in linear_types and quantize_filter_fn(module, fqn)
     classifier = find_classifier(model)
-    return lambda module, fqn: type(module) is nn.Linear and fqn != classifier
+    return lambda module, fqn: type(module) in linear_types and fqn != classifier
 
 
 @torch.no_grad()
