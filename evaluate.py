@@ -4,7 +4,8 @@
     offline:  --sparsify-weights freezes the masks into plain Linear/Conv2d weights
     BSR:      --bsr N also packs every eligible frozen Linear into N x N blocks (implies --sparsify-weights)
 
-All three give the same accuracy; only the speed differs. Runs as one process or under torchrun, where
+All three give the same accuracy; only the speed differs. With --bsr, --quantize int8 runs the converted layers
+(and the Linears left dense for their sparsity) in int8 (W8A8) on the CPU, at a slightly different accuracy. Runs as one process or under torchrun, where
 every validation image is counted exactly once.
 
 Example:
@@ -31,6 +32,7 @@ import utils
 
 # blocksparse.KERNELS, spelled out: importing blocksparse (torch.library, Triton) costs a second at every start.
 BSR_KERNELS = ("auto", "fused", "bmm", "dense", "torch", "triton")
+INT8_KERNELS = ("auto", "fused", "bmm")  # the kernels apply_bsr runs int8 layers with
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +43,7 @@ class Target:
     bsr: int | None  # the block size, or None to stay dense
     sparsify_weights: bool  # freeze the masks into the weights (always with bsr)
     checkpoint: dict | None  # --weights-path, loaded
+    quantize: str | None = None  # "int8": the block-sparse layers run W8A8
 
     @property
     def compact(self):
@@ -49,7 +52,9 @@ class Target:
 
     @property
     def mode(self):
-        return "bsr" if self.bsr else "offline" if self.sparsify_weights else "online"
+        if self.bsr:
+            return "bsr-int8" if self.quantize else "bsr"
+        return "offline" if self.sparsify_weights else "online"
 
 
 def resolve_target(args):
@@ -61,11 +66,12 @@ def resolve_target(args):
     cli.resolve_supermask_args(args, checkpoint, source=f"--weights-path {args.weights_path}",
                                fix="drop the flag to evaluate with the checkpoint's setting")
     return Target(model=args.model, bsr=args.bsr, sparsify_weights=args.sparsify_weights or bool(args.bsr),
-                  checkpoint=checkpoint)
+                  checkpoint=checkpoint, quantize=None if args.quantize in (None, "none") else args.quantize)
 
 
 def _compact_target(args, checkpoint):
-    """Model, blocks and freezing of a compact file, which knows them: flags that say otherwise are InputErrors."""
+    """Model, blocks, freezing and quantization of a compact file, which knows them: flags that say otherwise are
+    InputErrors."""
     import compact
 
     try:
@@ -80,12 +86,39 @@ def _compact_target(args, checkpoint):
     if args.bsr and args.bsr != blocksize:
         raise utils.InputError(f"--bsr {args.bsr} contradicts compact checkpoint {path}, which holds "
                                f"{blocksize}x{blocksize} blocks; drop --bsr")
+    quantize = compact.quantization(checkpoint)
+    if args.quantize is not None:
+        raise utils.InputError(f"--quantize does not apply to compact checkpoint {path}, which says itself whether its "
+                               f"layers are int8 (they are{'' if quantize else ' not'}); drop the flag")
     arch = checkpoint["architecture"]
     if models.is_vit(arch["model"]) and arch["image_size"] != args.val_crop_size:
         raise utils.InputError(f"compact checkpoint {path} holds a {arch['model']} for {arch['image_size']}-pixel "
                                f"images, not --val-crop-size {args.val_crop_size}; pass --val-crop-size "
                                f"{arch['image_size']} (and a --val-resize-size to match)")
-    return dict(model=arch["model"], bsr=blocksize, sparsify_weights=True)
+    return dict(model=arch["model"], bsr=blocksize, sparsify_weights=True, quantize=quantize)
+
+
+def check_quantize(args, target):
+    """Refuse int8 where it cannot run (another device or kernel, a CPU without the int8 kernels): InputErrors."""
+    if not target.quantize:
+        return
+    what = f"compact checkpoint {args.weights_path} (int8 layers)" if target.compact else "--quantize int8"
+    drop = "" if target.compact else ", or drop --quantize"
+    if args.bsr_kernel not in INT8_KERNELS:
+        raise utils.InputError(f"{what} runs with --bsr-kernel {', '.join(INT8_KERNELS)}, not {args.bsr_kernel}{drop}")
+    if cli.process_device(args).type != "cpu":
+        raise utils.InputError(f"{what} runs on the CPU, not {args.device}: pass --device cpu{drop}")
+    if args.bsr_kernel == "bmm":
+        return  # the pure-PyTorch reference runs anywhere
+    import blocksparse_int8
+
+    try:
+        reason = blocksparse_int8.unavailable_reason(target.bsr)
+    except ValueError as e:  # SUPERBLOCK_HIDE_ISA names an unknown instruction set
+        raise utils.InputError(str(e)) from None
+    if reason is not None:
+        raise utils.InputError(f"{what} needs the int8 CPU kernels, which cannot run here: {reason}; pass "
+                               f"--bsr-kernel bmm for the pure-PyTorch reference (slow){drop}")
 
 
 ##### The model #####
@@ -134,7 +167,7 @@ def prepare_model(args, target, *, num_classes):
     if target.bsr:
         import blocksparse
 
-        bsr = blocksparse.apply_bsr(model, blocksize=target.bsr, kernel=args.bsr_kernel)
+        bsr = blocksparse.apply_bsr(model, blocksize=target.bsr, kernel=args.bsr_kernel, quantize=target.quantize)
         if not bsr.converted:
             raise utils.InputError(f"--bsr {target.bsr} converted no layer ({bsr.skipped_summary()}); use a block "
                                    f"size that divides the layers' shapes, e.g. the tile size of the masks")
@@ -163,6 +196,10 @@ def load_compact_model(args, checkpoint, *, num_classes):
     if architecture["num_classes"] != num_classes:
         raise utils.InputError(f"{args.weights_path} classifies {architecture['num_classes']} classes but the data "
                                f"has {num_classes}")
+    blocksize = checkpoint["blocksize"]
+    quantized = ", int8 (W8A8) layers" if compact.quantization(checkpoint) else ""
+    utils.log(f"Compact checkpoint {args.weights_path}: {architecture['model']}, {blocksize}x{blocksize} "
+              f"blocks{quantized}")
     try:
         return compact.model_from_compact(checkpoint, kernel=args.bsr_kernel, device=cli.process_device(args))
     except (ValueError, KeyError, RuntimeError) as e:
@@ -201,6 +238,12 @@ def check_args(args):
     if args.save_compact and not args.bsr:
         raise utils.InputError("--save-compact stores block-sparse layers: add --bsr N (e.g. the tile size of the "
                                "masks)")
+    if args.quantize == "int8" and not args.bsr:
+        raise utils.InputError("--quantize int8 quantizes the layers --bsr converts: add --bsr N (a multiple of 16, "
+                               "e.g. the tile size of the masks); a compact checkpoint says itself if it is int8")
+    if args.quantize == "int8" and args.bsr % 16:
+        raise utils.InputError(f"--quantize int8 takes --bsr a multiple of 16 (the int8 kernels' blocks), not "
+                               f"{args.bsr}")
     cli.check_model_name(args.model)
     cli.check_weights_path(args.weights_path)
 
@@ -214,6 +257,7 @@ def main(args):
         if path:
             cli.prepare_output_file(path, flag)
     target = resolve_target(args)
+    check_quantize(args, target)
     cli.init_distributed_mode(args)
     device = cli.process_device(args)
 
@@ -240,7 +284,7 @@ def main(args):
         "acc1": acc1, "acc5": acc5, "images": len(dataset),
         "batch_time_ms": 1000 * batch_time, "images_per_s": args.batch_size / batch_time,
         "timed_batches": len(times), "peak_memory_mb": evaluation.peak_memory_mb(device),
-        "mode": mode,
+        "mode": mode, "quantize": target.quantize,
         "bsr_converted": {name: kernel for name, kernel, _ in bsr.converted} if bsr else {},
         "bsr_dense": dict(bsr.left_dense) if bsr else {},
         "config": {
@@ -282,6 +326,11 @@ def get_args_parser(add_help=True):
     group.add_argument("--bsr-kernel", default="auto", choices=BSR_KERNELS,
                        help="block-sparse kernel: auto measures the fused C++ kernel (or bmm without it) against "
                             "dense per layer shape and keeps the faster; see blocksparse.py (default: auto)")
+    group.add_argument("--quantize", default=None, choices=("none", "int8"),
+                       help="with --bsr: int8 runs the converted Linears, and those left dense for their sparsity, "
+                            "in int8 (W8A8: int8 weights, activations quantized per token) on the CPU (--bsr-kernel "
+                            "auto: each where int8 measures faster than float); needs --bsr a multiple of 16; a "
+                            "compact checkpoint says itself (default: none)")
     group.add_argument("--dtype", default="float32", choices=sorted(cli.DTYPES),
                        help="dtype of the weights and inputs (default: float32)")
     group.add_argument("--amp", action="store_true",

@@ -9,6 +9,7 @@ import re
 import pytest
 import torch
 
+import blocksparse_int8
 from helpers import (assert_ok, flip_byte_in_tensor_data, free_port, run_in_process, run_script,
                      write_image_folder)
 
@@ -131,6 +132,14 @@ def compact_file(data, checkpoint, tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="module")
+def int8_compact_file(data, checkpoint, tmp_path_factory):
+    """A compact int8 file, written with the int8 kernels' pure-PyTorch reference (no instruction set needed)."""
+    path = str(tmp_path_factory.mktemp("compact") / "int8.pth")
+    evaluate(data, checkpoint[0], "--bsr", "16", "--quantize", "int8", "--bsr-kernel", "bmm", "--save-compact", path)
+    return path
+
+
 def _malformed(compact_file, tmp_path):
     import checkpoints
 
@@ -143,10 +152,13 @@ def _malformed(compact_file, tmp_path):
     lambda path, tmp: (path, ["--sparsity-linear", "0.5"], "--sparsity-linear does not apply to compact checkpoint"),
     lambda path, tmp: (path, ["--skip-last-layer-sparsity"], "--skip-last-layer-sparsity does not apply"),
     lambda path, tmp: (path, ["--bsr", "8"], "--bsr 8 contradicts compact checkpoint"),
+    lambda path, tmp: (path, ["--bsr", "16", "--quantize", "int8"], "--quantize does not apply to compact checkpoint "
+                                                                    f"{path}, which says itself whether its layers "
+                                                                    f"are int8 (they are not); drop the flag"),
     lambda path, tmp: (path, ["--val-crop-size", "24"], "for 16-pixel images, not --val-crop-size 24; pass "
                                                         "--val-crop-size 16"),
     _malformed,
-], ids=["sparsity_flag", "skip_flag", "other_block_size", "other_image_size", "malformed"])
+], ids=["sparsity_flag", "skip_flag", "other_block_size", "quantize", "other_image_size", "malformed"])
 def test_compact_file_refuses_flags_it_would_ignore_and_malformed_content(case, data, compact_file, tmp_path):
     path, flags, expected = case(compact_file, tmp_path)
     result = run_in_process("evaluate.py", ["--data-path", data, "--device", "cpu", "-j", "0", *SIZE, "-b", "4",
@@ -155,6 +167,67 @@ def test_compact_file_refuses_flags_it_would_ignore_and_malformed_content(case, 
     error_lines = [line for line in result.stderr.splitlines() if "error:" in line]
     assert len(error_lines) == 1 and expected in error_lines[0], result.stderr
     assert "Traceback" not in result.stderr
+
+
+##### int8 (W8A8) #####
+
+INT8_KERNELS = blocksparse_int8.unavailable_reason(16) is None
+
+
+@pytest.mark.skipif(not INT8_KERNELS, reason="the int8 kernels cannot run on this CPU")
+def test_int8_evaluation_writes_a_compact_int8_file_that_evaluates_without_flags(data, checkpoint, tmp_path):
+    compact, json_path = str(tmp_path / "int8.pth"), str(tmp_path / "int8.json")
+    # kernel fused: every layer int8 (auto keeps the faster of int8 and float per layer, which can vary by run).
+    saved = evaluate(data, checkpoint[0], "--bsr", "16", "--quantize", "int8", "--bsr-kernel", "fused",
+                     "--save-compact", compact, "--output-json", json_path)
+    assert re.search(r"mlp\.0 +kernel=int8/(amx|vnni)", saved.stdout), saved.stdout
+    assert ", bsr-int8, float32)" in saved.stdout
+    result = json.load(open(json_path))
+    assert result["mode"] == "bsr-int8" and result["quantize"] == "int8"
+    rerun = run_in_process("evaluate.py", ["--data-path", data, "--device", "cpu", "-j", "0", *SIZE, "-b", "4",
+                                           "--weights-path", compact, "--bsr-kernel", "fused"])
+    assert_ok(rerun)
+    assert f"Compact checkpoint {compact}: vit_tiny, 16x16 blocks, int8 (W8A8) layers" in rerun.stdout
+    assert ", bsr-int8, float32)" in rerun.stdout
+    assert accuracy(rerun.stdout) == accuracy(saved.stdout), "the compact file holds the same int8 weights"
+
+
+def test_int8_compact_file_refuses_quantize_flags(data, int8_compact_file):
+    for value in ("int8", "none"):
+        result = run_in_process("evaluate.py", ["--data-path", data, "--device", "cpu", "-j", "0", *SIZE, "-b", "4",
+                                                "--weights-path", int8_compact_file, "--bsr", "16", "--quantize", value])
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.strip().splitlines()[-1] == (
+            f"evaluate.py: error: --quantize does not apply to compact checkpoint {int8_compact_file}, which says "
+            f"itself whether its layers are int8 (they are); drop the flag")
+
+
+def test_int8_compact_file_runs_its_reference_kernel_anywhere(data, int8_compact_file, monkeypatch):
+    monkeypatch.setenv("SUPERBLOCK_HIDE_ISA", "amx,vnni")
+    argv = ["--data-path", data, "--device", "cpu", "-j", "0", *SIZE, "-b", "4", "--weights-path", int8_compact_file]
+    hidden = run_in_process("evaluate.py", argv)
+    assert hidden.returncode == 2 and "Traceback" not in hidden.stderr, hidden.stderr
+    last = hidden.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"evaluate.py: error: compact checkpoint {int8_compact_file} (int8 layers) needs the int8 "
+                           f"CPU kernels, which cannot run here: they need AMX (amx_int8) or AVX-512 VNNI"), last
+    assert last.endswith("; pass --bsr-kernel bmm for the pure-PyTorch reference (slow)"), last
+    reference = run_in_process("evaluate.py", [*argv, "--bsr-kernel", "bmm"])
+    assert_ok(reference)
+    assert re.search(r"mlp\.0 +kernel=int8/bmm", reference.stdout), reference.stdout
+
+
+def test_quantize_on_a_cpu_without_the_int8_kernels_is_one_line_naming_the_instruction_set(data, checkpoint,
+                                                                                            monkeypatch):
+    monkeypatch.setenv("SUPERBLOCK_HIDE_ISA", "amx,vnni")  # as on a CPU without them
+    result = run_script(["evaluate.py", "--data-path", data, *MODEL, *SPARSE, "-b", "4", "--weights-path",
+                         checkpoint[0], "--bsr", "16", "--quantize", "int8"])
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("evaluate.py: error: --quantize int8 needs the int8 CPU kernels, which cannot run here: "
+                           "they need AMX (amx_int8) or AVX-512 VNNI (avx512_vnni);"), last
+    assert "AVX-512 VNNI (avx512_vnni)" in last.partition("; ")[2], "the line names what the CPU lacks or hides"
+    assert last.endswith("; pass --bsr-kernel bmm for the pure-PyTorch reference (slow), or drop --quantize"), last
 
 
 ##### Bad input: one line, exit status 2 (run in this process: each fails within a second) #####
@@ -256,6 +329,24 @@ def _unknown_bsr_kernel(checkpoint, tmp_path):
     return ["--weights-path", checkpoint, "--bsr", "16", "--bsr-kernel", "bmm_t"], "invalid choice: 'bmm_t'"
 
 
+def _quantize_without_bsr(checkpoint, tmp_path):
+    return ["--weights-path", checkpoint, "--quantize", "int8"], "--quantize int8 quantizes the layers --bsr converts"
+
+
+def _quantize_with_blocks_of_8(checkpoint, tmp_path):
+    return ["--weights-path", checkpoint, "--bsr", "8", "--quantize", "int8"], \
+        "--quantize int8 takes --bsr a multiple of 16 (the int8 kernels' blocks), not 8"
+
+
+def _quantize_with_the_torch_kernel(checkpoint, tmp_path):
+    return ["--weights-path", checkpoint, "--bsr", "16", "--quantize", "int8", "--bsr-kernel", "torch"], \
+        "--quantize int8 runs with --bsr-kernel auto, fused, bmm, not torch, or drop --quantize"
+
+
+def _unknown_quantize(checkpoint, tmp_path):
+    return ["--weights-path", checkpoint, "--bsr", "16", "--quantize", "int4"], "invalid choice: 'int4'"
+
+
 def _a_file(tmp_path):
     (tmp_path / "afile.txt").write_text("notes")
     return str(tmp_path / "afile.txt")
@@ -310,7 +401,8 @@ BAD_INPUTS = [_output_json_through_a_file, _save_compact_through_a_file, _plot_m
               _dense_flags_for_sparse_checkpoint, _block_size_dividing_no_layer, _model_ema_without_weights,
               _sparsity_contradicting_the_checkpoint, _tile_size_contradicting_the_checkpoint,
               _skip_flag_contradicting_the_checkpoint, _flipped_byte, _bsr_without_weights,
-              _tile_size_leaving_one_tile_per_layer]
+              _tile_size_leaving_one_tile_per_layer, _quantize_without_bsr, _quantize_with_blocks_of_8,
+              _quantize_with_the_torch_kernel, _unknown_quantize]
 
 
 @pytest.mark.parametrize("case", BAD_INPUTS, ids=lambda f: f.__name__.strip("_"))
