@@ -5,8 +5,8 @@
     BSR:      --bsr N also packs every eligible frozen Linear into N x N blocks (implies --sparsify-weights)
 
 All three give the same accuracy; only the speed differs. With --bsr, --quantize int8 runs the converted layers
-(and the Linears left dense for their sparsity) in int8 (W8A8) on the CPU, at a slightly different accuracy. Runs as one process or under torchrun, where
-every validation image is counted exactly once.
+(and the Linears left dense for their sparsity) in int8 (W8A8) on the CPU, at a slightly different accuracy. Runs
+as one process or under torchrun, where every validation image is counted exactly once.
 
 Example:
     torchrun --nproc_per_node=8 evaluate.py --model vit_b_16 --batch-size 256 --sparsity-linear 0.9 \
@@ -99,9 +99,16 @@ def _compact_target(args, checkpoint):
 
 
 def check_quantize(args, target):
-    """Refuse int8 where it cannot run (another device or kernel, a CPU without the int8 kernels): InputErrors."""
+    """Refuse int8 where it cannot run (no --bsr, other blocks, kernel or device, a CPU without the int8 kernels)."""
     if not target.quantize:
         return
+    # Checked once the target is known: a compact file refuses --quantize itself, with or without --bsr.
+    if not target.bsr:
+        raise utils.InputError("--quantize int8 quantizes the layers --bsr converts: add --bsr N (a multiple of 16, "
+                               "e.g. the tile size of the masks)")
+    if target.bsr % 16:
+        raise utils.InputError(f"--quantize int8 takes --bsr a multiple of 16 (the int8 kernels' blocks), not "
+                               f"{target.bsr}")
     what = f"compact checkpoint {args.weights_path} (int8 layers)" if target.compact else "--quantize int8"
     drop = "" if target.compact else ", or drop --quantize"
     if args.bsr_kernel not in INT8_KERNELS:
@@ -238,12 +245,6 @@ def check_args(args):
     if args.save_compact and not args.bsr:
         raise utils.InputError("--save-compact stores block-sparse layers: add --bsr N (e.g. the tile size of the "
                                "masks)")
-    if args.quantize == "int8" and not args.bsr:
-        raise utils.InputError("--quantize int8 quantizes the layers --bsr converts: add --bsr N (a multiple of 16, "
-                               "e.g. the tile size of the masks); a compact checkpoint says itself if it is int8")
-    if args.quantize == "int8" and args.bsr % 16:
-        raise utils.InputError(f"--quantize int8 takes --bsr a multiple of 16 (the int8 kernels' blocks), not "
-                               f"{args.bsr}")
     cli.check_model_name(args.model)
     cli.check_weights_path(args.weights_path)
 

@@ -195,7 +195,7 @@ def test_int8_evaluation_writes_a_compact_int8_file_that_evaluates_without_flags
 def test_int8_compact_file_refuses_quantize_flags(data, int8_compact_file):
     for value in ("int8", "none"):
         result = run_in_process("evaluate.py", ["--data-path", data, "--device", "cpu", "-j", "0", *SIZE, "-b", "4",
-                                                "--weights-path", int8_compact_file, "--bsr", "16", "--quantize", value])
+                                                "--weights-path", int8_compact_file, "--quantize", value])
         assert result.returncode == 2, result.stderr
         assert result.stderr.strip().splitlines()[-1] == (
             f"evaluate.py: error: --quantize does not apply to compact checkpoint {int8_compact_file}, which says "
