@@ -10,6 +10,8 @@ the given sparsity (the Supermask score init is random) unless ``--weights-path`
 
 ``--layer 768x3072`` times one Linear (in x out) instead, ``--layer 768x3072x768`` an MLP pair (Linear, GELU,
 Linear): dense against each block-sparse kernel.
+``--quantize int8`` also times the int8 (W8A8) model: variant ``bsr-int8`` (apply_bsr, kernel auto, quantize int8),
+or with ``--layer`` rows ``int8-auto`` and ``int8-fused``; their outputs are checked by relative L2 error.
 ``--sweep-sparsity`` / ``--sweep-tile-size`` time dense against bsr over a grid; ``--plot`` draws it.
 """
 
@@ -30,6 +32,7 @@ from tqdm import tqdm
 
 import blocksparse
 import blocksparse_fused
+import blocksparse_int8
 import checkpoints
 import cli
 import supermask
@@ -37,6 +40,10 @@ import utils
 
 # Output check against the offline model, relative to the largest |logit|.
 TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 5e-2, torch.float16: 1e-2}
+# The int8 variants' check: ||y - ref|| / ||ref|| of the outputs (W8A8 rounds every weight and activation to 8 bits,
+# so single logits can move further than TOLERANCE allows).
+INT8_TOLERANCE = 0.1
+INT8_VARIANT = "bsr-int8"  # the model in int8: apply_bsr(kernel="auto", quantize="int8")
 
 
 def get_args_parser(add_help=True):
@@ -63,6 +70,11 @@ def get_args_parser(add_help=True):
     group.add_argument("--baselines", default="dense,online,offline,torch", type=str,
                        help="comma-separated variants timed beside bsr; dense is always timed "
                             "(default: dense,online,offline,torch)")
+    group.add_argument("--quantize", default="none", choices=("none", "int8"),
+                       help=f"int8 also times the int8 (W8A8) model as {INT8_VARIANT} (apply_bsr kernel auto, "
+                            f"quantize int8), or with --layer rows int8-auto and int8-fused; CPU only, a block size "
+                            f"that is a multiple of 16, no sweeps; checked by relative L2 error <= {INT8_TOLERANCE} "
+                            f"(default: none)")
     group.add_argument("--min-sparsity", default=blocksparse.DEFAULT_MIN_SPARSITY, type=float,
                        help=f"apply_bsr's min_sparsity (default: {blocksparse.DEFAULT_MIN_SPARSITY})")
     group.add_argument("--threads", default=None, type=int, help="torch.set_num_threads (default: torch's choice)")
@@ -125,6 +137,7 @@ class Plan:
     dtype: torch.dtype
     blocksize: int
     kernels: list  # blocksparse kernels, each timed as bsr-<kernel> (bsr for auto)
+    quantize: str | None  # "int8": the int8 variant (or --layer rows) too
     baselines: list  # dense first, then any of online, offline, torch
     layer_shape: tuple | None  # --layer's sides: (IN, OUT) or (IN, HIDDEN, OUT)
     sweep_sparsities: list | None  # None: no sweep
@@ -202,9 +215,31 @@ def check_args(args):
     if args.layer is None and not sweep_sparsities and nothing_sparse:
         raise utils.InputError("--sparsity-linear and --sparsity-attention are 0: nothing to make sparse; "
                                "set one (e.g. 0.9) or --weights-path")
+    quantize = None if args.quantize == "none" else args.quantize
+    if quantize:
+        _check_int8(args, blocksize, sweep=bool(sweep_sparsities))
     return Plan(device=torch.device(args.device), dtype=cli.DTYPES[args.dtype], blocksize=blocksize, kernels=kernels,
+                quantize=quantize,
                 baselines=baselines, layer_shape=layer_shape, sweep_sparsities=sweep_sparsities,
                 sweep_tiles=sweep_tiles, sweep_batches=sweep_batches, sweep_token_counts=sweep_token_counts)
+
+
+def _check_int8(args, blocksize, *, sweep):
+    """--quantize int8's limits: the CPU, blocks of a multiple of 16, no sweep, and int8 kernels that run here."""
+    if args.device != "cpu":
+        raise utils.InputError(f"--quantize int8 runs on the CPU, not {args.device}: pass --device cpu")
+    if blocksize % 16:
+        raise utils.InputError(f"--quantize int8 takes a block size that is a multiple of 16 (--blocksize, or "
+                               f"--sp-linear-tile-size), not {blocksize}")
+    if sweep:
+        raise utils.InputError("--quantize int8 times a model or a --layer, not a sweep: drop the --sweep-* flags")
+    try:
+        reason = blocksparse_int8.unavailable_reason(blocksize)
+    except ValueError as e:  # SUPERBLOCK_HIDE_ISA names an unknown instruction set
+        raise utils.InputError(str(e)) from None
+    if reason is not None:
+        raise utils.InputError(f"--quantize int8 needs the int8 CPU kernels, which cannot run here: {reason}; drop "
+                               f"--quantize")
 
 
 ##### Timing #####
@@ -243,11 +278,22 @@ def time_forwards(fns, x, *, warmup, iters, device, rewarm=False):
     return {name: statistics.median(t) for name, t in times.items()}, first, outs
 
 
-def compare(out, ref, dtype):
-    """(max abs difference, allowed difference, ok) of `out` against the reference output."""
+def compare(out, ref, dtype, *, int8=False):
+    """(difference, allowed difference, ok) of `out` against the reference output: the max abs difference, or for an
+    int8 variant the relative L2 error ||out - ref|| / ||ref||."""
+    if int8:
+        diff = ((out.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-12)).item()
+        return diff, INT8_TOLERANCE, diff <= INT8_TOLERANCE
     diff = (out.float() - ref.float()).abs().max().item()
     allowed = TOLERANCE[dtype] * max(ref.float().abs().max().item(), 1.0)
     return diff, allowed, diff <= allowed
+
+
+def _check_columns(name, out, ref, dtype):
+    """The output check's columns of a row: max_diff (rel_l2 for int8 variants), allowed_diff, and whether it passed."""
+    int8 = name.startswith(("int8", INT8_VARIANT))
+    diff, allowed, ok = compare(out, ref, dtype, int8=int8)
+    return {"rel_l2" if int8 else "max_diff": diff, "allowed_diff": allowed}, ok
 
 
 ##### Models #####
@@ -272,14 +318,19 @@ def build_variants(args, plan, dense, sparsity, tile_size, blocksize, variants):
         if not name.startswith(("torch", "bsr")):
             continue
         kernel = "torch" if name == "torch" else name.partition("-")[2] or "auto"
+        quantize = "int8" if name == INT8_VARIANT else None
+        if quantize:
+            kernel = "auto"
         if kernel == "torch" and not blocksparse.torch_bsr_supports_dtype(plan.dtype, plan.device):
             notes[name] = f"skipped: kernel {kernel} does not take {args.dtype} on {plan.device.type}"
             continue
         # Converted where it runs: the kernel choice and packing depend on device and dtype.
         model = copy.deepcopy(offline).to(device=plan.device, dtype=plan.dtype)
-        result = blocksparse.apply_bsr(model, blocksize=blocksize, min_sparsity=args.min_sparsity, kernel=kernel)
+        result = blocksparse.apply_bsr(model, blocksize=blocksize, min_sparsity=args.min_sparsity, kernel=kernel,
+                                       quantize=quantize)
         fused = f" ({len(result.fused_mlps)} MLPs as one kernel each)" if result.fused_mlps else ""
-        notes[name] = f"{len(result.converted)} Linear converted{fused}, {len(result.left_dense)} left dense"
+        notes[name] = (f"{len(result.converted)} Linear converted{fused}, {len(result.left_dense)} left dense; "
+                       f"{_kernel_counts(model)}")
         models[name] = model
     return {k: v for k, v in models.items() if k in variants}, notes
 
@@ -327,6 +378,7 @@ def run_model(args, plan):
     """Time every variant at the flags' sparsity; returns result rows."""
     variants = [v for v in ["dense", "online", "offline", "torch"] if v in plan.baselines]
     variants += [f"bsr-{k}" if k != "auto" else "bsr" for k in plan.kernels]
+    variants += [INT8_VARIANT] if plan.quantize else []
     dense = base_model(args)
     models, notes = build_variants(args, plan, dense, args.sparsity_linear, args.sp_linear_tile_size, plan.blocksize,
                                    variants + ["offline"])
@@ -359,7 +411,8 @@ def run_model(args, plan):
         if torch_ms:
             row["speedup_vs_torch"] = torch_ms / row["ms"]
         if row["variant"].partition("+")[0] != "dense":  # dense has the unmasked weights
-            row["max_diff"], row["allowed_diff"], row["matches_offline"] = compare(out, ref, plan.dtype)
+            columns, row["matches_offline"] = _check_columns(row["variant"], out, ref, plan.dtype)
+            row.update(columns)
     return rows
 
 
@@ -390,13 +443,17 @@ def run_sweep(args, plan):
 
 
 def _kernel_counts(model):
-    """How many BlockSparseLinear layers of each kernel a model holds, and fused MLPs, e.g. 'fused:24 mlp:12'."""
+    """How many block-sparse layers of each kernel a model holds (``blocksparse.kernel_label``: "fused", "int8/amx",
+    ...), and fused MLPs ("mlp", "mlp-int8"), e.g. 'fused:24 mlp:12'."""
     counts = {}
     for module in model.modules():
-        if isinstance(module, blocksparse.BlockSparseLinear):
-            counts[module.kernel] = counts.get(module.kernel, 0) + 1
+        if isinstance(module, (blocksparse.BlockSparseLinear, blocksparse.Int8BlockSparseLinear)):
+            label = blocksparse.kernel_label(module)
         elif isinstance(module, blocksparse.BlockSparseMLP):
-            counts["mlp"] = counts.get("mlp", 0) + 1
+            label = "mlp" if module.isa is None else "mlp-int8"
+        else:
+            continue
+        counts[label] = counts.get(label, 0) + 1
     return " ".join(f"{k}:{v}" for k, v in sorted(counts.items())) or "none"
 
 
@@ -440,7 +497,8 @@ def run_layer_sweep(args, plan):
 
 def run_layer(args, plan):
     """One Linear (--layer INxOUT) or an MLP pair (INxHIDDENxOUT: Linear, GELU, Linear) with random block masks:
-    dense vs every requested kernel (converted by apply_bsr); result rows."""
+    dense vs every requested kernel (converted by apply_bsr), and with --quantize int8 the int8 layers of the kernels
+    auto and fused; result rows."""
     blocksize, sizes = plan.blocksize, plan.layer_shape
     gen = torch.Generator().manual_seed(args.seed)
     dense = _layer_model(args, plan, blocksize, args.sparsity_linear, gen)
@@ -457,13 +515,19 @@ def run_layer(args, plan):
         result = blocksparse.apply_bsr(model, blocksize=blocksize, min_sparsity=0.0, kernel=name)
         chosen = "/".join(kernel for _, kernel, _ in result.converted) + (" mlp" if result.fused_mlps else "")
         fns["torch" if name == "torch" else f"bsr-{name}" + (f" ({chosen})" if name == "auto" else "")] = model
+    for name in ["auto", "fused"] if plan.quantize else []:
+        # Every block kept at --sparsity-linear 0: the dense int8 layer. No classifier here stays float.
+        model = copy.deepcopy(dense)
+        blocksparse.apply_bsr(model, blocksize=blocksize, min_sparsity=0.0, kernel=name, quantize=plan.quantize,
+                              quantize_filter_fn=lambda module, fqn: True)
+        fns[f"int8-{name}" + (f" ({_kernel_counts(model)})" if name == "auto" else "")] = model
     fns = {timed: fn for name, layer in fns.items() for timed, fn in _prepare(name, layer, args, plan).items()}
     medians, _, outs = time_forwards(fns, x, warmup=args.warmup, iters=args.iters, device=plan.device,
                                      rewarm=True)
     for name in fns:
-        diff, allowed, ok = compare(outs[name], ref, plan.dtype)
+        columns, ok = _check_columns(name, outs[name], ref, plan.dtype)
         rows.append(dict(variant=name, ms=medians[name] * 1e3, speedup_vs_dense=medians["dense"] / medians[name],
-                         max_diff=diff, matches_dense=ok))
+                         **columns, matches_dense=ok))
     return rows
 
 

@@ -1,5 +1,6 @@
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -8,10 +9,14 @@ import torch
 from torch import nn
 
 import benchmark
+import blocksparse
 import blocksparse_fused
+import blocksparse_int8
 import utils
 
 FUSED = ["fused"] if blocksparse_fused.available() else []
+needs_int8 = pytest.mark.skipif(blocksparse_int8.unavailable_reason(32) is not None,
+                                reason="the int8 kernels cannot run on this CPU")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -166,3 +171,66 @@ def test_compiled_variants_keep_their_compiled_code_apart():
     assert cache_entries(_Net.forward.__code__) == []
     codes = [fn._torchdynamo_orig_callable.__code__ for fn in compiled.values()]
     assert codes[0] is not codes[1] and all(len(cache_entries(code)) == 1 for code in codes)
+
+
+##### --quantize int8 #####
+
+
+@needs_int8
+def test_smoke_benchmark_times_the_int8_model_beside_bsr_and_checks_it_by_relative_l2():
+    rows = run(["--smoke", "--device", "cpu", "--quantize", "int8", "--baselines", "dense", "--iters", "1"])
+    by_name = {row["variant"]: row for row in rows}
+    assert list(by_name) == ["dense", "bsr", "bsr-int8"]
+    int8 = by_name["bsr-int8"]
+    assert int8["matches_offline"] and int8["ms"] > 0, int8
+    assert 0 <= int8["rel_l2"] <= benchmark.INT8_TOLERANCE == int8["allowed_diff"] and "max_diff" not in int8
+    assert "max_diff" in by_name["bsr"] and "rel_l2" not in by_name["bsr"]
+    assert re.search(r"24 Linear converted .*; .*:\d+", int8["note"]), "every Linear but the head, kernels counted"
+
+
+@needs_int8
+@pytest.mark.parametrize("sparsity", ["0.5", "0"])  # 0: the dense int8 layer
+def test_layer_mode_adds_int8_rows_for_the_kernels_auto_and_fused(sparsity):
+    rows = run(["--layer", "64x128", "--tokens", "20", "--sparsity-linear", sparsity, "--sp-linear-tile-size", "32",
+                "--device", "cpu", "--kernels", "auto", "--iters", "1", "--warmup", "0", "--quantize", "int8"])
+    by_name = {row["variant"].split(" ")[0]: row for row in rows}
+    assert list(by_name) == ["dense", "torch", "bsr-auto", "int8-auto", "int8-fused"]
+    assert all(row["matches_dense"] for row in rows)
+    assert 0 < by_name["int8-fused"]["rel_l2"] <= benchmark.INT8_TOLERANCE
+
+
+def test_output_check_of_int8_variants_is_the_relative_l2_error():
+    ref = torch.randn(4, 10, generator=torch.Generator().manual_seed(0))
+    assert benchmark.compare(ref * 1.05, ref, torch.float32, int8=True)[0] == pytest.approx(0.05, rel=1e-4)
+    assert not benchmark.compare(ref * 1.2, ref, torch.float32, int8=True)[2]
+
+
+@needs_int8
+@pytest.mark.parametrize("kernel,expected", [("fused", r"(int8/(amx|vnni):[12] ){1,2}mlp-int8:1"),
+                                             ("bmm", r"int8/bmm:2")])
+def test_kernel_counts_name_int8_layers_and_fused_int8_mlps(kernel, expected):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 128), nn.GELU(), nn.Linear(128, 64)).eval()
+    blocksparse.apply_bsr(model, 32, min_sparsity=0.0, kernel=kernel, quantize="int8",
+                          quantize_filter_fn=lambda module, fqn: True)
+    assert re.fullmatch(expected, benchmark._kernel_counts(model)), benchmark._kernel_counts(model)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--layer", "64x128", "--sp-linear-tile-size", "8"], "--quantize int8 takes a block size that is a multiple "
+                                                          "of 16 (--blocksize, or --sp-linear-tile-size), not 8"),
+    (["--smoke", "--sweep-sparsity", "0.5"], "--quantize int8 times a model or a --layer, not a sweep"),
+])
+def test_int8_flag_mistakes_are_clear_errors(argv, message):
+    args = benchmark.get_args_parser().parse_args(argv + ["--device", "cpu", "--quantize", "int8"])
+    with pytest.raises(utils.InputError, match=re.escape(message)):
+        benchmark.main(args)
+
+
+def test_int8_on_a_cpu_without_the_int8_kernels_is_an_error_naming_the_instruction_set(monkeypatch):
+    monkeypatch.setenv("SUPERBLOCK_HIDE_ISA", "amx,vnni")
+    args = benchmark.get_args_parser().parse_args(["--smoke", "--device", "cpu", "--quantize", "int8"])
+    with pytest.raises(utils.InputError, match=r"--quantize int8 needs the int8 CPU kernels, which cannot run here: "
+                                               r"they need AMX \(amx_int8\) or AVX-512 VNNI \(avx512_vnni\);") as e:
+        benchmark.main(args)
+    assert str(e.value).endswith("; drop --quantize") and "\n" not in str(e.value)
