@@ -219,8 +219,9 @@ def choose_mlp_fusion(fc1: nn.Module, between: List[nn.Module], fc2: nn.Module,
     ``AUTO_SAMPLE_TOKENS`` tokens, and the faster is kept. Each distinct pair is measured once per process.
     """
     activation = fused_activation(between)
-    if (activation is None or fc1.blocksize != fc2.blocksize or type(fc1) is not type(fc2)
-            or not fc1.kernel == fc2.kernel == "fused"):
+    kinds = (BlockSparseLinear, Int8BlockSparseLinear)
+    if (activation is None or type(fc1) is not type(fc2) or not isinstance(fc1, kinds)  # a layer left nn.Linear
+            or fc1.blocksize != fc2.blocksize or not fc1.kernel == fc2.kernel == "fused"):
         return None
     first, second = fc1.fused_operands(), fc2.fused_operands()
     if isinstance(fc1, Int8BlockSparseLinear):
@@ -758,7 +759,7 @@ def _fuse_mlp(model, first_name, second_name, between_names, *, always, result):
                          isa=variant if int8 else None, second_name=second_name.rpartition(".")[2])
     _set_submodule(model, first_name, mlp.eval())  # apply_bsr converts eval-mode models only
     for name in between_names + [second_name]:
-        _set_submodule(model, name, nn.Identity())
+        _set_submodule(model, name, nn.Identity().eval())
     result.fused_mlps.append(first_name)
 
 

@@ -197,7 +197,6 @@ def _convert_stored_layers(model: nn.Module, checkpoint: dict, kernel: str) -> "
                                    quantize="int8" if first & int8 else None, quantize_filter_fn=_named(first & int8))
     if dense_int8:
         _plain_projections(model, dense_int8)
-        model.eval()  # the nn.Identity modules a fused MLP leaves in its pair's other places are new ones
         second = blocksparse.apply_bsr(model, blocksize, min_sparsity=1.0, kernel=kernel, filter_fn=_named(dense_int8),
                                        quantize="int8", quantize_filter_fn=_named(dense_int8))
         # The second call's reasons for its own layers (float measured faster: "...; <why>"); the first's for others.

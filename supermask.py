@@ -759,12 +759,13 @@ def sparsity_report(model):
             # Its q/k/v projection is a bare parameter, not a module: report it as a layer of its own.
             weight = module.in_proj_weight if module._qkv_same_embed_dim else module.q_proj_weight
             rows.append(_plain_row(f"{name}.in_proj_weight", "MultiheadAttention", weight, skipped.get(name)))
-        if blocksparse is not None and isinstance(module, blocksparse.BlockSparseLinear):
+        if blocksparse is not None and isinstance(module, (blocksparse.BlockSparseLinear,
+                                                           blocksparse.Int8BlockSparseLinear)):
             rows.append(LayerSparsity(original_names.get(id(module), name), type(module).__name__,
                                       (module.out_features, module.in_features),
                                       module.blocksize, None, module.sparsity,
                                       module.out_features * module.in_features,
-                                      f"block-sparse, kernel={module.kernel}"))
+                                      f"block-sparse, kernel={blocksparse.kernel_label(module)}"))
             continue
         if not _is_prunable(module):
             continue

@@ -10,6 +10,7 @@ from torch import nn
 
 import blocksparse
 import blocksparse_fused
+import blocksparse_int8
 from blocksparse import BlockSparseLinear, apply_bsr, block_sparse_layers
 from blocksparse_mlp import BlockSparseMLP
 from helpers import at_one_and_two_threads
@@ -222,3 +223,32 @@ def test_fused_mlp_takes_no_tokens_and_an_all_zero_second_layer():
         assert fused(torch.randn(0, 64)).shape == (0, 64)
         x = torch.randn(5, 64)
         torch.testing.assert_close(fused(x), model[2].bias.expand(5, 64))
+
+
+def test_int8_auto_keeps_a_pair_apart_when_one_layer_measured_faster_in_float(monkeypatch):
+    # apply_bsr(quantize="int8", kernel="auto") times each layer's int8 and float forms; where the second Linear's
+    # float dense form wins it stays nn.Linear, and the pair stays two modules (this raised AttributeError).
+    if not blocksparse_int8.isas(16):
+        with pytest.raises(RuntimeError, match="AVX-512 VNNI"):
+            apply_bsr(sparse_mlp(64, 128, 16, "gelu", seed=13), 16, min_sparsity=0.3, quantize="int8")
+        return
+    model = sparse_mlp(64, 128, 16, "gelu", seed=13)
+    monkeypatch.setattr(blocksparse_int8.Int8BlockSparseLinear, "_fastest_setting",
+                        lambda self, dtype: ((64, blocksparse_int8.isas(16)[0]), 1.0))
+    monkeypatch.setattr(blocksparse, "choose_kernel", lambda linear, blocksize, candidate=None: blocksparse.KernelChoice(
+        "dense", seconds={"dense": 0.5 if linear.out_features == 64 else 2.0, "fused": 3.0}))
+    converted = copy.deepcopy(model)
+    # The filter: the second Linear is this model's last, which apply_bsr would otherwise keep as the classifier.
+    result = apply_bsr(converted, 16, min_sparsity=0.3, quantize="int8", quantize_filter_fn=lambda module, fqn: True)
+    assert isinstance(converted[0], blocksparse_int8.Int8BlockSparseLinear)
+    assert type(converted[2]) is nn.Linear and result.fused_mlps == []
+    x = torch.randn(5, 64)
+    with torch.inference_mode():
+        torch.testing.assert_close(converted(x), model(x), rtol=0.05, atol=0.05)
+
+
+def test_the_modules_a_fused_mlp_leaves_behind_are_in_eval_mode_so_apply_bsr_runs_again():
+    model = sparse_mlp(64, 128, 16, "gelu", seed=14)
+    converted, result = fuse(model, 16)
+    assert not any(module.training for module in converted.modules())
+    apply_bsr(converted, 16, min_sparsity=0.3)  # a second call found the new nn.Identity in training mode

@@ -147,6 +147,16 @@ def test_sparsity_report_lists_block_sparse_layers():
     assert rows["encoder.layers.encoder_layer_0.mlp.0"].kind == "BlockSparseLinear"
 
 
+def test_sparsity_report_lists_int8_layers_by_their_dense_names():
+    from supermask import sparsity_report
+
+    rows = {row.name: row for row in sparsity_report(block_sparse_vit(0.0, quantize="int8")).rows}
+    mlp = rows["encoder.layers.encoder_layer_0.mlp.3"]
+    assert mlp.kind == "Int8BlockSparseLinear" and "int8/bmm" in mlp.note and 0.85 < mlp.actual_sparsity < 0.95
+    projection = rows["encoder.layers.encoder_layer_0.self_attention.in_proj"]
+    assert projection.kind == "Int8BlockSparseLinear" and projection.actual_sparsity == 0.0
+
+
 def test_flipped_byte_in_a_compact_file_is_refused_as_corrupt(tmp_path):
     path = str(tmp_path / "compact.pth")
     compact.save_compact(block_sparse_vit(0.9), path, architecture=ARCH, blocksize=16)
