@@ -203,7 +203,7 @@ def _time_candidates(linear: nn.Linear, blocksize: int, candidate: str):
     return seconds, setting
 
 
-_measured_mlps: Dict[tuple, Optional[Tuple[int, bool]]] = {}  # one measurement per distinct pair
+_measured_mlps: Dict[tuple, tuple] = {}  # one measurement per distinct pair: (setting or None, seconds)
 
 
 @torch.no_grad()
@@ -218,11 +218,16 @@ def choose_mlp_fusion(fc1: nn.Module, between: List[nn.Module], fc2: nn.Module,
     (kernel="auto") the fused MLP at its fastest setting and the two layers with the modules between are timed on
     ``AUTO_SAMPLE_TOKENS`` tokens, and the faster is kept. Each distinct pair is measured once per process.
     """
+    return _mlp_choice(fc1, between, fc2, always)[0]
+
+
+def _mlp_choice(fc1, between, fc2, always):
+    """(choose_mlp_fusion's setting, seconds of the form it keeps on the sample; None where the pair cannot fuse)."""
     activation = fused_activation(between)
     kinds = (BlockSparseLinear, Int8BlockSparseLinear)
     if (activation is None or type(fc1) is not type(fc2) or not isinstance(fc1, kinds)  # a layer left nn.Linear
             or fc1.blocksize != fc2.blocksize or not fc1.kernel == fc2.kernel == "fused"):
-        return None
+        return None, None
     first, second = fc1.fused_operands(), fc2.fused_operands()
     if isinstance(fc1, Int8BlockSparseLinear):
         dtype, variants = fc1.measured_dtype, blocksparse_int8.isas(fc1.blocksize)
@@ -230,7 +235,7 @@ def choose_mlp_fusion(fc1: nn.Module, between: List[nn.Module], fc2: nn.Module,
     elif isinstance(fc1, BlockSparseLinear) and fc2.packed_values.dtype == first[0].dtype:
         dtype, variants, fused = first[0].dtype, (False, True), blocksparse_fused.fused_mlp
     else:
-        return None
+        return None, None
     key = (type(fc1), fc1.in_features, fc1.out_features, fc2.out_features, fc1.blocksize, dtype, fc1.kept_blocks,
            fc2.kept_blocks, activation, torch.get_num_threads(), always)
     if key not in _measured_mlps:
@@ -240,9 +245,10 @@ def choose_mlp_fusion(fc1: nn.Module, between: List[nn.Module], fc2: nn.Module,
             variants)
         if not always:
             separate = nn.Sequential(fc1, *between, fc2)
-            if blocksparse_fused.median_seconds(lambda: separate(x)) <= seconds:
-                setting = None
-        _measured_mlps[key] = setting
+            separate_seconds = blocksparse_fused.median_seconds(lambda: separate(x))
+            if separate_seconds <= seconds:
+                setting, seconds = None, separate_seconds
+        _measured_mlps[key] = setting, seconds
     return _measured_mlps[key]
 
 
@@ -596,11 +602,13 @@ def _quantize_filter(model, blocksize, kernel, quantize, quantize_filter_fn) -> 
 
 
 @torch.no_grad()
-def _quantized(linear: nn.Linear, blocksize: int, kernel: str, *, sparse: bool) -> Tuple[nn.Module, str]:
-    """(W8A8 form of ``linear``, "") : block-sparse, or dense int8 where not ``sparse``. With kernel "auto" its float
-    form is timed too on the same sample, and where that is faster (float form, why it stayed float) is returned."""
+def _quantized(linear: nn.Linear, blocksize: int, kernel: str, *, sparse: bool, in_pair: bool) -> Tuple[nn.Module, str]:
+    """(W8A8 form of ``linear``, "") : block-sparse, or dense int8 where not ``sparse`` (in ``blocksize`` blocks for
+    an MLP pair's layer, so that the pair can fuse). With kernel "auto" its float form is timed too on the same
+    sample, and where that is faster (float form, why it stayed float) is returned."""
     shape = tuple(linear.weight.shape)
-    size = blocksize if sparse else next((b for b in INT8_DENSE_BLOCKS if blocksize_divides(shape, b)), None)
+    sizes = ((blocksize,) if in_pair else ()) + INT8_DENSE_BLOCKS
+    size = blocksize if sparse else next((b for b in sizes if blocksize_divides(shape, b)), None)
     if size is None:
         return linear, f"no int8 block size ({', '.join(map(str, INT8_DENSE_BLOCKS))}) divides its shape"
     int8 = Int8BlockSparseLinear.from_dense(linear, size, kernel="bmm" if kernel == "bmm" else "fused")
@@ -702,7 +710,10 @@ def apply_bsr(
     def convert(module, fqn):
         reason = reason_to_stay_dense(module, fqn)
         if reason != EXCLUDED and quantizes(module, fqn):
-            converted, why_float = _quantized(module, blocksize, kernel, sparse=reason is None)
+            # An MLP pair's layers are weighed against float together, fused or not, once both are int8.
+            in_pair = fqn in pair_layers
+            converted, why_float = _quantized(module, blocksize, "fused" if kernel == "auto" and in_pair else kernel,
+                                              sparse=reason is None, in_pair=in_pair)
             if converted is not module:
                 result.converted.append((fqn, kernel_label(converted), converted.sparsity))
                 return converted
@@ -713,6 +724,14 @@ def apply_bsr(
         sparse = BlockSparseLinear.from_dense(module, blocksize, kernel=kernel)
         result.converted.append((fqn, sparse.kernel, sparse.sparsity))
         return sparse
+
+    pair_layers = set()  # an MLP pair's Linears, for quantize: filled once the pairs are found
+
+    def float_form(linear, fqn):
+        # What apply_bsr without quantize makes of this Linear: an MLP pair's float candidate.
+        if reason_to_stay_dense(linear, fqn) is not None:
+            return linear
+        return BlockSparseLinear.from_dense(linear, blocksize, kernel="auto")
 
     for fqn, module in list(model.named_modules()):
         if isinstance(module, nn.MultiheadAttention):
@@ -729,6 +748,8 @@ def apply_bsr(
                 _set_submodule(model, second_name, second)
                 result.mlp_pairs.append((first_name, second_name, what))
                 prepared.append((first_name, second_name, between_names))
+    pair_layers.update(name for first, second, _ in prepared for name in (first, second) if quantize)
+    float_pairs = {name: model.get_submodule(name) for name in pair_layers}
     decided = {name for name, _ in result.left_dense}  # the attention projections
     for fqn, module in list(model.named_modules()):
         if not isinstance(module, nn.Linear) or fqn in decided:
@@ -742,8 +763,36 @@ def apply_bsr(
             if converted is not module:
                 _set_submodule(model, fqn, converted)
     for first_name, second_name, between_names in prepared:
+        if kernel == "auto" and first_name in pair_layers and second_name in pair_layers:
+            float_pair = [float_form(float_pairs[name], name) for name in (first_name, second_name)]
+            _keep_faster_pair(model, first_name, second_name, between_names, float_pair, result)
         _fuse_mlp(model, first_name, second_name, between_names, always=kernel == "fused", result=result)
     return result
+
+
+def _keep_faster_pair(model, first_name, second_name, between_names, float_pair, result):
+    """An int8 MLP pair (kernel "auto") or its float form, whichever runs faster as a whole: each fused where that
+    is faster (``_mlp_choice``), else as two layers, timed on the same sample; the float form replaces the int8 one
+    in the model and in ``result`` where it wins."""
+    between = [model.get_submodule(name) for name in between_names]
+    int8_pair = [model.get_submodule(first_name), model.get_submodule(second_name)]
+    x = torch.randn(AUTO_SAMPLE_TOKENS, int8_pair[0].in_features, dtype=int8_pair[0].measured_dtype)
+    seconds = {}
+    for form, (fc1, fc2) in {"int8": int8_pair, "float": float_pair}.items():
+        seconds[form] = _mlp_choice(fc1, between, fc2, always=False)[1]
+        if seconds[form] is None:  # not fusable: the two layers in turn
+            separate = nn.Sequential(fc1, *between, fc2)
+            seconds[form] = blocksparse_fused.median_seconds(lambda: separate(x))
+    if seconds["int8"] <= seconds["float"]:
+        return
+    names = (first_name, second_name)
+    result.converted = [entry for entry in result.converted if entry[0] not in names]
+    for name, layer in zip(names, float_pair):
+        _set_submodule(model, name, layer)
+        if isinstance(layer, BlockSparseLinear):
+            result.converted.append((name, layer.kernel, layer.sparsity))
+        else:
+            result.left_dense.append((name, "float dense measured faster than int8"))
 
 
 def _fuse_mlp(model, first_name, second_name, between_names, *, always, result):

@@ -225,26 +225,40 @@ def test_fused_mlp_takes_no_tokens_and_an_all_zero_second_layer():
         torch.testing.assert_close(fused(x), model[2].bias.expand(5, 64))
 
 
-def test_int8_auto_keeps_a_pair_apart_when_one_layer_measured_faster_in_float(monkeypatch):
-    # apply_bsr(quantize="int8", kernel="auto") times each layer's int8 and float forms; where the second Linear's
-    # float dense form wins it stays nn.Linear, and the pair stays two modules (this raised AttributeError).
+@pytest.mark.parametrize("int8_is_faster", [True, False])
+def test_int8_auto_weighs_an_mlp_pair_against_its_float_form_as_a_whole(int8_is_faster, monkeypatch):
+    # apply_bsr(quantize="int8", kernel="auto") makes both Linears of a pair int8, then keeps the int8 pair (fused
+    # where faster) or its float form, whichever runs the whole MLP faster on the sample.
+    model = sparse_mlp(64, 128, 16, "gelu", seed=13)
+    everything = dict(quantize_filter_fn=lambda module, fqn: True)  # the second Linear is this model's last
     if not blocksparse_int8.isas(16):
         with pytest.raises(RuntimeError, match="AVX-512 VNNI"):
-            apply_bsr(sparse_mlp(64, 128, 16, "gelu", seed=13), 16, min_sparsity=0.3, quantize="int8")
+            apply_bsr(model, 16, min_sparsity=0.3, quantize="int8", **everything)
         return
-    model = sparse_mlp(64, 128, 16, "gelu", seed=13)
-    monkeypatch.setattr(blocksparse_int8.Int8BlockSparseLinear, "_fastest_setting",
-                        lambda self, dtype: ((64, blocksparse_int8.isas(16)[0]), 1.0))
-    monkeypatch.setattr(blocksparse, "choose_kernel", lambda linear, blocksize, candidate=None: blocksparse.KernelChoice(
-        "dense", seconds={"dense": 0.5 if linear.out_features == 64 else 2.0, "fused": 3.0}))
+    real = blocksparse._mlp_choice
+
+    def timed(fc1, between, fc2, always):
+        setting, _ = real(fc1, between, fc2, always)
+        int8 = isinstance(fc1, blocksparse_int8.Int8BlockSparseLinear)
+        return setting, 1.0 if int8 == int8_is_faster else 2.0
+
+    monkeypatch.setattr(blocksparse, "_mlp_choice", timed)
     converted = copy.deepcopy(model)
-    # The filter: the second Linear is this model's last, which apply_bsr would otherwise keep as the classifier.
-    result = apply_bsr(converted, 16, min_sparsity=0.3, quantize="int8", quantize_filter_fn=lambda module, fqn: True)
-    assert isinstance(converted[0], blocksparse_int8.Int8BlockSparseLinear)
-    assert type(converted[2]) is nn.Linear and result.fused_mlps == []
+    result = apply_bsr(converted, 16, min_sparsity=0.3, quantize="int8", **everything)
+    layers = block_sparse_layers(converted)
+    kinds = {type(layers[name]) for name in ("0", "2")}
+    assert kinds == {blocksparse_int8.Int8BlockSparseLinear if int8_is_faster else BlockSparseLinear}
+    assert sorted(name for name, _, _ in result.converted) == ["0", "2"]
+    assert all(kernel.startswith("int8/") == int8_is_faster for _, kernel, _ in result.converted)
     x = torch.randn(5, 64)
     with torch.inference_mode():
         torch.testing.assert_close(converted(x), model(x), rtol=0.05, atol=0.05)
+
+
+def test_a_pair_with_a_layer_left_nn_linear_is_not_fused():
+    model = sparse_mlp(64, 128, 16, "gelu", seed=13)
+    fc1 = BlockSparseLinear.from_dense(model[0], 16, kernel="fused" if FUSED else "bmm")
+    assert blocksparse.choose_mlp_fusion(fc1, [model[1]], model[2]) is None  # was an AttributeError
 
 
 def test_the_modules_a_fused_mlp_leaves_behind_are_in_eval_mode_so_apply_bsr_runs_again():

@@ -223,8 +223,8 @@ def test_quantizing_dequantized_weights_gives_the_same_int8_weights_and_scales()
 
 def int8_tiny_vit(kernel, case, dtype=torch.float32):
     """tests/helpers.tiny_vit in int8 in blocks of 16. Its layers are 0% block-sparse, below apply_bsr's min_sparsity:
-    dense int8 layers, which apply_bsr packs in blocks of 32. "sparse_mlp" prunes half the MLP blocks, "half_attention"
-    half of each in_proj's (its out_proj stays dense int8)."""
+    dense int8 layers, which apply_bsr packs in blocks of 32 (an MLP pair's in the pair's 16, so that it can fuse).
+    "sparse_mlp" prunes half the MLP blocks, "half_attention" half of each in_proj's (its out_proj stays dense int8)."""
     model = tiny_vit()
     if case == "sparse_mlp":
         apply_supermask(model, linear_sparsity=0.5, linear_sp_tilesize=16, skip_last_layer_sparsity=True)
@@ -255,7 +255,7 @@ def test_int8_compact_round_trip_gives_the_same_outputs_and_int8_weights(case, k
     model = int8_tiny_vit(kernel, case, dtype)
     saved = int8_layers(model)
     assert len(saved) == 8, "every Linear but the head runs int8"
-    assert {layer.blocksize for layer in saved.values()} == ({16, 32} if case != "dense_int8" else {32})
+    assert {layer.blocksize for layer in saved.values()} == {16, 32}
     path = str(tmp_path / "int8.pth")
     compact.save_compact(model, path, architecture=TINY_ARCH, blocksize=16)
     stored = checkpoints.load_checkpoint(path)
