@@ -280,8 +280,17 @@ class BlockSparseLinear(nn.Module):
         return 1.0 - self.kept_blocks / self.total_blocks
 
     @classmethod
-    def from_dense(cls, linear: nn.Linear, blocksize: int, kernel: str = "auto") -> "BlockSparseLinear":
-        """Pack ``linear`` (its weight's zero blocks are dropped) for ``kernel``; raises ValueError if it can't."""
+    def from_dense(cls, linear: nn.Linear, blocksize: int, kernel: str = "auto",
+                   quantize: Optional[str] = None) -> nn.Module:
+        """Pack ``linear`` (its weight's zero blocks are dropped) for ``kernel``; raises ValueError if it can't.
+
+        With ``quantize="int8"`` the layer is a ``blocksparse_int8.Int8BlockSparseLinear`` (W8A8) instead: the C++
+        int8 kernel for "auto" and "fused", the pure-PyTorch reference for "bmm" (``apply_bsr`` also weighs it
+        against the float forms).
+        """
+        _check_quantize(quantize, kernel)
+        if quantize == "int8":
+            return Int8BlockSparseLinear.from_dense(linear, blocksize, kernel="bmm" if kernel == "bmm" else "fused")
         if kernel not in KERNELS:
             raise ValueError(f"unknown kernel {kernel!r}; choose one of {', '.join(KERNELS)}")
         weight = linear.weight.detach()
@@ -576,15 +585,19 @@ def kernel_label(layer: nn.Module) -> str:
     return layer.kernel
 
 
-def _quantize_filter(model, blocksize, kernel, quantize, quantize_filter_fn) -> Callable[[nn.Module, str], bool]:
-    """apply_bsr's checks of its quantize arguments; the layers to quantize, as a filter."""
+def _check_quantize(quantize: Optional[str], kernel: str) -> None:
     if quantize not in QUANTIZE:
         raise ValueError(f"unknown quantize {quantize!r}; choose None or 'int8'")
-    if quantize is None:
-        return lambda module, fqn: False
-    if kernel not in ("auto", "fused", "bmm"):
+    if quantize == "int8" and kernel not in ("auto", "fused", "bmm"):
         raise ValueError(f"quantize='int8' runs kernel 'auto', 'fused' or 'bmm' (the pure-PyTorch reference), "
                          f"not {kernel!r}")
+
+
+def _quantize_filter(model, blocksize, kernel, quantize, quantize_filter_fn) -> Callable[[nn.Module, str], bool]:
+    """apply_bsr's checks of its quantize arguments; the layers to quantize, as a filter."""
+    _check_quantize(quantize, kernel)
+    if quantize is None:
+        return lambda module, fqn: False
     if not isinstance(blocksize, int) or blocksize <= 0 or blocksize % 16 != 0:
         raise ValueError(f"quantize='int8' takes a blocksize that is a multiple of 16, not {blocksize!r}")
     devices = {t.device.type for t in list(model.parameters()) + list(model.buffers())}

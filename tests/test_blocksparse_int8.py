@@ -203,6 +203,21 @@ def test_int8_layer_fused_equals_its_bmm_reference(isa, dtype):
     assert torch.equal(int8_layer(linear, 32, isa)(x), bmm(x))
 
 
+@pytest.mark.parametrize("kernel", ["auto", "fused", "bmm"])
+def test_block_sparse_linear_from_dense_with_quantize_builds_the_int8_layer(kernel):
+    linear = sparse_linear(128, 256, 32, 0.6, seed=8)
+    if kernel != "bmm":
+        need_any(32)
+    layer = BlockSparseLinear.from_dense(linear, 32, kernel=kernel, quantize="int8")
+    assert isinstance(layer, Int8BlockSparseLinear) and layer.kernel == ("bmm" if kernel == "bmm" else "fused")
+    x = torch.randn(9, 128)
+    assert torch.equal(layer(x), Int8BlockSparseLinear.from_dense(linear, 32, kernel="bmm")(x))
+    with pytest.raises(ValueError, match="quantize='int8' runs kernel"):
+        BlockSparseLinear.from_dense(linear, 32, kernel="dense", quantize="int8")
+    with pytest.raises(ValueError, match="unknown quantize"):
+        BlockSparseLinear.from_dense(linear, 32, quantize="int4")
+
+
 @pytest.mark.parametrize("isa", ISAS)
 def test_int8_layer_is_within_a_few_percent_of_the_float_linear(isa):
     linear = sparse_linear(256, 128, 32, 0.5, seed=9)
