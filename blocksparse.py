@@ -255,29 +255,17 @@ def _mlp_choice(fc1, between, fc2, always):
 ##### The module #####
 
 
-class BlockSparseLinear(nn.Module):
+class BlockSparseLinear(reference.FrozenBlockLayer):
     """A frozen Linear stored as its kept ``blocksize x blocksize`` blocks; build with ``from_dense``."""
 
     def __init__(self, in_features: int, out_features: int, blocksize: int, kernel: str, kept_blocks: int):
-        super().__init__()
-        self.in_features = in_features
-        self.out_features = out_features
-        self.blocksize = blocksize
-        self.kernel = kernel
-        self.kept_blocks = kept_blocks
-        self.total_blocks = (in_features // blocksize) * (out_features // blocksize)
-        self.tile_tokens: Optional[int] = None  # "fused": tokens per work item, measured at conversion
+        super().__init__(in_features, out_features, blocksize, kernel, kept_blocks)
         self.gather = False  # "fused": copy a row's input columns into one panel first (measured too)
         self.num_groups = 0  # "bmm": row groups, see blocksparse_reference.pack_groups
         self.group_spans: List[Optional[Tuple[int, int]]] = []  # per group: its rows' (start, end) if consecutive
         self.has_empty_rows = False
         self.empty_span: Optional[Tuple[int, int]] = None
         self.register_load_state_dict_post_hook(lambda module, incompatible: module._repack())
-
-    @property
-    def sparsity(self) -> float:
-        """Fraction of blocks that are entirely zero (and not stored)."""
-        return 1.0 - self.kept_blocks / self.total_blocks
 
     @classmethod
     def from_dense(cls, linear: nn.Linear, blocksize: int, kernel: str = "auto",
@@ -350,10 +338,6 @@ class BlockSparseLinear(nn.Module):
         if self.kernel == "fused" and self.block_values.device.type == "cpu":
             self.packed_values = blocksparse_fused.pack(self.block_values)
 
-    def check_input(self, input: torch.Tensor) -> None:
-        """Raise for an input of the wrong width, or one that needs gradients (this layer is frozen)."""
-        reference.check_frozen_input(input, self.in_features, type(self).__name__)
-
     def fused_operands(self) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
         """(packed values, row offsets, columns, bias): what the fused kernel reads ("fused" layers only)."""
         return self.packed_values, self.block_crow, self.block_col, self.bias
@@ -422,24 +406,8 @@ class BlockSparseLinear(nn.Module):
         """Bool (out/blocksize, in/blocksize): True where a block is stored (for pictures of the mask)."""
         return block_mask(self.dense_weight(), self.blocksize)
 
-    def to_dense(self) -> nn.Linear:
-        """A plain ``nn.Linear`` computing the same function."""
-        weight = self.dense_weight()
-        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
-        linear = linear.to(device=weight.device, dtype=weight.dtype)
-        with torch.no_grad():
-            linear.weight.copy_(weight)
-            if self.bias is not None:
-                linear.bias.copy_(self.bias)
-        return linear.requires_grad_(False)
-
-    def extra_repr(self) -> str:
-        tile = f", tile_tokens={self.tile_tokens}, gather={self.gather}" if self.tile_tokens is not None else ""
-        return (
-            f"in_features={self.in_features}, out_features={self.out_features}, blocksize={self.blocksize}, "
-            f"kept_blocks={self.kept_blocks}/{self.total_blocks}, sparsity={self.sparsity:.3f}, "
-            f"kernel={self.kernel!r}{tile}, bias={self.bias is not None}"
-        )
+    def setting_repr(self) -> str:
+        return f", tile_tokens={self.tile_tokens}, gather={self.gather}" if self.tile_tokens is not None else ""
 
 
 def block_sparse_layers(model: nn.Module) -> Dict[str, nn.Module]:

@@ -154,28 +154,16 @@ def _repack_after_load(module: "Int8BlockSparseLinear", incompatible_keys) -> No
 _measured: Dict[tuple, Tuple[Tuple[int, str], float]] = {}  # one measurement per distinct layer
 
 
-class Int8BlockSparseLinear(nn.Module):
+class Int8BlockSparseLinear(reference.FrozenBlockLayer):
     """A frozen Linear in W8A8: its nonzero ``blocksize`` blocks in int8, a float32 scale per output channel and a
     float32 bias; build with ``from_dense``. With every block kept it is a dense int8 layer."""
 
     def __init__(self, in_features: int, out_features: int, blocksize: int, kernel: str, kept_blocks: int):
-        super().__init__()
-        self.in_features = in_features
-        self.out_features = out_features
-        self.blocksize = blocksize
-        self.kernel = kernel
-        self.kept_blocks = kept_blocks
-        self.total_blocks = (in_features // blocksize) * (out_features // blocksize)
-        self.tile_tokens: Optional[int] = None  # "fused": tokens per work item, measured at conversion
+        super().__init__(in_features, out_features, blocksize, kernel, kept_blocks)
         self.isa: Optional[str] = None  # "fused": "amx" or "vnni", measured at conversion
         self.seconds: Optional[float] = None  # "fused": its time on the conversion's sample, for apply_bsr's choice
         self.measured_dtype = torch.float32  # "fused": the input dtype it was timed with (the model's)
         self.register_load_state_dict_post_hook(_repack_after_load)
-
-    @property
-    def sparsity(self) -> float:
-        """Fraction of blocks that are entirely zero (and not stored)."""
-        return 1.0 - self.kept_blocks / self.total_blocks
 
     @classmethod
     @torch.no_grad()
@@ -237,10 +225,6 @@ class Int8BlockSparseLinear(nn.Module):
         """(packed blocks, row offsets, columns, weight scales, compensation, bias): what the int8 ops read."""
         return self.packed_values, self.block_crow, self.block_col, self.weight_scale, self.compensation, self.bias
 
-    def check_input(self, input: torch.Tensor) -> None:
-        """Raise for an input of the wrong width, or one that needs gradients (this layer is frozen)."""
-        reference.check_frozen_input(input, self.in_features, type(self).__name__)
-
     def compute_dtype(self, dtype: torch.dtype) -> torch.dtype:
         """The dtype the ops compute an input of ``dtype`` in: float32 or bfloat16 as given, anything else float32."""
         return dtype if dtype in (torch.float32, torch.bfloat16) else torch.float32
@@ -272,19 +256,5 @@ class Int8BlockSparseLinear(nn.Module):
         mask[torch.repeat_interleave(torch.arange(rows), counts), self.block_col.long().cpu()] = True
         return mask
 
-    def to_dense(self) -> nn.Linear:
-        """A plain float32 ``nn.Linear`` with the dequantized weight (computing without activation quantization)."""
-        weight = self.dense_weight()
-        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None).to(weight.device)
-        with torch.no_grad():
-            linear.weight.copy_(weight)
-            if self.bias is not None:
-                linear.bias.copy_(self.bias)
-        return linear.requires_grad_(False)
-
-    def extra_repr(self) -> str:
-        setting = f", tile_tokens={self.tile_tokens}, isa={self.isa!r}" if self.tile_tokens is not None else ""
-        return (f"in_features={self.in_features}, out_features={self.out_features}, blocksize={self.blocksize}, "
-                f"kept_blocks={self.kept_blocks}/{self.total_blocks}, sparsity={self.sparsity:.3f}, "
-                f"kernel={self.kernel!r}{setting}, bias={self.bias is not None}")
-
+    def setting_repr(self) -> str:
+        return f", tile_tokens={self.tile_tokens}, isa={self.isa!r}" if self.tile_tokens is not None else ""

@@ -19,6 +19,7 @@ from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 # At most this many row groups per layer: a bound on the Python work per "bmm" forward, whatever the mask.
 MAX_GROUPS = 6
@@ -27,14 +28,57 @@ MAX_GROUPS = 6
 ##### The shared layout #####
 
 
-def check_frozen_input(input: torch.Tensor, in_features: int, layer: str) -> None:
-    """Raise for an input of a frozen layer that has the wrong width, or that needs gradients."""
-    if input.shape[-1] != in_features:
-        raise ValueError(f"expected input with last dimension {in_features}, got shape {tuple(input.shape)}")
-    if input.requires_grad and torch.is_grad_enabled():
-        raise RuntimeError(f"{layer} is for inference and its input requires grad: run the model under "
-                           f"torch.inference_mode() or torch.no_grad(), or train the Supermask model "
-                           f"(supermask.apply_supermask) and convert it to block-sparse afterwards")
+class FrozenBlockLayer(nn.Module):
+    """What every frozen block-sparse layer (float ``blocksparse.BlockSparseLinear``, int8
+    ``blocksparse_int8.Int8BlockSparseLinear``) has: its shape, block edge, kernel and kept blocks."""
+
+    def __init__(self, in_features: int, out_features: int, blocksize: int, kernel: str, kept_blocks: int):
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.blocksize = blocksize
+        self.kernel = kernel
+        self.kept_blocks = kept_blocks
+        self.total_blocks = (in_features // blocksize) * (out_features // blocksize)
+        self.tile_tokens: Optional[int] = None  # "fused": tokens per work item, measured at conversion
+
+    @property
+    def sparsity(self) -> float:
+        """Fraction of blocks that are entirely zero (and not stored)."""
+        return 1.0 - self.kept_blocks / self.total_blocks
+
+    def check_input(self, input: torch.Tensor) -> None:
+        """Raise for an input of the wrong width, or one that needs gradients (this layer is frozen)."""
+        if input.shape[-1] != self.in_features:
+            raise ValueError(f"expected input with last dimension {self.in_features}, got shape {tuple(input.shape)}")
+        if input.requires_grad and torch.is_grad_enabled():
+            raise RuntimeError(f"{type(self).__name__} is for inference and its input requires grad: run the model "
+                               f"under torch.inference_mode() or torch.no_grad(), or train the Supermask model "
+                               f"(supermask.apply_supermask) and convert it to block-sparse afterwards")
+
+    def dense_weight(self) -> torch.Tensor:
+        """The dense weight this layer computes with."""
+        raise NotImplementedError
+
+    def to_dense(self) -> nn.Linear:
+        """A plain ``nn.Linear`` with ``dense_weight()`` (an int8 layer's dequantized weight, in float32)."""
+        weight = self.dense_weight()
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
+        linear = linear.to(device=weight.device, dtype=weight.dtype)
+        with torch.no_grad():
+            linear.weight.copy_(weight)
+            if self.bias is not None:
+                linear.bias.copy_(self.bias)
+        return linear.requires_grad_(False)
+
+    def setting_repr(self) -> str:
+        """The kernel's measured setting, for the repr."""
+        return ""
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, blocksize={self.blocksize}, "
+                f"kept_blocks={self.kept_blocks}/{self.total_blocks}, sparsity={self.sparsity:.3f}, "
+                f"kernel={self.kernel!r}{self.setting_repr()}, bias={self.bias is not None}")
 
 
 @torch.no_grad()
