@@ -280,11 +280,16 @@ def main(args):
     acc1, acc5, times = evaluation.evaluate(
         model, data_loader, device=device, num_classes=num_classes, dtype=cli.DTYPES[args.dtype],
         autocast=cli.autocast(args.amp, device), warmup=args.warmup_batches, desc=f"Test ({mode})")
-    batch_time = statistics.median(times) if times else float("nan")
+    # Throughput from the images actually timed: the last batch may be smaller than --batch-size.
+    timed_images = sum(images for _, images in times)
+    timed_seconds = sum(seconds for seconds, _ in times)
+    batch_time = statistics.median(seconds for seconds, _ in times) if times else float("nan")
     result = {
         "acc1": acc1, "acc5": acc5, "images": len(dataset),
-        "batch_time_ms": 1000 * batch_time, "images_per_s": args.batch_size / batch_time,
-        "timed_batches": len(times), "peak_memory_mb": evaluation.peak_memory_mb(device),
+        "batch_time_ms": 1000 * batch_time,
+        "images_per_s": timed_images / timed_seconds if timed_seconds > 0 else float("nan"),
+        "timed_batches": len(times), "timed_images": timed_images,
+        "peak_memory_mb": evaluation.peak_memory_mb(device),
         "mode": mode, "quantize": target.quantize,
         "bsr_converted": {name: kernel for name, kernel, _ in bsr.converted} if bsr else {},
         "bsr_dense": dict(bsr.left_dense) if bsr else {},
@@ -296,8 +301,8 @@ def main(args):
         },
     }
     utils.log(f"Acc@1 {acc1:.3f} Acc@5 {acc5:.3f}")
-    utils.log(f"Model time per batch {result['batch_time_ms']:.2f} ms (median of {len(times)} batches of "
-              f"{args.batch_size}, {mode}, {args.dtype}), {result['images_per_s']:.1f} images/s, "
+    utils.log(f"Model time per batch {result['batch_time_ms']:.2f} ms (median of {len(times)} timed batches, "
+              f"{timed_images} images, {mode}, {args.dtype}), {result['images_per_s']:.1f} images/s, "
               f"peak memory {result['peak_memory_mb']:.0f} MB")
     if args.output_json and utils.is_main_process():
         with open(args.output_json, "w") as f:

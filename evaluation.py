@@ -13,10 +13,11 @@ import utils
 @torch.inference_mode()
 def evaluate(model, data_loader, *, device, num_classes, dtype=torch.float32, autocast=contextlib.nullcontext,
              warmup=1, desc="Test", timed=True):
-    """Top-1/top-5 accuracy (percent) over every validation image exactly once, and per-batch model times (s).
+    """Top-1/top-5 accuracy (percent) over every validation image exactly once, and the timed batches.
 
-    Times cover the model's forward only (no data loading), synchronised with the device, skipping the
-    first `warmup` batches; with timed=False nothing waits for the device and no times are taken.
+    The timed batches are (seconds, images) pairs: the model's forward only (no data loading), synchronised with
+    the device, skipping the first `warmup` batches; a last batch may hold fewer images than the others. With
+    timed=False nothing waits for the device and no times are taken.
     """
     model.eval()
     topk = (1, min(5, num_classes))
@@ -34,7 +35,7 @@ def evaluate(model, data_loader, *, device, num_classes, dtype=torch.float32, au
         if timed:
             utils.synchronize(device)
             if i >= warmup:
-                times.append(time.perf_counter() - start)
+                times.append((time.perf_counter() - start, images.shape[0]))
         correct1, correct5 = utils.correct_topk(output, target, topk=topk)
         counts += torch.stack([correct1, correct5, torch.tensor(target.shape[0], device=device)])
     counts = utils.all_reduce_sum(counts).tolist()

@@ -80,6 +80,16 @@ def test_json_output_has_accuracy_timing_and_configuration(data, checkpoint, tmp
     assert "Model time per batch" in result.stdout and "images/s" in result.stdout
 
 
+def test_throughput_counts_the_images_actually_timed(data, checkpoint, tmp_path):
+    # 20 images in batches of 19: the warm-up takes the full batch, the one timed batch holds a single image.
+    json_path = str(tmp_path / "result.json")
+    result = evaluate(data, checkpoint[0], "-b", "19", "--output-json", json_path)
+    saved = json.load(open(json_path))
+    assert saved["timed_batches"] == 1 and saved["timed_images"] == 1, saved
+    assert saved["images_per_s"] == pytest.approx(1000 / saved["batch_time_ms"], rel=1e-6), saved
+    assert "median of 1 timed batches, 1 images" in result.stdout, result.stdout
+
+
 def test_two_processes_print_the_accuracy_of_one(data, checkpoint):
     launcher = ["-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}"]
     two = evaluate(data, checkpoint[0], "-b", "3", launcher=launcher)  # 20 images: shards of 10, no padding
