@@ -355,5 +355,10 @@ def get_args_parser(add_help=True):
     return parser
 
 
+def interrupted_message():
+    """What Ctrl-C leaves behind: evaluate.py writes its outputs only at the end, so nothing of this run."""
+    return "Interrupted; the evaluation did not finish and wrote no results"
+
+
 if __name__ == "__main__":
-    cli.run(main, get_args_parser())
+    cli.run(main, get_args_parser(), interrupted=interrupted_message)

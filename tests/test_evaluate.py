@@ -90,6 +90,20 @@ def test_throughput_counts_the_images_actually_timed(data, checkpoint, tmp_path)
     assert "median of 1 timed batches, 1 images" in result.stdout, result.stdout
 
 
+def test_ctrl_c_is_one_line_and_exit_130(data, checkpoint, monkeypatch):
+    import evaluation
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt  # as Ctrl-C arrives in the middle of the evaluation loop
+
+    monkeypatch.setattr(evaluation, "evaluate", interrupted)
+    result = run_in_process("evaluate.py", ["--data-path", data, *MODEL, *SPARSE, "-b", "4", "--weights-path",
+                                            checkpoint[0]])
+    assert result.returncode == 130, result.stderr
+    assert "Traceback" not in result.stderr and "KeyboardInterrupt" not in result.stderr, result.stderr
+    assert result.stderr.strip() == "Interrupted; the evaluation did not finish and wrote no results", result.stderr
+
+
 def test_two_processes_print_the_accuracy_of_one(data, checkpoint):
     launcher = ["-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}"]
     two = evaluate(data, checkpoint[0], "-b", "3", launcher=launcher)  # 20 images: shards of 10, no padding
