@@ -56,7 +56,9 @@ class ProjectedAttention(nn.Module):
 
     @classmethod
     def from_attention(cls, mha, convert):
-        """Wrap `mha`'s weights: `convert(linear)` turns each projection (as an nn.Linear) into its module."""
+        """Wrap `mha`'s weights: `convert(linear)` turns each projection (as an nn.Linear) into its module.
+
+        The result, projections included, takes `mha`'s mode (train/eval): its dropout acts in training only."""
         reason = unsupported_attention_reason(mha)
         if reason is not None:
             raise ValueError(f"cannot replace this nn.MultiheadAttention: {reason}")
@@ -66,11 +68,13 @@ class ProjectedAttention(nn.Module):
             in_proj.weight.copy_(mha.in_proj_weight)
             if mha.in_proj_bias is not None:
                 in_proj.bias.copy_(mha.in_proj_bias)
-        return cls(convert(in_proj), convert(mha.out_proj), embed_dim=mha.embed_dim, num_heads=mha.num_heads,
-                   dropout=mha.dropout, batch_first=mha.batch_first)
+        in_proj.train(mha.training)
+        projected = cls(convert(in_proj), convert(mha.out_proj), embed_dim=mha.embed_dim, num_heads=mha.num_heads,
+                        dropout=mha.dropout, batch_first=mha.batch_first)
+        return projected.train(mha.training)
 
     def to_attention(self, in_proj_weight, out_proj_weight):
-        """A plain nn.MultiheadAttention with the given projection weights and this module's biases."""
+        """A plain nn.MultiheadAttention with the given projection weights, this module's biases and its mode."""
         in_bias, out_bias = getattr(self.in_proj, "bias", None), getattr(self.out_proj, "bias", None)
         mha = nn.MultiheadAttention(
             self.embed_dim, self.num_heads, dropout=self.dropout, bias=in_bias is not None,
@@ -81,7 +85,7 @@ class ProjectedAttention(nn.Module):
             if in_bias is not None:
                 mha.in_proj_bias.copy_(in_bias)
                 mha.out_proj.bias.copy_(out_bias)
-        return mha
+        return mha.train(self.training)
 
     def _project_qkv(self, query, key, value, self_attention):
         if self_attention:  # one matmul for q, k and v

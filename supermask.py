@@ -215,7 +215,8 @@ class SupermaskLinear(_SupermaskMixin, nn.Linear):
 
     @classmethod
     def from_linear(cls, linear, *, sparsity, tile_size=1, device=None, score_init="kaiming"):
-        """A SupermaskLinear with the weight and bias of `linear` (on its device and dtype unless `device`)."""
+        """A SupermaskLinear with the weight, bias and mode (train/eval) of `linear` (on its device and dtype unless
+        `device`)."""
         layer = cls(
             linear.in_features, linear.out_features, bias=linear.bias is not None,
             sparsity=sparsity, tile_size=tile_size,
@@ -223,7 +224,7 @@ class SupermaskLinear(_SupermaskMixin, nn.Linear):
         )
         _copy_parameters(linear, layer)
         layer.init_scores(score_init)
-        return layer
+        return layer.train(linear.training)
 
     def to_linear(self):
         """The frozen plain nn.Linear computing what this layer computes in eval mode."""
@@ -247,14 +248,14 @@ class SupermaskConv2d(_SupermaskMixin, nn.Conv2d):
 
     @classmethod
     def from_conv(cls, conv, *, sparsity, tile_size=1, device=None, score_init="kaiming"):
-        """A SupermaskConv2d with the weight, bias and geometry of `conv`."""
+        """A SupermaskConv2d with the weight, bias, geometry and mode (train/eval) of `conv`."""
         layer = cls(
             conv.in_channels, conv.out_channels, conv.kernel_size, sparsity=sparsity, tile_size=tile_size,
             **_conv_settings(conv), device=device or conv.weight.device, dtype=conv.weight.dtype,
         )
         _copy_parameters(conv, layer)
         layer.init_scores(score_init)
-        return layer
+        return layer.train(conv.training)
 
     def to_conv(self):
         """The frozen plain nn.Conv2d computing what this layer computes in eval mode."""

@@ -55,6 +55,17 @@ def test_compact_round_trip_gives_the_same_logits(attention_sparsity, kernel, tm
         torch.testing.assert_close(loaded(x), expected, rtol=1e-5, atol=1e-5)
 
 
+def test_converted_and_loaded_models_are_in_eval_mode_and_convert_again(tmp_path):
+    model = block_sparse_vit(0.9, "fused" if blocksparse_fused.available() else "bmm")
+    path = str(tmp_path / "compact.pth")
+    compact.save_compact(model, path, architecture=ARCH, blocksize=16)
+    loaded = compact.load_compact(path, kernel="bmm")
+    for which, m in (("converted", model), ("loaded", loaded)):
+        training = [name for name, module in m.named_modules() if module.training]
+        assert not training, f"the {which} model has modules in training mode: {training}"
+        blocksparse.apply_bsr(m, 16, kernel="bmm")  # nothing left to convert, and no refusal
+
+
 def test_compact_file_holds_only_kept_blocks_and_no_training_state(tmp_path):
     model = block_sparse_vit(0.9)
     path = str(tmp_path / "compact.pth")

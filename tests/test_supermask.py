@@ -511,6 +511,24 @@ def test_sparsify_offline_keeps_each_layers_mode():
     assert not any(m.training for m in model.modules()), "frozen layers of an eval model must be in eval mode"
 
 
+@pytest.mark.parametrize("training", [False, True])
+def test_apply_supermask_gives_new_modules_the_mode_of_what_they_replace(training):
+    torch.manual_seed(0)
+    model = torchvision.models.VisionTransformer(image_size=16, patch_size=8, num_layers=1, num_heads=2, hidden_dim=32,
+                                                 mlp_dim=64, num_classes=10, dropout=0.5, attention_dropout=0.5)
+    apply_supermask(model.train(training), linear_sparsity=0.5, linear_sp_tilesize=8, conv_sparsity=0.5,
+                    conv_sp_tilesize=4, attention_sparsity=0.5, attention_sp_tilesize=8)
+    wrong = [name for name, m in model.named_modules() if m.training != training]
+    assert not wrong, f"modules not in the model's mode (training={training}): {wrong}"
+    if not training:  # the attention's dropout=0.5 must not act in eval mode
+        x = torch.randn(2, 3, 16, 16)
+        with torch.no_grad():
+            torch.testing.assert_close(model(x), model(x))
+        import blocksparse
+
+        blocksparse.apply_bsr(sparsify_offline(model), blocksize=8, min_sparsity=0.0, kernel="bmm")  # no refusal
+
+
 def test_report_rows_say_what_each_layer_is_now():
     import blocksparse
 
