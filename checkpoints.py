@@ -1,6 +1,7 @@
 """Checkpoints: atomic writes, checksums verified on load, the files of a run, and the random generators' state."""
 import argparse
 import contextlib
+import errno
 import hashlib
 import os
 import random
@@ -96,15 +97,50 @@ def save_checkpoint(state, path, *, checksum=True):
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp_path = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".", suffix=".tmp")
     try:
+        # mkstemp creates the file 0600; give it the mode torch.save on a path would (0666 less the umask).
+        os.fchmod(fd, 0o666 & ~_current_umask())
         with deferred_interrupt(), os.fdopen(fd, "wb") as f:
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
             os.replace(tmp_path, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp_path):
             os.remove(tmp_path)
+        if _is_disk_full(e):
+            kept = f"the earlier {path} is unchanged" if os.path.exists(path) else f"no earlier {path} existed"
+            raise DiskFullError(f"no space left on the device to write {path}; {kept}", path=path) from None
         raise
+
+
+class DiskFullError(InputError):
+    """A checkpoint write failed because its file system is full (or over quota); `path` is the file not written."""
+
+    def __init__(self, message, *, path):
+        super().__init__(message)
+        self.path = path
+
+
+def _is_disk_full(error):
+    """True when `error`, or an error it arose from, is ENOSPC or EDQUOT.
+
+    torch.save's zip writer reports a short write as a RuntimeError ("unexpected pos ..."), raised while the
+    OSError of the failed write is being handled, so that OSError is its __context__.
+    """
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def _current_umask():
+    """The process's umask (read by setting it, as POSIX offers no getter, and restoring it at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def load_checkpoint(path):

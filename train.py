@@ -374,11 +374,19 @@ def save_checkpoints(*, checkpoint, output_dir, epoch, keep_last=None):
     if not utils.is_main_process():
         return
     checkpoint = checkpoints.with_checksum(checkpoint)  # hashed once for both files
-    with checkpoints.deferred_interrupt():  # Ctrl-C now would leave model_<epoch>.pth and checkpoint.pth apart
-        if keep_last != 0:
-            checkpoints.save_checkpoint(checkpoint, os.path.join(output_dir, f"model_{epoch}.pth"), checksum=False)
-        checkpoints.save_checkpoint(checkpoint, os.path.join(output_dir, "checkpoint.pth"), checksum=False)
-        last_checkpoint.update(path=os.path.join(output_dir, "checkpoint.pth"), epoch=epoch, output_dir=output_dir)
+    try:
+        with checkpoints.deferred_interrupt():  # Ctrl-C now would leave model_<epoch>.pth and checkpoint.pth apart
+            if keep_last != 0:
+                checkpoints.save_checkpoint(checkpoint, os.path.join(output_dir, f"model_{epoch}.pth"),
+                                            checksum=False)
+            checkpoints.save_checkpoint(checkpoint, os.path.join(output_dir, "checkpoint.pth"), checksum=False)
+            last_checkpoint.update(path=os.path.join(output_dir, "checkpoint.pth"), epoch=epoch,
+                                   output_dir=output_dir)
+    except checkpoints.DiskFullError as e:
+        kept = ", ".join(os.path.basename(path) for path in checkpoints.checkpoint_files(output_dir))
+        kept = f"{output_dir} keeps {kept}" if kept else f"{output_dir} holds no checkpoint"
+        raise utils.InputError(f"{e} (epoch {epoch}); {kept}; free some space and continue with --resume auto") \
+            from None
     if keep_last is not None:
         # After the new files are complete, so a crash in between never leaves fewer than asked for.
         for old_epoch, path in checkpoints.epoch_files(output_dir).items():

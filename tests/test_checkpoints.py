@@ -58,3 +58,46 @@ def test_ctrl_c_during_a_checkpoint_write_waits_for_the_file(tmp_path, monkeypat
     assert checkpoints.load_checkpoint(path)["epoch"] == 4, "the interrupt cut the checkpoint short"
     assert os.listdir(tmp_path) == ["checkpoint.pth"]
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_checkpoint_file_mode_follows_the_umask_as_torch_save_does(umask, tmp_path):
+    previous = os.umask(umask)
+    try:
+        checkpoints.save_checkpoint({"epoch": 0}, str(tmp_path / "checkpoint.pth"))
+        torch.save({"epoch": 0}, str(tmp_path / "plain.pth"))
+    finally:
+        os.umask(previous)
+    mode = os.stat(tmp_path / "checkpoint.pth").st_mode & 0o777
+    assert mode == 0o666 & ~umask == os.stat(tmp_path / "plain.pth").st_mode & 0o777, oct(mode)
+
+
+def save_into_a_full_disk(obj, f, *args, **kwargs):
+    """What torch.save does when the disk fills: the write's OSError, then the zip writer's RuntimeError."""
+    import errno
+
+    try:
+        raise OSError(errno.ENOSPC, "No space left on device")
+    except OSError:
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+
+
+def test_full_disk_is_one_input_error_naming_the_file_and_keeps_the_earlier_one(tmp_path, monkeypatch):
+    path = str(tmp_path / "checkpoint.pth")
+    checkpoints.save_checkpoint({"epoch": 0}, path)
+    monkeypatch.setattr(torch, "save", save_into_a_full_disk)
+    with pytest.raises(checkpoints.DiskFullError) as caught:
+        checkpoints.save_checkpoint({"epoch": 1}, path)
+    monkeypatch.undo()
+    assert str(caught.value) == f"no space left on the device to write {path}; the earlier {path} is unchanged"
+    assert checkpoints.load_checkpoint(path) == {"epoch": 0}
+    assert os.listdir(tmp_path) == ["checkpoint.pth"], "the temporary file was left behind"
+
+
+def test_other_write_errors_are_not_called_a_full_disk(tmp_path, monkeypatch):
+    def failing_save(obj, f, *args, **kwargs):
+        raise RuntimeError("something else")
+
+    monkeypatch.setattr(torch, "save", failing_save)
+    with pytest.raises(RuntimeError, match="something else"):
+        checkpoints.save_checkpoint({"epoch": 1}, str(tmp_path / "checkpoint.pth"))

@@ -686,3 +686,32 @@ def test_ramp_longer_than_training_exits_2(data, tmp_path):
         ["--data-path", data, *TINY, *FROM_DENSE_SPARSE, "--sparsity-warmup-epochs", "5", "--epochs", "2"])
     status, stderr = result.returncode, result.stderr
     assert status == 2 and "--sparsity-warmup-epochs 5" in stderr, stderr
+
+
+##### Issue 22: lost work and tracebacks where one line belongs #####
+
+
+def test_full_disk_while_checkpointing_is_one_line_naming_the_file_and_what_was_kept(data, tmp_path, monkeypatch):
+    from test_checkpoints import save_into_a_full_disk
+
+    real_save = torch.save
+
+    def save_until_epoch_1(obj, f, *args, **kwargs):
+        if os.path.basename(os.readlink(f"/proc/self/fd/{f.fileno()}")).startswith("model_1.pth."):
+            return save_into_a_full_disk(obj, f)
+        return real_save(obj, f, *args, **kwargs)
+
+    out = str(tmp_path / "run")
+    monkeypatch.setattr(torch, "save", save_until_epoch_1)
+    result = run_in_process("train.py", ["--data-path", data, *TINY, "--epochs", "2", "--output-dir", out])
+    monkeypatch.undo()
+    status, stderr = result.returncode, result.stderr
+    assert status == 2, stderr
+    error_lines = [line for line in stderr.splitlines() if "error:" in line]
+    assert len(error_lines) == 1, stderr
+    assert (f"no space left on the device to write {os.path.join(out, 'model_1.pth')}; no earlier "
+            f"{os.path.join(out, 'model_1.pth')} existed (epoch 1); {out} keeps checkpoint.pth, model_0.pth; free "
+            f"some space and continue with --resume auto") in error_lines[0], stderr
+    assert "Traceback" not in stderr, stderr
+    assert sorted(os.listdir(out)) == ["checkpoint.pth", "model_0.pth"]
+    assert load(os.path.join(out, "checkpoint.pth"))["epoch"] == 0
