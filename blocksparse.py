@@ -255,6 +255,10 @@ def _mlp_choice(fc1, between, fc2, always):
 ##### The module #####
 
 
+def _repack_after_load(module: "BlockSparseLinear", incompatible_keys) -> None:
+    module._repack()  # a function, not a lambda: a converted model must pickle
+
+
 class BlockSparseLinear(reference.FrozenBlockLayer):
     """A frozen Linear stored as its kept ``blocksize x blocksize`` blocks; build with ``from_dense``."""
 
@@ -265,7 +269,7 @@ class BlockSparseLinear(reference.FrozenBlockLayer):
         self.group_spans: List[Optional[Tuple[int, int]]] = []  # per group: its rows' (start, end) if consecutive
         self.has_empty_rows = False
         self.empty_span: Optional[Tuple[int, int]] = None
-        self.register_load_state_dict_post_hook(lambda module, incompatible: module._repack())
+        self.register_load_state_dict_post_hook(_repack_after_load)
 
     @classmethod
     def from_dense(cls, linear: nn.Linear, blocksize: int, kernel: str = "auto",

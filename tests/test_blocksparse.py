@@ -316,6 +316,24 @@ def test_apply_bsr_keeps_vit_logits_and_reports_dense_layers(kernel):
         torch.testing.assert_close(model(x), expected, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("kernel,quantize", [(k, None) for k in FUSED + ["bmm", "dense", "torch"]] + [("bmm", "int8")])
+def test_converted_model_pickles_and_the_copy_runs(kernel, quantize):
+    import io
+    import pickle
+
+    model = small_vit()
+    apply_bsr(model, blocksize=16, kernel=kernel, quantize=quantize)
+    x = torch.randn(2, 3, 32, 32)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    copies = [pickle.loads(pickle.dumps(model)), torch.load(buffer, weights_only=False)]
+    with torch.inference_mode():
+        expected = model(x)
+        for copy in copies:
+            torch.testing.assert_close(copy(x), expected, rtol=0, atol=0)
+
+
 def test_skipped_summary_names_three_layers_and_counts_the_rest():
     model = small_vit()
     result = apply_bsr(model, blocksize=7)  # divides no layer of the ViT: every Linear stays dense
