@@ -241,6 +241,28 @@ def check_training_checkpoint(checkpoint, path):
                                f"to start a new run from its weights pass --weights-path {path}")
 
 
+def check_resume_continues(args, checkpoint, path):
+    """Refuse a resume that cannot step: another optimizer than the checkpoint's, or no epochs left to train.
+
+    An optimizer's state loads into another kind without complaint (AdamW's into SGD) and fails at the first
+    step; sgd and sgd_nesterov share a state, but loading it would also bring back the stored nesterov setting.
+    """
+    if args.test_only:
+        return
+    stored = checkpoint.get("args")
+    stored_opt = stored.get("opt") if isinstance(stored, dict) else getattr(stored, "opt", None)
+    if stored_opt is not None and str(stored_opt).lower() != args.opt:
+        raise utils.InputError(f"--opt {args.opt} differs from the optimizer {path} was trained with (--opt "
+                               f"{str(stored_opt).lower()}), whose state cannot continue in another; resume with --opt "
+                               f"{str(stored_opt).lower()}, or start a new run from its weights with --weights-path "
+                               f"{path}")
+    last = checkpoint["epoch"]
+    if last + 1 >= args.epochs:
+        raise utils.InputError(f"--resume {path} holds epoch {last}, and --epochs {args.epochs} ends with epoch "
+                               f"{args.epochs - 1}: there is nothing left to train; pass --epochs {last + 2} or more "
+                               f"to train further, or --test-only to evaluate it")
+
+
 def check_output_dir(args, resume_path):
     """Create --output-dir; refuse to write a fresh run over an earlier run's checkpoints unless asked to.
 
@@ -410,6 +432,8 @@ def main(args):
     utils.keep_freed_memory()  # no page faults for buffers freed and reallocated every step
     check_args(args)
     resume_path, resume_checkpoint = resolve_resume(args)
+    if resume_path:
+        check_resume_continues(args, resume_checkpoint, resume_path)
     # Loaded before any data is read, so a wrong file fails at once.
     start_checkpoint = checkpoints.load_checkpoint(args.weights_path) if args.weights_path else None
     if checkpoints.is_compact_file(start_checkpoint):

@@ -715,3 +715,29 @@ def test_full_disk_while_checkpointing_is_one_line_naming_the_file_and_what_was_
     assert "Traceback" not in stderr, stderr
     assert sorted(os.listdir(out)) == ["checkpoint.pth", "model_0.pth"]
     assert load(os.path.join(out, "checkpoint.pth"))["epoch"] == 0
+
+
+def test_resume_with_another_optimizer_exits_2_before_training(one_epoch, data):
+    checkpoint = os.path.join(one_epoch[0], "checkpoint.pth")  # trained with --opt adamw
+    result = run_in_process("train.py", ["--data-path", data, *TINY, *SPARSE, "--opt", "sgd", "--epochs", "2",
+                                         "--resume", checkpoint])
+    status, stdout, stderr = result.returncode, result.stdout, result.stderr
+    assert status == 2, stderr
+    error_lines = [line for line in stderr.splitlines() if "error:" in line]
+    assert len(error_lines) == 1, stderr
+    assert (f"--opt sgd differs from the optimizer {checkpoint} was trained with (--opt adamw)" in error_lines[0]
+            and "resume with --opt adamw" in error_lines[0]), stderr
+    assert "Traceback" not in stderr and "Start training" not in stdout, stderr
+
+
+def test_resuming_a_finished_run_says_there_is_nothing_left_to_train(one_epoch, data):
+    out = one_epoch[0]  # trained its one epoch
+    result = run_in_process("train.py", ["--data-path", data, *TINY, *SPARSE, "--epochs", "1", "--resume", "auto",
+                                         "--output-dir", out])
+    status, stdout, stderr = result.returncode, result.stdout, result.stderr
+    assert status == 2, stderr
+    error_lines = [line for line in stderr.splitlines() if "error:" in line]
+    assert len(error_lines) == 1, stderr
+    assert (f"--resume {os.path.join(out, 'checkpoint.pth')} holds epoch 0, and --epochs 1 ends with epoch 0: there "
+            f"is nothing left to train; pass --epochs 2 or more" in error_lines[0]), stderr
+    assert "Traceback" not in stderr and "Training time" not in stdout, stderr
