@@ -661,6 +661,10 @@ def apply_bsr(
     so, the pair becomes one ``BlockSparseMLP`` at the first Linear's place (``nn.Identity`` at the others; listed
     in ``BsrResult.fused_mlps``; ``block_sparse_layers`` still finds both layers by their old names).
 
+    The model is frozen: every parameter gets ``requires_grad=False`` (block-sparse layers cannot back-propagate), so
+    it runs as it is, with or without ``torch.no_grad()``. A block-sparse layer whose input requires grad anyway (an
+    input, or a parameter set to require grad again) raises RuntimeError rather than give wrong gradients.
+
     Returns:
         ``BsrResult`` listing converted layers and the ones left dense, with the reason.
 
@@ -679,6 +683,9 @@ def apply_bsr(
         what = f"its module {training}" if training else "the model"
         raise ValueError(f"apply_bsr converts a model for inference, but {what} is in training mode; call "
                          f"model.eval() first (block-sparse layers are frozen)")
+    # Gradients cannot flow through block-sparse layers: without this, any parameter still requiring grad (the patch
+    # embedding, a LayerNorm) makes the next block-sparse layer's input require grad, and it refuses to run.
+    model.requires_grad_(False)
     result = BsrResult()
 
     def reason_to_stay_dense(module, fqn):

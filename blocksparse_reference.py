@@ -52,8 +52,9 @@ class FrozenBlockLayer(nn.Module):
         if input.shape[-1] != self.in_features:
             raise ValueError(f"expected input with last dimension {self.in_features}, got shape {tuple(input.shape)}")
         if input.requires_grad and torch.is_grad_enabled():
-            raise RuntimeError(f"{type(self).__name__} is for inference and its input requires grad: run the model "
-                               f"under torch.inference_mode() or torch.no_grad(), or train the Supermask model "
+            raise RuntimeError(f"{type(self).__name__} is for inference and its input requires grad (an input, or a "
+                               f"parameter set to require grad after apply_bsr froze them): run the model under "
+                               f"torch.inference_mode() or torch.no_grad(), or train the Supermask model "
                                f"(supermask.apply_supermask) and convert it to block-sparse afterwards")
 
     def dense_weight(self) -> torch.Tensor:

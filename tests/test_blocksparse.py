@@ -334,6 +334,19 @@ def test_converted_model_pickles_and_the_copy_runs(kernel, quantize):
             torch.testing.assert_close(copy(x), expected, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("kernel", FUSED + ["bmm"])
+def test_converted_model_runs_without_no_grad_as_the_readme_writes_it(kernel):
+    model = small_vit()  # its parameters require grad, as a freshly trained model's do
+    apply_bsr(model, blocksize=16, kernel=kernel)
+    assert not any(p.requires_grad for p in model.parameters()), "apply_bsr freezes the model"
+    x = torch.randn(2, 3, 32, 32)
+    y = model(x)  # no torch.no_grad(): the README's path
+    with torch.inference_mode():
+        torch.testing.assert_close(y, model(x), rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="BlockSparseLinear is for inference and its input requires grad"):
+        model(x.requires_grad_())  # gradients asked for: refused, not silently wrong
+
+
 def test_skipped_summary_names_three_layers_and_counts_the_rest():
     model = small_vit()
     result = apply_bsr(model, blocksize=7)  # divides no layer of the ViT: every Linear stays dense
