@@ -184,7 +184,8 @@ def bmm_forward(x, groups, empty_rows, block_rows: int, block_cols: int, blocksi
     y = x.new_empty(n, block_rows, blocksize)
     for rows, cols, weight, bias, span in groups:
         r = rows.shape[0]
-        a = xb.index_select(1, cols).view(n, r, -1).transpose(0, 1)  # (R, n, k*blocksize)
+        # (R, n, k*blocksize); the width spelled out, not -1, which an empty batch (n = 0) leaves undetermined
+        a = xb.index_select(1, cols).view(n, r, cols.numel() // r * blocksize).transpose(0, 1)
         w = weight.transpose(1, 2)  # (R, k*blocksize, blocksize)
         if span is not None:  # consecutive rows: the product writes straight into y (a strided view, no copy)
             out = y[:, span[0]:span[1]].transpose(0, 1)

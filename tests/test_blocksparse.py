@@ -265,6 +265,17 @@ def test_input_that_requires_grad_is_refused_with_a_clear_error(kernel):
         assert layer(x).shape == (2, 64)
 
 
+@pytest.mark.parametrize("kernel", FAST_KERNELS + BSR_KERNELS)
+@pytest.mark.parametrize("lead", [(0,), (2, 0)])
+def test_empty_batch_gives_an_empty_output(kernel, lead):
+    keep = random_keep(128, 64, 16, 0.5, seed=2)
+    keep[0] = False  # an empty block-row too
+    layer = BlockSparseLinear.from_dense(block_sparse_linear(64, 128, 16, keep), 16, kernel=kernel)
+    with torch.inference_mode():
+        y = layer(torch.randn(*lead, 64))
+    assert y.shape == (*lead, 128)
+
+
 def test_rejects_input_of_wrong_width():
     layer = BlockSparseLinear.from_dense(nn.Linear(64, 64), 32, kernel="bmm")
     with pytest.raises(ValueError, match="last dimension 64"):
