@@ -17,6 +17,7 @@ block-sparse layers fall back to the pure-PyTorch kernels of ``blocksparse_refer
 import hashlib
 import logging
 import os
+import sys
 import time
 import warnings
 from typing import Optional
@@ -59,8 +60,14 @@ def _build() -> None:
     try:
         from torch.utils import cpp_extension
 
+        name = _build_name()
+        # cpp_extension compiles when its build folder holds no library of this name, and loads it otherwise; the
+        # compile takes seconds in silence, so say so (once: later processes load the cached library).
+        if not os.path.exists(os.path.join(cpp_extension._get_build_directory(name, verbose=False), f"{name}.so")):
+            print("Building the fused block-sparse CPU kernel (csrc/, once per source, torch version and CPU; about "
+                  "10 s)...", file=sys.stderr, flush=True)
         cpp_extension.load(
-            name=_build_name(), sources=list(SOURCES), is_python_module=False, verbose=False,
+            name=name, sources=list(SOURCES), is_python_module=False, verbose=False,
             extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"],
         )
     finally:

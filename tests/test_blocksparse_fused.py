@@ -244,6 +244,26 @@ print("notices", sum("kernel is unavailable" in str(w.message) for w in caught))
     assert lines["notices"] == "1"
 
 
+def test_a_build_says_one_line_while_it_compiles_and_a_cached_one_says_nothing(tmp_path):
+    script = "import blocksparse_fused; print('reason', blocksparse_fused.unavailable_reason())"
+    # A fresh extension folder: cpp_extension compiles (here with a compiler that does not exist, to stay fast).
+    env = dict(os.environ, TORCH_EXTENSIONS_DIR=str(tmp_path), CXX=str(tmp_path / "no-such-compiler"),
+               OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    env.pop("SUPERBLOCK_NO_EXTENSION", None)
+    fresh = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
+                           timeout=300)
+    said = [line for line in fresh.stderr.splitlines() if "Building the fused block-sparse CPU kernel" in line]
+    assert len(said) == 1, fresh.stderr
+    if not FUSED:
+        return
+    # This process has loaded the extension, so its library is cached: the next process loads it in silence.
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cached = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert "reason None" in cached.stdout, cached.stderr
+    assert "Building" not in cached.stderr, cached.stderr
+
+
 def test_the_plain_layout_fallback_is_exact_too(monkeypatch):
     # A CPU whose packed bfloat16 micro-kernel gave wrong products gets the plain layout (ATen's generic GEMM).
     linear = sparse_linear(128, 64, 32, 0.5, dtype=torch.bfloat16, seed=7)
