@@ -2,6 +2,7 @@
 import argparse
 import contextlib
 import errno
+import fcntl
 import hashlib
 import os
 import random
@@ -227,6 +228,40 @@ def remove_stale_temporary_files(output_dir):
                 os.remove(os.path.join(output_dir, name))
             removed.append(name)
     return removed
+
+
+_held_locks = {}  # folder -> the open descriptor whose flock keeps other runs out of it
+
+
+def lock_output_dir(output_dir):
+    """Lock `output_dir` for this process's lifetime, so that no second run writes its checkpoints there.
+
+    The lock is an exclusive flock on the folder itself (no lock file to delete or to find stale): the kernel
+    releases it when the process ends in any way, kill -9 included. A folder another process holds is an
+    InputError; a file system without flock (some network ones) is only noted, as the lock is a guard, not a need.
+    """
+    key = os.path.realpath(output_dir)
+    if key in _held_locks:
+        return
+    fd = os.open(output_dir, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        os.close(fd)
+        if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+            raise InputError(f"--output-dir {output_dir} is in use by another train.py run that is still going; "
+                             f"wait for it to end, or pick another folder") from None
+        if is_main_process():
+            print(f"Notice: cannot lock --output-dir {output_dir} ({e.strerror}), so another run writing there at "
+                  f"the same time would not be stopped", file=sys.stderr, flush=True)
+        return
+    _held_locks[key] = fd
+
+
+def release_output_dir_locks():
+    """Release the folders lock_output_dir locked (process exit does this too; tests run scripts in-process)."""
+    while _held_locks:
+        os.close(_held_locks.popitem()[1])
 
 
 def load_latest_checkpoint(output_dir):

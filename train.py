@@ -263,6 +263,11 @@ def check_resume_continues(args, checkpoint, path):
                                f"to train further, or --test-only to evaluate it")
 
 
+def _launch_rank():
+    """This process's rank as torchrun or SLURM set it (cli.init_distributed_mode reads the same variables)."""
+    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", 0)))
+
+
 def check_output_dir(args, resume_path):
     """Create --output-dir; refuse to write a fresh run over an earlier run's checkpoints unless asked to.
 
@@ -272,6 +277,8 @@ def check_output_dir(args, resume_path):
     if not args.output_dir or args.test_only:
         return
     cli.prepare_output_dir(args.output_dir)
+    if _launch_rank() == 0:  # the process that writes the checkpoints; the others join the process group later
+        checkpoints.lock_output_dir(args.output_dir)
     earlier = checkpoints.checkpoint_files(args.output_dir)
     if not earlier:
         return
@@ -429,8 +436,20 @@ def load_model_weights(model, state_dict, *, source):
 
 
 def main(args):
+    """Train (or with --test-only evaluate) as the flags say; --output-dir stays locked while it runs."""
+    try:
+        return run_training(args)
+    finally:
+        checkpoints.release_output_dir_locks()
+
+
+def run_training(args):
+    """main's work: check the flags and files, load the data and model, then evaluate or train."""
     utils.keep_freed_memory()  # no page faults for buffers freed and reallocated every step
     check_args(args)
+    if args.output_dir and not args.test_only and os.path.isdir(args.output_dir) and _launch_rank() == 0:
+        # Before --resume auto clears temporary files: they may be a running run's checkpoint being written.
+        checkpoints.lock_output_dir(args.output_dir)
     resume_path, resume_checkpoint = resolve_resume(args)
     if resume_path:
         check_resume_continues(args, resume_checkpoint, resume_path)

@@ -741,3 +741,30 @@ def test_resuming_a_finished_run_says_there_is_nothing_left_to_train(one_epoch, 
     assert (f"--resume {os.path.join(out, 'checkpoint.pth')} holds epoch 0, and --epochs 1 ends with epoch 0: there "
             f"is nothing left to train; pass --epochs 2 or more" in error_lines[0]), stderr
     assert "Traceback" not in stderr and "Training time" not in stdout, stderr
+
+
+HOLD_LOCK = "import sys, time, checkpoints; checkpoints.lock_output_dir(sys.argv[1]); print('locked', flush=True); " \
+            "time.sleep(300)"
+
+
+def test_second_run_into_a_locked_output_dir_is_refused_and_a_killed_run_leaves_no_lock(data, tmp_path):
+    out = str(tmp_path / "run")
+    os.makedirs(out)
+    holder = start_script(["-c", HOLD_LOCK, out])  # a run in progress, as train.py locks its folder
+    try:
+        assert holder.stdout.readline().strip() == "locked", holder.stderr.read()
+        for extra in ([], ["--resume", "auto"], ["--start-over"]):
+            result = run_in_process("train.py", ["--data-path", data, *TINY, "--epochs", "1", "--output-dir", out,
+                                                 *extra])
+            status, stdout, stderr = result.returncode, result.stdout, result.stderr
+            assert status == 2, stderr
+            error_lines = [line for line in stderr.splitlines() if "error:" in line]
+            assert len(error_lines) == 1, stderr
+            assert f"--output-dir {out} is in use by another train.py run that is still going" in error_lines[0]
+            assert "Traceback" not in stderr and "Start training" not in stdout, stderr
+            assert os.listdir(out) == [], "the refused run wrote into the folder"
+    finally:
+        os.killpg(holder.pid, signal.SIGKILL)  # as kill -9: no clean-up runs
+        holder.communicate()
+    assert_ok(run_in_process("train.py", ["--data-path", data, *TINY, "--epochs", "1", "--output-dir", out]))
+    assert sorted(os.listdir(out)) == ["checkpoint.pth", "model_0.pth"]
