@@ -486,9 +486,16 @@ def run_training(args):
         mixup_alpha=args.mixup_alpha, cutmix_alpha=args.cutmix_alpha, num_classes=num_classes
     )
     loader_args = dict(batch_size=args.batch_size, num_workers=args.workers, pin_memory=device.type == "cuda")
+    # BatchNorm cannot train on a batch of one image ("Expected more than 1 value per channel"), and the gradient
+    # of one image is mostly noise: a last training batch of one is left out, each epoch another image as the
+    # order reshuffles. Every other last batch trains, as in torchvision's reference, and evaluation sees all.
+    drop_single = len(train_sampler) > 1 and len(train_sampler) % args.batch_size == 1
+    if drop_single:
+        utils.log(f"Notice: each process's {len(train_sampler)} training images in batches of {args.batch_size} "
+                  f"leave a last batch of 1 image, which BatchNorm cannot train on; it is left out of each epoch")
     data_loader = torch.utils.data.DataLoader(
         dataset, sampler=train_sampler, collate_fn=transforms.MixCollate(mix) if mix is not None else None,
-        generator=loader_generator, **loader_args)
+        generator=loader_generator, drop_last=drop_single, **loader_args)
     data_loader_test = torch.utils.data.DataLoader(dataset_test, sampler=test_sampler, **loader_args)
 
     utils.log("Creating model")

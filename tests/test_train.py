@@ -768,3 +768,16 @@ def test_second_run_into_a_locked_output_dir_is_refused_and_a_killed_run_leaves_
         holder.communicate()
     assert_ok(run_in_process("train.py", ["--data-path", data, *TINY, "--epochs", "1", "--output-dir", out]))
     assert sorted(os.listdir(out)) == ["checkpoint.pth", "model_0.pth"]
+
+
+def test_batchnorm_model_trains_past_a_last_batch_of_one_image(data, tmp_path):
+    # 24 training images in batches of 23: the last batch holds one image, which BatchNorm cannot train on.
+    out = str(tmp_path / "run")
+    result = run_in_process("train.py", ["--data-path", data, *TINY, "--model", "resnet18", "-b", "23",
+                                         "--epochs", "1", "--output-dir", out])
+    assert_ok(result)
+    assert ("Notice: each process's 24 training images in batches of 23 leave a last batch of 1 image, which "
+            "BatchNorm cannot train on; it is left out of each epoch") in result.stdout, result.stdout
+    assert "Epoch 0 [1/1]" in result.stdout, result.stdout
+    assert accuracy_lines(result.stdout, "Epoch 0"), result.stdout
+    assert load(os.path.join(out, "checkpoint.pth"))["epoch"] == 0
