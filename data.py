@@ -1,6 +1,7 @@
 """Image folders for the scripts: the validation set the flags describe, and images read with clear errors."""
 import hashlib
 import os
+import sys
 
 import torch
 import torchvision
@@ -44,21 +45,64 @@ def _listing_cache_path(folder):
     return os.path.expanduser(os.path.join("~", ".torch", "vision", "datasets", "imagefolder", digest + ".pt"))
 
 
+def _folder_stamps(folder, subfolders):
+    """{subfolder: modification time in ns} of `folder`'s subfolders (relative paths; "." is the folder itself).
+
+    A folder's modification time changes whenever a file or folder in it is created, deleted or renamed, so
+    equal stamps mean an equal file list. The cache holds only the list; the images are read afresh every epoch,
+    so a file's own size and time do not matter to it. None when one of the folders is gone.
+    """
+    try:
+        return {name: os.stat(os.path.join(folder, name)).st_mtime_ns for name in subfolders}
+    except OSError:
+        return None
+
+
+def _cached_listing(folder, cache_path):
+    """The listing cached for `folder` if it still describes the folder, else None (with a notice why)."""
+    if not os.path.exists(cache_path):
+        return None
+    try:
+        listing = torch.load(cache_path, weights_only=True)
+        stamps = listing["stamps"]  # a KeyError for the listings of earlier versions, which had no stamps
+        if not {"classes", "class_to_idx", "samples"} <= set(listing):
+            raise KeyError("classes, class_to_idx or samples")
+    except Exception:  # a torn, foreign or older-format file: the scan rebuilds it
+        reason = "cannot be read"
+    else:
+        if _folder_stamps(folder, stamps) == stamps:
+            return listing
+        reason = "is out of date: files were added, removed or renamed since"
+    if utils.is_main_process():
+        print(f"Notice: the cached file list of {folder} ({cache_path}) {reason}; scanning the folder again",
+              file=sys.stderr, flush=True)
+    return None
+
+
 def image_folder(folder, transform, *, cache=False):
-    """An ImageFolder over `folder`; problems with the tree are InputErrors that say how to fix it."""
+    """An ImageFolder over `folder`; problems with the tree are InputErrors that say how to fix it.
+
+    With cache=True the file list is kept in ~/.torch/vision/datasets/imagefolder and reused while the
+    folder's tree is unchanged (folder modification times, see _folder_stamps); otherwise the folder is scanned.
+    """
     if not os.path.isdir(folder):
         raise InputError(f"{folder} does not exist; --data-path must hold train/ and val/ ImageFolder trees")
     cache_path = _listing_cache_path(folder)
-    if cache and os.path.exists(cache_path):
+    if cache:
         # Only the file listing is cached (plain lists), not the transforms, so flags still apply.
-        listing = torch.load(cache_path, weights_only=True)
-        return _ListedImageFolder(folder, listing, transform=transform, loader=load_image)
+        listing = _cached_listing(folder, cache_path)
+        if listing is not None:
+            return _ListedImageFolder(folder, listing, transform=transform, loader=load_image)
+        # Stamped before the scan: a file added during it changes a stamp, so the next run scans again.
+        subfolders = [os.path.relpath(root, folder) for root, _, _ in os.walk(folder, followlinks=True)]
+        stamps = _folder_stamps(folder, subfolders)
     try:
         dataset = torchvision.datasets.ImageFolder(folder, transform=transform, loader=load_image)
     except FileNotFoundError as e:
         raise InputError(f"{e}; put each class's images in {folder}/<class name>/") from None
-    if cache and utils.is_main_process():
-        listing = {"classes": dataset.classes, "class_to_idx": dataset.class_to_idx, "samples": dataset.samples}
+    if cache and stamps is not None and utils.is_main_process():
+        listing = {"classes": dataset.classes, "class_to_idx": dataset.class_to_idx, "samples": dataset.samples,
+                   "stamps": stamps}
         os.makedirs(os.path.dirname(cache_path), exist_ok=True)
         # No checksum: a cache read by torch.load, and hashing ImageNet's 1.28M names one by one takes seconds.
         checkpoints.save_checkpoint(listing, cache_path, checksum=False)

@@ -26,12 +26,46 @@ def test_image_folder_reads_classes_and_rgb_images(folder):
 def test_cached_listing_is_used_instead_of_a_directory_scan(folder):
     train = os.path.join(folder, "train")
     scanned = data.image_folder(train, transform=None, cache=True)
-    # A file added after the listing was cached is not seen: the second call read the listing, not the folder.
-    shutil.copy(os.path.join(train, "class_0", "0.png"), os.path.join(train, "class_0", "new.png"))
     cached = data.image_folder(train, transform=None, cache=True)
-    assert type(cached) is not type(scanned)
+    assert type(cached) is not type(scanned), "the second call scanned the folder again"
     assert cached.samples == scanned.samples and cached.classes == scanned.classes
-    assert len(data.image_folder(train, transform=None)) == len(scanned) + 1
+
+
+@pytest.mark.parametrize("change", ["add", "remove", "rename", "new_class"])
+def test_cached_listing_is_rebuilt_when_the_folder_changed(change, folder, capsys):
+    train = os.path.join(folder, "train")
+    first = data.image_folder(train, transform=None, cache=True)
+    image = os.path.join(train, "class_0", "0.png")
+    if change == "add":
+        shutil.copy(image, os.path.join(train, "class_1", "new.png"))
+    elif change == "remove":
+        os.remove(image)
+    elif change == "rename":
+        os.rename(image, os.path.join(train, "class_0", "renamed.png"))
+    else:
+        os.makedirs(os.path.join(train, "class_2"))
+        shutil.copy(image, os.path.join(train, "class_2", "0.png"))
+    rebuilt = data.image_folder(train, transform=None, cache=True)
+    assert "is out of date: files were added, removed or renamed since; scanning the folder again" in \
+        capsys.readouterr().err
+    scanned = data.image_folder(train, transform=None)
+    assert rebuilt.samples == scanned.samples != first.samples and rebuilt.classes == scanned.classes
+    again = data.image_folder(train, transform=None, cache=True)  # the rebuilt cache serves the new listing
+    assert type(again) is not type(scanned) and again.samples == scanned.samples
+    assert capsys.readouterr().err == ""
+
+
+def test_corrupt_cache_file_is_rebuilt_with_one_notice(folder, capsys):
+    train = os.path.join(folder, "train")
+    scanned = data.image_folder(train, transform=None, cache=True)
+    with open(data._listing_cache_path(train), "wb") as f:
+        f.write(b"\x80\x02 not a listing")
+    rebuilt = data.image_folder(train, transform=None, cache=True)
+    err = capsys.readouterr().err
+    assert rebuilt.samples == scanned.samples
+    assert err.count("\n") == 1 and "cannot be read; scanning the folder again" in err, err
+    assert "weights_only" not in err
+    assert type(data.image_folder(train, transform=None, cache=True)) is not type(scanned)
 
 
 def test_unreadable_image_is_an_input_error_naming_the_file(tmp_path):
