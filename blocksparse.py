@@ -5,7 +5,9 @@ A frozen ``nn.Linear`` whose weight has whole zero blocks (``blocksize x blocksi
 Linear of a model in place and reports what it left dense. Kernels (``kernel=``):
 
 * ``"fused"``: the CPU kernel of ``blocksparse_fused`` (C++, ATen's brgemm micro-kernels, one custom op), float32,
-  bfloat16 and float16. Built on first use; where it cannot be built, ``"auto"`` falls back to ``"bmm"``.
+  bfloat16 and float16. Built on first use; where it cannot be built, ``"auto"`` falls back to ``"bmm"``. A layer
+  moved to float64 afterwards (``model.double()``) computes in float64 from the same blocks in pure PyTorch
+  (``blocksparse_reference.blocks_forward``), slower, as a check of the others' numerics.
 * ``"bmm"``: pure PyTorch (``blocksparse_reference``), grouped batched products; the reference and the fallback.
 * ``"dense"``: plain ``F.linear`` with the (block-sparse) dense weight, for layers where block-sparse does not pay.
 * ``"torch"``: the original SuperBlock approach, ``F.linear`` with a ``to_sparse_bsr`` weight; kept as the
@@ -340,7 +342,9 @@ class BlockSparseLinear(reference.FrozenBlockLayer):
     def _repack(self) -> None:
         """Derive the fused kernel's packed blocks (not saved in state_dict) from ``block_values`` again."""
         if self.kernel == "fused" and self.block_values.device.type == "cpu":
-            self.packed_values = blocksparse_fused.pack(self.block_values)
+            # The C++ kernel has no float64: such a layer computes from block_values in pure PyTorch (forward).
+            fused_dtype = self.block_values.dtype in blocksparse_fused.DTYPES
+            self.packed_values = blocksparse_fused.pack(self.block_values) if fused_dtype else self.block_values
 
     def fused_operands(self) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
         """(packed values, row offsets, columns, bias): what the fused kernel reads ("fused" layers only)."""
@@ -351,7 +355,10 @@ class BlockSparseLinear(reference.FrozenBlockLayer):
         lead = input.shape[:-1]
         # 2-D keeps every kernel on its fast path (torch's BSR F.linear fails on 3-D input under inference_mode).
         x = input.reshape(-1, self.in_features)
-        if self.kernel == "fused":
+        if self.kernel == "fused" and self.block_values.dtype not in blocksparse_fused.DTYPES:
+            y = reference.blocks_forward(x.to(self.block_values.dtype), self.block_values, self.block_crow,
+                                         self.block_col, self.bias, self.out_features)
+        elif self.kernel == "fused":
             y = blocksparse_fused.fused_linear(x.to(self.packed_values.dtype), *self.fused_operands(),
                                                self.out_features, self.tile_tokens, self.gather)
         elif self.kernel == "dense":

@@ -6,7 +6,8 @@ writes them once more. ``BlockSparseMLP`` holds the two converted ``BlockSparseL
 modules between them, and on the CPU computes all three per tile of tokens in one op
 (``blocksparse_fused.fused_mlp``; for two ``Int8BlockSparseLinear`` layers ``blocksparse_int8.int8_mlp``), so the
 hidden activations stay in cache. In training mode, or off the CPU, it runs
-the three one after the other: the same function.
+the three one after the other: the same function. So does a float MLP moved to a dtype the fused kernel lacks
+(float64, after ``model.double()``).
 """
 
 from typing import List, Optional
@@ -60,7 +61,9 @@ class BlockSparseMLP(nn.Module):
         self.second_name = second_name
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        if self.training or input.device.type != "cpu":  # Dropout acts in training; the kernel is the CPU's
+        # Dropout acts in training; the kernel is the CPU's, and its float form has no float64.
+        no_fused_dtype = self.isa is None and self.fc1.block_values.dtype not in blocksparse_fused.DTYPES
+        if self.training or input.device.type != "cpu" or no_fused_dtype:
             return self.fc2(self.between(self.fc1(input)))
         self.fc1.check_input(input)
         x = input.reshape(-1, self.fc1.in_features)

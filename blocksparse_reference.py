@@ -106,6 +106,20 @@ def expand_blocks(values: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, s
     return blocks.permute(0, 2, 1, 3).reshape(out_features, in_features)
 
 
+def blocks_forward(x: torch.Tensor, values: torch.Tensor, crow: torch.Tensor, col: torch.Tensor,
+                   bias: Optional[torch.Tensor], out_features: int) -> torch.Tensor:
+    """``x @ W.T + bias`` for 2-D x from W's kept blocks (``pack_blocks``' layout), in pure PyTorch and any dtype.
+
+    What a "fused" layer computes in a dtype its C++ kernel lacks (float64, after ``.double()``): pruned blocks are
+    not read, as in the kernel. It holds every kept block's product at once (tokens x kept blocks x blocksize)."""
+    n, blocksize = x.shape[0], values.shape[-1]
+    rows = torch.repeat_interleave(torch.arange(crow.numel() - 1, device=x.device), crow.diff().long())
+    inputs = x.reshape(n, -1, blocksize).index_select(1, col.long())  # (n, kept, blocksize): each block's input
+    products = torch.einsum("nki,kio->nko", inputs, values)
+    y = x.new_zeros(n, out_features // blocksize, blocksize).index_add_(1, rows, products).view(n, out_features)
+    return y if bias is None else y + bias
+
+
 def block_row_order(mask: torch.Tensor) -> torch.Tensor:
     """Block-rows sorted by kept count, then by first kept column: the order "bmm" packs its row groups in."""
     counts = mask.sum(dim=1)

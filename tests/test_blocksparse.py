@@ -358,6 +358,22 @@ def test_converted_model_runs_without_no_grad_as_the_readme_writes_it(kernel):
         model(x.requires_grad_())  # gradients asked for: refused, not silently wrong
 
 
+@pytest.mark.parametrize("kernel", FUSED + ["bmm"])
+def test_converted_model_computes_in_float64_after_double(kernel):
+    import copy
+
+    model = small_vit()
+    dense = copy.deepcopy(model).double()
+    apply_bsr(model, blocksize=16, kernel=kernel)  # "fused": each MLP becomes one BlockSparseMLP
+    x = torch.randn(2, 3, 32, 32)
+    with torch.inference_mode():
+        expected_float32 = model(x)
+        y = model.double()(x.double())
+        assert y.dtype == torch.float64
+        torch.testing.assert_close(y, dense(x.double()), rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(model.float()(x), expected_float32, rtol=0, atol=0)
+
+
 def test_skipped_summary_names_three_layers_and_counts_the_rest():
     model = small_vit()
     result = apply_bsr(model, blocksize=7)  # divides no layer of the ViT: every Linear stays dense
