@@ -276,6 +276,27 @@ def test_empty_batch_gives_an_empty_output(kernel, lead):
     assert y.shape == (*lead, 128)
 
 
+@pytest.mark.parametrize("kernel", FAST_KERNELS + BSR_KERNELS + ["int8"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_input_reaches_the_outputs_whose_kept_blocks_read_it(kernel, bad):
+    # Input column-block 1 is read by block-row 2 only; block-rows 0 and 1 prune it, block-row 3 keeps nothing.
+    keep = torch.tensor([[True, False, True, False], [False, False, True, True], [True] * 4, [False] * 4])
+    linear = block_sparse_linear(64, 64, 16, keep)
+    quantize = "int8" if kernel == "int8" else None
+    layer = BlockSparseLinear.from_dense(linear, 16, kernel="bmm" if quantize else kernel, quantize=quantize)
+    x = torch.randn(3, 64)
+    x[1, 20] = bad
+    with torch.inference_mode():
+        y = layer(x)
+    finite = y.isfinite().view(3, 4, 16).all(dim=2)  # (token, block-row)
+    assert finite[[0, 2]].all(), "other tokens are never affected"
+    assert not finite[1, 2], "the outputs whose kept blocks read the value are NaN or inf"
+    if kernel in ("fused", "torch", "triton"):  # pruned blocks are not read: the token's other outputs stay finite
+        assert finite[1].tolist() == [True, True, False, True]
+    if kernel in ("dense", "int8"):  # as nn.Linear: the token's whole row
+        assert not finite[1].any()
+
+
 def test_rejects_input_of_wrong_width():
     layer = BlockSparseLinear.from_dense(nn.Linear(64, 64), 32, kernel="bmm")
     with pytest.raises(ValueError, match="last dimension 64"):
