@@ -173,6 +173,11 @@ def check_args(args):
             f"use fewer than --epochs {args.epochs}"
         )
     cli.check_model_name(args.model)
+    if args.weights:
+        try:
+            models.resolve_weights(args.model, args.weights)
+        except ValueError as e:
+            raise utils.InputError(f"--weights {args.weights}: {e}") from None
     if models.is_vit(args.model) and args.train_crop_size != args.val_crop_size and not args.test_only:
         raise utils.InputError(
             f"{args.model} is built for one image size, but --train-crop-size {args.train_crop_size} differs from "

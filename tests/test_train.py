@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 import distillation
+from test_models import local_resnet18_weights  # noqa: F401 (a fixture)
 from helpers import (assert_ok, flip_byte_in_tensor_data, free_port, run_in_process, run_script, start_script,
                      straight_and_resumed_runs, write_image_folder)
 
@@ -203,6 +204,11 @@ def _unknown_model(data, tmp_path):
     return ["--data-path", data, "--model", "vit_tinyy"], "did you mean vit_tiny"
 
 
+def _unknown_weights(data, tmp_path):
+    return ["--data-path", data, "--model", "resnet18", "--weights", "Bogus.X"], \
+        "--weights Bogus.X: there is no weights enum Bogus; resnet18's weights are ResNet18_Weights.IMAGENET1K_V1"
+
+
 def _missing_resume(data, tmp_path):
     return ["--data-path", data, "--resume", str(tmp_path / "gone.pth")], "gone.pth does not exist"
 
@@ -287,7 +293,7 @@ def _random_bytes_as_checkpoint(data, tmp_path):
     return ["--data-path", data, "--resume", str(tmp_path / "random.pth")], "cannot load checkpoint"
 
 
-BAD_INPUTS = [_missing_data, _empty_data, _missing_split, _unknown_model, _corrupt_image, _missing_resume,
+BAD_INPUTS = [_missing_data, _empty_data, _missing_split, _unknown_model, _unknown_weights, _corrupt_image, _missing_resume,
               _sparsity_out_of_range, _output_dir_through_a_file, _output_dir_is_a_file, _batch_size_zero,
               _negative_lr, _negative_epochs, _negative_keep_last, _data_path_is_a_file, _weights_path_is_a_folder,
               _resume_a_folder, _resume_from_a_compact_file, _weights_path_a_compact_file, _resume_from_a_state_dict,
@@ -781,3 +787,15 @@ def test_batchnorm_model_trains_past_a_last_batch_of_one_image(data, tmp_path):
     assert "Epoch 0 [1/1]" in result.stdout, result.stdout
     assert accuracy_lines(result.stdout, "Epoch 0"), result.stdout
     assert load(os.path.join(out, "checkpoint.pth"))["epoch"] == 0
+
+
+def test_pretrained_weights_fine_tune_on_another_class_count_with_a_new_head(local_resnet18_weights, data, tmp_path):
+    out = str(tmp_path / "run")
+    result = run_in_process("train.py", ["--data-path", data, *TINY, "--model", "resnet18", "--weights",
+                                         "ResNet18_Weights.IMAGENET1K_V1", "--epochs", "1", "--output-dir", out])
+    assert_ok(result)
+    notices = [line for line in result.stdout.splitlines() if line.startswith("Notice: ResNet18_Weights")]
+    assert notices == ["Notice: ResNet18_Weights.IMAGENET1K_V1 classifies 1000 classes and the data 3: fc newly "
+                       "initialised for 3 classes, the rest pretrained"], result.stdout
+    state = load(os.path.join(out, "checkpoint.pth"))["model"]
+    assert state["fc.weight"].shape == (3, 512)
