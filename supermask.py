@@ -336,6 +336,12 @@ class _LayerChoice:
     kind: str  # "linear", "conv1x1" or "conv": the keyword family that chose the settings
 
 
+# Why a skip keyword left a layer dense, as the sparsity report shows it (with the scripts' flag for the keyword).
+SKIPPED_CLASSIFIER = "classifier, skipped by skip_last_layer_sparsity (--skip-last-layer-sparsity)"
+SKIPPED_FIRST_BLOCK = ("first transformer block, skipped by skip_first_transformer_sparsity "
+                       "(--skip-first-transformer-sparsity)")
+
+
 def _choose(module, name, *, settings, skipped, dead, classifier, first_block, filter_fn):
     """The sparsity and tile size for one layer, or None (and the reason recorded in `skipped`).
 
@@ -345,10 +351,10 @@ def _choose(module, name, *, settings, skipped, dead, classifier, first_block, f
         skipped[name] = "nn.MultiheadAttention reads this weight functionally: mask it with attention_sparsity"
         return None
     if name == classifier:
-        skipped[name] = "classifier (skip_last_layer_sparsity)"
+        skipped[name] = SKIPPED_CLASSIFIER
         return None
     if _is_inside(name, first_block):
-        skipped[name] = "first transformer block (skip_first_transformer_sparsity)"
+        skipped[name] = SKIPPED_FIRST_BLOCK
         return None
     if filter_fn is not None and not filter_fn(module, name):
         skipped[name] = "excluded by filter_fn"
@@ -468,7 +474,7 @@ def _mask_attention(model, *, sparsity, tile_size, device, score_init, skipped, 
         if sparsity == 0:
             skipped[name] = "attention_sparsity is 0"
         elif _is_inside(name, first_block):
-            skipped[name] = "first transformer block (skip_first_transformer_sparsity)"
+            skipped[name] = SKIPPED_FIRST_BLOCK
         elif filter_fn is not None and not filter_fn(module, name):
             skipped[name] = "excluded by filter_fn"
         elif reason is not None:
@@ -784,8 +790,9 @@ def sparsity_report(model):
 def _plain_row(name, kind, weight, why_dense):
     """The row of a plain weight: frozen if some of it is zero (masks frozen in), else dense and why."""
     actual = (weight == 0).float().mean().item()
-    if actual == 1.0:
-        note, pruned = "all weights zero, not pruned (e.g. a zero-initialised classifier)", False
+    if actual == 1.0:  # say why it was left unmasked too: the zeros are not what made it dense
+        zeros = "all weights zero, not pruned (e.g. a zero-initialised classifier)"
+        note, pruned = (f"dense: {why_dense}; {zeros}" if why_dense else zeros), False
     elif actual > 0.0:
         note, pruned = "frozen: plain weights, masked tiles at zero", True
     else:

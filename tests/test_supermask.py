@@ -541,6 +541,7 @@ def test_report_rows_say_what_each_layer_is_now():
     assert masked["encoder.layers.encoder_layer_0.mlp.0"].target_sparsity == 0.75
     head = masked["heads.head"]
     assert head.actual_sparsity == 1.0 and not head.pruned and "zero-initialised" in head.note
+    assert head.note.startswith("dense: classifier, skipped by skip_last_layer_sparsity"), head.note
     frozen_report = sparsity_report(sparsify_offline(model.eval()))
     frozen = {r.name: r for r in frozen_report.rows}
     row = frozen["encoder.layers.encoder_layer_0.mlp.0"]
