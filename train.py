@@ -13,6 +13,7 @@ Example (`make demo` runs the full command; TRAINING.md has it and the ImageNet 
 import argparse
 import contextlib
 import datetime
+import math
 import os
 import sys
 import time
@@ -160,8 +161,67 @@ def train_one_epoch(*, model, criterion, optimizer, data_loader, device, epoch, 
 ##### Setup #####
 
 
+# The meaningful range of each numeric flag that check_args does not check on its own: (flag, attribute,
+# lowest, highest, whether the lowest is allowed, whether the highest is); None leaves that side open. Flags
+# whose default is None (off) are checked when given.
+NUMERIC_RANGES = [
+    ("--workers", "workers", 0, None, True, True),
+    ("--val-resize-size", "val_resize_size", 1, None, True, True),
+    ("--val-crop-size", "val_crop_size", 1, None, True, True),
+    ("--train-crop-size", "train_crop_size", 1, None, True, True),
+    ("--norm-weight-decay", "norm_weight_decay", 0, None, True, True),
+    ("--bias-weight-decay", "bias_weight_decay", 0, None, True, True),
+    ("--transformer-embedding-decay", "transformer_embedding_decay", 0, None, True, True),
+    ("--label-smoothing", "label_smoothing", 0, 1, True, False),
+    ("--mixup-alpha", "mixup_alpha", 0, None, True, True),
+    ("--cutmix-alpha", "cutmix_alpha", 0, None, True, True),
+    ("--lr-warmup-epochs", "lr_warmup_epochs", 0, None, True, True),
+    ("--lr-warmup-decay", "lr_warmup_decay", 0, 1, False, True),  # the warmup's starting factor of --lr
+    ("--lr-step-size", "lr_step_size", 1, None, True, True),
+    ("--lr-gamma", "lr_gamma", 0, None, False, True),
+    ("--lr-min", "lr_min", 0, None, True, True),
+    ("--clip-grad-norm", "clip_grad_norm", 0, None, False, True),
+    ("--ra-magnitude", "ra_magnitude", 0, 30, True, True),  # RandAugment's 31 magnitude bins
+    ("--augmix-severity", "augmix_severity", 1, 10, True, True),  # AugMix's range
+    ("--random-erase", "random_erase", 0, 1, True, True),
+    ("--hflip-prob", "hflip_prob", 0, 1, True, True),
+    ("--ra-reps", "ra_reps", 1, None, True, True),
+    ("--model-ema-steps", "model_ema_steps", 1, None, True, True),
+    ("--model-ema-decay", "model_ema_decay", 0, 1, True, False),
+    ("--print-freq", "print_freq", 1, None, True, True),
+    ("--start-epoch", "start_epoch", 0, None, True, True),
+    ("--seed", "seed", 0, None, True, True),  # numpy's seed sequences take no negative numbers
+    ("--world-size", "world_size", 1, None, True, True),
+]
+
+
+def _range_text(low, high, low_in, high_in):
+    if high is None:
+        return f"at least {low}" if low_in else f"above {low}"
+    return f"in {'[' if low_in else '('}{low}, {high}{']' if high_in else ')'}"
+
+
+def check_numeric_ranges(args):
+    """Refuse a numeric flag outside NUMERIC_RANGES, or a float flag that is not finite (nan passes every `<`)."""
+    for flag, name, low, high, low_in, high_in in NUMERIC_RANGES:
+        value = getattr(args, name)
+        if value is None:
+            continue
+        if not math.isfinite(value) or value < low or (value == low and not low_in) or \
+                (high is not None and (value > high or (value == high and not high_in))):
+            raise utils.InputError(f"{flag} must be {_range_text(low, high, low_in, high_in)}, got {value}")
+    for flag, name in (("--lr", "lr"), ("--wd", "weight_decay"), ("--momentum", "momentum"),
+                       ("--distill-alpha", "distill_alpha"), ("--distill-temperature", "distill_temperature")):
+        if not math.isfinite(getattr(args, name)):
+            raise utils.InputError(f"{flag} must be a finite number, got {getattr(args, name)}")
+    low, high = args.train_crop_scale
+    if not (math.isfinite(low) and math.isfinite(high) and 0 < low <= high <= 1):
+        raise utils.InputError(f"--train-crop-scale {low} {high} must be two area fractions with 0 < MIN <= MAX <= 1")
+
+
 def check_args(args):
     """Reject flag values and combinations that cannot work, before any data is read."""
+    check_numeric_ranges(args)
     if args.epochs < 0:
         raise utils.InputError(f"--epochs {args.epochs} is negative; pass the number of epochs to train (1 or more)")
     if args.epochs < 1 and not args.test_only:

@@ -799,3 +799,35 @@ def test_pretrained_weights_fine_tune_on_another_class_count_with_a_new_head(loc
                        "initialised for 3 classes, the rest pretrained"], result.stdout
     state = load(os.path.join(out, "checkpoint.pth"))["model"]
     assert state["fc.weight"].shape == (3, 512)
+
+
+OUT_OF_RANGE = {
+    "workers": (["-j", "-1"], "--workers must be at least 0, got -1"),
+    "crop_size": (["--train-crop-size", "0"], "--train-crop-size must be at least 1, got 0"),
+    "label_smoothing": (["--label-smoothing", "1.5"], "--label-smoothing must be in [0, 1), got 1.5"),
+    "mixup_alpha": (["--mixup-alpha", "-0.2"], "--mixup-alpha must be at least 0, got -0.2"),
+    "warmup_decay": (["--lr-warmup-decay", "0"], "--lr-warmup-decay must be in (0, 1], got 0.0"),
+    "lr_step_size": (["--lr-step-size", "0"], "--lr-step-size must be at least 1, got 0"),
+    "lr_gamma": (["--lr-gamma", "0"], "--lr-gamma must be above 0, got 0.0"),
+    "clip_grad_norm": (["--clip-grad-norm", "-1"], "--clip-grad-norm must be above 0, got -1.0"),
+    "augmix_severity": (["--augmix-severity", "11"], "--augmix-severity must be in [1, 10], got 11"),
+    "hflip_prob": (["--hflip-prob", "2"], "--hflip-prob must be in [0, 1], got 2.0"),
+    "ema_decay": (["--model-ema-decay", "1"], "--model-ema-decay must be in [0, 1), got 1.0"),
+    "print_freq": (["--print-freq", "0"], "--print-freq must be at least 1, got 0"),
+    "seed": (["--seed", "-1"], "--seed must be at least 0, got -1"),
+    "nan_lr": (["--lr", "nan"], "--lr must be a finite number, got nan"),
+    "nan_random_erase": (["--random-erase", "nan"], "--random-erase must be in [0, 1], got nan"),
+    "crop_scale": (["--train-crop-scale", "0.5", "0.2"], "--train-crop-scale 0.5 0.2 must be two area fractions"),
+}
+
+
+@pytest.mark.parametrize("flags,expected", OUT_OF_RANGE.values(), ids=OUT_OF_RANGE.keys())
+def test_numeric_flag_outside_its_range_exits_2_before_any_work(flags, expected, data, tmp_path):
+    result = run_in_process("train.py", ["--data-path", data, *TINY, "--epochs", "1", *flags,
+                                         "--output-dir", str(tmp_path / "out")])
+    status, stdout, stderr = result.returncode, result.stdout, result.stderr
+    assert status == 2, stderr
+    error_lines = [line for line in stderr.splitlines() if "error:" in line]
+    assert len(error_lines) == 1 and expected in error_lines[0], stderr
+    assert "Traceback" not in stderr and "Settings" not in stdout, stderr
+    assert not os.path.exists(tmp_path / "out"), "the output folder was created before the check"
