@@ -8,6 +8,7 @@ import torchvision
 from torchvision.transforms import InterpolationMode
 
 import checkpoints
+import models
 import presets
 import sampler
 import utils
@@ -132,9 +133,11 @@ def eval_transform(args):
     if args.weights and getattr(args, "test_only", False):
         # As torchvision's reference: pretrained weights are evaluated with the preprocessing they were trained for.
         try:
+            if getattr(args, "model", None):  # the model's own spellings too: DEFAULT, IMAGENET1K_V1
+                return models.resolve_weights(args.model, args.weights).transforms(antialias=True)
             return torchvision.models.get_weight(args.weights).transforms(antialias=True)
         except (ValueError, KeyError, AttributeError) as e:
-            raise InputError(f"--weights {args.weights} is unknown ({e}); see the model's docs for its weights") from None
+            raise InputError(f"--weights {args.weights}: {e}") from None
     return presets.ClassificationPresetEval(
         crop_size=args.val_crop_size,
         resize_size=args.val_resize_size,

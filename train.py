@@ -243,6 +243,8 @@ def check_args(args):
             f"{args.model} is built for one image size, but --train-crop-size {args.train_crop_size} differs from "
             f"--val-crop-size {args.val_crop_size}; make them equal"
         )
+    cli.check_image_size(args.model, *((args.val_crop_size, "--val-crop-size") if args.test_only
+                                       else (args.train_crop_size, "--train-crop-size")))
     # torch would refuse these with a traceback, the batch size only once the data loader is built.
     if args.batch_size < 1:
         raise utils.InputError(f"--batch-size must be at least 1, got {args.batch_size}")
@@ -546,6 +548,12 @@ def run_training(args):
         torch.backends.cudnn.benchmark = True
 
     dataset, dataset_test, train_sampler, test_sampler, num_classes = load_data(args)
+    if args.test_only and args.weights and not resume_path:
+        classes = len(models.resolve_weights(args.model, args.weights).meta["categories"])
+        if classes != num_classes:  # build_model would give them a new, untrained classifier
+            raise utils.InputError(f"--test-only evaluates --weights {args.weights} as they are, but they classify "
+                                   f"{classes} classes and {args.data_path} has {num_classes}; fine-tune them first "
+                                   f"(train.py without --test-only)")
     loader_generator = torch.Generator()
     mix = transforms.get_mixup_cutmix(
         mixup_alpha=args.mixup_alpha, cutmix_alpha=args.cutmix_alpha, num_classes=num_classes

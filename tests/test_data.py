@@ -102,3 +102,16 @@ def test_val_data_is_preprocessed_to_the_crop_size_and_sampled_once(folder):
     dataset, sampler = data.load_val_data(args)
     assert dataset[0][0].shape == (3, 6, 6)
     assert sorted(sampler) == list(range(len(dataset))) == list(range(4))
+
+
+@pytest.mark.parametrize("weights", ["DEFAULT", "IMAGENET1K_V1", "ResNet18_Weights.IMAGENET1K_V1"])
+def test_pretrained_weights_are_evaluated_with_their_preprocessing_in_any_of_torchvisions_spellings(weights):
+    args = argparse.Namespace(model="resnet18", weights=weights, test_only=True)
+    transform = data.eval_transform(args)
+    assert transform.crop_size == [224] and transform.resize_size == [256]
+
+
+def test_unknown_weights_for_evaluation_name_the_models_weights():
+    args = argparse.Namespace(model="resnet18", weights="Bogus.X", test_only=True)
+    with pytest.raises(utils.InputError, match="--weights Bogus.X: there is no weights enum Bogus; resnet18's weights"):
+        data.eval_transform(args)

@@ -831,3 +831,13 @@ def test_numeric_flag_outside_its_range_exits_2_before_any_work(flags, expected,
     assert len(error_lines) == 1 and expected in error_lines[0], stderr
     assert "Traceback" not in stderr and "Settings" not in stdout, stderr
     assert not os.path.exists(tmp_path / "out"), "the output folder was created before the check"
+
+
+def test_test_only_with_pretrained_weights_of_another_class_count_exits_2(local_resnet18_weights, data):
+    result = run_in_process("train.py", ["--data-path", data, *TINY, "--model", "resnet18", "--weights",
+                                         "ResNet18_Weights.IMAGENET1K_V1", "--test-only"])
+    status, stderr = result.returncode, result.stderr
+    assert status == 2, stderr
+    assert ("--test-only evaluates --weights ResNet18_Weights.IMAGENET1K_V1 as they are, but they classify 1000 "
+            f"classes and {data} has 3; fine-tune them first") in stderr, stderr
+    assert "Traceback" not in stderr
