@@ -841,3 +841,24 @@ def test_test_only_with_pretrained_weights_of_another_class_count_exits_2(local_
     assert ("--test-only evaluates --weights ResNet18_Weights.IMAGENET1K_V1 as they are, but they classify 1000 "
             f"classes and {data} has 3; fine-tune them first") in stderr, stderr
     assert "Traceback" not in stderr
+
+
+def test_resuming_into_the_folder_of_a_running_run_is_refused_until_it_is_killed(data, tmp_path):
+    out = str(tmp_path / "run")
+    flags = ["--data-path", data, *TINY, "--output-dir", out]
+    running = start_script(["train.py", *flags, "--epochs", "500"])
+    try:
+        deadline = time.time() + 120
+        while not os.path.exists(os.path.join(out, "checkpoint.pth")) and time.time() < deadline:
+            time.sleep(0.05)
+        second = run_in_process("train.py", [*flags, "--epochs", "500", "--resume", "auto"])
+        assert second.returncode == 2, second.stderr
+        assert f"--output-dir {out} is in use by another train.py run that is still going" in second.stderr
+        assert "Traceback" not in second.stderr and "Resumed from" not in second.stdout, second.stderr
+    finally:
+        os.killpg(running.pid, signal.SIGKILL)  # kill -9: the lock must not outlive the run
+        running.communicate()
+    epoch = load(os.path.join(out, "checkpoint.pth"))["epoch"]
+    resumed = run_in_process("train.py", [*flags, "--epochs", str(epoch + 2), "--resume", "auto"])
+    assert_ok(resumed)
+    assert "Resumed from" in resumed.stdout
