@@ -48,9 +48,9 @@ INT8_VARIANT = "bsr-int8"  # the model in int8: apply_bsr(kernel="auto", quantiz
 
 def get_args_parser(add_help=True):
     """The benchmark's flags."""
-    parser = argparse.ArgumentParser(description="SuperBlock inference benchmark", add_help=add_help)
-    # Unlike training, a benchmark is often run on a machine without a GPU: default to what is there.
-    cli.add_model_args(parser, device="cuda" if torch.cuda.is_available() else "cpu")
+    parser = argparse.ArgumentParser(description="SuperBlock inference benchmark", add_help=add_help,
+                                     formatter_class=cli.HelpFormatter)
+    cli.add_model_args(parser)
     cli.add_supermask_args(parser)
     group = parser.add_argument_group("benchmark")
     group.add_argument("-b", "--batch-size", default=8, type=int, help="images per forward (default: 8)")
@@ -162,6 +162,8 @@ def check_args(args):
         raise utils.InputError(f"--threads {args.threads} must be at least 1")
     if not 0.0 <= args.min_sparsity <= 1.0:
         raise utils.InputError(f"--min-sparsity {args.min_sparsity} must be in [0, 1]")
+    if args.layer is None:
+        cli.check_image_size(args.model, args.image_size, "--image-size")
     blocksize = args.blocksize or args.sp_linear_tile_size
     # "all": every kernel that can run here at speed (Triton's CPU interpreter is for tests only).
     on_cuda = args.device.startswith("cuda")
@@ -245,6 +247,11 @@ def _check_int8(args, blocksize, *, sweep):
 ##### Timing #####
 
 
+def _no_bars():
+    """Progress bars only on a terminal: in a log file every redraw would be a line of its own."""
+    return not sys.stderr.isatty()
+
+
 @torch.inference_mode()
 def time_forwards(fns, x, *, warmup, iters, device, rewarm=False):
     """Median seconds per call of each fn(x), first-call seconds and outputs, as dicts keyed like `fns`.
@@ -266,7 +273,7 @@ def time_forwards(fns, x, *, warmup, iters, device, rewarm=False):
     for _ in range(max(warmup - 1, 0)):
         for fn in fns.values():
             fn(x)
-    for round_index in tqdm(range(iters), desc="timing rounds", leave=False):
+    for round_index in tqdm(range(iters), desc="timing rounds", leave=False, disable=_no_bars()):
         for name, fn in (reversed(fns.items()) if round_index % 2 else fns.items()):
             if rewarm:
                 fn(x)
@@ -313,6 +320,16 @@ def build_variants(args, plan, dense, sparsity, tile_size, blocksize, variants):
             raise utils.InputError(f"--weights-path {args.weights_path}: {e}") from None
     online.eval()
     offline = supermask.sparsify_offline(copy.deepcopy(online))
+    if any(name.startswith(("torch", "bsr")) for name in variants) and not any(
+            blocksparse.blocksize_divides(tuple(m.weight.shape), blocksize)
+            for m in offline.modules() if isinstance(m, nn.Linear)):
+        # Otherwise every bsr variant would be the dense model, timed and reported as "0 Linear converted".
+        shapes = sorted({tuple(m.weight.shape) for m in offline.modules() if isinstance(m, nn.Linear)})
+        fitting = [b for b in (8, 16, 32, 64) if any(blocksparse.blocksize_divides(shape, b) for shape in shapes)]
+        raise utils.InputError(f"block size {blocksize} divides no Linear layer of {args.model} (weights "
+                               f"{', '.join('x'.join(map(str, shape)) for shape in shapes)}), so nothing would be "
+                               f"converted; pass a --blocksize (or --sp-linear-tile-size) that divides the layers' "
+                               f"shapes" + (f", e.g. {' or '.join(map(str, fitting))}" if fitting else ""))
     models, notes = {"dense": dense, "online": online, "offline": offline}, {}
     for name in variants:
         if not name.startswith(("torch", "bsr")):
@@ -385,7 +402,7 @@ def run_model(args, plan):
     x = torch.randn(args.batch_size, 3, args.image_size, args.image_size, generator=torch.Generator().manual_seed(args.seed))
     x = x.to(device=plan.device, dtype=plan.dtype)
     fns = {}
-    for name in tqdm(variants, desc="variants", leave=False):
+    for name in tqdm(variants, desc="variants", leave=False, disable=_no_bars()):
         if name in models:
             fns.update(_prepare(name, models[name], args, plan))
     medians, first, outs = time_forwards(fns, x, warmup=args.warmup, iters=args.iters, device=plan.device)
@@ -424,7 +441,7 @@ def run_sweep(args, plan):
     dense = base_model(args)
     rows = []
     grid = [(t, s) for t in plan.sweep_tiles for s in plan.sweep_sparsities]
-    for tile, sparsity in tqdm(grid, desc="sweep", leave=False):
+    for tile, sparsity in tqdm(grid, desc="sweep", leave=False, disable=_no_bars()):
         models, _ = build_variants(args, plan, dense, sparsity, tile, tile, ["dense", "offline", "bsr"])
         fns = {}
         for name in ["dense", "bsr"]:
@@ -477,7 +494,7 @@ def run_layer_sweep(args, plan):
     """--layer with a sweep: dense vs bsr (kernel auto) at every sparsity, tile size and --sweep-tokens count."""
     rows = []
     grid = [(t, s) for t in plan.sweep_tiles for s in plan.sweep_sparsities]
-    for tile, sparsity in tqdm(grid, desc="sweep", leave=False):
+    for tile, sparsity in tqdm(grid, desc="sweep", leave=False, disable=_no_bars()):
         gen = torch.Generator().manual_seed(args.seed)
         dense = _layer_model(args, plan, tile, sparsity, gen)
         bsr = copy.deepcopy(dense)

@@ -31,11 +31,14 @@ def run(main, parser, argv=None, *, interrupted=None):
     An InputError ends the process with its one-line message and exit status 2. With `interrupted` (a function
     returning the message to print), Ctrl-C prints it on rank 0 and exits with 130, the shell's code for SIGINT.
     """
-    args = parser.parse_args(argv)
+    # A mistake is its one line and where to look for the flags, not the whole usage first (51 lines for train.py).
+    parser.error = lambda message: exit_with_error(parser, message)
     try:
-        return main(args)
+        with warnings.catch_warnings():  # restores the warning settings for a caller in the same process
+            _quiet_warnings()
+            return main(parser.parse_args(argv))
     except InputError as e:
-        parser.error(user_error_message(e))
+        exit_with_error(parser, user_error_message(e))
     except KeyboardInterrupt:
         if interrupted is None:
             raise
@@ -45,6 +48,22 @@ def run(main, parser, argv=None, *, interrupted=None):
     finally:
         if utils.is_dist_avail_and_initialized():
             torch.distributed.destroy_process_group()
+
+
+def exit_with_error(parser, message):
+    """Print `prog: error: message` and a pointer to --help, then exit with status 2 (argparse's for a bad flag)."""
+    parser.exit(2, f"{parser.prog}: error: {message}\nTry '{parser.prog} --help' for the flags.\n")
+
+
+def _quiet_warnings():
+    """Warnings as one line each, without their source line, and only from the first process under torchrun."""
+    if os.environ.get("RANK", "0") != "0":  # every rank would repeat rank 0's warnings
+        warnings.simplefilter("ignore")
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        print(f"warning: {message}", file=file or sys.stderr, flush=True)
+
+    warnings.showwarning = show
 
 
 def user_error_message(error):
@@ -88,6 +107,7 @@ def init_distributed_mode(args):
         args.distributed = False
         args.rank = 0
         args.gpu = 0
+        _log_device(args)
         return
     args.distributed = True
     use_cuda = args.device.startswith("cuda")
@@ -98,6 +118,13 @@ def init_distributed_mode(args):
     torch.distributed.init_process_group(backend=backend, init_method=args.dist_url, world_size=args.world_size,
                                          rank=args.rank)
     torch.distributed.barrier()
+    _log_device(args)
+
+
+def _log_device(args):
+    """Say which device the run computes on (among its first lines): --device defaults to what the machine has."""
+    where = "a CUDA device exists" if torch.cuda.is_available() else "no CUDA device found"
+    utils.log(f"Device: {args.device} ({where}; --device picks another)")
 
 
 def process_device(args):
@@ -111,8 +138,25 @@ def process_device(args):
 ##### Flag groups #####
 
 
-def add_data_args(parser):
-    """Add the data set and preprocessing flags (torchvision's names and defaults)."""
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends each flag's default to its help ("off" for a switch, "none" when unset), unless the help states it."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default:" in text or action.default is argparse.SUPPRESS or not action.option_strings:
+            return text
+        default = action.default
+        shown = "off" if default is False else "none" if default is None else \
+            " ".join(map(str, default)) if isinstance(default, (list, tuple)) else default
+        return f"{text} (default: {shown})"
+
+
+def add_data_args(parser, *, sizes_from_checkpoint=False):
+    """Add the data set and preprocessing flags (torchvision's names and defaults).
+
+    With sizes_from_checkpoint (evaluate.py) the evaluation sizes default to None: the script takes them from the
+    checkpoint it evaluates, else torchvision's 256 and 224.
+    """
     group = parser.add_argument_group("data")
     group.add_argument(
         "--data-path",
@@ -133,19 +177,30 @@ def add_data_args(parser):
         "--interpolation", default="bilinear", choices=[mode.value for mode in InterpolationMode],
         help="resize interpolation",
     )
-    group.add_argument("--val-resize-size", default=256, type=int, help="resize size for evaluation")
-    group.add_argument("--val-crop-size", default=224, type=int, help="center-crop size for evaluation")
+    for flag, what, default in (("--val-resize-size", "resize size", 256), ("--val-crop-size", "center-crop size", 224)):
+        if sizes_from_checkpoint:
+            group.add_argument(flag, default=None, type=int, help=f"{what} for evaluation (default: the checkpoint's "
+                               f"{flag}, else {default})")
+        else:
+            group.add_argument(flag, default=default, type=int, help=f"{what} for evaluation")
     group.add_argument(
         "--backend", default="PIL", type=str.lower, choices=presets.BACKENDS, help="image backend: PIL or tensor"
     )
     group.add_argument("--use-v2", action="store_true", help="use torchvision.transforms.v2 for preprocessing")
 
 
-def add_model_args(parser, *, device="cuda"):
-    """Add the model and device flags (torchvision's names and defaults; `device` for --device's)."""
+def default_device():
+    """CUDA where a CUDA device exists, the CPU otherwise (--device's default)."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def add_model_args(parser, *, model="resnet18", model_help=""):
+    """Add the model and device flags (torchvision's names and defaults; `model` for --model's, with `model_help`
+    saying more about it)."""
     group = parser.add_argument_group("model")
     group.add_argument(
-        "--model", default="resnet18", type=str, help="torchvision classification model name, or vit_tiny"
+        "--model", default=model, type=str,
+        help=f"torchvision classification model name, or vit_tiny{model_help}",
     )
     group.add_argument(
         "--weights",
@@ -153,7 +208,9 @@ def add_model_args(parser, *, device="cuda"):
         type=str,
         help="torchvision pretrained weights enum, e.g. ResNet50_Weights.IMAGENET1K_V2",
     )
-    group.add_argument("--device", default=device, type=str, help=f"device: cuda or cpu (default: {device})")
+    group.add_argument("--device", default=default_device(), type=str,
+                       help=f"device: cuda or cpu (default: cuda where a CUDA device exists, else cpu; here "
+                            f"{default_device()})")
 
 
 def add_distributed_args(parser):
@@ -249,13 +306,13 @@ def add_supermask_args(parser):
     group.add_argument(
         "--skip-first-transformer-sparsity",
         action=_StoreTrueGiven,
-        help="keep the first transformer block dense (ViT; default: off; or the checkpoint's, as above)",
+        help="keep the first transformer block dense, in a ViT (default: off; or the checkpoint's, as above)",
     )
     group.add_argument(
         "--weights-path",
         default=None,
         type=str,
-        help="start from this checkpoint's model weights (this project's or the original SuperBlock's; default: none)",
+        help="start from this checkpoint's model weights, this project's or the original SuperBlock's (default: none)",
     )
 
 
@@ -356,6 +413,24 @@ def check_model_name(name):
         models.check_model_name(name)
     except ValueError as e:
         raise InputError(f"--model {e}") from None
+
+
+def vit_patch_size(name):
+    """The patch side of the ViT `name`: vit_tiny's 4, or the number ending a torchvision ViT's name (vit_b_16)."""
+    return 4 if name == "vit_tiny" else int(name.rsplit("_", 1)[-1])
+
+
+def check_image_size(model, size, flag):
+    """Raise InputError when `size` (given by `flag`) is not a multiple of the ViT `model`'s patch size.
+
+    torchvision's VisionTransformer would only refuse it at the first forward, with an AssertionError.
+    """
+    if not models.is_vit(model) or size < 1 or size % vit_patch_size(model) == 0:
+        return
+    patch = vit_patch_size(model)
+    options = [n for n in (size // patch * patch, (size // patch + 1) * patch) if n > 0]
+    raise InputError(f"{flag} {size} is not a multiple of {model}'s patch size {patch}; pass "
+                     f"{' or '.join(map(str, options))}")
 
 
 def build_model(args, *, num_classes, image_size):

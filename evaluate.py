@@ -33,6 +33,7 @@ import utils
 # blocksparse.KERNELS, spelled out: importing blocksparse (torch.library, Triton) costs a second at every start.
 BSR_KERNELS = ("auto", "fused", "bmm", "dense", "torch", "triton")
 INT8_KERNELS = ("auto", "fused", "bmm")  # the kernels apply_bsr runs int8 layers with
+DEFAULT_MODEL, DEFAULT_RESIZE, DEFAULT_CROP = "resnet18", 256, 224  # torchvision's, where no checkpoint says
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,15 +59,47 @@ class Target:
 
 
 def resolve_target(args):
-    """The Target of the flags; loads --weights-path and fills the Supermask flags it knows (InputError if it can't)."""
+    """The Target of the flags; loads --weights-path and fills the Supermask flags, the model and the evaluation
+    sizes it knows (InputError if it can't)."""
     checkpoint = checkpoints.load_checkpoint(args.weights_path) if args.weights_path else None
     if checkpoints.is_compact_file(checkpoint):
-        return Target(**_compact_target(args, checkpoint), checkpoint=checkpoint)
-    # A checkpoint of this project knows the Supermask settings it was trained with: omitted flags take them.
-    cli.resolve_supermask_args(args, checkpoint, source=f"--weights-path {args.weights_path}",
-                               fix="drop the flag to evaluate with the checkpoint's setting")
-    return Target(model=args.model, bsr=args.bsr, sparsify_weights=args.sparsify_weights or bool(args.bsr),
-                  checkpoint=checkpoint, quantize=None if args.quantize in (None, "none") else args.quantize)
+        target = Target(**_compact_target(args, checkpoint), checkpoint=checkpoint)
+    else:
+        # A checkpoint of this project knows the Supermask settings it was trained with: omitted flags take them.
+        cli.resolve_supermask_args(args, checkpoint, source=f"--weights-path {args.weights_path}",
+                                   fix="drop the flag to evaluate with the checkpoint's setting")
+        _resolve_model_and_sizes(args, checkpoint)
+        target = Target(model=args.model, bsr=args.bsr, sparsify_weights=args.sparsify_weights or bool(args.bsr),
+                        checkpoint=checkpoint, quantize=None if args.quantize in (None, "none") else args.quantize)
+    # torchvision's ViT would refuse such images only at the first batch, with an AssertionError.
+    cli.check_image_size(target.model, args.val_crop_size, "--val-crop-size")
+    return target
+
+
+def _resolve_model_and_sizes(args, checkpoint):
+    """Take --model and the evaluation sizes, when left out, from the args a checkpoint of this project stores.
+
+    A --model other than the stored one is an InputError (its weights would not fit), and so is a ViT's
+    --val-crop-size other than the size its position embedding was trained for; a CNN may be evaluated at any size.
+    """
+    stored = checkpoint.get("args") if isinstance(checkpoint, dict) else None
+    stored = stored if isinstance(stored, dict) else {}
+    source = f"--weights-path {args.weights_path}"
+    if args.model is None:
+        args.model = stored.get("model") or DEFAULT_MODEL
+    elif stored.get("model") and args.model != stored["model"]:
+        raise utils.InputError(f"--model {args.model} contradicts {source}, which holds a {stored['model']}; drop "
+                               f"--model to evaluate the checkpoint's")
+    cli.check_model_name(args.model)
+    trained_size = stored.get("val_crop_size")
+    if (args.val_crop_size is not None and trained_size and args.val_crop_size != trained_size
+            and models.is_vit(args.model)):
+        raise utils.InputError(f"--val-crop-size {args.val_crop_size} contradicts {source}, a {args.model} trained "
+                               f"for {trained_size}-pixel images; drop --val-crop-size (and --val-resize-size)")
+    for name, default in (("val_crop_size", DEFAULT_CROP), ("val_resize_size", DEFAULT_RESIZE)):
+        if getattr(args, name) is None:
+            setattr(args, name, stored.get(name) or default)
+
 
 
 def _compact_target(args, checkpoint):
@@ -91,6 +124,15 @@ def _compact_target(args, checkpoint):
         raise utils.InputError(f"--quantize does not apply to compact checkpoint {path}, which says itself whether its "
                                f"layers are int8 (they are{'' if quantize else ' not'}); drop the flag")
     arch = checkpoint["architecture"]
+    if args.model is not None and args.model != arch["model"]:
+        raise utils.InputError(f"--model {args.model} contradicts compact checkpoint {path}, which holds a "
+                               f"{arch['model']}; drop --model")
+    if args.val_crop_size is None:  # the size the file's model was saved for; resized in torchvision's proportion
+        args.val_crop_size = arch["image_size"]
+        if args.val_resize_size is None:
+            args.val_resize_size = round(arch["image_size"] * DEFAULT_RESIZE / DEFAULT_CROP)
+    if args.val_resize_size is None:
+        args.val_resize_size = round(args.val_crop_size * DEFAULT_RESIZE / DEFAULT_CROP)
     if models.is_vit(arch["model"]) and arch["image_size"] != args.val_crop_size:
         raise utils.InputError(f"compact checkpoint {path} holds a {arch['model']} for {arch['image_size']}-pixel "
                                f"images, not --val-crop-size {args.val_crop_size}; pass --val-crop-size "
@@ -129,6 +171,27 @@ def check_quantize(args, target):
 
 
 ##### The model #####
+
+
+def ramp_note(checkpoint, path):
+    """A line saying which sparsity a checkpoint saved during train.py's sparsity ramp is evaluated at, or None.
+
+    train.py raises every layer's sparsity over --sparsity-warmup-epochs per step, reaching the target at the first
+    step after the ramp; the masks follow the sparsity, which the checkpoint does not store (only the epoch and the
+    flags, not how many steps an epoch had), so an epoch inside the ramp cannot be evaluated at the sparsity
+    training evaluated it at. It is evaluated at the targets, the sparsity of every checkpoint after the ramp.
+    """
+    stored = checkpoint.get("args") if isinstance(checkpoint, dict) else None
+    if not isinstance(stored, dict) or not isinstance(checkpoint.get("epoch"), int):
+        return None
+    ramp_epochs = stored.get("sparsity_warmup_epochs") or 0
+    if checkpoint["epoch"] >= ramp_epochs or stored.get("sparsity_schedule") == "constant":
+        return None
+    return (f"Sparsity: {path} was saved after epoch {checkpoint['epoch']} of its {ramp_epochs}-epoch sparsity ramp "
+            f"(--sparsity-warmup-epochs {ramp_epochs}), when training's masks were still below their targets; the "
+            f"checkpoint does not record how far the ramp had come, so it is evaluated at the target sparsities "
+            f"(those of the run's checkpoints after the ramp), and its accuracy differs from the one training logged "
+            f"for that epoch")
 
 
 def load_weights(model, args, checkpoint):
@@ -245,7 +308,8 @@ def check_args(args):
     if args.save_compact and not args.bsr:
         raise utils.InputError("--save-compact stores block-sparse layers: add --bsr N (e.g. the tile size of the "
                                "masks)")
-    cli.check_model_name(args.model)
+    if args.model is not None:
+        cli.check_model_name(args.model)
     cli.check_weights_path(args.weights_path)
 
 
@@ -268,6 +332,9 @@ def main(args):
         pin_memory=device.type == "cuda")
     num_classes = len(dataset.classes)
     model, bsr = prepare_model(args, target, num_classes=num_classes)
+    note = None if target.compact else ramp_note(target.checkpoint, args.weights_path)
+    if note:
+        utils.log(note)
     utils.log(supermask.sparsity_report(model))
     if bsr is not None:
         utils.log(bsr)
@@ -290,7 +357,7 @@ def main(args):
         "images_per_s": timed_images / timed_seconds if timed_seconds > 0 else float("nan"),
         "timed_batches": len(times), "timed_images": timed_images,
         "peak_memory_mb": evaluation.peak_memory_mb(device),
-        "mode": mode, "quantize": target.quantize,
+        "mode": mode, "quantize": target.quantize, "sparsity_note": note,
         "bsr_converted": {name: kernel for name, kernel, _ in bsr.converted} if bsr else {},
         "bsr_dense": dict(bsr.left_dense) if bsr else {},
         "config": {
@@ -316,9 +383,10 @@ def _is_plain(value):
 
 def get_args_parser(add_help=True):
     parser = argparse.ArgumentParser(description="SuperBlock evaluation: accuracy and speed of a sparse model",
-                                     add_help=add_help)
-    cli.add_data_args(parser)
-    cli.add_model_args(parser)
+                                     add_help=add_help, formatter_class=cli.HelpFormatter)
+    cli.add_data_args(parser, sizes_from_checkpoint=True)
+    cli.add_model_args(parser, model=None, model_help=f" (default: the model of the --weights-path checkpoint, else "
+                                                      f"{DEFAULT_MODEL})")
     cli.add_supermask_args(parser)
     cli.add_distributed_args(parser)
     group = parser.add_argument_group("evaluation")

@@ -53,7 +53,7 @@ def test_device_defaults_to_what_the_machine_has():
     parser = benchmark.get_args_parser()
     expected = "cuda" if torch.cuda.is_available() else "cpu"
     assert parser.parse_args([]).device == expected
-    assert f"(default: {expected})" in parser.format_help()
+    assert f"here {expected})" in " ".join(parser.format_help().split())
 
 
 def test_output_check_catches_a_wrong_output():
@@ -120,14 +120,61 @@ def test_rejects_bad_flags_with_a_clear_message(argv, message):
         benchmark.main(args)
 
 
+def benchmark_script(argv, **env):
+    """Run `python benchmark.py ARGV` as a user does, its stderr a pipe (not a terminal), warnings shown."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **env}
+    env.pop("PYTHONWARNINGS", None)
+    return subprocess.run([sys.executable, "benchmark.py", *argv], cwd=ROOT, capture_output=True, text=True, env=env,
+                          timeout=300)
+
+
+def error_lines(stderr):
+    """The lines of an error exit: the error and the pointer to --help, nothing else of ours (no usage)."""
+    return [line for line in stderr.strip().splitlines() if not line.startswith("W")]  # torch's own CUDA notice
+
+
 def test_bad_flag_exits_2_with_one_line():
-    proc = subprocess.run([sys.executable, "benchmark.py", "--layer", "64by128", "--device", "cpu"], cwd=ROOT, capture_output=True,
-                          text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = benchmark_script(["--layer", "64by128", "--device", "cpu"])
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines()[-1] == ("benchmark.py: error: --layer '64by128' must be INxOUT (one "
-                                                    "Linear, e.g. 768x3072) or INxHIDDENxOUT (an MLP pair, e.g. "
-                                                    "768x3072x768)")
+    assert error_lines(proc.stderr) == [
+        "benchmark.py: error: --layer '64by128' must be INxOUT (one Linear, e.g. 768x3072) or INxHIDDENxOUT (an MLP "
+        "pair, e.g. 768x3072x768)", "Try 'benchmark.py --help' for the flags."], proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_malformed_flag_is_its_error_and_a_pointer_to_help_without_the_usage():
+    proc = benchmark_script(["--iters", "x"])
+    assert proc.returncode == 2
+    assert "usage:" not in proc.stderr, proc.stderr
+    assert error_lines(proc.stderr) == ["benchmark.py: error: argument --iters: invalid int value: 'x'",
+                                        "Try 'benchmark.py --help' for the flags."], proc.stderr
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--model", "vit_tiny", "--image-size", "30", "--sparsity-linear", "0.9", "--sp-linear-tile-size", "16"],
+     "--image-size 30 is not a multiple of vit_tiny's patch size 4; pass 28 or 32"),
+    (["--smoke", "--blocksize", "24"], "block size 24 divides no Linear layer of vit_tiny"),
+], ids=["image-size-off-the-patch-grid", "blocksize-dividing-no-layer"])
+def test_settings_that_cannot_run_are_refused_with_one_line(argv, message):
+    proc = benchmark_script([*argv, "--device", "cpu"])
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr and "ms" not in proc.stdout.split("\n")[-2:], proc.stdout
+    errors = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and message in errors[0], proc.stderr
+
+
+def test_a_log_gets_one_line_warnings_and_no_progress_bars_and_other_ranks_stay_quiet():
+    # Tile 32 on vit_tiny's 10-class head: "sparsity 0.9 is above the maximum ..." warns.
+    argv = ["--smoke", "--device", "cpu", "--iters", "1", "--baselines", "dense", "--kernels", "bmm"]
+    proc = benchmark_script(argv)
+    assert proc.returncode == 0, proc.stderr
+    warned = [line for line in proc.stderr.splitlines() if "above the maximum" in line]
+    assert warned and all(line.startswith("warning: sparsity 0.9") for line in warned), proc.stderr
+    assert "UserWarning" not in proc.stderr and "warnings.warn" not in proc.stderr, proc.stderr
+    assert "timing rounds" not in proc.stderr and "variants" not in proc.stderr, "a progress bar in a log"
+    other_rank = benchmark_script(argv, RANK="1", WORLD_SIZE="2")
+    assert other_rank.returncode == 0, other_rank.stderr
+    assert "above the maximum" not in other_rank.stderr, other_rank.stderr
 
 
 @pytest.mark.parametrize("rewarm", [False, True])

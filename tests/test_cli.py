@@ -1,5 +1,6 @@
 """cli.py: the one __main__ of the scripts, and the library's independence from it."""
 import argparse
+import re
 import subprocess
 import sys
 
@@ -28,7 +29,59 @@ def test_input_error_exits_2_with_its_one_line(capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli.run(main, parser(), ["--fail", "x"])
     assert exit_info.value.code == 2
-    assert capsys.readouterr().err.strip().splitlines()[-1] == "script.py: error: --fail x is wrong; pass another"
+    assert capsys.readouterr().err.strip().splitlines() == ["script.py: error: --fail x is wrong; pass another",
+                                                            "Try 'script.py --help' for the flags."]
+
+
+def test_a_malformed_flag_is_its_error_and_a_pointer_to_help_not_the_usage(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.run(lambda args: None, parser(), ["--no-such-flag"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines() == ["script.py: error: unrecognized arguments: --no-such-flag",
+                                                            "Try 'script.py --help' for the flags."]
+
+
+@pytest.mark.parametrize("model,size,expected", [
+    ("vit_tiny", 18, "--train-crop-size 18 is not a multiple of vit_tiny's patch size 4; pass 16 or 20"),
+    ("vit_b_16", 30, "--train-crop-size 30 is not a multiple of vit_b_16's patch size 16; pass 16 or 32"),
+    ("vit_h_14", 10, "--train-crop-size 10 is not a multiple of vit_h_14's patch size 14; pass 14"),
+    ("vit_tiny", 16, None), ("vit_b_32", 224, None), ("resnet18", 18, None),
+])
+def test_vit_image_size_must_be_a_multiple_of_its_patch_size(model, size, expected):
+    if expected is None:
+        cli.check_image_size(model, size, "--train-crop-size")
+        return
+    with pytest.raises(utils.InputError) as error:
+        cli.check_image_size(model, size, "--train-crop-size")
+    assert str(error.value) == expected
+
+
+def flag_helps(parser):
+    """Each flag's entry in the parser's help, on one line ("--flag METAVAR help text")."""
+    entries = re.split(r"\n  (?=-)", parser.format_help().split("\noptions:", 1)[1])[1:]
+    return [" ".join(entry.split("\n\n")[0].split()) for entry in entries]
+
+
+def test_help_states_each_default_once():
+    import benchmark
+    import evaluate
+
+    parser = argparse.ArgumentParser(formatter_class=cli.HelpFormatter)
+    cli.add_data_args(parser)
+    cli.add_model_args(parser)
+    cli.add_supermask_args(parser)
+    for script_parser in (evaluate.get_args_parser(), benchmark.get_args_parser(), parser):
+        for entry in flag_helps(script_parser):
+            if entry.startswith("-h, --help"):
+                continue
+            assert entry.count("default:") == 1, entry  # each states its default, once
+            assert "(default: False)" not in entry and "(default: None)" not in entry, entry
+
+
+def test_device_defaults_to_cuda_where_it_exists_else_the_cpu():
+    parser = argparse.ArgumentParser()
+    cli.add_model_args(parser)
+    assert parser.parse_args([]).device == ("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def test_ctrl_c_prints_the_scripts_message_and_exits_130(capsys):
@@ -78,3 +131,15 @@ def test_the_library_imports_no_script_and_no_command_line_layer():
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_train_refuses_a_vit_crop_off_the_patch_grid_before_any_work(tmp_path):
+    argv = ["train.py", "--model", "vit_tiny", "--device", "cpu", "--train-crop-size", "18", "--val-crop-size", "18",
+            "--data-path", str(tmp_path / "no-data"), "--output-dir", str(tmp_path / "out")]
+    proc = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr and "usage:" not in proc.stderr, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert errors == ["train.py: error: --train-crop-size 18 is not a multiple of vit_tiny's patch size 4; pass 16 "
+                      "or 20"], proc.stderr
+    assert not (tmp_path / "out").exists(), "work started before the refusal"

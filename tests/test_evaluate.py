@@ -18,6 +18,13 @@ MODEL = ["--model", "vit_tiny", "--device", "cpu", "-j", "0", *SIZE]
 SPARSE = ["--sparsity-linear", "0.75", "--sp-linear-tile-size", "16"]
 
 
+def error_line(stderr):
+    """The one error line of a refused run (the pointer to --help follows it)."""
+    lines = [line for line in stderr.splitlines() if "error:" in line]
+    assert len(lines) == 1, stderr
+    return lines[0]
+
+
 def accuracy(stdout):
     lines = re.findall(r"^Acc@1 ([\d.]+) Acc@5 ([\d.]+)$", stdout, flags=re.MULTILINE)
     assert len(lines) == 1, f"expected one accuracy line:\n{stdout}"
@@ -221,7 +228,7 @@ def test_int8_compact_file_refuses_quantize_flags(data, int8_compact_file):
         result = run_in_process("evaluate.py", ["--data-path", data, "--device", "cpu", "-j", "0", *SIZE, "-b", "4",
                                                 "--weights-path", int8_compact_file, "--quantize", value])
         assert result.returncode == 2, result.stderr
-        assert result.stderr.strip().splitlines()[-1] == (
+        assert error_line(result.stderr) == (
             f"evaluate.py: error: --quantize does not apply to compact checkpoint {int8_compact_file}, which says "
             f"itself whether its layers are int8 (they are); drop the flag")
 
@@ -231,7 +238,7 @@ def test_int8_compact_file_runs_its_reference_kernel_anywhere(data, int8_compact
     argv = ["--data-path", data, "--device", "cpu", "-j", "0", *SIZE, "-b", "4", "--weights-path", int8_compact_file]
     hidden = run_in_process("evaluate.py", argv)
     assert hidden.returncode == 2 and "Traceback" not in hidden.stderr, hidden.stderr
-    last = hidden.stderr.strip().splitlines()[-1]
+    last = error_line(hidden.stderr)
     assert last.startswith(f"evaluate.py: error: compact checkpoint {int8_compact_file} (int8 layers) needs the int8 "
                            f"CPU kernels, which cannot run here: they need AMX (amx_int8) or AVX-512 VNNI"), last
     assert last.endswith("; pass --bsr-kernel bmm for the pure-PyTorch reference (slow)"), last
@@ -247,7 +254,7 @@ def test_quantize_on_a_cpu_without_the_int8_kernels_is_one_line_naming_the_instr
                          checkpoint[0], "--bsr", "16", "--quantize", "int8"])
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr, result.stderr
-    last = result.stderr.strip().splitlines()[-1]
+    last = error_line(result.stderr)
     assert last.startswith("evaluate.py: error: --quantize int8 needs the int8 CPU kernels, which cannot run here: "
                            "they need AMX (amx_int8) or AVX-512 VNNI (avx512_vnni);"), last
     assert "AVX-512 VNNI (avx512_vnni)" in last.partition("; ")[2], "the line names what the CPU lacks or hides"
@@ -336,7 +343,23 @@ def _save_compact_without_bsr(checkpoint, tmp_path):
 
 
 def _another_image_size(checkpoint, tmp_path):
-    return ["--weights-path", checkpoint, "--val-crop-size", "24"], "was it written for another image size?"
+    return ["--weights-path", _without_stored_args(checkpoint, tmp_path), "--val-crop-size", "24"], \
+        "was it written for another image size?"
+
+
+def _image_size_contradicting_the_checkpoint(checkpoint, tmp_path):
+    return ["--weights-path", checkpoint, "--val-crop-size", "24"], \
+        "--val-crop-size 24 contradicts --weights-path"
+
+
+def _image_size_off_the_patch_grid(checkpoint, tmp_path):
+    return ["--weights-path", _without_stored_args(checkpoint, tmp_path), "--val-crop-size", "18"], \
+        "--val-crop-size 18 is not a multiple of vit_tiny's patch size 4; pass 16 or 20"
+
+
+def _model_contradicting_the_checkpoint(checkpoint, tmp_path):
+    return ["--weights-path", checkpoint, "--model", "vit_b_16"], \
+        "--model vit_b_16 contradicts --weights-path"
 
 
 def _compact_of_a_newer_format(checkpoint, tmp_path):
@@ -426,7 +449,8 @@ BAD_INPUTS = [_output_json_through_a_file, _save_compact_through_a_file, _plot_m
               _sparsity_contradicting_the_checkpoint, _tile_size_contradicting_the_checkpoint,
               _skip_flag_contradicting_the_checkpoint, _flipped_byte, _bsr_without_weights,
               _tile_size_leaving_one_tile_per_layer, _quantize_without_bsr, _quantize_with_blocks_of_8,
-              _quantize_with_the_torch_kernel, _unknown_quantize]
+              _quantize_with_the_torch_kernel, _unknown_quantize, _image_size_contradicting_the_checkpoint,
+              _image_size_off_the_patch_grid, _model_contradicting_the_checkpoint]
 
 
 @pytest.mark.parametrize("case", BAD_INPUTS, ids=lambda f: f.__name__.strip("_"))
@@ -439,6 +463,7 @@ def test_bad_input_exits_2_with_one_error_line(case, data, checkpoint, tmp_path)
     assert status == 2, stderr
     error_lines = [line for line in stderr.splitlines() if "error:" in line]
     assert len(error_lines) == 1 and expected in error_lines[0], stderr
+    assert "usage:" not in stderr, "the error drowns in the usage"
     assert "Traceback" not in stderr and "weights_only" not in stderr, stderr  # never advise full unpickling
     assert "Acc@1" not in stdout, "the error came after the evaluation"
     assert torch.is_grad_enabled(), "evaluate.py switched autograd off for the whole process"
@@ -453,6 +478,41 @@ def test_checkpoint_of_this_project_evaluates_without_sparsity_flags(data, check
     assert accuracy(bare.stdout) == accuracy(evaluate(data, checkpoint[0]).stdout)
     flags = json.load(open(json_path))["config"]["flags"]
     assert (flags["sparsity_linear"], flags["sp_linear_tile_size"]) == (0.75, 16), flags
+
+
+def test_model_and_image_size_come_from_the_checkpoint_when_left_out(data, checkpoint):
+    # No --model, --val-crop-size or --val-resize-size: the checkpoint's stored args hold them.
+    bare = run_in_process("evaluate.py", ["--data-path", data, "--device", "cpu", "-j", "0", "-b", "4",
+                                          "--weights-path", checkpoint[0]])
+    assert_ok(bare)
+    assert accuracy(bare.stdout) == accuracy(evaluate(data, checkpoint[0]).stdout)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the default on a machine without CUDA")
+def test_device_defaults_to_the_cpu_without_cuda_and_says_so(data, checkpoint):
+    run = run_in_process("evaluate.py", ["--data-path", data, *[f for f in MODEL if f not in ("--device", "cpu")],
+                                         "-b", "4", "--weights-path", checkpoint[0]])
+    assert_ok(run)
+    assert run.stdout.splitlines()[0] == "Device: cpu (no CUDA device found; --device picks another)", run.stdout
+
+
+def test_checkpoint_from_inside_a_sparsity_ramp_says_which_sparsity_it_is_evaluated_at(data, checkpoint, tmp_path):
+    import checkpoints
+
+    state = checkpoints.load_checkpoint(checkpoint[0])
+    state["epoch"] = 0
+    state["args"] = {**state["args"], "sparsity_warmup_epochs": 2, "sparsity_schedule": "cubic"}
+    mid_ramp = str(tmp_path / "model_0.pth")
+    checkpoints.save_checkpoint(state, mid_ramp)
+    json_path = str(tmp_path / "result.json")
+    run = evaluate(data, mid_ramp, "--output-json", json_path)
+    said = [line for line in run.stdout.splitlines() if line.startswith("Sparsity:")]
+    assert len(said) == 1 and "after epoch 0 of its 2-epoch sparsity ramp" in said[0], run.stdout
+    assert "evaluated at the target sparsities" in said[0], said
+    assert json.load(open(json_path))["sparsity_note"] == said[0]
+    after_ramp = run_in_process("evaluate.py", ["--data-path", data, *MODEL, "-b", "4", "--weights-path",
+                                                checkpoint[0]])
+    assert "Sparsity:" not in after_ramp.stdout, "a checkpoint after the ramp (or without one) needs no note"
 
 
 def test_attention_sparsity_end_to_end_through_train_and_evaluate(data, tmp_path):
