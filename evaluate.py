@@ -173,14 +173,32 @@ def check_quantize(args, target):
 ##### The model #####
 
 
+# The checkpoint entry holding the fraction of the target sparsities the masks applied when it was saved (below 1
+# inside train.py's sparsity ramp). train.py does not write it yet; where it is missing, ramp_note says what is used.
+RAMP_FRACTION_KEY = "sparsity_fraction"
+
+
+def ramp_fraction(checkpoint):
+    """The fraction of the target sparsities a checkpoint's masks applied when it was saved, or None if it does not say."""
+    value = checkpoint.get(RAMP_FRACTION_KEY) if isinstance(checkpoint, dict) else None
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 <= value <= 1.0:
+        return float(value)
+    return None
+
+
 def ramp_note(checkpoint, path):
     """A line saying which sparsity a checkpoint saved during train.py's sparsity ramp is evaluated at, or None.
 
     train.py raises every layer's sparsity over --sparsity-warmup-epochs per step, reaching the target at the first
-    step after the ramp; the masks follow the sparsity, which the checkpoint does not store (only the epoch and the
-    flags, not how many steps an epoch had), so an epoch inside the ramp cannot be evaluated at the sparsity
-    training evaluated it at. It is evaluated at the targets, the sparsity of every checkpoint after the ramp.
+    step after the ramp. A checkpoint that records the fraction of the targets its masks applied is evaluated
+    there, as training evaluated it. One that does not (only the epoch and the flags, not how many steps an epoch
+    had) cannot be: it is evaluated at the targets, the sparsity of every checkpoint after the ramp.
     """
+    fraction = ramp_fraction(checkpoint)
+    if fraction is not None:
+        return None if fraction == 1.0 else (
+            f"Sparsity: {path} was saved inside its sparsity ramp, its masks at {fraction:.3f} of the target "
+            f"sparsities; evaluated there, as training evaluated it")
     stored = checkpoint.get("args") if isinstance(checkpoint, dict) else None
     if not isinstance(stored, dict) or not isinstance(checkpoint.get("epoch"), int):
         return None
@@ -228,6 +246,8 @@ def prepare_model(args, target, *, num_classes):
     cli.apply_supermask_flags(model, args)
     if target.checkpoint is not None:
         load_weights(model, args, target.checkpoint)
+        if ramp_fraction(target.checkpoint) is not None:  # the sparsity the masks had when it was saved
+            supermask.set_sparsity_fraction(model, ramp_fraction(target.checkpoint))
     model.eval()
     plot_masks(model, args, target)  # the masks as learned, before block-sparse packing reorders anything
     if target.sparsify_weights:
@@ -239,8 +259,10 @@ def prepare_model(args, target, *, num_classes):
 
         bsr = blocksparse.apply_bsr(model, blocksize=target.bsr, kernel=args.bsr_kernel, quantize=target.quantize)
         if not bsr.converted:
-            raise utils.InputError(f"--bsr {target.bsr} converted no layer ({bsr.skipped_summary()}); use a block "
-                                   f"size that divides the layers' shapes, e.g. the tile size of the masks")
+            divides = any("not divisible by blocksize" not in reason for _, reason in bsr.left_dense)
+            fix = ("no layer is sparse enough for block-sparse kernels to gain: evaluate it without --bsr" if divides
+                   else "use a block size that divides the layers' shapes, e.g. the tile size of the masks")
+            raise utils.InputError(f"--bsr {target.bsr} converted no layer ({bsr.skipped_summary()}); {fix}")
     return model, bsr
 
 

@@ -515,6 +515,26 @@ def test_checkpoint_from_inside_a_sparsity_ramp_says_which_sparsity_it_is_evalua
     assert "Sparsity:" not in after_ramp.stdout, "a checkpoint after the ramp (or without one) needs no note"
 
 
+def test_checkpoint_recording_its_ramp_fraction_is_evaluated_at_that_sparsity(data, checkpoint, tmp_path):
+    import checkpoints
+
+    state = checkpoints.load_checkpoint(checkpoint[0])
+    state["epoch"] = 0
+    state["args"] = {**state["args"], "sparsity_warmup_epochs": 2, "sparsity_schedule": "cubic"}
+    state["sparsity_fraction"] = 0.5
+    mid_ramp = str(tmp_path / "model_0.pth")
+    checkpoints.save_checkpoint(state, mid_ramp)
+    run = evaluate(data, mid_ramp)
+    said = [line for line in run.stdout.splitlines() if line.startswith("Sparsity:")]
+    assert len(said) == 1 and "its masks at 0.500 of the target sparsities; evaluated there" in said[0], run.stdout
+    # Half of the target 0.75: the MLP Linears (512x128, 128 tiles of 16x16) keep 80 of their 128 tiles.
+    assert re.search(r"mlp\.0 +\S+ +512x128 .*0\.375", run.stdout), run.stdout
+    # At 0.375 no MLP Linear reaches apply_bsr's min_sparsity 0.5: --bsr says so, not that the block size is wrong.
+    refused = run_in_process("evaluate.py", ["--data-path", data, *MODEL, "-b", "4", "--weights-path", mid_ramp,
+                                             "--bsr", "16"])
+    assert refused.returncode == 2 and "no layer is sparse enough" in error_line(refused.stderr), refused.stderr
+
+
 def test_attention_sparsity_end_to_end_through_train_and_evaluate(data, tmp_path):
     flags = [*SPARSE, "--sparsity-attention", "0.75", "--sp-attention-tile-size", "16"]
     out = str(tmp_path / "attention")
