@@ -1,7 +1,7 @@
 """The command-line layer of train.py, evaluate.py and benchmark.py: one __main__, flag groups, output paths.
 
 Each script's `main(args)` checks its own flags and raises utils.InputError for a mistake; `run` turns that into
-one line and exit status 2, as argparse does for a malformed flag.
+one line (and a pointer to --help) with exit status 2, as it does argparse's errors for a malformed flag.
 """
 import argparse
 import contextlib
@@ -28,7 +28,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 def run(main, parser, argv=None, *, interrupted=None):
     """Parse `argv` (the command line when None), call main(args) and return its result.
 
-    An InputError ends the process with its one-line message and exit status 2. With `interrupted` (a function
+    An InputError ends the process with its one-line message and exit status 2, as a malformed flag does (without
+    argparse's usage); warnings print as one line each, on rank 0 only. With `interrupted` (a function
     returning the message to print), Ctrl-C prints it on rank 0 and exits with 130, the shell's code for SIGINT.
     """
     # A mistake is its one line and where to look for the flags, not the whole usage first (51 lines for train.py).
