@@ -52,6 +52,14 @@ def _build_name() -> str:
     return f"superblock_fused_{digest.hexdigest()[:16]}"
 
 
+def _will_compile(cpp_extension, name: str) -> bool:
+    try:
+        folder = cpp_extension._get_build_directory(name, verbose=False)
+    except Exception:  # a private helper of torch's: where it is gone or changed, no notice rather than no kernel
+        return False
+    return not os.path.exists(os.path.join(folder, f"{name}.so"))
+
+
 def _build() -> None:
     # cpp_extension logs a CUDA_HOME notice on import that has nothing to do with a CPU build.
     logger = logging.getLogger("torch.utils.cpp_extension")
@@ -63,7 +71,7 @@ def _build() -> None:
         name = _build_name()
         # cpp_extension compiles when its build folder holds no library of this name, and loads it otherwise; the
         # compile takes seconds in silence, so say so (once: later processes load the cached library).
-        if not os.path.exists(os.path.join(cpp_extension._get_build_directory(name, verbose=False), f"{name}.so")):
+        if _will_compile(cpp_extension, name):
             print("Building the fused block-sparse CPU kernel (csrc/, once per source, torch version and CPU; about "
                   "10 s)...", file=sys.stderr, flush=True)
         cpp_extension.load(
