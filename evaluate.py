@@ -173,45 +173,6 @@ def check_quantize(args, target):
 ##### The model #####
 
 
-# The checkpoint entry holding the fraction of the target sparsities the masks applied when it was saved (below 1
-# inside train.py's sparsity ramp). train.py does not write it yet; where it is missing, ramp_note says what is used.
-RAMP_FRACTION_KEY = "sparsity_fraction"
-
-
-def ramp_fraction(checkpoint):
-    """The fraction of the target sparsities a checkpoint's masks applied when it was saved, or None if it does not say."""
-    value = checkpoint.get(RAMP_FRACTION_KEY) if isinstance(checkpoint, dict) else None
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 <= value <= 1.0:
-        return float(value)
-    return None
-
-
-def ramp_note(checkpoint, path):
-    """A line saying which sparsity a checkpoint saved during train.py's sparsity ramp is evaluated at, or None.
-
-    train.py raises every layer's sparsity over --sparsity-warmup-epochs per step, reaching the target at the first
-    step after the ramp. A checkpoint that records the fraction of the targets its masks applied is evaluated
-    there, as training evaluated it. One that does not (only the epoch and the flags, not how many steps an epoch
-    had) cannot be: it is evaluated at the targets, the sparsity of every checkpoint after the ramp.
-    """
-    fraction = ramp_fraction(checkpoint)
-    if fraction is not None:
-        return None if fraction == 1.0 else (
-            f"Sparsity: {path} was saved inside its sparsity ramp, its masks at {fraction:.3f} of the target "
-            f"sparsities; evaluated there, as training evaluated it")
-    stored = checkpoint.get("args") if isinstance(checkpoint, dict) else None
-    if not isinstance(stored, dict) or not isinstance(checkpoint.get("epoch"), int):
-        return None
-    ramp_epochs = stored.get("sparsity_warmup_epochs") or 0
-    if checkpoint["epoch"] >= ramp_epochs or stored.get("sparsity_schedule") == "constant":
-        return None
-    return (f"Sparsity: {path} was saved after epoch {checkpoint['epoch']} of its {ramp_epochs}-epoch sparsity ramp "
-            f"(--sparsity-warmup-epochs {ramp_epochs}), when training's masks were still below their targets; the "
-            f"checkpoint does not record how far the ramp had come, so it is evaluated at the target sparsities "
-            f"(those of the run's checkpoints after the ramp), and its accuracy differs from the one training logged "
-            f"for that epoch")
-
-
 def load_weights(model, args, checkpoint):
     """Load --weights-path (`checkpoint`, loaded) into the Supermask-prepared model; mistakes are InputErrors."""
     if args.model_ema:
@@ -246,8 +207,9 @@ def prepare_model(args, target, *, num_classes):
     cli.apply_supermask_flags(model, args)
     if target.checkpoint is not None:
         load_weights(model, args, target.checkpoint)
-        if ramp_fraction(target.checkpoint) is not None:  # the sparsity the masks had when it was saved
-            supermask.set_sparsity_fraction(model, ramp_fraction(target.checkpoint))
+        fraction = evaluation.ramp_fraction(target.checkpoint)
+        if fraction is not None:  # the sparsity the masks had when it was saved
+            supermask.set_sparsity_fraction(model, fraction)
     model.eval()
     plot_masks(model, args, target)  # the masks as learned, before block-sparse packing reorders anything
     if target.sparsify_weights:
@@ -354,7 +316,7 @@ def main(args):
         pin_memory=device.type == "cuda")
     num_classes = len(dataset.classes)
     model, bsr = prepare_model(args, target, num_classes=num_classes)
-    note = None if target.compact else ramp_note(target.checkpoint, args.weights_path)
+    note = None if target.compact else evaluation.ramp_note(target.checkpoint, args.weights_path)
     if note:
         utils.log(note)
     utils.log(supermask.sparsity_report(model))

@@ -44,6 +44,50 @@ def evaluate(model, data_loader, *, device, num_classes, dtype=torch.float32, au
     return 100.0 * counts[0] / counts[2], 100.0 * counts[1] / counts[2], times
 
 
+##### Checkpoints saved inside a sparsity ramp #####
+
+
+# The checkpoint entry holding the fraction of the target sparsities the masks applied when it was saved (below 1
+# inside train.py's sparsity ramp, 1 after it). Checkpoints written before train.py stored it lack it; there
+# ramp_note says which sparsity is used.
+RAMP_FRACTION_KEY = "sparsity_fraction"
+
+
+def ramp_fraction(checkpoint):
+    """The fraction of the target sparsities a checkpoint's masks applied when it was saved, or None if it does not say."""
+    value = checkpoint.get(RAMP_FRACTION_KEY) if isinstance(checkpoint, dict) else None
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 <= value <= 1.0:
+        return float(value)
+    return None
+
+
+def ramp_note(checkpoint, path):
+    """A line saying which sparsity a checkpoint saved during train.py's sparsity ramp is evaluated at, or None.
+
+    train.py raises every layer's sparsity over --sparsity-warmup-epochs per step, reaching the target at the ramp's
+    last step. A checkpoint that records the fraction of the targets its masks applied is evaluated there, as
+    training evaluated it. One that does not (written before train.py stored the fraction; then the ramp reached
+    the target only at the first step after it, so its last epoch was below the target too) cannot be: it is
+    evaluated at the targets, the sparsity of every checkpoint after the ramp.
+    """
+    fraction = ramp_fraction(checkpoint)
+    if fraction is not None:
+        return None if fraction == 1.0 else (
+            f"Sparsity: {path} was saved inside its sparsity ramp, its masks at {fraction:.3f} of the target "
+            f"sparsities; evaluated there, as training evaluated it")
+    stored = checkpoint.get("args") if isinstance(checkpoint, dict) else None
+    if not isinstance(stored, dict) or not isinstance(checkpoint.get("epoch"), int):
+        return None
+    ramp_epochs = stored.get("sparsity_warmup_epochs") or 0
+    if checkpoint["epoch"] >= ramp_epochs or stored.get("sparsity_schedule") == "constant":
+        return None
+    return (f"Sparsity: {path} was saved after epoch {checkpoint['epoch']} of its {ramp_epochs}-epoch sparsity ramp "
+            f"(--sparsity-warmup-epochs {ramp_epochs}), when training's masks were still below their targets; the "
+            f"checkpoint does not record how far the ramp had come, so it is evaluated at the target sparsities "
+            f"(those of the run's checkpoints after the ramp), and its accuracy differs from the one training logged "
+            f"for that epoch")
+
+
 def peak_memory_mb(device):
     """Peak memory of this process: allocated on the GPU, or resident set size on the CPU."""
     if device.type == "cuda":

@@ -103,9 +103,9 @@ def train_one_epoch(*, model, criterion, optimizer, data_loader, device, epoch, 
         image = image.to(device, non_blocking=True)
         target = target.to(device, non_blocking=True)
         step = epoch * steps + i
-        if step <= ramp_steps:
+        if step < ramp_steps:
             # The ramp sets integer buffers in place: no host sync, no recompilation; after it, the targets hold.
-            fraction = supermask.sparsity_schedule(args.sparsity_schedule, step, ramp_steps)
+            fraction = ramp_fraction(args, step, ramp_steps)
             for module in (model, model_ema):
                 if module is not None:
                     supermask.set_sparsity_fraction(module, fraction)
@@ -156,6 +156,15 @@ def train_one_epoch(*, model, criterion, optimizer, data_loader, device, epoch, 
     progress.close()
     mean_loss = (loss_sum / max(steps, 1)).item()
     return mean_loss, images_seen / max(time.time() - start, 1e-9)
+
+
+def ramp_fraction(args, step, ramp_steps):
+    """The fraction of the target sparsities that step `step` (0-based) of a `ramp_steps`-step ramp trains at.
+
+    Counted from the step's end, so the ramp's last step (that of epoch --sparsity-warmup-epochs - 1) and that
+    epoch's evaluation and checkpoint are at the targets; 1 after the ramp.
+    """
+    return supermask.sparsity_schedule(args.sparsity_schedule, step + 1, ramp_steps)
 
 
 ##### Setup #####
@@ -577,6 +586,11 @@ def run_training(args):
     image_size = args.val_crop_size if args.test_only else args.train_crop_size
     model = cli.build_model(args, num_classes=num_classes, image_size=image_size)
     start_state = checkpoints.model_state_dict(start_checkpoint) if start_checkpoint is not None else None
+    if args.test_only:
+        # A checkpoint saved inside a sparsity ramp is evaluated at the sparsity training evaluated it at.
+        tested, tested_path = (resume_checkpoint, resume_path) if resume_path else (start_checkpoint, args.weights_path)
+        test_fraction = evaluation.ramp_fraction(tested)
+        test_note = evaluation.ramp_note(tested, tested_path)
     start_checkpoint = None  # not held in memory for the whole run
     starts_dense = bool(args.weights) or (start_state is not None and not any(k.endswith(".scores") for k in start_state))
     if starts_dense and start_state is not None:
@@ -642,6 +656,12 @@ def run_training(args):
         args.start_epoch = checkpoint["epoch"] + 1
         utils.log(f"Resumed from {resume_path} (epoch {checkpoint['epoch']})")
 
+    if args.test_only and test_fraction is not None:
+        for module in (model_without_ddp, model_ema):
+            if module is not None:
+                supermask.set_sparsity_fraction(module, test_fraction)
+    if args.test_only and test_note:
+        utils.log(test_note)
     utils.log(str(supermask.sparsity_report(model_without_ddp)))
 
     # Evaluate the unwrapped model: DDP's forward would sync buffers across ranks, and the ranks' validation
@@ -662,6 +682,7 @@ def run_training(args):
 
     utils.log("Start training")
     start_time = time.time()
+    steps = len(data_loader)
     for epoch in range(args.start_epoch, args.epochs):
         train_sampler.set_epoch(epoch)
         # Workers seed their augmentation from this generator: a fixed stream per (seed, epoch, rank).
@@ -698,6 +719,9 @@ def run_training(args):
                 "epoch": epoch,
                 "args": dict(vars(args)),
                 "rng_states": gather_rng_states(),
+                # The sparsity this epoch's weights were evaluated at, for --test-only and evaluate.py.
+                evaluation.RAMP_FRACTION_KEY: ramp_fraction(args, (epoch + 1) * steps - 1,
+                                                            args.sparsity_warmup_epochs * steps),
             }
             save_checkpoints(checkpoint=checkpoint, output_dir=args.output_dir, epoch=epoch, keep_last=args.keep_last)
 

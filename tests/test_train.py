@@ -639,8 +639,39 @@ def test_ramp_follows_the_schedule_and_reaches_the_target_at_its_end(ramp_runs):
     logged = [float(v) for v in re.findall(r"^Epoch \d+  train loss .*mask sparsity ([\d.]+)$", runs["straight"].stdout,
                                            flags=re.MULTILINE)]
     steps = 3  # 24 images in batches of 8: a ramp of 2 epochs is 6 steps
-    expected = [0.8 * sparsity_schedule("cubic", (epoch + 1) * steps - 1, 2 * steps) for epoch in range(2)] + [0.8]
+    # The ramp's last step (epoch 1's last) trains at the target: epoch 0 ends at step 3 of 6, epoch 1 at 6 of 6.
+    expected = [0.8 * sparsity_schedule("cubic", (epoch + 1) * steps, 2 * steps) for epoch in range(2)] + [0.8]
+    assert expected[1] == 0.8
     assert logged == pytest.approx(expected, abs=1e-3), runs["straight"].stdout
+
+
+def test_ramp_fraction_reaches_the_target_at_the_ramps_last_step():
+    import train
+
+    args = argparse.Namespace(sparsity_schedule="linear")
+    assert [train.ramp_fraction(args, step, 4) for step in range(5)] == [0.25, 0.5, 0.75, 1.0, 1.0]
+
+
+def test_checkpoint_inside_the_ramp_evaluates_at_the_sparsity_training_logged(ramp_runs, data):
+    straight, _, runs = ramp_runs
+    # 3 steps per epoch, a 6-step cubic ramp: epoch 0 ends at 1 - (1 - 3/6) ** 3 of the targets, then the targets.
+    fractions = [load(os.path.join(straight, f"model_{epoch}.pth"))["sparsity_fraction"] for epoch in range(3)]
+    assert fractions == pytest.approx([0.875, 1.0, 1.0]), fractions
+    logged = accuracy_lines(runs["straight"].stdout, "Epoch 0")
+    model_0 = os.path.join(straight, "model_0.pth")
+    evaluated = run_in_process("evaluate.py", ["--data-path", data, "--device", "cpu", "-j", "0", "-b", "8",
+                                               "--weights-path", model_0])
+    assert_ok(evaluated)
+    assert "Traceback" not in evaluated.stderr
+    said = [line for line in evaluated.stdout.splitlines() if line.startswith("Sparsity:")]
+    assert len(said) == 1 and "its masks at 0.875 of the target sparsities" in said[0], evaluated.stdout
+    assert re.findall(r"^Acc@1 ([\d.]+) Acc@5 ([\d.]+)$", evaluated.stdout, flags=re.MULTILINE) == logged
+    tested = run_in_process("train.py", ["--data-path", data, *TINY, "--epochs", "3", "--test-only", "--resume",
+                                         model_0])
+    assert_ok(tested)
+    said = [line for line in tested.stdout.splitlines() if line.startswith("Sparsity:")]
+    assert len(said) == 1 and "its masks at 0.875 of the target sparsities" in said[0], tested.stdout
+    assert accuracy_lines(tested.stdout, "Test") == logged
 
 
 def test_teacher_is_frozen_and_out_of_checkpoints(ramp_runs, data, tmp_path):
