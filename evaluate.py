@@ -328,7 +328,7 @@ def main(args):
         model = torch.compile(model)
 
     mode = target.mode
-    acc1, acc5, times = evaluation.evaluate(
+    acc1, acc5, times, nonfinite = evaluation.evaluate(
         model, data_loader, device=device, num_classes=num_classes, dtype=cli.DTYPES[args.dtype],
         autocast=cli.autocast(args.amp, device), warmup=args.warmup_batches, desc=f"Test ({mode})")
     # Throughput from the images actually timed: the last batch may be smaller than --batch-size.
@@ -336,7 +336,7 @@ def main(args):
     timed_seconds = sum(seconds for seconds, _ in times)
     batch_time = statistics.median(seconds for seconds, _ in times) if times else float("nan")
     result = {
-        "acc1": acc1, "acc5": acc5, "images": len(dataset),
+        "acc1": acc1, "acc5": acc5, "images": len(dataset), "nonfinite_images": nonfinite,
         "batch_time_ms": 1000 * batch_time,
         "images_per_s": timed_images / timed_seconds if timed_seconds > 0 else float("nan"),
         "timed_batches": len(times), "timed_images": timed_images,
@@ -351,6 +351,8 @@ def main(args):
             "machine": platform.processor() or platform.machine(),
         },
     }
+    if nonfinite:
+        utils.log(evaluation.nonfinite_note(nonfinite, len(dataset)))
     utils.log(f"Acc@1 {acc1:.3f} Acc@5 {acc5:.3f}")
     utils.log(f"Model time per batch {result['batch_time_ms']:.2f} ms (median of {len(times)} timed batches, "
               f"{timed_images} images, {mode}, {args.dtype}), {result['images_per_s']:.1f} images/s, "

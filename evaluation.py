@@ -13,15 +13,18 @@ import utils
 @torch.inference_mode()
 def evaluate(model, data_loader, *, device, num_classes, dtype=torch.float32, autocast=contextlib.nullcontext,
              warmup=1, desc="Test", timed=True):
-    """Top-1/top-5 accuracy (percent) over every validation image exactly once, and the timed batches.
+    """Top-1/top-5 accuracy (percent) over every validation image exactly once, the timed batches, and the number
+    of images whose input holds inf or NaN.
 
     The timed batches are (seconds, images) pairs: the model's forward only (no data loading), synchronised with
     the device, skipping the first `warmup` batches; a last batch may hold fewer images than the others. With
-    timed=False nothing waits for the device and no times are taken.
+    timed=False nothing waits for the device and no times are taken. Non-finite inputs are counted on the device
+    and read once at the end: block-sparse kernels never read pruned blocks, so such an image's prediction may
+    look finite (README's API section), and an accuracy that counts it should say so.
     """
     model.eval()
     topk = (1, min(5, num_classes))
-    counts = torch.zeros(3, dtype=torch.int64, device=device)  # correct@1, correct@5, images
+    counts = torch.zeros(4, dtype=torch.int64, device=device)  # correct@1, correct@5, images, non-finite images
     times = []
     show_bar = utils.is_main_process() and sys.stderr.isatty()
     for i, (images, target) in enumerate(tqdm(data_loader, desc=desc, disable=not show_bar, leave=False)):
@@ -37,11 +40,21 @@ def evaluate(model, data_loader, *, device, num_classes, dtype=torch.float32, au
             if i >= warmup:
                 times.append((time.perf_counter() - start, images.shape[0]))
         correct1, correct5 = utils.correct_topk(output, target, topk=topk)
-        counts += torch.stack([correct1, correct5, torch.tensor(target.shape[0], device=device)])
+        nonfinite = (~torch.isfinite(images.flatten(1)).all(dim=1)).sum()
+        counts += torch.stack([correct1, correct5, torch.tensor(target.shape[0], device=device), nonfinite])
     counts = utils.all_reduce_sum(counts).tolist()
     expected = len(data_loader.dataset)
     assert counts[2] == expected, f"evaluated {counts[2]} images but the validation set has {expected}"
-    return 100.0 * counts[0] / counts[2], 100.0 * counts[1] / counts[2], times
+    return 100.0 * counts[0] / counts[2], 100.0 * counts[1] / counts[2], times, counts[3]
+
+
+def nonfinite_note(nonfinite, images):
+    """The line saying that `nonfinite` of the `images` evaluated held inf or NaN in their input, or None if none did."""
+    if not nonfinite:
+        return None
+    return (f"Non-finite input: {nonfinite} of {images} images hold inf or NaN after preprocessing; the accuracy "
+            f"counts their predictions as the model gave them (block-sparse kernels skip pruned blocks, so a NaN "
+            f"there need not reach the output)")
 
 
 ##### Checkpoints saved inside a sparsity ramp #####

@@ -667,9 +667,11 @@ def run_training(args):
     # Evaluate the unwrapped model: DDP's forward would sync buffers across ranks, and the ranks' validation
     # shards may differ in length by one batch.
     def run_eval(module, desc):
-        acc1, acc5, _ = evaluation.evaluate(
+        acc1, acc5, _, nonfinite = evaluation.evaluate(
             module, data_loader_test, device=device, autocast=autocast, num_classes=num_classes, desc=desc, timed=False
         )
+        if nonfinite:
+            utils.log(evaluation.nonfinite_note(nonfinite, len(dataset_test)))
         return acc1, acc5
 
     if args.test_only:

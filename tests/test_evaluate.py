@@ -97,6 +97,42 @@ def test_throughput_counts_the_images_actually_timed(data, checkpoint, tmp_path)
     assert "median of 1 timed batches, 1 images" in result.stdout, result.stdout
 
 
+class _FirstImageNaN(torch.utils.data.Dataset):
+    """A validation set whose first image's input holds a NaN after preprocessing."""
+
+    def __init__(self, dataset):
+        self.dataset, self.classes = dataset, dataset.classes
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        image, target = self.dataset[index]
+        if index == 0:
+            image = image.clone()
+            image[0, 0, 0] = float("nan")
+        return image, target
+
+
+def test_accuracy_from_non_finite_inputs_says_how_many_images_held_them(data, checkpoint, tmp_path, monkeypatch):
+    import data as data_module
+
+    load_val_data = data_module.load_val_data
+    monkeypatch.setattr(data_module, "load_val_data",
+                        lambda args: (_FirstImageNaN(load_val_data(args)[0]), load_val_data(args)[1]))
+    json_path = str(tmp_path / "result.json")
+    result = evaluate(data, checkpoint[0], "--bsr", "16", "--output-json", json_path)
+    said = [line for line in result.stdout.splitlines() if line.startswith("Non-finite input:")]
+    assert said == ["Non-finite input: 1 of 20 images hold inf or NaN after preprocessing; the accuracy counts their "
+                    "predictions as the model gave them (block-sparse kernels skip pruned blocks, so a NaN there need "
+                    "not reach the output)"], result.stdout
+    assert "Traceback" not in result.stderr
+    assert json.load(open(json_path))["nonfinite_images"] == 1
+    monkeypatch.setattr(data_module, "load_val_data", load_val_data)
+    clean = evaluate(data, checkpoint[0], "--output-json", json_path)
+    assert "Non-finite" not in clean.stdout and json.load(open(json_path))["nonfinite_images"] == 0
+
+
 def test_ctrl_c_is_one_line_and_exit_130(data, checkpoint, monkeypatch):
     import evaluation
 

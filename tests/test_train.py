@@ -159,7 +159,7 @@ def evaluate_checkpoint(path):
     supermask.apply_supermask(model, **cli.supermask_kwargs(args))
     supermask.load_supermask_state_dict(model, checkpoint["model"])
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, sampler=eval_sampler)
-    acc1, acc5, _ = evaluation.evaluate(model, loader, device=torch.device("cpu"), num_classes=len(dataset.classes))
+    acc1, acc5, _, _ = evaluation.evaluate(model, loader, device=torch.device("cpu"), num_classes=len(dataset.classes))
     return acc1, acc5
 
 
