@@ -297,6 +297,23 @@ def check_args(args):
     cli.check_weights_path(args.weights_path)
 
 
+def check_weights_classes(args, target, num_classes):
+    """Refuse pretrained --weights of another class count than the data's: building the model would replace their
+    classifier by an untrained one (as train.py does to fine-tune them), and its accuracy would mean nothing."""
+    if not args.weights:
+        return
+    try:
+        weights = models.resolve_weights(target.model, args.weights)
+    except ValueError as e:
+        raise utils.InputError(f"--weights {args.weights}: {e}") from None
+    classes = len(weights.meta.get("categories") or ())
+    if classes and classes != num_classes:
+        raise utils.InputError(f"--weights {args.weights} classify {classes} classes and {args.data_path} has "
+                               f"{num_classes}; evaluating them would measure an untrained classifier: fine-tune "
+                               f"them first (train.py --weights {args.weights}), then evaluate that checkpoint with "
+                               f"--weights-path")
+
+
 def main(args):
     check_args(args)
     utils.keep_freed_memory()  # no page faults for buffers freed and reallocated every step
@@ -315,6 +332,7 @@ def main(args):
         dataset, batch_size=args.batch_size, sampler=eval_sampler, num_workers=args.workers,
         pin_memory=device.type == "cuda")
     num_classes = len(dataset.classes)
+    check_weights_classes(args, target, num_classes)
     model, bsr = prepare_model(args, target, num_classes=num_classes)
     note = None if target.compact else evaluation.ramp_note(target.checkpoint, args.weights_path)
     if note:

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import blocksparse_int8
+from test_models import local_resnet18_weights  # noqa: F401 (a fixture)
 from helpers import (assert_ok, flip_byte_in_tensor_data, free_port, run_in_process, run_script,
                      write_image_folder)
 
@@ -503,6 +504,18 @@ def test_bad_input_exits_2_with_one_error_line(case, data, checkpoint, tmp_path)
     assert "Traceback" not in stderr and "weights_only" not in stderr, stderr  # never advise full unpickling
     assert "Acc@1" not in stdout, "the error came after the evaluation"
     assert torch.is_grad_enabled(), "evaluate.py switched autograd off for the whole process"
+
+
+def test_pretrained_weights_of_another_class_count_exit_2_before_building_a_new_head(local_resnet18_weights, data):
+    result = run_in_process("evaluate.py", ["--data-path", data, "--model", "resnet18", "--device", "cpu", "-j", "0",
+                                            *SIZE, "--weights", "ResNet18_Weights.IMAGENET1K_V1"])
+    status, stdout, stderr = result.returncode, result.stdout, result.stderr
+    assert status == 2, stderr
+    assert error_line(stderr).endswith(
+        f"--weights ResNet18_Weights.IMAGENET1K_V1 classify 1000 classes and {data} has 4; evaluating them would "
+        "measure an untrained classifier: fine-tune them first (train.py --weights ResNet18_Weights.IMAGENET1K_V1), "
+        "then evaluate that checkpoint with --weights-path"), stderr
+    assert "Traceback" not in stderr and "Notice:" not in stdout and "Acc@1" not in stdout, stdout
 
 
 def test_checkpoint_of_this_project_evaluates_without_sparsity_flags(data, checkpoint, tmp_path):
