@@ -172,7 +172,8 @@ def add_data_args(parser, *, sizes_from_checkpoint=False):
     group.add_argument(
         "--cache-dataset",
         action="store_true",
-        help="cache the list of image files in ~/.torch/vision/datasets/imagefolder to skip the directory scan",
+        help="cache the list of image files in ~/.torch/vision/datasets/imagefolder to skip the directory scan; "
+        "the list is reused while the folder tree is unchanged (files added, removed or renamed: scanned again)",
     )
     group.add_argument(
         "--interpolation", default="bilinear", choices=[mode.value for mode in InterpolationMode],
@@ -207,7 +208,9 @@ def add_model_args(parser, *, model="resnet18", model_help=""):
         "--weights",
         default=None,
         type=str,
-        help="torchvision pretrained weights enum, e.g. ResNet50_Weights.IMAGENET1K_V2",
+        help="torchvision pretrained weights: ResNet50_Weights.IMAGENET1K_V2, IMAGENET1K_V2, or DEFAULT for the "
+        "model's recommended ones; on data with another class count train.py replaces their classifier by a newly "
+        "initialised one (evaluate.py and --test-only refuse them there)",
     )
     group.add_argument("--device", default=default_device(), type=str,
                        help=f"device: cuda or cpu (default: cuda where a CUDA device exists, else cpu; here "

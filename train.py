@@ -731,21 +731,12 @@ def run_training(args):
     utils.log(f"Training time {total_time}")
 
 
-class _DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Appends each flag's default to its help, unless the help already states it (the shared Supermask flags do)."""
-
-    def _get_help_string(self, action):
-        if "(default" in (action.help or ""):
-            return action.help
-        return super()._get_help_string(action)
-
-
 def get_args_parser(add_help=True):
     """The command-line flags: torchvision's classification training flags plus the Supermask ones."""
     parser = argparse.ArgumentParser(
         description="Train a classification model with Supermask block sparsity (torchvision reference flags)",
         add_help=add_help,
-        formatter_class=_DefaultsHelpFormatter,
+        formatter_class=cli.HelpFormatter,
     )
     cli.add_data_args(parser)
     cli.add_model_args(parser)
@@ -759,14 +750,14 @@ def get_args_parser(add_help=True):
         "--wd", "--weight-decay", default=1e-4, type=float, metavar="W", dest="weight_decay", help="weight decay"
     )
     group.add_argument(
-        "--norm-weight-decay", default=None, type=float, help="weight decay of normalization layers (None: --wd)"
+        "--norm-weight-decay", default=None, type=float, help="weight decay of normalization layers (default: --wd)"
     )
-    group.add_argument("--bias-weight-decay", default=None, type=float, help="weight decay of biases (None: --wd)")
+    group.add_argument("--bias-weight-decay", default=None, type=float, help="weight decay of biases (default: --wd)")
     group.add_argument(
         "--transformer-embedding-decay",
         default=None,
         type=float,
-        help="weight decay of class token, position embedding and relative position bias (None: --wd)",
+        help="weight decay of class token, position embedding and relative position bias (default: --wd)",
     )
     group.add_argument("--label-smoothing", default=0.0, type=float, help="label smoothing of the loss")
     group.add_argument("--mixup-alpha", default=0.0, type=float, help="MixUp alpha (0 turns MixUp off)")
@@ -780,7 +771,7 @@ def get_args_parser(add_help=True):
     group.add_argument("--lr-step-size", default=30, type=int, help="steplr: epochs between decays")
     group.add_argument("--lr-gamma", default=0.1, type=float, help="steplr / exponentiallr: decay factor")
     group.add_argument("--lr-min", default=0.0, type=float, help="cosineannealinglr: final learning rate")
-    group.add_argument("--clip-grad-norm", default=None, type=float, help="clip gradients to this norm (None: off)")
+    group.add_argument("--clip-grad-norm", default=None, type=float, help="clip gradients to this norm (default: off)")
     group.add_argument(
         "--accumulation-steps",
         default=1,
@@ -826,7 +817,8 @@ def get_args_parser(add_help=True):
     group.add_argument("--print-freq", default=10, type=int, help="steps between progress log lines")
     group.add_argument("--output-dir", default=".", type=str, help="folder for checkpoint.pth and model_<epoch>.pth")
     group.add_argument(
-        "--resume", default="", type=str, help="checkpoint to continue from, or 'auto' for the newest in --output-dir"
+        "--resume", default="", type=str,
+        help="checkpoint to continue from, or 'auto' for the newest in --output-dir (default: none, a fresh start)"
     )
     group.add_argument(
         "--start-over",

@@ -65,17 +65,25 @@ def flag_helps(parser):
 def test_help_states_each_default_once():
     import benchmark
     import evaluate
+    import train
 
     parser = argparse.ArgumentParser(formatter_class=cli.HelpFormatter)
     cli.add_data_args(parser)
     cli.add_model_args(parser)
     cli.add_supermask_args(parser)
-    for script_parser in (evaluate.get_args_parser(), benchmark.get_args_parser(), parser):
+    for script_parser in (train.get_args_parser(), evaluate.get_args_parser(), benchmark.get_args_parser(), parser):
         for entry in flag_helps(script_parser):
             if entry.startswith("-h, --help"):
                 continue
             assert entry.count("default:") == 1, entry  # each states its default, once
             assert "(default: False)" not in entry and "(default: None)" not in entry, entry
+            assert "(default: )" not in entry and "(None:" not in entry, entry
+
+
+def test_help_says_when_the_dataset_cache_is_reused_and_what_weights_take():
+    helps = {entry.split()[0]: entry for entry in flag_helps(__import__("train").get_args_parser())}
+    assert "reused while the folder tree is unchanged" in helps["--cache-dataset"], helps["--cache-dataset"]
+    assert "DEFAULT" in helps["--weights"] and "replaces their classifier" in helps["--weights"], helps["--weights"]
 
 
 def test_device_defaults_to_cuda_where_it_exists_else_the_cpu():
