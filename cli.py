@@ -420,7 +420,10 @@ def check_model_name(name):
 
 
 def vit_patch_size(name):
-    """The patch side of the ViT `name`: vit_tiny's 4, or the number ending a torchvision ViT's name (vit_b_16)."""
+    """The patch side of the ViT `name`: vit_tiny's 4, the number ending a torchvision ViT's name (vit_b_16), a timm
+    model's patch embedding's (None for a timm model without one)."""
+    if models.is_timm(name):
+        return models.timm_patch_size(name)
     return 4 if name == "vit_tiny" else int(name.rsplit("_", 1)[-1])
 
 
@@ -429,9 +432,9 @@ def check_image_size(model, size, flag):
 
     torchvision's VisionTransformer would only refuse it at the first forward, with an AssertionError.
     """
-    if not models.is_vit(model) or size < 1 or size % vit_patch_size(model) == 0:
+    patch = vit_patch_size(model) if models.is_vit(model) else None
+    if not patch or size < 1 or size % patch == 0:
         return
-    patch = vit_patch_size(model)
     options = [n for n in (size // patch * patch, (size // patch + 1) * patch) if n > 0]
     raise InputError(f"{flag} {size} is not a multiple of {model}'s patch size {patch}; pass "
                      f"{' or '.join(map(str, options))}")

@@ -130,7 +130,8 @@ def check_data_path(data_path):
 
 def eval_transform(args):
     """The evaluation preprocessing the flags ask for."""
-    if args.weights and getattr(args, "test_only", False):
+    # timm's weights name no preprocessing of torchvision's kind: the flags' preset (timm's models take the same).
+    if args.weights and getattr(args, "test_only", False) and not models.is_timm(getattr(args, "model", None)):
         # As torchvision's reference: pretrained weights are evaluated with the preprocessing they were trained for.
         try:
             if getattr(args, "model", None):  # the model's own spellings too: DEFAULT, IMAGENET1K_V1

@@ -303,10 +303,9 @@ def check_weights_classes(args, target, num_classes):
     if not args.weights:
         return
     try:
-        weights = models.resolve_weights(target.model, args.weights)
+        classes = models.pretrained_classes(target.model, args.weights)
     except ValueError as e:
         raise utils.InputError(f"--weights {args.weights}: {e}") from None
-    classes = len(weights.meta.get("categories") or ())
     if classes and classes != num_classes:
         raise utils.InputError(f"--weights {args.weights} classify {classes} classes and {args.data_path} has "
                                f"{num_classes}; evaluating them would measure an untrained classifier: fine-tune "

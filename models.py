@@ -1,11 +1,15 @@
-"""The model zoo: every torchvision classification model, plus vit_tiny for small images.
+"""The model zoo: every torchvision classification model, vit_tiny for small images, and timm's models as timm/NAME.
 
 ``build_model(name, *, weights, num_classes, image_size)`` takes plain values, so the library (compact checkpoints)
 and the scripts build models the same way. Mistakes raise ValueError with the reason; the scripts turn them into
-one-line errors.
+one-line errors. timm (PyTorch Image Models) is optional: it is imported only when a timm/ model is asked for.
 """
 
 import difflib
+import os
+from dataclasses import dataclass
+
+import torch
 
 import torchvision
 from torch import nn
@@ -21,21 +25,68 @@ def vit_tiny(*, image_size, num_classes):
     return torchvision.models.VisionTransformer(image_size=image_size, num_classes=num_classes, **_VIT_TINY)
 
 
+TIMM_PREFIX = "timm/"  # the prefix timm's own hub names use: timm/deit_small_patch16_224
+
+
+def is_timm(name):
+    """True for a timm model name, timm/NAME."""
+    return isinstance(name, str) and name.startswith(TIMM_PREFIX)
+
+
+def _timm():
+    try:
+        import timm
+    except ImportError:
+        raise ValueError("timm/ models are PyTorch Image Models: pip install timm") from None
+    return timm
+
+
+def _timm_name(name):
+    """NAME of timm/NAME, after checking that timm knows it."""
+    timm = _timm()
+    arch = name[len(TIMM_PREFIX):]
+    if not timm.is_model(arch):
+        close = difflib.get_close_matches(arch, timm.list_models(), n=3)
+        hint = f"did you mean {', '.join(TIMM_PREFIX + c for c in close)}? " if close else ""
+        raise ValueError(f"{name} is not a timm model; {hint}see timm.list_models()")
+    return arch
+
+
+def _timm_cfg(arch):
+    return _timm().models.get_pretrained_cfg(arch)
+
+
+def timm_patch_size(name):
+    """The patch side of the timm model `name` (its patch_embed's), or None for a model without patches."""
+    arch = _timm_name(name)
+    with torch.device("meta"):  # the structure only: no memory, no initialisation
+        model = _timm().create_model(arch, pretrained=False)
+    patch = getattr(getattr(model, "patch_embed", None), "patch_size", None)
+    return patch[0] if isinstance(patch, (tuple, list)) else patch
+
+
 def model_names():
     """Every model name build_model accepts."""
     return sorted(torchvision.models.list_models(module=torchvision.models) + ["vit_tiny"])
 
 
 def is_vit(name):
-    """True for models whose position embedding fixes the input size (torchvision ViTs and vit_tiny)."""
+    """True for models whose position embedding fixes the input size (torchvision ViTs, vit_tiny, and the timm
+    models whose configuration says so: they are built for the image size, `img_size`)."""
     if name == "vit_tiny":
         return True
+    if is_timm(name):
+        cfg = _timm_cfg(_timm_name(name))
+        return bool(cfg is not None and cfg.fixed_input_size)
     builder = torchvision.models.get_model_builder(name)
     return builder.__module__ == torchvision.models.vision_transformer.__name__
 
 
 def check_model_name(name):
-    """Raise ValueError unless `name` is a torchvision classification model or vit_tiny."""
+    """Raise ValueError unless `name` is a torchvision classification model, vit_tiny or timm/NAME."""
+    if is_timm(name):
+        _timm_name(name)
+        return
     names = model_names()
     if name not in names:
         close = difflib.get_close_matches(name, names, n=3)
@@ -46,9 +97,12 @@ def check_model_name(name):
 def resolve_weights(name, weights):
     """The member of `name`'s torchvision weights enum that `weights` names; ValueError listing them if none.
 
-    Accepts torchvision's spellings: "ResNet50_Weights.IMAGENET1K_V2", "IMAGENET1K_V2" and "DEFAULT".
+    Accepts torchvision's spellings: "ResNet50_Weights.IMAGENET1K_V2", "IMAGENET1K_V2" and "DEFAULT". For a
+    timm model, a TimmWeights (timm_weights).
     """
     check_model_name(name)
+    if is_timm(name):
+        return timm_weights(name, weights)
     if name == "vit_tiny":
         raise ValueError("vit_tiny has no pretrained weights")
     enum = torchvision.models.get_model_weights(name)
@@ -64,6 +118,63 @@ def resolve_weights(name, weights):
     except KeyError:
         raise ValueError(f"{enum.__name__} has no weights {member}; {name}'s weights are {choices} (or DEFAULT)") \
             from None
+
+
+@dataclass(frozen=True)
+class TimmWeights:
+    """timm's pretrained weights for a model: the name timm loads them by, a local file if given, their classes."""
+
+    arch: str  # NAME or NAME.TAG
+    file: str | None
+    num_classes: int
+
+
+def timm_weights(name, weights):
+    """The pretrained weights `weights` names for timm/NAME: "DEFAULT" (timm's default tag), a tag of NAME
+    (timm.list_pretrained), or a local weights file that timm loads and adapts as it would a download."""
+    arch = _timm_name(name)
+    base = arch.partition(".")[0]
+    if os.path.isfile(weights):
+        file = weights
+    elif weights == "DEFAULT":
+        file = None
+    else:
+        tags = [n.partition(".")[2] for n in _timm().list_pretrained(f"{base}.*")]
+        if weights not in tags:
+            choices = ", ".join(tags) if tags else "none"
+            raise ValueError(f"{name} has no pretrained weights {weights} (nor is it a file); its tags are {choices} "
+                             f"(or DEFAULT, or a local weights file)")
+        arch = f"{base}.{weights}"
+    cfg = _timm_cfg(arch)
+    if cfg is None or not (file or cfg.has_weights):
+        raise ValueError(f"timm has no pretrained weights for {name}; drop --weights (or pass a local weights file)")
+    return TimmWeights(arch, file, cfg.num_classes)
+
+
+def pretrained_classes(name, weights):
+    """How many classes the pretrained `weights` of `name` classify."""
+    resolved = resolve_weights(name, weights)
+    return resolved.num_classes if is_timm(name) else len(resolved.meta["categories"])
+
+
+def _build_timm(name, *, weights, num_classes, image_size):
+    """timm.create_model for timm/NAME: img_size where the model takes one; weights through timm (pretrained=True),
+    which resamples a ViT's position embedding to the image size and leaves a classifier of another class count
+    newly initialised."""
+    timm = _timm()
+    arch = _timm_name(name)
+    kwargs = {"num_classes": num_classes}
+    if is_vit(name):
+        kwargs["img_size"] = image_size
+    if not weights:
+        return timm.create_model(arch, pretrained=False, **kwargs)
+    resolved = timm_weights(name, weights)
+    overlay = {"file": resolved.file} if resolved.file else None
+    model = timm.create_model(resolved.arch, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
+    if num_classes != resolved.num_classes:
+        utils.log(f"Notice: {name}'s weights {weights} classify {resolved.num_classes} classes and the data "
+                  f"{num_classes}: the classifier is newly initialised for {num_classes} classes, the rest pretrained")
+    return model
 
 
 def replace_classifier(model, *, old_classes, num_classes):
@@ -89,12 +200,17 @@ def replace_classifier(model, *, old_classes, num_classes):
 
 
 def build_model(name, *, weights=None, num_classes, image_size):
-    """The dense model `name` (with torchvision's pretrained `weights` if given); ViTs are built for `image_size`.
+    """The dense model `name` (with its pretrained `weights` if given); ViTs are built for `image_size`.
+
+    timm/NAME is ``timm.create_model(NAME, pretrained=bool(weights), num_classes=..., img_size=image_size)``, the
+    image size only where the model takes one (is_vit).
 
     Pretrained weights for another number of classes than `num_classes` keep everything but the classifier,
     which is replaced by a newly initialised one (with a notice naming it).
     """
     check_model_name(name)
+    if is_timm(name):
+        return _build_timm(name, weights=weights, num_classes=num_classes, image_size=image_size)
     if name == "vit_tiny":
         if weights:
             raise ValueError("vit_tiny has no pretrained weights")

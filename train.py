@@ -558,7 +558,7 @@ def run_training(args):
 
     dataset, dataset_test, train_sampler, test_sampler, num_classes = load_data(args)
     if args.test_only and args.weights and not resume_path:
-        classes = len(models.resolve_weights(args.model, args.weights).meta["categories"])
+        classes = models.pretrained_classes(args.model, args.weights)
         if classes != num_classes:  # build_model would give them a new, untrained classifier
             raise utils.InputError(f"--test-only evaluates --weights {args.weights} as they are, but they classify "
                                    f"{classes} classes and {args.data_path} has {num_classes}; fine-tune them first "
