@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import timm_layers
 from attention import ProjectedAttention, unsupported_attention_reason
 
 
@@ -311,18 +312,39 @@ def _is_prunable(module):
     return isinstance(module, (nn.Linear, nn.Conv2d))
 
 
+def attention_projections(model):
+    """Names of the Linears that project into and out of attention inside attention modules that call them as
+    modules (timm's Attention: qkv and proj), found by the attention module's type (timm_layers.attention_types)."""
+    types = timm_layers.attention_types()
+    if not types:
+        return set()
+    names = set()
+    for name, module in model.named_modules():
+        if isinstance(module, types):
+            prefix = f"{name}." if name else ""
+            names.update(prefix + n for n, m in module.named_modules() if isinstance(m, nn.Linear))
+    return names
+
+
 def find_classifier(model):
-    """Name of the Linear producing the logits: the last Linear registered in the model (heads.head, fc, classifier[-1])."""
+    """Name of the Linear producing the logits: the one a timm model's get_classifier() returns, else the last
+    Linear registered in the model (heads.head, fc, classifier[-1])."""
+    if callable(getattr(model, "get_classifier", None)):
+        head = model.get_classifier()
+        name = next((n for n, m in model.named_modules() if m is head and isinstance(m, nn.Linear)), None)
+        if name:
+            return name
     dead = _attention_out_projections(model)
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in dead]
     return names[-1] if names else None
 
 
 def find_first_transformer_block(model):
-    """Name of the first encoder block of a torchvision VisionTransformer, or None."""
+    """Name of the first encoder block of a torchvision VisionTransformer or of a timm transformer (blocks.0), or None."""
     from torchvision.models.vision_transformer import EncoderBlock
 
-    return next((n for n, m in model.named_modules() if isinstance(m, EncoderBlock)), None)
+    types = (EncoderBlock,) + timm_layers.block_types()
+    return next((n for n, m in model.named_modules() if isinstance(m, types)), None)
 
 
 def _is_inside(name, prefix):
@@ -333,7 +355,7 @@ def _is_inside(name, prefix):
 class _LayerChoice:
     sparsity: float
     tile_size: int
-    kind: str  # "linear", "conv1x1" or "conv": the keyword family that chose the settings
+    kind: str  # "linear", "conv1x1", "conv" or "attention": the keyword family that chose the settings
 
 
 # Why a skip keyword left a layer dense, as the sparsity report shows it (with the scripts' flag for the keyword).
@@ -342,10 +364,11 @@ SKIPPED_FIRST_BLOCK = ("first transformer block, skipped by skip_first_transform
                        "(--skip-first-transformer-sparsity)")
 
 
-def _choose(module, name, *, settings, skipped, dead, classifier, first_block, filter_fn):
+def _choose(module, name, *, settings, skipped, dead, projections, classifier, first_block, filter_fn):
     """The sparsity and tile size for one layer, or None (and the reason recorded in `skipped`).
 
-    `settings` maps each keyword family ("linear", "conv1x1", "conv") to the _LayerChoice its keywords ask for.
+    `settings` maps each keyword family ("linear", "conv1x1", "conv", "attention") to the _LayerChoice its keywords
+    ask for; `projections` names the attention projections that are Linears of their own (timm's qkv and proj).
     """
     if name in dead:
         skipped[name] = "nn.MultiheadAttention reads this weight functionally: mask it with attention_sparsity"
@@ -359,7 +382,9 @@ def _choose(module, name, *, settings, skipped, dead, classifier, first_block, f
     if filter_fn is not None and not filter_fn(module, name):
         skipped[name] = "excluded by filter_fn"
         return None
-    if isinstance(module, nn.Linear):
+    if name in projections:
+        choice = settings["attention"]
+    elif isinstance(module, nn.Linear):
         choice = settings["linear"]
     elif module.kernel_size == (1, 1) and settings["conv1x1"].sparsity > 0:
         choice = settings["conv1x1"]
@@ -392,17 +417,20 @@ def apply_supermask(
 
     Args:
         model: any nn.Module; layers may be direct children.
-        linear_sparsity, linear_sp_tilesize: target sparsity and tile size of nn.Linear layers (0 leaves them dense).
+        linear_sparsity, linear_sp_tilesize: target sparsity and tile size of nn.Linear layers other than attention
+            projections (0 leaves them dense).
         conv1x1_sparsity, conv1x1_sp_tilesize: the same for 1x1 convolutions; when 0 they fall under conv_sparsity.
         conv_sparsity, conv_sp_tilesize: the same for all other nn.Conv2d layers.
         skip_last_layer_sparsity: keep the classifier (the last Linear) dense.
-        skip_first_transformer_sparsity: keep the first encoder block of a torchvision ViT dense.
+        skip_first_transformer_sparsity: keep the first encoder block of a torchvision ViT (a timm transformer's
+            first block) dense.
         device: where the new layers live; None keeps each layer's device (and its dtype in any case).
         verbose: print the sparsity report.
         filter_fn: optional `filter_fn(module, fqn) -> bool`; layers for which it is False stay dense.
         attention_sparsity, attention_sp_tilesize: target sparsity and tile size of the q/k/v input projection
             and the output projection of every nn.MultiheadAttention, which is replaced by a
-            ProjectedAttention with Supermask projections (0 leaves attention dense, as the original did).
+            ProjectedAttention with Supermask projections (0 leaves attention dense, as the original did); also
+            the Linear projections of timm's attention modules (qkv and proj, ``attention_projections``).
         score_init: "kaiming" (random scores, as the original) or "magnitude" (each tile's L2 norm, so the
             first mask keeps the largest tiles: the natural start from pretrained dense weights).
 
@@ -435,9 +463,11 @@ def apply_supermask(
     context = dict(
         settings={"linear": _LayerChoice(linear_sparsity, linear_sp_tilesize, "linear"),
                   "conv1x1": _LayerChoice(conv1x1_sparsity, conv1x1_sp_tilesize, "conv1x1"),
-                  "conv": _LayerChoice(conv_sparsity, conv_sp_tilesize, "conv")},
+                  "conv": _LayerChoice(conv_sparsity, conv_sp_tilesize, "conv"),
+                  "attention": _LayerChoice(attention_sparsity, attention_sp_tilesize, "attention")},
         skipped=skipped,
         dead=_attention_out_projections(model),
+        projections=attention_projections(model),
         classifier=find_classifier(model) if skip_last_layer_sparsity else None,
         first_block=first_block,
         filter_fn=filter_fn,
