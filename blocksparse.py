@@ -45,6 +45,7 @@ import blocksparse_fused
 import blocksparse_int8
 import blocksparse_reference as reference
 import blocksparse_triton
+import timm_layers
 from attention import ProjectedAttention, unsupported_attention_reason
 from blocksparse_int8 import Int8BlockSparseLinear
 from blocksparse_mlp import BlockSparseMLP, fused_activation
@@ -464,6 +465,9 @@ class BsrResult:
     mlp_pairs: List[Tuple[str, str, str]] = field(default_factory=list)
     # The first Linear of each pair now computed by one BlockSparseMLP (the second's place holds nn.Identity).
     fused_mlps: List[str] = field(default_factory=list)
+    # (MLP module, why its Linears are not an MLP pair) for each MLP whose form the fused kernel does not compute
+    # (timm's gated MLPs, an Mlp with a norm between its Linears); its Linears are converted one by one.
+    unfused_mlps: List[Tuple[str, str]] = field(default_factory=list)
 
     def skipped_summary(self, most: int = 3) -> str:
         """The layers left dense and why, on one short line: the first ``most``, then how many more."""
@@ -484,6 +488,9 @@ class BsrResult:
         if self.fused_mlps:
             lines.append(f"fused {len(self.fused_mlps)} of them into one BlockSparseMLP kernel each: "
                          + ", ".join(self.fused_mlps))
+        if self.unfused_mlps:
+            lines.append(f"left {len(self.unfused_mlps)} MLPs unfused (their Linears converted one by one):")
+            lines += [f"  {name}: {reason}" for name, reason in self.unfused_mlps]
         return "\n".join(lines)
 
 
@@ -493,10 +500,40 @@ ELEMENTWISE = (nn.GELU, nn.ReLU, nn.ReLU6, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.Leak
                nn.Mish, nn.Identity, nn.Dropout)
 
 
-def _mlp_pairs(model: nn.Module) -> List[Tuple[str, str, List[str]]]:
-    """(first, second, between) names for each nn.Sequential run Linear, elementwise modules, Linear in ``model``."""
+# timm's Mlp computes these attributes in this order: fc1 and fc2 with the elementwise act, drop1, norm between
+# (drop2 follows fc2, outside the pair).
+TIMM_MLP_BETWEEN = ("act", "drop1", "norm")
+
+
+def _mlp_pairs(model: nn.Module, unfused: Optional[List[Tuple[str, str]]] = None) -> List[Tuple[str, str, List[str]]]:
+    """(first, second, between) names for each nn.Sequential run Linear, elementwise modules, Linear in ``model``, and
+    each timm ``Mlp`` whose modules between fc1 and fc2 are elementwise. An MLP that cannot be a pair (timm's gated
+    MLPs, a norm between the Linears) is appended to ``unfused`` as (name, why)."""
     pairs = []
+    mlp_type, gated = timm_layers.mlp_type(), timm_layers.gated_mlp_types()
     for fqn, seq in model.named_modules():
+        prefix = f"{fqn}." if fqn else ""
+        if mlp_type is not None and type(seq) is mlp_type:
+            first, second = seq.fc1, seq.fc2
+            between = [getattr(seq, name) for name in TIMM_MLP_BETWEEN]
+            odd = [type(m).__name__ for m in between if type(m) not in ELEMENTWISE]
+            if type(first) is not nn.Linear or type(second) is not nn.Linear:
+                why = "its fc1 and fc2 are not nn.Linear (use_conv: 1x1 convolutions)"
+            elif odd:
+                why = (f"{', '.join(odd)} between fc1 and fc2 is not elementwise (the fused kernel computes one "
+                       f"elementwise activation there)")
+            else:
+                pairs.append((prefix + "fc1", prefix + "fc2", [prefix + name for name in TIMM_MLP_BETWEEN]))
+                continue
+            if unfused is not None:
+                unfused.append((fqn, why))
+            continue
+        if gated and isinstance(seq, gated):
+            if unfused is not None:
+                unfused.append((fqn, f"{type(seq).__name__} is gated: its hidden units multiply two projections "
+                                     f"(act(gate) * value), which the fused kernel (one elementwise activation "
+                                     f"between two Linears) does not compute"))
+            continue
         if not isinstance(seq, nn.Sequential):
             continue
         children = list(seq.named_children())
@@ -509,7 +546,6 @@ def _mlp_pairs(model: nn.Module) -> List[Tuple[str, str, List[str]]]:
             if j < len(children) and j > i + 1 and type(children[j][1]) is nn.Linear:
                 second = children[j][1]
                 if second.in_features == first.out_features:
-                    prefix = f"{fqn}." if fqn else ""
                     pairs.append((prefix + first_name, prefix + children[j][0],
                                   [prefix + name for name, _ in children[i + 1:j]]))
     return pairs
@@ -670,7 +706,9 @@ def apply_bsr(
     layer must be made a plain Linear first, with ``supermask.sparsify_offline``).
 
     Two Linears in an ``nn.Sequential`` with only elementwise modules between them (``ELEMENTWISE``, e.g.
-    torchvision's ``MLPBlock``: Linear, GELU, Dropout, Linear, Dropout), both to be converted, are replaced by an
+    torchvision's ``MLPBlock``: Linear, GELU, Dropout, Linear, Dropout), or fc1 and fc2 of timm's ``Mlp`` (act,
+    drop1 and norm between them elementwise; a gated MLP is listed in ``BsrResult.unfused_mlps`` with the reason),
+    both to be converted, are replaced by an
     equivalent pair first (``_prepare_mlp_pair``, listed in ``BsrResult.mlp_pairs``): hidden units the second
     Linear never reads are dropped from the first, constant ones are folded into the second's bias, and the hidden
     units are reordered so that "bmm" writes its output without a scatter. The model computes the same function;
@@ -747,7 +785,7 @@ def apply_bsr(
             _convert_attention(model, fqn, module, convert, reason_to_stay_dense, quantizes, result)
     prepared = []
     if kernel in ("auto", "fused", "bmm"):
-        for first_name, second_name, between_names in _mlp_pairs(model):
+        for first_name, second_name, between_names in _mlp_pairs(model, result.unfused_mlps):
             first, second = model.get_submodule(first_name), model.get_submodule(second_name)
             between = [model.get_submodule(name) for name in between_names]
             if all(reason_to_stay_dense(layer, name) is None or quantizes(layer, name)
