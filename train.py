@@ -412,7 +412,10 @@ def build_optimizer(model, args):
     if args.bias_weight_decay is not None:
         custom_keys.append(("bias", args.bias_weight_decay))
     if args.transformer_embedding_decay is not None:
-        for key in ("class_token", "position_embedding", "relative_position_bias_table"):
+        keys = ["class_token", "position_embedding", "relative_position_bias_table"]
+        if callable(getattr(model, "no_weight_decay", None)):  # a timm model names its own (pos_embed, cls_token)
+            keys += sorted(model.no_weight_decay())
+        for key in keys:
             custom_keys.append((key, args.transformer_embedding_decay))
     parameters = utils.set_weight_decay(
         model,

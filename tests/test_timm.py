@@ -229,3 +229,17 @@ def test_train_evaluate_compact_gives_back_a_timm_model_with_the_same_outputs(tm
     assert_ok(rerun)
     assert "Acc@1" in rerun.stdout and ROOT
     assert sys.modules.get("timm") is timm
+
+
+def test_transformer_embedding_decay_reaches_timms_position_embedding_and_class_token():
+    import argparse
+
+    import train
+
+    model = deit()
+    args = argparse.Namespace(bias_weight_decay=None, transformer_embedding_decay=0.0, norm_weight_decay=None,
+                              weight_decay=0.05, opt="adamw", lr=1e-3)
+    optimizer = train.build_optimizer(model, args)
+    no_decay = {id(p) for group in optimizer.param_groups if group["weight_decay"] == 0 for p in group["params"]}
+    assert id(model.pos_embed) in no_decay and id(model.cls_token) in no_decay
+    assert id(model.blocks[0].mlp.fc1.weight) not in no_decay
