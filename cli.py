@@ -202,7 +202,8 @@ def add_model_args(parser, *, model="resnet18", model_help=""):
     group = parser.add_argument_group("model")
     group.add_argument(
         "--model", default=model, type=str,
-        help=f"torchvision classification model name, or vit_tiny{model_help}",
+        help=f"torchvision classification model name, vit_tiny, or timm/NAME for timm's (pip install timm)"
+             f"{model_help}",
     )
     group.add_argument(
         "--weights",
@@ -210,7 +211,8 @@ def add_model_args(parser, *, model="resnet18", model_help=""):
         type=str,
         help="torchvision pretrained weights: ResNet50_Weights.IMAGENET1K_V2, IMAGENET1K_V2, or DEFAULT for the "
         "model's recommended ones; on data with another class count train.py replaces their classifier by a newly "
-        "initialised one (evaluate.py and --test-only refuse them there)",
+        "initialised one (evaluate.py and --test-only refuse them there); for timm/NAME timm's pretrained weights: "
+        "DEFAULT, a tag (fb_in1k) or a local weights file",
     )
     group.add_argument("--device", default=default_device(), type=str,
                        help=f"device: cuda or cpu (default: cuda where a CUDA device exists, else cpu; here "
