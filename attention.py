@@ -3,12 +3,16 @@
 nn.MultiheadAttention reads `in_proj_weight` and `out_proj.weight` functionally, so swapping its Linear
 for a masked or block-sparse one has no effect. `ProjectedAttention` computes the same thing through two
 ordinary modules, `in_proj` (q, k and v stacked, embed_dim -> 3 * embed_dim) and `out_proj`, so that
-Supermask layers (training) and block-sparse layers (inference) can stand in for them.
+Supermask layers (training) and block-sparse layers (inference) can stand in for them. Its attention core, where
+no mask, dropout or attention weights are asked for, is one of ``attention_core.CORES`` (``core``), which
+``blocksparse.apply_bsr`` picks by timing them on the model's shape.
 """
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+import attention_core
 
 
 def unsupported_attention_reason(mha):
@@ -42,8 +46,11 @@ def _additive_mask(attn_mask, key_padding_mask, batch, num_heads, target_len, so
 class ProjectedAttention(nn.Module):
     """Drop-in for nn.MultiheadAttention (same call and outputs) whose projections are ordinary modules."""
 
-    def __init__(self, in_proj, out_proj, *, embed_dim, num_heads, dropout=0.0, batch_first=False):
+    def __init__(self, in_proj, out_proj, *, embed_dim, num_heads, dropout=0.0, batch_first=False, core="sdpa"):
         super().__init__()
+        if core not in attention_core.CORES:
+            raise ValueError(f"unknown attention core {core!r}; choose one of {', '.join(attention_core.CORES)}")
+        self.core = core
         self.in_proj = in_proj
         self.out_proj = out_proj
         self.embed_dim = embed_dim
@@ -114,8 +121,12 @@ class ProjectedAttention(nn.Module):
             return t.reshape(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
 
         q, k, v = heads(q, target_len), heads(k, source_len), heads(v, source_len)
-        mask = _additive_mask(attn_mask, key_padding_mask, batch, self.num_heads, target_len, source_len, q.dtype)
         dropout = self.dropout if self.training else 0.0
+        if (self.core != "sdpa" and not need_weights and attn_mask is None and key_padding_mask is None
+                and not is_causal and dropout == 0.0):
+            return self._finish(self.out_proj(attention_core.run(self.core, q, k, v)), None, unbatched,
+                                average_attn_weights)
+        mask = _additive_mask(attn_mask, key_padding_mask, batch, self.num_heads, target_len, source_len, q.dtype)
         if need_weights:
             scores = q @ k.transpose(-2, -1) / self.head_dim ** 0.5
             if is_causal and mask is None:
@@ -130,6 +141,10 @@ class ProjectedAttention(nn.Module):
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
                                                  is_causal=is_causal and mask is None)
         out = self.out_proj(out.transpose(1, 2).reshape(batch, target_len, self.embed_dim))
+        return self._finish(out, weights, unbatched, average_attn_weights)
+
+    def _finish(self, out, weights, unbatched, average_attn_weights):
+        """The (N, L, E) output and (N, H, L, S) weights in the caller's layout."""
         if unbatched:
             out = out.squeeze(0)
         elif not self.batch_first:
@@ -142,7 +157,8 @@ class ProjectedAttention(nn.Module):
         return out, weights
 
     def extra_repr(self):
-        return f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, batch_first={self.batch_first}"
+        return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, batch_first={self.batch_first}, "
+                f"core={self.core}")
 
 
 def _rename_multihead_keys(state_dict, prefix, *args):

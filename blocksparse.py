@@ -34,6 +34,7 @@ again (benchmarks/RESULTS.md, "Allocator: glibc's malloc hands freed memory back
 in again").
 """
 
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -41,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import attention_core
 import blocksparse_fused
 import blocksparse_int8
 import blocksparse_reference as reference
@@ -468,6 +470,9 @@ class BsrResult:
     # (MLP module, why its Linears are not an MLP pair) for each MLP whose form the fused kernel does not compute
     # (timm's gated MLPs, an Mlp with a norm between its Linears); its Linears are converted one by one.
     unfused_mlps: List[Tuple[str, str]] = field(default_factory=list)
+    # (attention module, what computes its core): a ProjectedAttention's core (attention_core.CORES), or
+    # "nn.MultiheadAttention" where torch's module was kept.
+    attention_cores: List[Tuple[str, str]] = field(default_factory=list)
 
     def skipped_summary(self, most: int = 3) -> str:
         """The layers left dense and why, on one short line: the first ``most``, then how many more."""
@@ -491,6 +496,10 @@ class BsrResult:
         if self.unfused_mlps:
             lines.append(f"left {len(self.unfused_mlps)} MLPs unfused (their Linears converted one by one):")
             lines += [f"  {name}: {reason}" for name, reason in self.unfused_mlps]
+        if self.attention_cores:
+            counts = Counter(core for _, core in self.attention_cores)
+            lines.append(f"attention cores of {len(self.attention_cores)} attention modules: "
+                         + ", ".join(f"{core} x{count}" for core, count in counts.items()))
         return "\n".join(lines)
 
 
@@ -703,7 +712,11 @@ def apply_bsr(
     (``in_proj_weight``) or its ``out_proj`` is worth converting, the module is replaced by an
     ``attention.ProjectedAttention`` computing the same attention through the converted projections
     (reported as ``<name>.in_proj`` and ``<name>.out_proj``). Linear subclasses stay dense (a Supermask
-    layer must be made a plain Linear first, with ``supermask.sparsify_offline``).
+    layer must be made a plain Linear first, with ``supermask.sparsify_offline``). On CPU the ProjectedAttention's
+    core (``attention_core.CORES``) is the fastest measured on the model's shape (``kernel="auto"``; the sequence
+    length is the model's ``seq_length`` where it has one) or the fused C++ kernel (``kernel="fused"``), and an
+    attention module whose projections stay dense becomes a ProjectedAttention too where that measures faster
+    than ``nn.MultiheadAttention``'s fast path; ``BsrResult.attention_cores`` lists each choice.
 
     Two Linears in an ``nn.Sequential`` with only elementwise modules between them (``ELEMENTWISE``, e.g.
     torchvision's ``MLPBlock``: Linear, GELU, Dropout, Linear, Dropout), or fc1 and fc2 of timm's ``Mlp`` (act,
@@ -780,9 +793,12 @@ def apply_bsr(
             return linear
         return BlockSparseLinear.from_dense(linear, blocksize, kernel="auto")
 
+    tokens = getattr(model, "seq_length", None)  # torchvision's ViT says how many tokens its attention sees
+    tokens = tokens if isinstance(tokens, int) and tokens > 0 else attention_core.SAMPLE_TOKENS
     for fqn, module in list(model.named_modules()):
         if isinstance(module, nn.MultiheadAttention):
-            _convert_attention(model, fqn, module, convert, reason_to_stay_dense, quantizes, result)
+            _convert_attention(model, fqn, module, convert, reason_to_stay_dense, quantizes, result,
+                               kernel=kernel, tokens=tokens)
     prepared = []
     if kernel in ("auto", "fused", "bmm"):
         for first_name, second_name, between_names in _mlp_pairs(model, result.unfused_mlps):
@@ -859,27 +875,66 @@ def _fuse_mlp(model, first_name, second_name, between_names, *, always, result):
     result.fused_mlps.append(first_name)
 
 
-def _convert_attention(model, fqn, mha, convert, reason_to_stay_dense, quantizes, result):
-    """Replace `mha` by a ProjectedAttention with block-sparse projections, when either one is worth it."""
+def _convert_attention(model, fqn, mha, convert, reason_to_stay_dense, quantizes, result, *, kernel, tokens):
+    """Replace `mha` by a ProjectedAttention with block-sparse projections, when either one is worth it, or with
+    dense ones where its attention core makes it faster than nn.MultiheadAttention (kernel "auto")."""
     in_name, out_name = f"{fqn}.in_proj", f"{fqn}.out_proj"
     unsupported = unsupported_attention_reason(mha)
     if unsupported is not None:
         result.left_dense.append((in_name, unsupported))
         result.left_dense.append((out_name, unsupported))
         return
-    projected = ProjectedAttention.from_attention(mha, lambda linear: linear)
+    projected = ProjectedAttention.from_attention(mha, lambda linear: linear).requires_grad_(False)
     if fqn == "":
         raise ValueError("apply_bsr needs a model that contains the nn.MultiheadAttention, not the module itself")
     projections = (projected.in_proj, projected.out_proj)
     names = (in_name, out_name)
+    projected.core = _attention_core(projected, kernel, tokens)
     if all(reason_to_stay_dense(layer, name) is not None and not quantizes(layer, name)
            for layer, name in zip(projections, names)):
-        # Neither projection gains: keep nn.MultiheadAttention and its fused fast path.
+        # Neither projection gains: keep nn.MultiheadAttention and its fused fast path, unless the core pays.
         result.left_dense += [(name, reason_to_stay_dense(layer, name)) for layer, name in zip(projections, names)]
+        _keep_faster_attention(model, fqn, mha, projected, kernel, tokens, result)
         return
     projected.in_proj = convert(projected.in_proj, in_name)
     projected.out_proj = convert(projected.out_proj, out_name)
     if projected.in_proj is projections[0] and projected.out_proj is projections[1]:
-        return  # both measured faster as they were: keep nn.MultiheadAttention (the reasons are recorded)
+        # Both projections measured faster as they were.
+        _keep_faster_attention(model, fqn, mha, projected, kernel, tokens, result)
+        return
     projected.train(mha.training)
     _set_submodule(model, fqn, projected)
+    result.attention_cores.append((fqn, projected.core))
+
+
+def _attention_core(projected: ProjectedAttention, kernel: str, tokens: int) -> str:
+    """The core a converted attention module runs: the fastest measured here ("auto"), the fused kernel where it
+    takes the dtype ("fused"), else SDPA as before."""
+    weight = projected.in_proj.weight
+    if weight.device.type != "cpu" or kernel not in ("auto", "fused"):
+        return "sdpa"
+    if kernel == "fused":
+        return "fused" if attention_core.fused_unavailable_reason(weight.dtype, projected.head_dim) is None else "sdpa"
+    return attention_core.choose(projected.num_heads, projected.head_dim, weight.dtype, tokens)[0]
+
+
+@torch.no_grad()
+def _keep_faster_attention(model, fqn, mha, projected, kernel, tokens, result):
+    """Put `projected` (dense projections, its chosen core) in `mha`'s place where it runs faster than torch's
+    module and its fast path, timed on the same sample ("auto"); "fused" always does, where its core is not SDPA."""
+    if projected.core == "sdpa" or kernel not in ("auto", "fused"):
+        result.attention_cores.append((fqn, "nn.MultiheadAttention"))
+        return
+    if kernel == "auto":
+        batch = max(1, -(-attention_core.SAMPLE_ITEMS // mha.num_heads))
+        shape = (batch, tokens, mha.embed_dim) if mha.batch_first else (tokens, batch, mha.embed_dim)
+        weight = mha.in_proj_weight
+        x = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(weight.dtype)
+        seconds = {form: blocksparse_fused.median_seconds(lambda: module(x, x, x, need_weights=False))
+                   for form, module in (("mha", mha), ("projected", projected))}
+        if seconds["mha"] <= seconds["projected"]:
+            result.attention_cores.append((fqn, "nn.MultiheadAttention"))
+            return
+    projected.train(mha.training)
+    _set_submodule(model, fqn, projected)
+    result.attention_cores.append((fqn, projected.core))

@@ -7,8 +7,8 @@ Linear -> activation -> Linear pair per tile of tokens, its hidden activations k
 registered beside them, so ``torch.compile(fullgraph=True)`` keeps each as one node and ``torch.export`` can export a
 model that uses them.
 
-The extension (``csrc/fused_bsr_linear.cpp`` and the int8 ops of ``csrc/int8_bsr_linear.cpp``, which
-``blocksparse_int8`` wraps) is compiled once per source, torch version and CPU (the build is cached under torch's extension
+The extension (``csrc/fused_bsr_linear.cpp``, the int8 ops of ``csrc/int8_bsr_linear.cpp``, which
+``blocksparse_int8`` wraps, and the attention core of ``csrc/attention_core.cpp``, which ``attention_core`` wraps) is compiled once per source, torch version and CPU (the build is cached under torch's extension
 folder, ``~/.cache/torch_extensions`` or ``$TORCH_EXTENSIONS_DIR``), so later processes load it at once. With
 ``SUPERBLOCK_NO_EXTENSION=1`` in the environment, or where no compiler works, ``unavailable_reason()`` says why and
 block-sparse layers fall back to the pure-PyTorch kernels of ``blocksparse_reference`` (one warning says so).
@@ -24,9 +24,10 @@ from typing import Optional
 
 import torch
 
-# One extension: the float kernels here, and the int8 ones that blocksparse_int8.py wraps (compiled side by side).
+# One extension: the float kernels here, the int8 ones that blocksparse_int8.py wraps and the attention core that
+# attention_core.py wraps (compiled side by side).
 SOURCES = tuple(os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", name)
-                for name in ("fused_bsr_linear.cpp", "int8_bsr_linear.cpp"))
+                for name in ("fused_bsr_linear.cpp", "int8_bsr_linear.cpp", "attention_core.cpp"))
 DISABLE_VARIABLE = "SUPERBLOCK_NO_EXTENSION"
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 

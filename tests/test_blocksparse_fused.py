@@ -180,6 +180,8 @@ def test_vit_b_16_logits_with_mlp_and_attention_converted():
         assert len(result.converted) == 48  # 12 layers: q/k/v, out, fc1, fc2
         assert kernels == ({"fused"} if FUSED else kernels - {"fused"})
         assert len(result.fused_mlps) == (12 if FUSED else 0)  # each MLP in one BlockSparseMLP kernel
+        cores = {core for _, core in result.attention_cores}
+        assert len(result.attention_cores) == 12 and cores == ({"fused"} if FUSED else cores - {"fused"})
         out = model(x)
     assert expected.abs().max() > 0.1
     torch.testing.assert_close(out, expected, atol=1e-3, rtol=1e-3)

@@ -1,0 +1,140 @@
+"""The attention core, ``softmax(q @ k.T * scale) @ v``, on the fastest correct path for the CPU it runs on.
+
+``ProjectedAttention`` runs one of ``CORES`` for inference (no mask, no dropout, no attention weights asked for):
+
+- ``"sdpa"``: ``F.scaled_dot_product_attention``, torch's choice of backend (its flash kernel on CPU);
+- ``"plain"``: ``baddbmm -> softmax -> bmm``, the whole (B * H, L, L) score tensor at once;
+- ``"fused"``: ``torch.ops.superblock.attention_core`` (``csrc/attention_core.cpp``, built with the other kernels by
+  ``blocksparse_fused``): one (image, head) per work item, scores a tile of queries at a time in cache, on ATen's
+  brgemm micro-kernels (AMX or AVX-512), float32 or bfloat16, bitwise identical at any thread count. It writes its
+  output as (B, L, H, D), which the output projection reads as (B, L, E) without the copy the others need.
+
+``choose(...)`` times them at conversion on the model's shape and dtype (``blocksparse.apply_bsr`` calls it) and
+keeps the fastest; the fused kernel competes only after it matched ``reference`` on that shape here.
+"""
+
+import math
+from typing import Dict, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+import blocksparse_fused
+
+CORES = ("sdpa", "plain", "fused")
+
+# apply_bsr times the cores on this many tokens when the model does not say its sequence length (a 224-pixel
+# ViT-B/16 image is 197 tokens), and on enough images to give every thread several (image, head) items.
+SAMPLE_TOKENS = 197
+SAMPLE_ITEMS = 24
+
+# The fused kernel's queries per tile: its scores (tile x keys floats) stay in cache. 64 measured fastest or within
+# noise of it for ViT-B/16 in both dtypes on the AMX Xeon (benchmarks/RESULTS.md, "The attention core").
+QUERY_TILE = 64
+
+_state: Dict[str, object] = {"choices": {}}
+
+
+##### The reference and the fused op #####
+
+
+def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional[float] = None) -> torch.Tensor:
+    """The fused kernel's computation in pure PyTorch: (B, H, L, D) inputs -> (B, L, H, D), in q's dtype.
+
+    Scores and softmax in float32 (float64 for float64 inputs); the probabilities rounded to the inputs' dtype
+    before the product with v, as SDPA's math backend does.
+    """
+    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    scores = (q.to(compute) @ k.to(compute).transpose(-2, -1)) * scale
+    probabilities = scores.softmax(dim=-1).to(q.dtype).to(compute)
+    return (probabilities @ v.to(compute)).to(q.dtype).transpose(1, 2)
+
+
+def fused_unavailable_reason(dtype: torch.dtype, head_dim: int) -> Optional[str]:
+    """None when the fused kernel takes this dtype and head size here; otherwise why not."""
+    if dtype not in (torch.float32, torch.bfloat16):
+        return f"the fused attention kernel takes float32 or bfloat16, not {dtype}"
+    if dtype == torch.bfloat16 and head_dim % 2:
+        return f"the fused attention kernel needs an even head size in bfloat16, not {head_dim}"
+    if not blocksparse_fused.available():
+        return f"the C++ extension is unavailable ({blocksparse_fused.unavailable_reason()})"
+    _register_fake()
+    return None
+
+
+def _register_fake() -> None:
+    if _state.get("fake"):
+        return
+
+    @torch.library.register_fake("superblock::attention_core")
+    def _(q, k, v, scale, query_tile):
+        batch, heads, queries, dim = q.shape
+        return q.new_empty(batch, queries, heads, dim)
+
+    _state["fake"] = True
+
+
+def fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional[float] = None,
+          query_tile: int = QUERY_TILE) -> torch.Tensor:
+    """The fused op: q (B, H, Lq, D), k and v (B, H, Lk, D), unit stride along D -> (B, Lq, H, D)."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    return torch.ops.superblock.attention_core(q, k, v, scale, query_tile)
+
+
+##### Running a core, and choosing one #####
+
+
+def fused_runs(q: torch.Tensor) -> bool:
+    """Whether the fused kernel takes these queries as they are (device, dtype, head size, no autograd)."""
+    return (q.device.type == "cpu" and q.dtype in (torch.float32, torch.bfloat16) and q.shape[-1] % 2 == 0
+            and not (torch.is_grad_enabled() and q.requires_grad))
+
+
+def run(core: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T / sqrt(D)) v for (B, H, L, D) inputs with no mask, as (B, L, H * D)."""
+    batch, heads, queries, dim = q.shape
+    if core == "fused" and fused_runs(q):
+        return fused(q, k, v).view(batch, queries, heads * dim)
+    if core == "plain":
+        flat = lambda t: t.reshape(batch * heads, t.shape[2], dim)  # noqa: E731
+        scores = torch.baddbmm(q.new_empty(()), flat(q), flat(k).transpose(1, 2), beta=0.0, alpha=dim ** -0.5)
+        out = torch.bmm(scores.softmax(dim=-1), flat(v)).view(batch, heads, queries, dim)
+    else:
+        out = F.scaled_dot_product_attention(q, k, v)
+    return out.transpose(1, 2).reshape(batch, queries, heads * dim)
+
+
+def sample(batch: int, heads: int, tokens: int, head_dim: int, dtype: torch.dtype,
+           generator: Optional[torch.Generator] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v (B, H, L, D) as ProjectedAttention makes them: views into one (B, L, 3 * H * D) projection."""
+    qkv = torch.randn(batch, tokens, 3, heads, head_dim, generator=generator).to(dtype)
+    return tuple(qkv[:, :, i].transpose(1, 2) for i in range(3))
+
+
+@torch.no_grad()
+def choose(heads: int, head_dim: int, dtype: torch.dtype, tokens: int = SAMPLE_TOKENS) -> Tuple[str, Dict[str, float]]:
+    """(core, seconds per core): the fastest of ``CORES`` for this shape and dtype here, measured once per process.
+
+    The fused kernel competes only where it runs and matches ``reference`` on the sample.
+    """
+    key = (heads, head_dim, dtype, tokens)
+    if key not in _state["choices"]:
+        batch = max(1, math.ceil(SAMPLE_ITEMS / heads))
+        q, k, v = sample(batch, heads, tokens, head_dim, dtype, torch.Generator().manual_seed(0))
+        candidates = ["sdpa", "plain"]
+        if fused_unavailable_reason(dtype, head_dim) is None and _fused_matches(q, k, v):
+            candidates.append("fused")
+        seconds = {core: blocksparse_fused.median_seconds(lambda: run(core, q, k, v)) for core in candidates}
+        _state["choices"][key] = (min(seconds, key=seconds.get), seconds)
+    return _state["choices"][key]
+
+
+def _fused_matches(q, k, v) -> bool:
+    expected = reference(q, k, v).float()
+    try:
+        got = fused(q, k, v).float()
+    except RuntimeError:  # a shape the micro-kernels refuse on this CPU
+        return False
+    tolerance = 1e-5 if q.dtype == torch.float32 else 2e-2
+    return bool(torch.allclose(got, expected, rtol=tolerance, atol=tolerance * expected.abs().max().item()))

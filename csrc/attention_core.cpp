@@ -1,0 +1,307 @@
+// The attention core for CPUs: out = softmax(q @ k.T * scale) @ v, one (image, head) per work item.
+//
+// SDPA's CPU flash kernel walks keys in small blocks with an online softmax, which pays for long sequences but not
+// for a ViT's 197 tokens. Here a work item packs its head's keys and values once, then for each tile of queries runs
+// one brgemm for the scores (a tile x keys float buffer that stays in cache, never the whole (B, H, L, L) tensor),
+// the softmax in place in float, and one brgemm for the weighted values, normalised in the epilogue and written
+// straight into a (B, L, H, D) output that the output projection reads as (B, L, E) with no copy.
+//
+// bfloat16 runs oneDNN's pair-interleaved (VNNI) micro-kernels (AMX or AVX-512 BF16), so keys are packed as
+// [D/2][keys][2] and values as [keys/2][D][2], both zero-padded to a multiple of 32 keys; the probabilities are
+// rounded to bfloat16 before the second product, as SDPA's math backend rounds them. float32 reads the values in
+// place. Each item is computed start to end by one thread: the result is the same bit for bit at any thread count.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/native/CPUBlas.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+using at::native::cpublas::brgemm;
+
+constexpr int64_t kKeyPadding = 32;  // keys padded to this multiple for the bfloat16 micro-kernels
+
+inline float bits_to_float(uint32_t bits) {
+  float value;
+  std::memcpy(&value, &bits, sizeof(value));
+  return value;
+}
+
+inline uint32_t float_to_bits(float value) {
+  uint32_t bits;
+  std::memcpy(&bits, &value, sizeof(bits));
+  return bits;
+}
+
+// Round-to-nearest-even float -> bfloat16 bits, branch-free so the loops around it vectorize.
+inline uint16_t to_bfloat16_bits(float value) {
+  const uint32_t bits = float_to_bits(value);
+  const bool nan = (bits & 0x7fffffffu) > 0x7f800000u;
+  const uint32_t rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
+  return nan ? uint16_t(0x7fc0) : uint16_t(rounded);
+}
+
+// Minimax-style fit of 2^f on [0, 1), highest power first: relative error below 2e-7.
+constexpr int kExp2Degree = 5;
+constexpr float kExp2Coefficients[kExp2Degree + 1] = {1.8762329e-3f, 8.992584e-3f, 5.5823606e-2f,
+                                                      2.4015453e-1f, 6.9315296e-1f, 9.9999994e-1f};
+
+// 2^x for x <= 0 (the softmax's shifted scores); NaN stays NaN, -inf gives 0.
+inline float exp2_nonpositive(float x) {
+  const float clamped = x < -126.f ? -126.f : x;  // NaN compares false and passes through
+  const float whole = __builtin_floorf(clamped);
+  const float f = clamped - whole;  // [0, 1)
+  float p = kExp2Coefficients[0];
+  for (int c = 1; c < kExp2Degree + 1; ++c) p = p * f + kExp2Coefficients[c];
+  const int32_t exponent = int32_t(whole) + 127;
+  const float result = p * bits_to_float(uint32_t(exponent) << 23);
+  return x < -126.f ? 0.f : result;
+}
+
+// Softmax numerators of one row of raw scores: exp((s - max) * scale), written over the row, or as bfloat16 to
+// `rounded` when it is given. Returns 1 / their sum. A NaN or +inf score makes the whole row NaN, as in SDPA: its
+// numerator is NaN, hence the sum and every output.
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+// The build targets this CPU (-march=native), so its instruction sets are known at compile time; the compiler does
+// not vectorize the portable loop below (its exp polynomial stays scalar), which made the softmax most of the time.
+
+inline __mmask16 first_lanes(int64_t count) {
+  return count >= 16 ? __mmask16(0xffff) : __mmask16((1u << count) - 1);
+}
+
+inline __m256i to_bfloat16x16(__m512 value) {
+#if defined(__AVX512BF16__)
+  return __m256i(_mm512_cvtneps_pbh(value));
+#else
+  const __m512i bits = _mm512_castps_si512(value);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff))), 16);
+  rounded = _mm512_mask_mov_epi32(rounded, _mm512_cmp_ps_mask(value, value, _CMP_UNORD_Q), _mm512_set1_epi32(0x7fc0));
+  return _mm512_cvtepi32_epi16(rounded);
+#endif
+}
+
+inline float softmax_numerators(float* row, int64_t count, float scale, uint16_t* rounded) {
+  const __m512 negative_infinity = _mm512_set1_ps(-INFINITY);
+  __m512 max16 = negative_infinity;
+  for (int64_t j = 0; j < count; j += 16) {
+    max16 = _mm512_max_ps(max16, _mm512_mask_loadu_ps(negative_infinity, first_lanes(count - j), row + j));
+  }
+  const __m512 shift = _mm512_set1_ps(_mm512_reduce_max_ps(max16));
+  const __m512 log2_scale = _mm512_set1_ps(scale * 1.4426950408889634f);
+  const __m512 lowest = _mm512_set1_ps(-150.f);  // below it 2^x is 0 in float
+  __m512 sum16 = _mm512_setzero_ps();
+  for (int64_t j = 0; j < count; j += 16) {
+    const __mmask16 mask = first_lanes(count - j);
+    // max_ps returns its second operand when either is NaN, so NaN passes the clamp.
+    const __m512 x = _mm512_max_ps(lowest, _mm512_mul_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(mask, row + j), shift),
+                                                         log2_scale));
+    const __m512 whole = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+    const __m512 fraction = _mm512_sub_ps(x, whole);
+    __m512 p = _mm512_set1_ps(kExp2Coefficients[0]);
+    for (int c = 1; c < kExp2Degree + 1; ++c) p = _mm512_fmadd_ps(p, fraction, _mm512_set1_ps(kExp2Coefficients[c]));
+    const __m512 e = _mm512_scalef_ps(p, whole);  // p * 2^whole
+    if (rounded) {
+      _mm256_mask_storeu_epi16(rounded + j, mask, to_bfloat16x16(e));
+    } else {
+      _mm512_mask_storeu_ps(row + j, mask, e);
+    }
+    sum16 = _mm512_mask_add_ps(sum16, mask, sum16, e);
+  }
+  return 1.f / _mm512_reduce_add_ps(sum16);
+}
+
+// dst[c][r] = src[r][c] for 4-byte words: 16 rows at a time, each output vector gathered from them. `src` rows may
+// start at any 2-byte boundary (a bfloat16 head inside a qkv row), which gathers with byte offsets allow.
+inline void transpose_words(const void* src, int64_t src_stride_bytes, int64_t rows, int64_t cols, uint32_t* dst,
+                            int64_t dst_stride) {
+  const __m512i row_offsets = _mm512_mullo_epi32(
+      _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), _mm512_set1_epi32(int(src_stride_bytes)));
+  for (int64_t r0 = 0; r0 < rows; r0 += 16) {
+    const __mmask16 mask = first_lanes(rows - r0);
+    const char* base = static_cast<const char*>(src) + r0 * src_stride_bytes;
+    for (int64_t c = 0; c < cols; ++c) {
+      const __m512i words = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), mask, row_offsets, base + c * 4, 1);
+      _mm512_mask_storeu_epi32(dst + c * dst_stride + r0, mask, words);
+    }
+  }
+}
+#else
+inline float softmax_numerators(float* row, int64_t count, float scale, uint16_t* rounded) {
+  float max = -INFINITY;
+  for (int64_t j = 0; j < count; ++j) max = row[j] > max ? row[j] : max;
+  const float log2_scale = scale * 1.4426950408889634f;
+  float sum = 0.f;
+  for (int64_t j = 0; j < count; ++j) {
+    const float e = exp2_nonpositive((row[j] - max) * log2_scale);
+    sum += e;
+    if (rounded) {
+      rounded[j] = to_bfloat16_bits(e);
+    } else {
+      row[j] = e;
+    }
+  }
+  return 1.f / sum;
+}
+
+// dst[c][r] = src[r][c] for 4-byte words, in 16 x 16 blocks so that reads and writes both stay in a few cache lines.
+// `src` rows may start at any 2-byte boundary (a bfloat16 head inside a qkv row), hence the memcpy loads.
+inline void transpose_words(const void* src, int64_t src_stride_bytes, int64_t rows, int64_t cols, uint32_t* dst,
+                            int64_t dst_stride) {
+  const char* base = static_cast<const char*>(src);
+  for (int64_t r0 = 0; r0 < rows; r0 += 16) {
+    const int64_t r1 = std::min(rows, r0 + 16);
+    for (int64_t c0 = 0; c0 < cols; c0 += 16) {
+      const int64_t c1 = std::min(cols, c0 + 16);
+      for (int64_t r = r0; r < r1; ++r) {
+        const char* row = base + r * src_stride_bytes;
+        for (int64_t c = c0; c < c1; ++c) std::memcpy(dst + c * dst_stride + r, row + c * 4, 4);
+      }
+    }
+  }
+}
+#endif
+
+struct Heads {
+  int64_t batch, heads, queries, keys, dim;
+};
+
+// One (image, head): its keys packed for the scores' product, values for the second, then tile after tile of queries.
+template <typename T>
+struct Item;
+
+template <>
+struct Item<float> {
+  std::vector<float> keys_t, scores, acc;
+
+  void run(const float* q, int64_t q_stride, const float* k, int64_t k_stride, const float* v, int64_t v_stride,
+           float* out, int64_t out_stride, const Heads& s, float scale, int64_t tile) {
+    const int64_t padded = (s.keys + 15) / 16 * 16;
+    keys_t.assign(s.dim * padded, 0.f);  // k transposed: dim x keys
+    transpose_words(k, k_stride * sizeof(float), s.keys, s.dim, reinterpret_cast<uint32_t*>(keys_t.data()), padded);
+    scores.resize(tile * padded);
+    acc.resize(tile * s.dim);
+    for (int64_t i0 = 0; i0 < s.queries; i0 += tile) {
+      const int64_t m = std::min(tile, s.queries - i0);
+      brgemm(m, padded, s.dim, q_stride, padded, padded, false, q + i0 * q_stride, keys_t.data(), scores.data(),
+             false);
+      float inverse[256];
+      for (int64_t r = 0; r < m; ++r) inverse[r] = softmax_numerators(scores.data() + r * padded, s.keys, scale, nullptr);
+      brgemm(m, s.dim, s.keys, padded, v_stride, s.dim, false, scores.data(), v, acc.data(), false);
+      for (int64_t r = 0; r < m; ++r) {
+        float* o = out + (i0 + r) * out_stride;
+        for (int64_t d = 0; d < s.dim; ++d) o[d] = acc[r * s.dim + d] * inverse[r];
+      }
+    }
+  }
+};
+
+template <>
+struct Item<at::BFloat16> {
+  std::vector<uint32_t> keys_t, values;  // pairs of bfloat16
+  std::vector<float> scores, acc;
+  std::vector<uint16_t> probabilities;
+
+  void run(const at::BFloat16* q, int64_t q_stride, const at::BFloat16* k, int64_t k_stride, const at::BFloat16* v,
+           int64_t v_stride, at::BFloat16* out, int64_t out_stride, const Heads& s, float scale, int64_t tile) {
+    const int64_t padded = (s.keys + kKeyPadding - 1) / kKeyPadding * kKeyPadding, pairs = s.dim / 2;
+    // keys_t[p][j] = (k[j][2p], k[j][2p+1]): the [D/2][keys][2] layout of k.T.
+    keys_t.assign(pairs * padded, 0u);
+    transpose_words(k, k_stride * sizeof(at::BFloat16), s.keys, pairs, keys_t.data(), padded);
+    // values[p][d] = (v[2p][d], v[2p+1][d]): the [keys/2][D][2] layout, padding keys zero.
+    values.resize(padded / 2 * s.dim);
+    for (int64_t p = 0; p < padded / 2; ++p) {
+      const int64_t j = 2 * p;
+      const uint16_t* even = j < s.keys ? reinterpret_cast<const uint16_t*>(v + j * v_stride) : nullptr;
+      const uint16_t* odd = j + 1 < s.keys ? reinterpret_cast<const uint16_t*>(v + (j + 1) * v_stride) : nullptr;
+      uint32_t* packed = values.data() + p * s.dim;
+      if (even && odd) {
+        for (int64_t d = 0; d < s.dim; ++d) packed[d] = uint32_t(even[d]) | (uint32_t(odd[d]) << 16);
+      } else {
+        for (int64_t d = 0; d < s.dim; ++d) packed[d] = even ? uint32_t(even[d]) : 0u;
+      }
+    }
+    scores.resize(tile * padded);
+    probabilities.assign(tile * padded, 0);  // the padding columns stay zero
+    acc.resize(tile * s.dim);
+    const auto* keys_bf16 = reinterpret_cast<const at::BFloat16*>(keys_t.data());
+    const auto* values_bf16 = reinterpret_cast<const at::BFloat16*>(values.data());
+    const auto* probabilities_bf16 = reinterpret_cast<const at::BFloat16*>(probabilities.data());
+    for (int64_t i0 = 0; i0 < s.queries; i0 += tile) {
+      const int64_t m = std::min(tile, s.queries - i0);
+      brgemm(m, padded, s.dim, q_stride, padded, padded, false, q + i0 * q_stride, keys_bf16, scores.data(), true);
+      float inverse[256];
+      for (int64_t r = 0; r < m; ++r) {
+        inverse[r] = softmax_numerators(scores.data() + r * padded, s.keys, scale, probabilities.data() + r * padded);
+      }
+      brgemm(m, s.dim, padded, padded, s.dim, s.dim, false, probabilities_bf16, values_bf16, acc.data(), true);
+      for (int64_t r = 0; r < m; ++r) {
+        uint16_t* o = reinterpret_cast<uint16_t*>(out + (i0 + r) * out_stride);
+        for (int64_t d = 0; d < s.dim; ++d) o[d] = to_bfloat16_bits(acc[r * s.dim + d] * inverse[r]);
+      }
+    }
+  }
+};
+
+template <typename T>
+void attention_heads(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out, const Heads& s,
+                     float scale, int64_t tile) {
+  const T* qp = q.data_ptr<T>();
+  const T* kp = k.data_ptr<T>();
+  const T* vp = v.data_ptr<T>();
+  T* op = out.data_ptr<T>();
+  at::parallel_for(0, s.batch * s.heads, 1, [&](int64_t begin, int64_t end) {
+    Item<T> item;
+    for (int64_t index = begin; index < end; ++index) {
+      const int64_t b = index / s.heads, h = index % s.heads;
+      item.run(qp + b * q.stride(0) + h * q.stride(1), q.stride(2), kp + b * k.stride(0) + h * k.stride(1),
+               k.stride(2), vp + b * v.stride(0) + h * v.stride(1), v.stride(2),
+               op + b * out.stride(0) + h * out.stride(2), out.stride(1), s, scale, tile);
+    }
+    at::native::cpublas::brgemm_release(std::is_same_v<T, at::BFloat16>);
+  });
+}
+
+// q (B, H, Lq, D), k and v (B, H, Lk, D), each with unit stride along D -> out (B, Lq, H, D), contiguous.
+at::Tensor attention_core(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale,
+                          int64_t query_tile) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "attention_core: q, k and v must be (B, H, L, D)");
+  TORCH_CHECK(q.scalar_type() == k.scalar_type() && k.scalar_type() == v.scalar_type(),
+              "attention_core: q, k and v must share a dtype");
+  TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kBFloat16,
+              "attention_core: float32 or bfloat16 only");
+  TORCH_CHECK(q.size(0) == k.size(0) && q.size(1) == k.size(1) && q.size(3) == k.size(3) && k.sizes() == v.sizes(),
+              "attention_core: q, k and v shapes disagree");
+  TORCH_CHECK(q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1, "attention_core: D must be contiguous");
+  TORCH_CHECK(query_tile >= 1 && query_tile <= 256, "attention_core: query_tile must be in [1, 256]");
+  TORCH_CHECK(k.size(2) >= 1, "attention_core: at least one key");
+  const Heads s{q.size(0), q.size(1), q.size(2), k.size(2), q.size(3)};
+  TORCH_CHECK(q.scalar_type() == at::kFloat || s.dim % 2 == 0, "attention_core: bfloat16 needs an even head size");
+  auto out = at::empty({s.batch, s.queries, s.heads, s.dim}, q.options());
+  if (out.numel() == 0) return out;
+  if (q.scalar_type() == at::kFloat) {
+    attention_heads<float>(q, k, v, out, s, float(scale), query_tile);
+  } else {
+    attention_heads<at::BFloat16>(q, k, v, out, s, float(scale), query_tile);
+  }
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(superblock, m) {
+  m.def("attention_core(Tensor q, Tensor k, Tensor v, float scale, int query_tile) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(superblock, CPU, m) {
+  m.impl("attention_core", &attention_core);
+}
