@@ -1,11 +1,13 @@
 """Where the time goes in a block-sparse vit_b_16: self CPU time per forward by kind of op, under torch.profiler.
 
-    python benchmarks/profile_model.py [--variant int8] [--attention] [--kernel auto] [--batch-size 8] [--iters 3]
+    python benchmarks/profile_model.py [--variant int8] [--attention] [--kernel auto] [--core auto] [--batch-size 8]
+        [--iters 3]
 
 vit_b_16 with a random head, blocks of --blocksize pruned at random (--sparsity of them) in every MLP Linear, and with
 --attention in the attention projections (in_proj_weight, out_proj) too; then, by --variant: "dense" (float32, as
 pruned), "float32" or "bf16" (apply_bsr on the float32 or bfloat16 model), "int8" (apply_bsr(quantize="int8") on the
-bfloat16 model). One warm-up forward, then --iters forwards under the profiler; the table groups each op's self CPU
+bfloat16 model); --core sdpa puts back the attention core of before the fused one (SDPA in every ProjectedAttention,
+nn.MultiheadAttention where the projections stay dense). One warm-up forward, then --iters forwards under the profiler; the table groups each op's self CPU
 time into block-sparse and int8 layers (superblock::*), dense Linear, the attention core, LayerNorm and the rest, then
 lists the top ops. Self times are the calling thread's: an op's work on intra-op threads counts once, as wall time;
 an op that a superblock op calls (the float fused MLP's GELU) counts in the superblock group.
@@ -24,6 +26,7 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import benchmark  # noqa: E402
 import blocksparse  # noqa: E402
+from attention import ProjectedAttention  # noqa: E402
 import utils  # noqa: E402
 
 VARIANTS = ("dense", "float32", "bf16", "int8")
@@ -44,6 +47,9 @@ def get_args_parser(add_help=True):
     parser.add_argument("--kernel", default="auto", choices=["auto", "fused"],
                         help="apply_bsr's kernel: 'auto' times each layer's forms and keeps the fastest, 'fused' runs "
                         "the C++ kernels everywhere, int8 ones for --variant int8 (default: auto)")
+    parser.add_argument("--core", default="auto", choices=["auto", "sdpa"],
+                        help="the attention core: 'auto' keeps apply_bsr's choice, 'sdpa' runs SDPA as before the "
+                        "fused core existed (default: auto)")
     parser.add_argument("--sparsity", default=0.9, type=float,
                         help="fraction of blocks pruned at random (default: 0.9)")
     parser.add_argument("-b", "--batch-size", default=8, type=int, help="images per forward (default: 8)")
@@ -86,16 +92,36 @@ def convert(model, args):
     result = blocksparse.apply_bsr(model, args.blocksize, kernel=args.kernel,
                                    quantize="int8" if args.variant == "int8" else None)
     seconds = time.perf_counter() - start
+    if args.core == "sdpa":
+        _sdpa_cores(model)
+    cores = collections.Counter(core for _, core in result.attention_cores)
     kernels = collections.Counter(kernel for _, kernel, _ in result.converted)
     what = (f"apply_bsr in {seconds:.1f} s: {len(result.converted)} layers converted "
             f"({', '.join(f'{n} {k}' for k, n in sorted(kernels.items()))}), {len(result.left_dense)} left dense, "
-            f"{len(result.fused_mlps)} MLPs fused")
+            f"{len(result.fused_mlps)} MLPs fused; attention cores: "
+            f"{', '.join(f'{n} {c}' for c, n in sorted(cores.items()))}{' (replaced by sdpa)' if args.core == 'sdpa' else ''}")
     return model, what
+
+
+def _sdpa_cores(model):
+    """Every ProjectedAttention back on SDPA, and those apply_bsr made for their core alone (dense projections) back
+    to nn.MultiheadAttention: the model as it ran before the fused core."""
+    plain = (nn.Linear, nn.modules.linear.NonDynamicallyQuantizableLinear)
+    for fqn, module in list(model.named_modules()):
+        if not isinstance(module, ProjectedAttention):
+            continue
+        module.core = "sdpa"
+        if type(module.in_proj) in plain and type(module.out_proj) in plain:
+            parent, _, name = fqn.rpartition(".")
+            mha = module.to_attention(module.in_proj.weight, module.out_proj.weight).eval().requires_grad_(False)
+            setattr(model.get_submodule(parent) if parent else model, name, mha)
 
 
 def group_of(event):
     """Which of GROUPS a profiled op counts in: an op that a superblock op calls (the float fused MLP's GELU) counts
     as part of it."""
+    if event.name == "superblock::attention_core":
+        return GROUPS[2]
     parent = event
     while parent is not None:
         if parent.name.startswith("superblock::"):

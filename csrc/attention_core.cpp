@@ -90,34 +90,62 @@ inline __m256i to_bfloat16x16(__m512 value) {
 #endif
 }
 
-inline float softmax_numerators(float* row, int64_t count, float scale, uint16_t* rounded) {
+// kRows rows at a time: their max and exp chains are independent, so they overlap in the pipeline (one row's
+// reductions are long dependency chains: max, then horizontal max, then exp, then horizontal sum).
+template <int kRows>
+inline void softmax_rows(float* scores, int64_t stride, int64_t count, float scale, uint16_t* rounded,
+                         float* inverse) {
   const __m512 negative_infinity = _mm512_set1_ps(-INFINITY);
-  __m512 max16 = negative_infinity;
-  for (int64_t j = 0; j < count; j += 16) {
-    max16 = _mm512_max_ps(max16, _mm512_mask_loadu_ps(negative_infinity, first_lanes(count - j), row + j));
-  }
-  const __m512 shift = _mm512_set1_ps(_mm512_reduce_max_ps(max16));
-  const __m512 log2_scale = _mm512_set1_ps(scale * 1.4426950408889634f);
-  const __m512 lowest = _mm512_set1_ps(-150.f);  // below it 2^x is 0 in float
-  __m512 sum16 = _mm512_setzero_ps();
+  __m512 max16[kRows];
+  for (int r = 0; r < kRows; ++r) max16[r] = negative_infinity;
   for (int64_t j = 0; j < count; j += 16) {
     const __mmask16 mask = first_lanes(count - j);
-    // max_ps returns its second operand when either is NaN, so NaN passes the clamp.
-    const __m512 x = _mm512_max_ps(lowest, _mm512_mul_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(mask, row + j), shift),
-                                                         log2_scale));
-    const __m512 whole = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-    const __m512 fraction = _mm512_sub_ps(x, whole);
-    __m512 p = _mm512_set1_ps(kExp2Coefficients[0]);
-    for (int c = 1; c < kExp2Degree + 1; ++c) p = _mm512_fmadd_ps(p, fraction, _mm512_set1_ps(kExp2Coefficients[c]));
-    const __m512 e = _mm512_scalef_ps(p, whole);  // p * 2^whole
-    if (rounded) {
-      _mm256_mask_storeu_epi16(rounded + j, mask, to_bfloat16x16(e));
-    } else {
-      _mm512_mask_storeu_ps(row + j, mask, e);
+    for (int r = 0; r < kRows; ++r) {
+      max16[r] = _mm512_max_ps(max16[r], _mm512_mask_loadu_ps(negative_infinity, mask, scores + r * stride + j));
     }
-    sum16 = _mm512_mask_add_ps(sum16, mask, sum16, e);
   }
-  return 1.f / _mm512_reduce_add_ps(sum16);
+  const __m512 log2_scale = _mm512_set1_ps(scale * 1.4426950408889634f);
+  const __m512 lowest = _mm512_set1_ps(-150.f);  // below it 2^x is 0 in float
+  __m512 shift[kRows], sum16[kRows];
+  for (int r = 0; r < kRows; ++r) {
+    shift[r] = _mm512_set1_ps(_mm512_reduce_max_ps(max16[r]));
+    sum16[r] = _mm512_setzero_ps();
+  }
+  for (int64_t j = 0; j < count; j += 16) {
+    const __mmask16 mask = first_lanes(count - j);
+    for (int r = 0; r < kRows; ++r) {
+      float* row = scores + r * stride;
+      // max_ps returns its second operand when either is NaN, so NaN passes the clamp.
+      const __m512 x = _mm512_max_ps(
+          lowest, _mm512_mul_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(mask, row + j), shift[r]), log2_scale));
+      const __m512 whole = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+      const __m512 fraction = _mm512_sub_ps(x, whole);
+      __m512 p = _mm512_set1_ps(kExp2Coefficients[0]);
+      for (int c = 1; c < kExp2Degree + 1; ++c) {
+        p = _mm512_fmadd_ps(p, fraction, _mm512_set1_ps(kExp2Coefficients[c]));
+      }
+      const __m512 e = _mm512_scalef_ps(p, whole);  // p * 2^whole
+      if (rounded) {
+        _mm256_mask_storeu_epi16(rounded + r * stride + j, mask, to_bfloat16x16(e));
+      } else {
+        _mm512_mask_storeu_ps(row + j, mask, e);
+      }
+      sum16[r] = _mm512_mask_add_ps(sum16[r], mask, sum16[r], e);
+    }
+  }
+  for (int r = 0; r < kRows; ++r) inverse[r] = 1.f / _mm512_reduce_add_ps(sum16[r]);
+}
+
+// Every row of a tile of scores (rows x count, row stride `stride`); `rounded` as the scores when given.
+inline void softmax_tile(float* scores, int64_t rows, int64_t stride, int64_t count, float scale, uint16_t* rounded,
+                         float* inverse) {
+  int64_t r = 0;
+  for (; r + 4 <= rows; r += 4) {
+    softmax_rows<4>(scores + r * stride, stride, count, scale, rounded ? rounded + r * stride : nullptr, inverse + r);
+  }
+  for (; r < rows; ++r) {
+    softmax_rows<1>(scores + r * stride, stride, count, scale, rounded ? rounded + r * stride : nullptr, inverse + r);
+  }
 }
 
 // dst[c][r] = src[r][c] for 4-byte words: 16 rows at a time, each output vector gathered from them. `src` rows may
@@ -151,6 +179,13 @@ inline float softmax_numerators(float* row, int64_t count, float scale, uint16_t
     }
   }
   return 1.f / sum;
+}
+
+inline void softmax_tile(float* scores, int64_t rows, int64_t stride, int64_t count, float scale, uint16_t* rounded,
+                         float* inverse) {
+  for (int64_t r = 0; r < rows; ++r) {
+    inverse[r] = softmax_numerators(scores + r * stride, count, scale, rounded ? rounded + r * stride : nullptr);
+  }
 }
 
 // dst[c][r] = src[r][c] for 4-byte words, in 16 x 16 blocks so that reads and writes both stay in a few cache lines.
@@ -195,7 +230,7 @@ struct Item<float> {
       brgemm(m, padded, s.dim, q_stride, padded, padded, false, q + i0 * q_stride, keys_t.data(), scores.data(),
              false);
       float inverse[256];
-      for (int64_t r = 0; r < m; ++r) inverse[r] = softmax_numerators(scores.data() + r * padded, s.keys, scale, nullptr);
+      softmax_tile(scores.data(), m, padded, s.keys, scale, nullptr, inverse);
       brgemm(m, s.dim, s.keys, padded, v_stride, s.dim, false, scores.data(), v, acc.data(), false);
       for (int64_t r = 0; r < m; ++r) {
         float* o = out + (i0 + r) * out_stride;
@@ -240,9 +275,7 @@ struct Item<at::BFloat16> {
       const int64_t m = std::min(tile, s.queries - i0);
       brgemm(m, padded, s.dim, q_stride, padded, padded, false, q + i0 * q_stride, keys_bf16, scores.data(), true);
       float inverse[256];
-      for (int64_t r = 0; r < m; ++r) {
-        inverse[r] = softmax_numerators(scores.data() + r * padded, s.keys, scale, probabilities.data() + r * padded);
-      }
+      softmax_tile(scores.data(), m, padded, s.keys, scale, probabilities.data(), inverse);
       brgemm(m, s.dim, padded, padded, s.dim, s.dim, false, probabilities_bf16, values_bf16, acc.data(), true);
       for (int64_t r = 0; r < m; ++r) {
         uint16_t* o = reinterpret_cast<uint16_t*>(out + (i0 + r) * out_stride);
