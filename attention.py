@@ -161,6 +161,21 @@ class ProjectedAttention(nn.Module):
                 f"core={self.core}")
 
 
+def restore_sdpa(model: nn.Module) -> None:
+    """Undo ``blocksparse.apply_bsr``'s attention cores (in place): every ProjectedAttention runs SDPA again, and
+    those whose projections are plain Linears (made for their core alone) are nn.MultiheadAttention again. The model
+    as it ran before the fused core, for before/after timings."""
+    plain = (nn.Linear, nn.modules.linear.NonDynamicallyQuantizableLinear)
+    for fqn, module in list(model.named_modules()):
+        if not isinstance(module, ProjectedAttention):
+            continue
+        module.core = "sdpa"
+        if type(module.in_proj) in plain and type(module.out_proj) in plain:
+            mha = module.to_attention(module.in_proj.weight, module.out_proj.weight).requires_grad_(False)
+            parent, _, name = fqn.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, name, mha)
+
+
 def _rename_multihead_keys(state_dict, prefix, *args):
     for old, new in [("in_proj_weight", "in_proj.weight"), ("in_proj_bias", "in_proj.bias")]:
         if prefix + old in state_dict:

@@ -25,6 +25,7 @@ import platform
 import statistics
 import sys
 import time
+from collections import Counter
 
 import torch
 from torch import nn
@@ -37,12 +38,15 @@ import checkpoints
 import cli
 import supermask
 import utils
+from attention import restore_sdpa
 
 # Output check against the offline model, relative to the largest |logit|.
 TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 5e-2, torch.float16: 1e-2}
 # The int8 variants' check: ||y - ref|| / ||ref|| of the outputs (W8A8 rounds every weight and activation to 8 bits,
 # so single logits can move further than TOLERANCE allows).
 INT8_TOLERANCE = 0.1
+BASELINES = ("dense", "online", "offline", "torch", "bsr-sdpa")
+SDPA_VARIANT = "bsr-sdpa"  # bsr with SDPA as its attention core (attention.restore_sdpa): the model before the fused core
 INT8_VARIANT = "bsr-int8"  # the model in int8: apply_bsr(kernel="auto", quantize="int8")
 
 
@@ -68,8 +72,8 @@ def get_args_parser(add_help=True):
                        help=f"comma-separated blocksparse kernels to time as bsr-<kernel>, or 'all' "
                             f"({', '.join(blocksparse.KERNELS[:-1])}; default: auto)")
     group.add_argument("--baselines", default="dense,online,offline,torch", type=str,
-                       help="comma-separated variants timed beside bsr; dense is always timed "
-                            "(default: dense,online,offline,torch)")
+                       help="comma-separated variants timed beside bsr; dense is always timed; bsr-sdpa is bsr with "
+                            "SDPA as its attention core, as before the fused core (default: dense,online,offline,torch)")
     group.add_argument("--quantize", default="none", choices=("none", "int8"),
                        help=f"int8 also times the int8 (W8A8) model as {INT8_VARIANT} (apply_bsr kernel auto, "
                             f"quantize int8), or with --layer rows int8-auto and int8-fused; CPU only, a block size "
@@ -138,7 +142,7 @@ class Plan:
     blocksize: int
     kernels: list  # blocksparse kernels, each timed as bsr-<kernel> (bsr for auto)
     quantize: str | None  # "int8": the int8 variant (or --layer rows) too
-    baselines: list  # dense first, then any of online, offline, torch
+    baselines: list  # dense first, then any of online, offline, torch, bsr-sdpa
     layer_shape: tuple | None  # --layer's sides: (IN, OUT) or (IN, HIDDEN, OUT)
     sweep_sparsities: list | None  # None: no sweep
     sweep_tiles: list | None
@@ -174,9 +178,9 @@ def check_args(args):
     if unknown:
         raise utils.InputError(f"--kernels: unknown {', '.join(unknown)}; choose from {', '.join(blocksparse.KERNELS)}")
     baselines = [b for b in args.baselines.split(",") if b]
-    unknown = [b for b in baselines if b not in ("dense", "online", "offline", "torch")]
+    unknown = [b for b in baselines if b not in BASELINES]
     if unknown:
-        raise utils.InputError(f"--baselines: unknown {', '.join(unknown)}; choose from dense, online, offline, torch")
+        raise utils.InputError(f"--baselines: unknown {', '.join(unknown)}; choose from {', '.join(BASELINES)}")
     baselines = ["dense"] + [b for b in baselines if b != "dense"]
     layer_shape = None
     if args.layer is not None:
@@ -336,7 +340,7 @@ def build_variants(args, plan, dense, sparsity, tile_size, blocksize, variants):
             continue
         kernel = "torch" if name == "torch" else name.partition("-")[2] or "auto"
         quantize = "int8" if name == INT8_VARIANT else None
-        if quantize:
+        if quantize or name == SDPA_VARIANT:
             kernel = "auto"
         if kernel == "torch" and not blocksparse.torch_bsr_supports_dtype(plan.dtype, plan.device):
             notes[name] = f"skipped: kernel {kernel} does not take {args.dtype} on {plan.device.type}"
@@ -345,9 +349,15 @@ def build_variants(args, plan, dense, sparsity, tile_size, blocksize, variants):
         model = copy.deepcopy(offline).to(device=plan.device, dtype=plan.dtype)
         result = blocksparse.apply_bsr(model, blocksize=blocksize, min_sparsity=args.min_sparsity, kernel=kernel,
                                        quantize=quantize)
+        if name == SDPA_VARIANT:
+            restore_sdpa(model)
+            cores = "attention sdpa"
+        else:
+            cores = "attention " + " ".join(f"{core}:{n}" for core, n in
+                                            Counter(core for _, core in result.attention_cores).items())
         fused = f" ({len(result.fused_mlps)} MLPs as one kernel each)" if result.fused_mlps else ""
         notes[name] = (f"{len(result.converted)} Linear converted{fused}, {len(result.left_dense)} left dense; "
-                       f"{_kernel_counts(model)}")
+                       f"{_kernel_counts(model)}; {cores}")
         models[name] = model
     return {k: v for k, v in models.items() if k in variants}, notes
 
@@ -393,7 +403,7 @@ def _prepare(name, model, args, plan):
 
 def run_model(args, plan):
     """Time every variant at the flags' sparsity; returns result rows."""
-    variants = [v for v in ["dense", "online", "offline", "torch"] if v in plan.baselines]
+    variants = [v for v in BASELINES if v in plan.baselines]
     variants += [f"bsr-{k}" if k != "auto" else "bsr" for k in plan.kernels]
     variants += [INT8_VARIANT] if plan.quantize else []
     dense = base_model(args)

@@ -26,7 +26,7 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import benchmark  # noqa: E402
 import blocksparse  # noqa: E402
-from attention import ProjectedAttention  # noqa: E402
+from attention import restore_sdpa  # noqa: E402
 import utils  # noqa: E402
 
 VARIANTS = ("dense", "float32", "bf16", "int8")
@@ -93,7 +93,7 @@ def convert(model, args):
                                    quantize="int8" if args.variant == "int8" else None)
     seconds = time.perf_counter() - start
     if args.core == "sdpa":
-        _sdpa_cores(model)
+        restore_sdpa(model)
     cores = collections.Counter(core for _, core in result.attention_cores)
     kernels = collections.Counter(kernel for _, kernel, _ in result.converted)
     what = (f"apply_bsr in {seconds:.1f} s: {len(result.converted)} layers converted "
@@ -101,20 +101,6 @@ def convert(model, args):
             f"{len(result.fused_mlps)} MLPs fused; attention cores: "
             f"{', '.join(f'{n} {c}' for c, n in sorted(cores.items()))}{' (replaced by sdpa)' if args.core == 'sdpa' else ''}")
     return model, what
-
-
-def _sdpa_cores(model):
-    """Every ProjectedAttention back on SDPA, and those apply_bsr made for their core alone (dense projections) back
-    to nn.MultiheadAttention: the model as it ran before the fused core."""
-    plain = (nn.Linear, nn.modules.linear.NonDynamicallyQuantizableLinear)
-    for fqn, module in list(model.named_modules()):
-        if not isinstance(module, ProjectedAttention):
-            continue
-        module.core = "sdpa"
-        if type(module.in_proj) in plain and type(module.out_proj) in plain:
-            parent, _, name = fqn.rpartition(".")
-            mha = module.to_attention(module.in_proj.weight, module.out_proj.weight).eval().requires_grad_(False)
-            setattr(model.get_submodule(parent) if parent else model, name, mha)
 
 
 def group_of(event):
