@@ -13,6 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import attention_core
+import timm_attention
 
 
 def unsupported_attention_reason(mha):
@@ -162,11 +163,13 @@ class ProjectedAttention(nn.Module):
 
 
 def restore_sdpa(model: nn.Module) -> None:
-    """Undo ``blocksparse.apply_bsr``'s attention cores (in place): every ProjectedAttention runs SDPA again, and
-    those whose projections are plain Linears (made for their core alone) are nn.MultiheadAttention again. The model
-    as it ran before the fused core, for before/after timings."""
+    """Undo ``blocksparse.apply_bsr``'s attention cores (in place): every ProjectedAttention and timm attention runs
+    SDPA again, and ProjectedAttentions whose projections are plain Linears (made for their core alone) are
+    nn.MultiheadAttention again. The model as it ran before the fused core, for before/after timings."""
     plain = (nn.Linear, nn.modules.linear.NonDynamicallyQuantizableLinear)
     for fqn, module in list(model.named_modules()):
+        if isinstance(module, timm_attention.CoreAttention):
+            module.core = "sdpa"
         if not isinstance(module, ProjectedAttention):
             continue
         module.core = "sdpa"

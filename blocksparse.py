@@ -47,6 +47,7 @@ import blocksparse_fused
 import blocksparse_int8
 import blocksparse_reference as reference
 import blocksparse_triton
+import timm_attention
 import timm_layers
 from attention import ProjectedAttention, unsupported_attention_reason
 from blocksparse_int8 import Int8BlockSparseLinear
@@ -793,12 +794,14 @@ def apply_bsr(
             return linear
         return BlockSparseLinear.from_dense(linear, blocksize, kernel="auto")
 
-    tokens = getattr(model, "seq_length", None)  # torchvision's ViT says how many tokens its attention sees
-    tokens = tokens if isinstance(tokens, int) and tokens > 0 else attention_core.SAMPLE_TOKENS
+    tokens = _attention_tokens(model)
+    timm_attention_type = timm_layers.plain_attention_type()
     for fqn, module in list(model.named_modules()):
         if isinstance(module, nn.MultiheadAttention):
             _convert_attention(model, fqn, module, convert, reason_to_stay_dense, quantizes, result,
                                kernel=kernel, tokens=tokens)
+        elif timm_attention_type is not None and type(module) is timm_attention_type:
+            _convert_timm_attention(model, fqn, module, result, kernel=kernel, tokens=tokens)
     prepared = []
     if kernel in ("auto", "fused", "bmm"):
         for first_name, second_name, between_names in _mlp_pairs(model, result.unfused_mlps):
@@ -889,7 +892,7 @@ def _convert_attention(model, fqn, mha, convert, reason_to_stay_dense, quantizes
         raise ValueError("apply_bsr needs a model that contains the nn.MultiheadAttention, not the module itself")
     projections = (projected.in_proj, projected.out_proj)
     names = (in_name, out_name)
-    projected.core = _attention_core(projected, kernel, tokens)
+    projected.core = _attention_core(projected.in_proj.weight, projected.num_heads, projected.head_dim, kernel, tokens)
     if all(reason_to_stay_dense(layer, name) is not None and not quantizes(layer, name)
            for layer, name in zip(projections, names)):
         # Neither projection gains: keep nn.MultiheadAttention and its fused fast path, unless the core pays.
@@ -907,15 +910,35 @@ def _convert_attention(model, fqn, mha, convert, reason_to_stay_dense, quantizes
     result.attention_cores.append((fqn, projected.core))
 
 
-def _attention_core(projected: ProjectedAttention, kernel: str, tokens: int) -> str:
-    """The core a converted attention module runs: the fastest measured here ("auto"), the fused kernel where it
-    takes the dtype ("fused"), else SDPA as before."""
-    weight = projected.in_proj.weight
+def _attention_tokens(model: nn.Module) -> int:
+    """How many tokens the model's attention sees, to time its cores on: torchvision's ViT says (``seq_length``),
+    timm's says through its patch embedding and prefix tokens; otherwise ``attention_core.SAMPLE_TOKENS``."""
+    tokens = getattr(model, "seq_length", None)
+    patches = getattr(getattr(model, "patch_embed", None), "num_patches", None)
+    if not isinstance(tokens, int) and isinstance(patches, int):
+        tokens = patches + getattr(model, "num_prefix_tokens", 0)
+    return tokens if isinstance(tokens, int) and tokens > 0 else attention_core.SAMPLE_TOKENS
+
+
+def _attention_core(weight: torch.Tensor, num_heads: int, head_dim: int, kernel: str, tokens: int) -> str:
+    """The core an attention module whose projection has this weight runs: the fastest measured here ("auto"), the
+    fused kernel where it takes the dtype ("fused"), else SDPA as before."""
     if weight.device.type != "cpu" or kernel not in ("auto", "fused"):
         return "sdpa"
     if kernel == "fused":
-        return "fused" if attention_core.fused_unavailable_reason(weight.dtype, projected.head_dim) is None else "sdpa"
-    return attention_core.choose(projected.num_heads, projected.head_dim, weight.dtype, tokens)[0]
+        return "fused" if attention_core.fused_unavailable_reason(weight.dtype, head_dim) is None else "sdpa"
+    return attention_core.choose(num_heads, head_dim, weight.dtype, tokens)[0]
+
+
+def _convert_timm_attention(model, fqn, module, result, *, kernel, tokens):
+    """Put a ``timm_attention.CoreAttention`` in the place of timm's ``Attention`` where its core is not SDPA."""
+    reason = timm_attention.unsupported_reason(module)
+    core = "sdpa" if reason else _attention_core(module.qkv.weight, module.num_heads, module.head_dim, kernel, tokens)
+    if core == "sdpa":
+        result.attention_cores.append((fqn, "timm Attention"))
+        return
+    _set_submodule(model, fqn, timm_attention.CoreAttention(module, core))
+    result.attention_cores.append((fqn, core))
 
 
 @torch.no_grad()

@@ -31,6 +31,11 @@ def attention_types():
     return _types(_ATTENTION)
 
 
+def plain_attention_type():
+    """timm's plain ``Attention`` (ViT, DeiT), whose core ``timm_attention.CoreAttention`` can run, or None."""
+    return getattr(sys.modules.get("timm.layers.attention"), "Attention", None)
+
+
 def block_types():
     """timm's transformer blocks (attention and MLP with their norms), for skip_first_transformer_sparsity."""
     return _types(_BLOCKS)

@@ -18,6 +18,7 @@ import blocksparse_int8  # noqa: E402
 import compact  # noqa: E402
 import models  # noqa: E402
 import supermask  # noqa: E402
+import timm_attention  # noqa: E402
 from helpers import ROOT, assert_ok, run_in_process, run_script, write_image_folder  # noqa: E402
 
 NAME = "timm/deit_tiny_patch16_224"
@@ -182,6 +183,43 @@ def test_int8_fuses_every_timm_mlp_and_matches_its_reference(pruned):
     to_reference, to_float = [((out - y).norm() / y.norm()).item() for y in (expected, floats)]
     assert to_reference < 2e-2, f"int8 fused against the int8 reference: relative L2 error {to_reference:.2e}"
     assert to_float < 0.1, f"int8 against the float model: relative L2 error {to_float:.4f}"
+
+
+@pytest.mark.parametrize("kernel", ["fused", "bmm"])
+def test_apply_bsr_runs_timm_attention_on_the_fused_core_with_the_same_logits(pruned, kernel):
+    model = copy.deepcopy(pruned)
+    x = images()
+    with torch.no_grad():
+        expected = model(x)
+    result = blocksparse.apply_bsr(model, TILE, kernel=kernel)
+    attentions = [m for m in model.modules() if isinstance(m, timm_attention.CoreAttention)]
+    timm_ones = [m for m in model.modules() if type(m) is timm.layers.attention.Attention]
+    if kernel == "fused":  # each block's attention runs our kernel; "bmm" (pure PyTorch) leaves timm's own
+        assert len(attentions) == 12 and not timm_ones and {m.core for m in attentions} == {"fused"}
+        assert result.attention_cores == [(f"blocks.{i}.attn", "fused") for i in range(12)]
+    else:
+        assert not attentions and len(timm_ones) == 12
+        assert {core for _, core in result.attention_cores} == {"timm Attention"}
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_core_attention_equals_timm_attention_with_masks_dropout_and_gradients():
+    torch.manual_seed(0)
+    original = timm.layers.attention.Attention(32, num_heads=4, qkv_bias=True, attn_drop=0.5).eval()
+    core = timm_attention.CoreAttention(copy.deepcopy(original), "fused")
+    assert set(core.state_dict()) == set(original.state_dict())  # the same children under the same names
+    x = torch.randn(2, 7, 32)
+    mask = torch.zeros(7, 7).masked_fill(torch.ones(7, 7, dtype=torch.bool).triu(1), float("-inf"))
+    with torch.no_grad():
+        for kwargs in ({}, {"attn_mask": mask}, {"is_causal": True}):
+            torch.testing.assert_close(core(x, **kwargs), original(x, **kwargs), rtol=1e-5, atol=1e-5)
+    core.train()
+    torch.manual_seed(1)
+    first, second = core(x), core(x)
+    assert not torch.allclose(first, second)  # attention dropout acts in training
+    first.sum().backward()
+    assert core.qkv.weight.grad is not None
 
 
 def test_a_gated_mlp_is_left_unfused_with_the_reason():
