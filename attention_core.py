@@ -14,6 +14,7 @@ keeps the fastest; the fused kernel competes only after it matched ``reference``
 """
 
 import math
+import warnings
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -60,7 +61,31 @@ def fused_unavailable_reason(dtype: torch.dtype, head_dim: int) -> Optional[str]
     if not blocksparse_fused.available():
         return f"the C++ extension is unavailable ({blocksparse_fused.unavailable_reason()})"
     _register_fake()
+    if not _matches_reference(dtype, head_dim):
+        return (f"the fused attention kernel failed its check against the reference in {dtype} (head size "
+                f"{head_dim}) on this CPU")
     return None
+
+
+@torch.no_grad()
+def _matches_reference(dtype: torch.dtype, head_dim: int) -> bool:
+    """Whether the fused kernel runs and matches ``reference`` here (checked once per dtype and head size): its
+    bfloat16 products are oneDNN's micro-kernels, which differ by CPU (AMX, AVX-512 BF16) or may refuse a shape."""
+    checked = _state.setdefault("checked", {})
+    if (dtype, head_dim) not in checked:
+        q, k, v = sample(2, 3, 77, head_dim, dtype, torch.Generator().manual_seed(0))
+        expected = reference(q, k, v).float()
+        try:
+            got = fused(q, k, v).float()
+        except RuntimeError:
+            got = None
+        tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+        checked[dtype, head_dim] = got is not None and bool(
+            torch.allclose(got, expected, rtol=tolerance, atol=tolerance * expected.abs().max().item()))
+        if not checked[dtype, head_dim]:
+            warnings.warn(f"the fused attention kernel failed its check against the reference in {dtype} (head size "
+                          f"{head_dim}) on this CPU; attention keeps torch's cores", stacklevel=3)
+    return checked[dtype, head_dim]
 
 
 def _register_fake() -> None:
@@ -116,25 +141,15 @@ def sample(batch: int, heads: int, tokens: int, head_dim: int, dtype: torch.dtyp
 def choose(heads: int, head_dim: int, dtype: torch.dtype, tokens: int = SAMPLE_TOKENS) -> Tuple[str, Dict[str, float]]:
     """(core, seconds per core): the fastest of ``CORES`` for this shape and dtype here, measured once per process.
 
-    The fused kernel competes only where it runs and matches ``reference`` on the sample.
+    The fused kernel competes only where it runs and matched ``reference`` here (``fused_unavailable_reason``).
     """
     key = (heads, head_dim, dtype, tokens)
     if key not in _state["choices"]:
         batch = max(1, math.ceil(SAMPLE_ITEMS / heads))
         q, k, v = sample(batch, heads, tokens, head_dim, dtype, torch.Generator().manual_seed(0))
         candidates = ["sdpa", "plain"]
-        if fused_unavailable_reason(dtype, head_dim) is None and _fused_matches(q, k, v):
+        if fused_unavailable_reason(dtype, head_dim) is None:
             candidates.append("fused")
         seconds = {core: blocksparse_fused.median_seconds(lambda: run(core, q, k, v)) for core in candidates}
         _state["choices"][key] = (min(seconds, key=seconds.get), seconds)
     return _state["choices"][key]
-
-
-def _fused_matches(q, k, v) -> bool:
-    expected = reference(q, k, v).float()
-    try:
-        got = fused(q, k, v).float()
-    except RuntimeError:  # a shape the micro-kernels refuse on this CPU
-        return False
-    tolerance = 1e-5 if q.dtype == torch.float32 else 2e-2
-    return bool(torch.allclose(got, expected, rtol=tolerance, atol=tolerance * expected.abs().max().item()))

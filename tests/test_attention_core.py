@@ -201,6 +201,8 @@ def test_choose_times_every_core_and_keeps_the_fastest():
 
 
 class Block(nn.Module):
+    """A model holding one nn.MultiheadAttention, dense: apply_bsr has nothing to prune in it."""
+
     def __init__(self):
         super().__init__()
         self.self_attention = self_attention()
@@ -225,3 +227,19 @@ def test_auto_keeps_multihead_attention_unless_the_core_makes_it_faster(monkeypa
     assert ("fused x1" in str(result)) == (not kept)
     with torch.no_grad():
         torch.testing.assert_close(block(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_kernel_that_fails_its_self_check_is_left_out_with_one_warning(monkeypatch):
+    monkeypatch.setitem(attention_core._state, "checked", {})
+    monkeypatch.setitem(attention_core._state, "choices", {})
+    wrong = attention_core.fused
+    monkeypatch.setattr(attention_core, "fused", lambda q, k, v, *args: wrong(q, k, v, *args) * 1.01)
+    with pytest.warns(UserWarning, match="failed its check against the reference"):
+        reason = attention_core.fused_unavailable_reason(torch.float32, 32)
+    assert "failed its check" in reason
+    core, seconds = attention_core.choose(2, 32, torch.float32, tokens=20)
+    assert set(seconds) == {"sdpa", "plain"} and core in seconds
+    block = Block().eval()
+    with pytest.warns(UserWarning, match=r"head size 16\)"):  # one check per dtype and head size
+        result = blocksparse.apply_bsr(block, blocksize=16, kernel="fused")
+    assert result.attention_cores == [("self_attention", "nn.MultiheadAttention")]
