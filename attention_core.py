@@ -7,7 +7,9 @@
 - ``"fused"``: ``torch.ops.superblock.attention_core`` (``csrc/attention_core.cpp``, built with the other kernels by
   ``blocksparse_fused``): one (image, head) per work item, scores a tile of queries at a time in cache, on ATen's
   brgemm micro-kernels (AMX or AVX-512), float32 or bfloat16, bitwise identical at any thread count. It writes its
-  output as (B, L, H, D), which the output projection reads as (B, L, E) without the copy the others need.
+  output as (B, L, H, D), which the output projection reads as (B, L, E) without the copy the others need;
+- ``"fused-fp32"``: the same kernel with bfloat16 inputs widened to float32 for its products (float32 inputs: the
+  same as "fused"), which some CPUs without AMX run faster than their bfloat16 micro-kernels.
 
 ``choose(...)`` times them at conversion on the model's shape and dtype (``blocksparse.apply_bsr`` calls it) and
 keeps the fastest; the fused kernel competes only after it matched ``reference`` on that shape here.
@@ -22,7 +24,8 @@ import torch.nn.functional as F
 
 import blocksparse_fused
 
-CORES = ("sdpa", "plain", "fused")
+CORES = ("sdpa", "plain", "fused", "fused-fp32")
+FUSED_CORES = ("fused", "fused-fp32")
 
 # apply_bsr times the cores on this many tokens when the model does not say its sequence length (a 224-pixel
 # ViT-B/16 image is 197 tokens), and on enough images to give every thread several (image, head) items.
@@ -75,13 +78,16 @@ def _matches_reference(dtype: torch.dtype, head_dim: int) -> bool:
     if (dtype, head_dim) not in checked:
         q, k, v = sample(2, 3, 77, head_dim, dtype, torch.Generator().manual_seed(0))
         expected = reference(q, k, v).float()
-        try:
-            got = fused(q, k, v).float()
-        except RuntimeError:
-            got = None
         tolerance = 1e-5 if dtype == torch.float32 else 2e-2
-        checked[dtype, head_dim] = got is not None and bool(
-            torch.allclose(got, expected, rtol=tolerance, atol=tolerance * expected.abs().max().item()))
+        matches = True
+        for float_products in (False, True):
+            try:
+                got = fused(q, k, v, float_products=float_products).float()
+            except RuntimeError:  # a shape the micro-kernels refuse here
+                matches = False
+                break
+            matches &= bool(torch.allclose(got, expected, rtol=tolerance, atol=tolerance * expected.abs().max().item()))
+        checked[dtype, head_dim] = matches
         if not checked[dtype, head_dim]:
             warnings.warn(f"the fused attention kernel failed its check against the reference in {dtype} (head size "
                           f"{head_dim}) on this CPU; attention keeps torch's cores", stacklevel=3)
@@ -93,7 +99,7 @@ def _register_fake() -> None:
         return
 
     @torch.library.register_fake("superblock::attention_core")
-    def _(q, k, v, scale, query_tile):
+    def _(q, k, v, scale, query_tile, float_products):
         batch, heads, queries, dim = q.shape
         return q.new_empty(batch, queries, heads, dim)
 
@@ -101,10 +107,11 @@ def _register_fake() -> None:
 
 
 def fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional[float] = None,
-          query_tile: int = QUERY_TILE) -> torch.Tensor:
-    """The fused op: q (B, H, Lq, D), k and v (B, H, Lk, D), unit stride along D -> (B, Lq, H, D)."""
+          query_tile: int = QUERY_TILE, float_products: bool = False) -> torch.Tensor:
+    """The fused op: q (B, H, Lq, D), k and v (B, H, Lk, D), unit stride along D -> (B, Lq, H, D); with
+    ``float_products`` bfloat16 inputs are multiplied in float32."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    return torch.ops.superblock.attention_core(q, k, v, scale, query_tile)
+    return torch.ops.superblock.attention_core(q, k, v, scale, query_tile, float_products)
 
 
 ##### Running a core, and choosing one #####
@@ -119,8 +126,8 @@ def fused_runs(q: torch.Tensor) -> bool:
 def run(core: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """softmax(q k^T / sqrt(D)) v for (B, H, L, D) inputs with no mask, as (B, L, H * D)."""
     batch, heads, queries, dim = q.shape
-    if core == "fused" and fused_runs(q):
-        return fused(q, k, v).view(batch, queries, heads * dim)
+    if core in FUSED_CORES and fused_runs(q):
+        return fused(q, k, v, float_products=core == "fused-fp32").view(batch, queries, heads * dim)
     if core == "plain":
         flat = lambda t: t.reshape(batch * heads, t.shape[2], dim)  # noqa: E731
         scores = torch.baddbmm(q.new_empty(()), flat(q), flat(k).transpose(1, 2), beta=0.0, alpha=dim ** -0.5)
@@ -149,7 +156,7 @@ def choose(heads: int, head_dim: int, dtype: torch.dtype, tokens: int = SAMPLE_T
         q, k, v = sample(batch, heads, tokens, head_dim, dtype, torch.Generator().manual_seed(0))
         candidates = ["sdpa", "plain"]
         if fused_unavailable_reason(dtype, head_dim) is None:
-            candidates.append("fused")
+            candidates += ["fused", "fused-fp32"] if dtype == torch.bfloat16 else ["fused"]
         seconds = {core: blocksparse_fused.median_seconds(lambda: run(core, q, k, v)) for core in candidates}
         _state["choices"][key] = (min(seconds, key=seconds.get), seconds)
     return _state["choices"][key]

@@ -1,4 +1,5 @@
-"""The attention core alone: SDPA's flash and math backends, the plain batched product, and SuperBlock's fused kernel.
+"""The attention core alone: SDPA's flash and math backends, the plain batched product, and SuperBlock's fused kernel
+(with bfloat16 or, "fused-fp32", float32 products).
 
     python benchmarks/attention_core.py [--shapes 8x12x197x64 1x12x197x64] [--dtypes float32 bfloat16] [--rounds 5]
 
@@ -22,6 +23,7 @@ import benchmark  # noqa: E402
 import blocksparse_fused  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+COLUMNS = ("sdpa flash", "sdpa math", "plain", "fused", "fused-fp32")
 
 
 def get_args_parser(add_help=True):
@@ -56,6 +58,8 @@ def variants(dtype, head_dim):
              "plain": lambda q, k, v: attention_core.run("plain", q, k, v)}
     if attention_core.fused_unavailable_reason(dtype, head_dim) is None:
         found["fused"] = lambda q, k, v: attention_core.run("fused", q, k, v)
+        if dtype == torch.bfloat16:  # for float32 inputs the same as "fused"
+            found["fused-fp32"] = lambda q, k, v: attention_core.run("fused-fp32", q, k, v)
     return found
 
 
@@ -79,14 +83,13 @@ def measure(shape, dtype, rounds, iters):
 def main(args):
     shapes = [parse_shape(s) for s in args.shapes]
     print(f"{benchmark.cpu_model()}, torch {torch.__version__}, {torch.get_num_threads()} threads")
-    print(f"{'shape':>16s} {'dtype':>9s} " + " ".join(f"{n:>18s}" for n in ("sdpa flash", "sdpa math", "plain",
-                                                                          "fused")))
+    print(f"{'shape':>16s} {'dtype':>9s} " + " ".join(f"{n:>18s}" for n in COLUMNS))
     for shape in shapes:
         for dtype_name in args.dtypes:
             medians = measure(shape, DTYPES[dtype_name], args.rounds, args.iters)
             flash = medians["sdpa flash"]
             cells = [f"{medians[n] * 1e3:7.2f} ms {flash / medians[n]:5.2f}x" if n in medians else f"{'-':>18s}"
-                     for n in ("sdpa flash", "sdpa math", "plain", "fused")]
+                     for n in COLUMNS]
             print(f"{'x'.join(map(str, shape)):>16s} {dtype_name:>9s} " + " ".join(cells), flush=True)
 
 

@@ -9,7 +9,9 @@
 // bfloat16 runs oneDNN's pair-interleaved (VNNI) micro-kernels (AMX or AVX-512 BF16), so keys are packed as
 // [D/2][keys][2] and values as [keys/2][D][2], both zero-padded to a multiple of 32 keys; the probabilities are
 // rounded to bfloat16 before the second product, as SDPA's math backend rounds them. float32 reads the values in
-// place. Each item is computed start to end by one thread: the result is the same bit for bit at any thread count.
+// place. bfloat16 inputs can also be widened to float32 as they are packed and multiplied as float32
+// (float_products): on some CPUs that outruns the bfloat16 micro-kernels, so the caller measures both. Each item is
+// computed start to end by one thread: the result is the same bit for bit at any thread count.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -210,38 +212,80 @@ struct Heads {
   int64_t batch, heads, queries, keys, dim;
 };
 
-// One (image, head): its keys packed for the scores' product, values for the second, then tile after tile of queries.
-template <typename T>
-struct Item;
+inline float widen(at::BFloat16 value) {
+  uint16_t bits;
+  std::memcpy(&bits, &value, sizeof(bits));
+  return bits_to_float(uint32_t(bits) << 16);
+}
 
-template <>
-struct Item<float> {
-  std::vector<float> keys_t, scores, acc;
+inline void store(float* out, float value) { *out = value; }
+inline void store(at::BFloat16* out, float value) {
+  const uint16_t bits = to_bfloat16_bits(value);
+  std::memcpy(out, &bits, sizeof(bits));
+}
 
-  void run(const float* q, int64_t q_stride, const float* k, int64_t k_stride, const float* v, int64_t v_stride,
-           float* out, int64_t out_stride, const Heads& s, float scale, int64_t tile) {
+// rows x dim values of `src` (row stride `stride`) as contiguous floats in `dst`.
+inline void widen_rows(const at::BFloat16* src, int64_t stride, int64_t rows, int64_t dim, float* dst) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const at::BFloat16* row = src + r * stride;
+    for (int64_t d = 0; d < dim; ++d) dst[r * dim + d] = widen(row[d]);
+  }
+}
+
+// A Products type computes one (image, head): its keys packed for the scores' product, values for the second, then
+// tile after tile of queries.
+
+// float32 products. float32 inputs are read in place (the values too); bfloat16 ones are widened as they are packed,
+// which some CPUs run faster than their bfloat16 micro-kernels (measured at conversion: "fused-fp32").
+template <typename In>
+struct FloatProducts {
+  std::vector<float> keys_t, scores, acc, widened_queries, widened_keys, widened_values;
+
+  void run(const In* q, int64_t q_stride, const In* k, int64_t k_stride, const In* v, int64_t v_stride, In* out,
+           int64_t out_stride, const Heads& s, float scale, int64_t tile) {
+    constexpr bool in_place = std::is_same_v<In, float>;
     const int64_t padded = (s.keys + 15) / 16 * 16;
+    const float* keys = reinterpret_cast<const float*>(k);
+    const float* values = reinterpret_cast<const float*>(v);
+    int64_t keys_stride = k_stride, values_stride = v_stride;
+    if constexpr (!in_place) {
+      widened_keys.resize(s.keys * s.dim);
+      widened_values.resize(s.keys * s.dim);
+      widen_rows(k, k_stride, s.keys, s.dim, widened_keys.data());
+      widen_rows(v, v_stride, s.keys, s.dim, widened_values.data());
+      keys = widened_keys.data();
+      values = widened_values.data();
+      keys_stride = values_stride = s.dim;
+      widened_queries.resize(tile * s.dim);
+    }
     keys_t.assign(s.dim * padded, 0.f);  // k transposed: dim x keys
-    transpose_words(k, k_stride * sizeof(float), s.keys, s.dim, reinterpret_cast<uint32_t*>(keys_t.data()), padded);
+    transpose_words(keys, keys_stride * sizeof(float), s.keys, s.dim, reinterpret_cast<uint32_t*>(keys_t.data()),
+                    padded);
     scores.resize(tile * padded);
     acc.resize(tile * s.dim);
     for (int64_t i0 = 0; i0 < s.queries; i0 += tile) {
       const int64_t m = std::min(tile, s.queries - i0);
-      brgemm(m, padded, s.dim, q_stride, padded, padded, false, q + i0 * q_stride, keys_t.data(), scores.data(),
-             false);
+      const float* queries = reinterpret_cast<const float*>(q + i0 * q_stride);
+      int64_t queries_stride = q_stride;
+      if constexpr (!in_place) {
+        widen_rows(q + i0 * q_stride, q_stride, m, s.dim, widened_queries.data());
+        queries = widened_queries.data();
+        queries_stride = s.dim;
+      }
+      brgemm(m, padded, s.dim, queries_stride, padded, padded, false, queries, keys_t.data(), scores.data(), false);
       float inverse[256];
       softmax_tile(scores.data(), m, padded, s.keys, scale, nullptr, inverse);
-      brgemm(m, s.dim, s.keys, padded, v_stride, s.dim, false, scores.data(), v, acc.data(), false);
+      brgemm(m, s.dim, s.keys, padded, values_stride, s.dim, false, scores.data(), values, acc.data(), false);
       for (int64_t r = 0; r < m; ++r) {
-        float* o = out + (i0 + r) * out_stride;
-        for (int64_t d = 0; d < s.dim; ++d) o[d] = acc[r * s.dim + d] * inverse[r];
+        In* o = out + (i0 + r) * out_stride;
+        for (int64_t d = 0; d < s.dim; ++d) store(o + d, acc[r * s.dim + d] * inverse[r]);
       }
     }
   }
 };
 
-template <>
-struct Item<at::BFloat16> {
+// bfloat16 products on oneDNN's pair-interleaved micro-kernels, the probabilities rounded to bfloat16 in between.
+struct Bfloat16Products {
   std::vector<uint32_t> keys_t, values;  // pairs of bfloat16
   std::vector<float> scores, acc;
   std::vector<uint16_t> probabilities;
@@ -285,7 +329,7 @@ struct Item<at::BFloat16> {
   }
 };
 
-template <typename T>
+template <typename T, typename Products>
 void attention_heads(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out, const Heads& s,
                      float scale, int64_t tile) {
   const T* qp = q.data_ptr<T>();
@@ -293,20 +337,21 @@ void attention_heads(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   const T* vp = v.data_ptr<T>();
   T* op = out.data_ptr<T>();
   at::parallel_for(0, s.batch * s.heads, 1, [&](int64_t begin, int64_t end) {
-    Item<T> item;
+    Products item;
     for (int64_t index = begin; index < end; ++index) {
       const int64_t b = index / s.heads, h = index % s.heads;
       item.run(qp + b * q.stride(0) + h * q.stride(1), q.stride(2), kp + b * k.stride(0) + h * k.stride(1),
                k.stride(2), vp + b * v.stride(0) + h * v.stride(1), v.stride(2),
                op + b * out.stride(0) + h * out.stride(2), out.stride(1), s, scale, tile);
     }
-    at::native::cpublas::brgemm_release(std::is_same_v<T, at::BFloat16>);
+    at::native::cpublas::brgemm_release(std::is_same_v<Products, Bfloat16Products>);
   });
 }
 
 // q (B, H, Lq, D), k and v (B, H, Lk, D), each with unit stride along D -> out (B, Lq, H, D), contiguous.
+// float_products: bfloat16 inputs multiplied as float32 (widened while packed) instead of on bfloat16 micro-kernels.
 at::Tensor attention_core(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale,
-                          int64_t query_tile) {
+                          int64_t query_tile, bool float_products) {
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "attention_core: q, k and v must be (B, H, L, D)");
   TORCH_CHECK(q.scalar_type() == k.scalar_type() && k.scalar_type() == v.scalar_type(),
               "attention_core: q, k and v must share a dtype");
@@ -322,9 +367,11 @@ at::Tensor attention_core(const at::Tensor& q, const at::Tensor& k, const at::Te
   auto out = at::empty({s.batch, s.queries, s.heads, s.dim}, q.options());
   if (out.numel() == 0) return out;
   if (q.scalar_type() == at::kFloat) {
-    attention_heads<float>(q, k, v, out, s, float(scale), query_tile);
+    attention_heads<float, FloatProducts<float>>(q, k, v, out, s, float(scale), query_tile);
+  } else if (float_products) {
+    attention_heads<at::BFloat16, FloatProducts<at::BFloat16>>(q, k, v, out, s, float(scale), query_tile);
   } else {
-    attention_heads<at::BFloat16>(q, k, v, out, s, float(scale), query_tile);
+    attention_heads<at::BFloat16, Bfloat16Products>(q, k, v, out, s, float(scale), query_tile);
   }
   return out;
 }
@@ -332,7 +379,7 @@ at::Tensor attention_core(const at::Tensor& q, const at::Tensor& k, const at::Te
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(superblock, m) {
-  m.def("attention_core(Tensor q, Tensor k, Tensor v, float scale, int query_tile) -> Tensor");
+  m.def("attention_core(Tensor q, Tensor k, Tensor v, float scale, int query_tile, bool float_products) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(superblock, CPU, m) {

@@ -31,13 +31,14 @@ def relative_error(got, expected):
     return ((got.double() - expected).norm() / expected.norm()).item()
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype,float_products", [(torch.float32, False), (torch.bfloat16, False),
+                                                   (torch.bfloat16, True)])
 @pytest.mark.parametrize("tokens", [1, 7, 197, 577])
 @pytest.mark.parametrize("heads", [1, 3, 12])
 @pytest.mark.parametrize("head_dim", [32, 64])
-def test_fused_kernel_matches_sdpa_math_in_float64(dtype, tokens, heads, head_dim):
+def test_fused_kernel_matches_sdpa_math_in_float64(dtype, float_products, tokens, heads, head_dim):
     q, k, v = attention_core.sample(2, heads, tokens, head_dim, dtype, torch.Generator().manual_seed(tokens + heads))
-    out = attention_core.fused(q, k, v)
+    out = attention_core.fused(q, k, v, float_products=float_products)
     assert out.shape == (2, tokens, heads, head_dim) and out.dtype == dtype
     assert relative_error(out, truth(q, k, v)) < RELATIVE_ERROR[dtype]
 
@@ -61,10 +62,11 @@ def test_fused_kernel_is_the_reference_up_to_rounding(dtype):
     assert relative_error(expected, truth(q, k, v)) < RELATIVE_ERROR[dtype]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fused_kernel_is_bitwise_identical_at_one_and_two_threads(dtype):
+@pytest.mark.parametrize("dtype,float_products", [(torch.float32, False), (torch.bfloat16, False),
+                                                   (torch.bfloat16, True)])
+def test_fused_kernel_is_bitwise_identical_at_one_and_two_threads(dtype, float_products):
     q, k, v = attention_core.sample(3, 5, 150, 64, dtype, torch.Generator().manual_seed(3))
-    one, two = at_one_and_two_threads(lambda: attention_core.fused(q, k, v))
+    one, two = at_one_and_two_threads(lambda: attention_core.fused(q, k, v, float_products=float_products))
     assert torch.equal(one, two)
 
 
@@ -92,7 +94,7 @@ def test_fused_kernel_refuses_bad_operands_with_a_reason():
 def test_fused_op_has_a_fake_that_compile_and_export_use():
     q, k, v = attention_core.sample(2, 3, 20, 32, torch.float32)
     attention_core.fused_unavailable_reason(torch.float32, 32)  # registers the fake
-    torch.library.opcheck(torch.ops.superblock.attention_core.default, (q, k, v, 0.2, 8))
+    torch.library.opcheck(torch.ops.superblock.attention_core.default, (q, k, v, 0.2, 8, False))
 
 
 def self_attention(batch_first=True, dropout=0.0, seed=0, heads=4, dim=64):
@@ -104,7 +106,7 @@ def self_attention(batch_first=True, dropout=0.0, seed=0, heads=4, dim=64):
     return mha.eval()
 
 
-@pytest.mark.parametrize("core", ["plain", "fused"])
+@pytest.mark.parametrize("core", ["plain", "fused", "fused-fp32"])
 @pytest.mark.parametrize("batch_first", [True, False])
 def test_projected_attention_cores_equal_multihead_attention(core, batch_first):
     mha = self_attention(batch_first)
@@ -194,9 +196,11 @@ def test_fused_core_steps_aside_when_the_input_needs_gradients():
     assert x.grad is not None and x.grad.abs().sum() > 0
 
 
-def test_choose_times_every_core_and_keeps_the_fastest():
-    core, seconds = attention_core.choose(2, 32, torch.float32, tokens=20)
-    assert set(seconds) == set(attention_core.CORES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_choose_times_every_core_and_keeps_the_fastest(dtype):
+    core, seconds = attention_core.choose(2, 32, dtype, tokens=20)
+    # float32 products of float32 inputs are "fused" itself: timed once
+    assert set(seconds) == set(attention_core.CORES) - ({"fused-fp32"} if dtype == torch.float32 else set())
     assert core == min(seconds, key=seconds.get)
 
 
@@ -233,12 +237,12 @@ def test_a_kernel_that_fails_its_self_check_is_left_out_with_one_warning(monkeyp
     monkeypatch.setitem(attention_core._state, "checked", {})
     monkeypatch.setitem(attention_core._state, "choices", {})
     wrong = attention_core.fused
-    monkeypatch.setattr(attention_core, "fused", lambda q, k, v, *args: wrong(q, k, v, *args) * 1.01)
+    monkeypatch.setattr(attention_core, "fused", lambda *args, **kwargs: wrong(*args, **kwargs) * 1.01)
     with pytest.warns(UserWarning, match="failed its check against the reference"):
         reason = attention_core.fused_unavailable_reason(torch.float32, 32)
     assert "failed its check" in reason
     core, seconds = attention_core.choose(2, 32, torch.float32, tokens=20)
-    assert set(seconds) == {"sdpa", "plain"} and core in seconds
+    assert set(seconds) == {"sdpa", "plain"} and core in seconds  # neither fused core
     block = Block().eval()
     with pytest.warns(UserWarning, match=r"head size 16\)"):  # one check per dtype and head size
         result = blocksparse.apply_bsr(block, blocksize=16, kernel="fused")
