@@ -351,10 +351,7 @@ def build_variants(args, plan, dense, sparsity, tile_size, blocksize, variants):
                                        quantize=quantize)
         if name == SDPA_VARIANT:
             restore_sdpa(model)
-            cores = "attention sdpa"
-        else:
-            cores = "attention " + " ".join(f"{core}:{n}" for core, n in
-                                            Counter(core for _, core in result.attention_cores).items())
+        cores = "attention sdpa" if name == SDPA_VARIANT else attention_cores_label(result)
         fused = f" ({len(result.fused_mlps)} MLPs as one kernel each)" if result.fused_mlps else ""
         notes[name] = (f"{len(result.converted)} Linear converted{fused}, {len(result.left_dense)} left dense; "
                        f"{_kernel_counts(model)}; {cores}")
@@ -467,6 +464,12 @@ def run_sweep(args, plan):
                              bsr_ms=times["bsr"] * 1e3, speedup_vs_dense=times["dense"] / times["bsr"],
                              max_diff=diff, matches_offline=ok, kernels=_kernel_counts(models["bsr"])))
     return rows
+
+
+def attention_cores_label(result):
+    """What computes the attention of a model apply_bsr converted, e.g. "attention fused:12"."""
+    counts = Counter(core for _, core in result.attention_cores)
+    return "attention " + (" ".join(f"{core}:{n}" for core, n in counts.items()) or "none")
 
 
 def _kernel_counts(model):

@@ -252,7 +252,8 @@ def build_superblock(name, setup):
             raise
     else:
         result = blocksparse.apply_bsr(model, blocksize=setup.blocksize)
-    note = f"{benchmark._kernel_counts(model)}, {len(result.left_dense)} Linear left dense"
+    note = (f"{benchmark._kernel_counts(model)}, {len(result.left_dense)} Linear left dense, "
+            f"{benchmark.attention_cores_label(result)}")
     if name.endswith("int8"):
         note += f", the rest in {'bf16' if low else 'float32'}"
     return (lambda _x: model(x)), note
