@@ -4,6 +4,7 @@ import io
 import os
 import runpy
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -86,10 +87,12 @@ def run_in_process(script, argv):
 
 def start_script(args):
     """Start `python <args>` as run_script does, in a session of its own (so that a test can signal its whole
-    process group, as Ctrl-C on a terminal does); returns the Popen."""
+    process group, as Ctrl-C on a terminal does), with Ctrl-C's default action even where the tests run as a
+    background job (a shell starts those with SIGINT ignored, which children inherit); returns the Popen."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     return subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+                            stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def straight_and_resumed_runs(common, tmp_path_factory):

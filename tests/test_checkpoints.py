@@ -52,12 +52,17 @@ def test_ctrl_c_during_a_checkpoint_write_waits_for_the_file(tmp_path, monkeypat
         real_save(obj, f, *args, **kwargs)
 
     monkeypatch.setattr(torch, "save", save_interrupted_midway)
-    with pytest.raises(KeyboardInterrupt):
-        checkpoints.save_checkpoint({"epoch": 4, "w": torch.ones(3)}, path)
-    monkeypatch.undo()
-    assert checkpoints.load_checkpoint(path)["epoch"] == 4, "the interrupt cut the checkpoint short"
-    assert os.listdir(tmp_path) == ["checkpoint.pth"]
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    # Ctrl-C as on a terminal, also where the tests run as a background job (started with SIGINT ignored).
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            checkpoints.save_checkpoint({"epoch": 4, "w": torch.ones(3)}, path)
+        monkeypatch.undo()
+        assert checkpoints.load_checkpoint(path)["epoch"] == 4, "the interrupt cut the checkpoint short"
+        assert os.listdir(tmp_path) == ["checkpoint.pth"]
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # save_checkpoint put it back
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o077])
