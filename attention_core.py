@@ -9,7 +9,9 @@
   brgemm micro-kernels (AMX or AVX-512), float32 or bfloat16, bitwise identical at any thread count. It writes its
   output as (B, L, H, D), which the output projection reads as (B, L, E) without the copy the others need;
 - ``"fused-fp32"``: the same kernel with bfloat16 inputs widened to float32 for its products (float32 inputs: the
-  same as "fused"), which some CPUs without AMX run faster than their bfloat16 micro-kernels.
+  same as "fused"), which some CPUs without AMX run faster than their bfloat16 micro-kernels;
+- ``"fused-avx512bf16"``: the same kernel with its bfloat16 products on our own AVX-512 BF16 micro-kernel instead of
+  oneDNN's (CPUs with avx512_bf16, head sizes a multiple of 16).
 
 ``choose(...)`` times them at conversion on the model's shape and dtype (``blocksparse.apply_bsr`` calls it) and
 keeps the fastest; the fused kernel competes only after it matched ``reference`` on that shape here.
@@ -24,8 +26,9 @@ import torch.nn.functional as F
 
 import blocksparse_fused
 
-CORES = ("sdpa", "plain", "fused", "fused-fp32")
-FUSED_CORES = ("fused", "fused-fp32")
+CORES = ("sdpa", "plain", "fused", "fused-fp32", "fused-avx512bf16")
+# Each fused core's products for bfloat16 inputs (the op's ``products``); float32 inputs take float32 products.
+PRODUCTS = {"fused": "onednn", "fused-fp32": "float32", "fused-avx512bf16": "avx512_bf16"}
 
 # apply_bsr times the cores on this many tokens when the model does not say its sequence length (a 224-pixel
 # ViT-B/16 image is 197 tokens), and on enough images to give every thread several (image, head) items.
@@ -80,9 +83,9 @@ def _matches_reference(dtype: torch.dtype, head_dim: int) -> bool:
         expected = reference(q, k, v).float()
         tolerance = 1e-5 if dtype == torch.float32 else 2e-2
         matches = True
-        for float_products in (False, True):
+        for core in fused_cores(dtype, head_dim):
             try:
-                got = fused(q, k, v, float_products=float_products).float()
+                got = fused(q, k, v, products=PRODUCTS[core]).float()
             except RuntimeError:  # a shape the micro-kernels refuse here
                 matches = False
                 break
@@ -99,7 +102,7 @@ def _register_fake() -> None:
         return
 
     @torch.library.register_fake("superblock::attention_core")
-    def _(q, k, v, scale, query_tile, float_products):
+    def _(q, k, v, scale, query_tile, products):
         batch, heads, queries, dim = q.shape
         return q.new_empty(batch, queries, heads, dim)
 
@@ -107,11 +110,21 @@ def _register_fake() -> None:
 
 
 def fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional[float] = None,
-          query_tile: int = QUERY_TILE, float_products: bool = False) -> torch.Tensor:
-    """The fused op: q (B, H, Lq, D), k and v (B, H, Lk, D), unit stride along D -> (B, Lq, H, D); with
-    ``float_products`` bfloat16 inputs are multiplied in float32."""
+          query_tile: int = QUERY_TILE, products: str = "onednn") -> torch.Tensor:
+    """The fused op: q (B, H, Lq, D), k and v (B, H, Lk, D), unit stride along D -> (B, Lq, H, D); ``products``
+    (one of ``PRODUCTS``' values) says how bfloat16 inputs are multiplied."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    return torch.ops.superblock.attention_core(q, k, v, scale, query_tile, float_products)
+    return torch.ops.superblock.attention_core(q, k, v, scale, query_tile, products)
+
+
+def fused_cores(dtype: torch.dtype, head_dim: int) -> Tuple[str, ...]:
+    """The fused cores that run here for this dtype and head size (after ``fused_unavailable_reason`` says None):
+    one for float32, whose products are float32 whatever the core; for bfloat16 each kind of products the CPU has."""
+    if dtype == torch.float32:
+        return ("fused",)
+    available = torch.ops.superblock.attention_core_products()
+    return tuple(core for core, products in PRODUCTS.items()
+                 if products in available and (products != "avx512_bf16" or head_dim % 16 == 0))
 
 
 ##### Running a core, and choosing one #####
@@ -126,8 +139,11 @@ def fused_runs(q: torch.Tensor) -> bool:
 def run(core: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """softmax(q k^T / sqrt(D)) v for (B, H, L, D) inputs with no mask, as (B, L, H * D)."""
     batch, heads, queries, dim = q.shape
-    if core in FUSED_CORES and fused_runs(q):
-        return fused(q, k, v, float_products=core == "fused-fp32").view(batch, queries, heads * dim)
+    if core in PRODUCTS and fused_runs(q):
+        products = PRODUCTS[core] if q.dtype == torch.bfloat16 else "float32"
+        if products == "avx512_bf16" and dim % 16:
+            products = "onednn"  # a head size our kernel does not take
+        return fused(q, k, v, products=products).view(batch, queries, heads * dim)
     if core == "plain":
         flat = lambda t: t.reshape(batch * heads, t.shape[2], dim)  # noqa: E731
         scores = torch.baddbmm(q.new_empty(()), flat(q), flat(k).transpose(1, 2), beta=0.0, alpha=dim ** -0.5)
@@ -156,7 +172,7 @@ def choose(heads: int, head_dim: int, dtype: torch.dtype, tokens: int = SAMPLE_T
         q, k, v = sample(batch, heads, tokens, head_dim, dtype, torch.Generator().manual_seed(0))
         candidates = ["sdpa", "plain"]
         if fused_unavailable_reason(dtype, head_dim) is None:
-            candidates += ["fused", "fused-fp32"] if dtype == torch.bfloat16 else ["fused"]
+            candidates += fused_cores(dtype, head_dim)
         seconds = {core: blocksparse_fused.median_seconds(lambda: run(core, q, k, v)) for core in candidates}
         _state["choices"][key] = (min(seconds, key=seconds.get), seconds)
     return _state["choices"][key]

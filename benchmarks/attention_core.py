@@ -1,5 +1,5 @@
 """The attention core alone: SDPA's flash and math backends, the plain batched product, and SuperBlock's fused kernel
-(with bfloat16 or, "fused-fp32", float32 products).
+(each form: bfloat16 products on oneDNN's micro-kernels, "fused-fp32" float32 ones, "fused-avx512bf16" our own).
 
     python benchmarks/attention_core.py [--shapes 8x12x197x64 1x12x197x64] [--dtypes float32 bfloat16] [--rounds 5]
 
@@ -23,7 +23,7 @@ import benchmark  # noqa: E402
 import blocksparse_fused  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-COLUMNS = ("sdpa flash", "sdpa math", "plain", "fused", "fused-fp32")
+COLUMNS = ("sdpa flash", "sdpa math", "plain", "fused", "fused-fp32", "fused-avx512bf16")
 
 
 def get_args_parser(add_help=True):
@@ -57,9 +57,8 @@ def variants(dtype, head_dim):
     found = {"sdpa flash": sdpa(SDPBackend.FLASH_ATTENTION), "sdpa math": sdpa(SDPBackend.MATH),
              "plain": lambda q, k, v: attention_core.run("plain", q, k, v)}
     if attention_core.fused_unavailable_reason(dtype, head_dim) is None:
-        found["fused"] = lambda q, k, v: attention_core.run("fused", q, k, v)
-        if dtype == torch.bfloat16:  # for float32 inputs the same as "fused"
-            found["fused-fp32"] = lambda q, k, v: attention_core.run("fused-fp32", q, k, v)
+        for core in attention_core.fused_cores(dtype, head_dim):
+            found[core] = lambda q, k, v, core=core: attention_core.run(core, q, k, v)
     return found
 
 

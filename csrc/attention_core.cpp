@@ -22,7 +22,7 @@
 #include <cstring>
 #include <vector>
 
-#if defined(__AVX512F__)
+#if defined(__x86_64__)
 #include <immintrin.h>
 #endif
 
@@ -284,8 +284,79 @@ struct FloatProducts {
   }
 };
 
-// bfloat16 products on oneDNN's pair-interleaved micro-kernels, the probabilities rounded to bfloat16 in between.
+// Our own bfloat16 products for CPUs with AVX-512 BF16 (vdpbf16ps), an alternative to oneDNN's micro-kernels,
+// which ran these short products slowly with AMX hidden. Function target attributes let the file build on any x86;
+// they run only where the CPU says it has the instructions.
+#if defined(__x86_64__)
+#define SUPERBLOCK_AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
+
+bool has_avx512_bf16() {
+  static const bool yes = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bf16");
+  return yes;
+}
+
+// c (kRows x 16 kBlocks floats, row stride ldc) = sum over p of a[r][p] . b[p][...]: each a[r][p] and each 32-bit
+// lane of b[p] a pair of bfloat16 (a: row stride lda bytes, any alignment; b: row stride ldb words).
+template <int kRows, int kBlocks>
+SUPERBLOCK_AVX512_BF16 void dot_pairs(const char* a, int64_t lda, const uint32_t* b, int64_t ldb, int64_t pairs,
+                                      float* c, int64_t ldc) {
+  __m512 acc[kRows][kBlocks];
+  for (int r = 0; r < kRows; ++r) {
+    for (int j = 0; j < kBlocks; ++j) acc[r][j] = _mm512_setzero_ps();
+  }
+  for (int64_t p = 0; p < pairs; ++p) {
+    __m512bh columns[kBlocks];
+    for (int j = 0; j < kBlocks; ++j) columns[j] = (__m512bh)_mm512_loadu_si512(b + p * ldb + 16 * j);
+    for (int r = 0; r < kRows; ++r) {
+      int32_t word;
+      std::memcpy(&word, a + r * lda + 4 * p, sizeof(word));
+      const __m512bh pair = (__m512bh)_mm512_set1_epi32(word);
+      for (int j = 0; j < kBlocks; ++j) acc[r][j] = _mm512_dpbf16_ps(acc[r][j], pair, columns[j]);
+    }
+  }
+  for (int r = 0; r < kRows; ++r) {
+    for (int j = 0; j < kBlocks; ++j) _mm512_storeu_ps(c + r * ldc + 16 * j, acc[r][j]);
+  }
+}
+
+template <int kRows>
+void dot_pairs_blocks(int64_t blocks, const char* a, int64_t lda, const uint32_t* b, int64_t ldb, int64_t pairs,
+                      float* c, int64_t ldc) {
+  switch (blocks) {
+    case 4: dot_pairs<kRows, 4>(a, lda, b, ldb, pairs, c, ldc); break;
+    case 3: dot_pairs<kRows, 3>(a, lda, b, ldb, pairs, c, ldc); break;
+    case 2: dot_pairs<kRows, 2>(a, lda, b, ldb, pairs, c, ldc); break;
+    default: dot_pairs<kRows, 1>(a, lda, b, ldb, pairs, c, ldc); break;
+  }
+}
+
+// c (m x n floats, row stride ldc) = a (m x 2 pairs bfloat16, row stride lda bytes) @ b ([pairs][n] words, row
+// stride ldb words); n a multiple of 16. Blocks of 4 rows x 64 columns: 16 accumulators in registers.
+void bfloat16_product(const void* a, int64_t lda, int64_t m, const uint32_t* b, int64_t ldb, int64_t pairs,
+                      int64_t n, float* c, int64_t ldc) {
+  const char* rows = static_cast<const char*>(a);
+  for (int64_t n0 = 0; n0 < n; n0 += 64) {
+    const int64_t blocks = std::min<int64_t>(4, (n - n0) / 16);
+    int64_t r0 = 0;
+    for (; r0 + 4 <= m; r0 += 4) {
+      dot_pairs_blocks<4>(blocks, rows + r0 * lda, lda, b + n0, ldb, pairs, c + r0 * ldc + n0, ldc);
+    }
+    for (; r0 < m; ++r0) dot_pairs_blocks<1>(blocks, rows + r0 * lda, lda, b + n0, ldb, pairs, c + r0 * ldc + n0, ldc);
+  }
+}
+#else
+bool has_avx512_bf16() { return false; }
+
+void bfloat16_product(const void*, int64_t, int64_t, const uint32_t*, int64_t, int64_t, int64_t, float*, int64_t) {
+  TORCH_CHECK(false, "attention_core: products 'avx512_bf16' need an x86 CPU");
+}
+#endif
+
+// bfloat16 products, on oneDNN's pair-interleaved micro-kernels or (own_kernel) on bfloat16_product above, the
+// probabilities rounded to bfloat16 in between.
 struct Bfloat16Products {
+  bool own_kernel = false;
   std::vector<uint32_t> keys_t, values;  // pairs of bfloat16
   std::vector<float> scores, acc;
   std::vector<uint16_t> probabilities;
@@ -317,10 +388,18 @@ struct Bfloat16Products {
     const auto* probabilities_bf16 = reinterpret_cast<const at::BFloat16*>(probabilities.data());
     for (int64_t i0 = 0; i0 < s.queries; i0 += tile) {
       const int64_t m = std::min(tile, s.queries - i0);
-      brgemm(m, padded, s.dim, q_stride, padded, padded, false, q + i0 * q_stride, keys_bf16, scores.data(), true);
+      if (own_kernel) {
+        bfloat16_product(q + i0 * q_stride, q_stride * 2, m, keys_t.data(), padded, pairs, padded, scores.data(), padded);
+      } else {
+        brgemm(m, padded, s.dim, q_stride, padded, padded, false, q + i0 * q_stride, keys_bf16, scores.data(), true);
+      }
       float inverse[256];
       softmax_tile(scores.data(), m, padded, s.keys, scale, probabilities.data(), inverse);
-      brgemm(m, s.dim, padded, padded, s.dim, s.dim, false, probabilities_bf16, values_bf16, acc.data(), true);
+      if (own_kernel) {
+        bfloat16_product(probabilities.data(), padded * 2, m, values.data(), s.dim, padded / 2, s.dim, acc.data(), s.dim);
+      } else {
+        brgemm(m, s.dim, padded, padded, s.dim, s.dim, false, probabilities_bf16, values_bf16, acc.data(), true);
+      }
       for (int64_t r = 0; r < m; ++r) {
         uint16_t* o = reinterpret_cast<uint16_t*>(out + (i0 + r) * out_stride);
         for (int64_t d = 0; d < s.dim; ++d) o[d] = to_bfloat16_bits(acc[r * s.dim + d] * inverse[r]);
@@ -331,13 +410,13 @@ struct Bfloat16Products {
 
 template <typename T, typename Products>
 void attention_heads(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out, const Heads& s,
-                     float scale, int64_t tile) {
+                     float scale, int64_t tile, const Products& settings = Products()) {
   const T* qp = q.data_ptr<T>();
   const T* kp = k.data_ptr<T>();
   const T* vp = v.data_ptr<T>();
   T* op = out.data_ptr<T>();
   at::parallel_for(0, s.batch * s.heads, 1, [&](int64_t begin, int64_t end) {
-    Products item;
+    Products item = settings;
     for (int64_t index = begin; index < end; ++index) {
       const int64_t b = index / s.heads, h = index % s.heads;
       item.run(qp + b * q.stride(0) + h * q.stride(1), q.stride(2), kp + b * k.stride(0) + h * k.stride(1),
@@ -349,9 +428,12 @@ void attention_heads(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
 }
 
 // q (B, H, Lq, D), k and v (B, H, Lk, D), each with unit stride along D -> out (B, Lq, H, D), contiguous.
-// float_products: bfloat16 inputs multiplied as float32 (widened while packed) instead of on bfloat16 micro-kernels.
+// products, for bfloat16 inputs: "onednn" (oneDNN's bfloat16 micro-kernels), "float32" (widened while packed,
+// float32 micro-kernels) or "avx512_bf16" (our own kernel above). float32 inputs always take float32 products.
 at::Tensor attention_core(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale,
-                          int64_t query_tile, bool float_products) {
+                          int64_t query_tile, c10::string_view products) {
+  TORCH_CHECK(products == "onednn" || products == "float32" || products == "avx512_bf16",
+              "attention_core: products must be onednn, float32 or avx512_bf16, not ", products);
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "attention_core: q, k and v must be (B, H, L, D)");
   TORCH_CHECK(q.scalar_type() == k.scalar_type() && k.scalar_type() == v.scalar_type(),
               "attention_core: q, k and v must share a dtype");
@@ -368,18 +450,32 @@ at::Tensor attention_core(const at::Tensor& q, const at::Tensor& k, const at::Te
   if (out.numel() == 0) return out;
   if (q.scalar_type() == at::kFloat) {
     attention_heads<float, FloatProducts<float>>(q, k, v, out, s, float(scale), query_tile);
-  } else if (float_products) {
+  } else if (products == "float32") {
     attention_heads<at::BFloat16, FloatProducts<at::BFloat16>>(q, k, v, out, s, float(scale), query_tile);
   } else {
-    attention_heads<at::BFloat16, Bfloat16Products>(q, k, v, out, s, float(scale), query_tile);
+    Bfloat16Products settings;
+    settings.own_kernel = products == "avx512_bf16";
+    TORCH_CHECK(!settings.own_kernel || has_avx512_bf16(), "attention_core: products 'avx512_bf16' need AVX-512 "
+                "BF16 (avx512_bf16), which this CPU lacks");
+    TORCH_CHECK(!settings.own_kernel || s.dim % 16 == 0, "attention_core: products 'avx512_bf16' need a head size "
+                "that is a multiple of 16, not ", s.dim);
+    attention_heads<at::BFloat16, Bfloat16Products>(q, k, v, out, s, float(scale), query_tile, settings);
   }
   return out;
+}
+
+// The products attention_core can take for bfloat16 inputs on this CPU.
+std::vector<std::string> attention_core_products() {
+  std::vector<std::string> products{"onednn", "float32"};
+  if (has_avx512_bf16()) products.push_back("avx512_bf16");
+  return products;
 }
 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(superblock, m) {
-  m.def("attention_core(Tensor q, Tensor k, Tensor v, float scale, int query_tile, bool float_products) -> Tensor");
+  m.def("attention_core(Tensor q, Tensor k, Tensor v, float scale, int query_tile, str products) -> Tensor");
+  m.def("attention_core_products() -> str[]", &attention_core_products);
 }
 
 TORCH_LIBRARY_IMPL(superblock, CPU, m) {

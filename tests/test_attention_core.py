@@ -15,6 +15,11 @@ from helpers import at_one_and_two_threads
 # The fused kernel is part of the C++ extension, which every test machine builds.
 assert blocksparse_fused.available(), blocksparse_fused.unavailable_reason()
 
+# (dtype, products) for every form of the kernel this CPU runs: float32 inputs take float32 products, bfloat16 ones
+# oneDNN's micro-kernels, float32 ones, and our AVX-512 BF16 kernel where the CPU has it.
+PRODUCT_CASES = [(torch.float32, "float32")] + [(torch.bfloat16, p)
+                                                for p in torch.ops.superblock.attention_core_products()]
+
 # Relative L2 error against float64 on the same inputs; measured: float32 about 5e-7, bfloat16 about 2.2e-3 (SDPA's
 # own bfloat16 result is as far).
 RELATIVE_ERROR = {torch.float32: 2e-6, torch.bfloat16: 6e-3}
@@ -31,26 +36,26 @@ def relative_error(got, expected):
     return ((got.double() - expected).norm() / expected.norm()).item()
 
 
-@pytest.mark.parametrize("dtype,float_products", [(torch.float32, False), (torch.bfloat16, False),
-                                                   (torch.bfloat16, True)])
+@pytest.mark.parametrize("dtype,products", PRODUCT_CASES)
 @pytest.mark.parametrize("tokens", [1, 7, 197, 577])
 @pytest.mark.parametrize("heads", [1, 3, 12])
 @pytest.mark.parametrize("head_dim", [32, 64])
-def test_fused_kernel_matches_sdpa_math_in_float64(dtype, float_products, tokens, heads, head_dim):
+def test_fused_kernel_matches_sdpa_math_in_float64(dtype, products, tokens, heads, head_dim):
     q, k, v = attention_core.sample(2, heads, tokens, head_dim, dtype, torch.Generator().manual_seed(tokens + heads))
-    out = attention_core.fused(q, k, v, float_products=float_products)
+    out = attention_core.fused(q, k, v, products=products)
     assert out.shape == (2, tokens, heads, head_dim) and out.dtype == dtype
     assert relative_error(out, truth(q, k, v)) < RELATIVE_ERROR[dtype]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fused_kernel_takes_different_query_and_key_lengths_and_any_tile(dtype):
+@pytest.mark.parametrize("dtype,products", PRODUCT_CASES)
+def test_fused_kernel_takes_different_query_and_key_lengths_and_any_tile(dtype, products):
     gen = torch.Generator().manual_seed(1)
-    q = torch.randn(3, 2, 50, 32, generator=gen).to(dtype)
-    k, v = (torch.randn(3, 2, 33, 32, generator=gen).to(dtype) for _ in range(2))
+    q = torch.randn(3, 2, 50, 48, generator=gen).to(dtype)  # 48: three column blocks of our bfloat16 kernel
+    k, v = (torch.randn(3, 2, 33, 48, generator=gen).to(dtype) for _ in range(2))
     expected = truth(q, k, v)
     for tile in (1, 7, 64, 256):
-        assert relative_error(attention_core.fused(q, k, v, query_tile=tile), expected) < RELATIVE_ERROR[dtype]
+        out = attention_core.fused(q, k, v, query_tile=tile, products=products)
+        assert relative_error(out, expected) < RELATIVE_ERROR[dtype]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -62,12 +67,22 @@ def test_fused_kernel_is_the_reference_up_to_rounding(dtype):
     assert relative_error(expected, truth(q, k, v)) < RELATIVE_ERROR[dtype]
 
 
-@pytest.mark.parametrize("dtype,float_products", [(torch.float32, False), (torch.bfloat16, False),
-                                                   (torch.bfloat16, True)])
-def test_fused_kernel_is_bitwise_identical_at_one_and_two_threads(dtype, float_products):
+@pytest.mark.parametrize("dtype,products", PRODUCT_CASES)
+def test_fused_kernel_is_bitwise_identical_at_one_and_two_threads(dtype, products):
     q, k, v = attention_core.sample(3, 5, 150, 64, dtype, torch.Generator().manual_seed(3))
-    one, two = at_one_and_two_threads(lambda: attention_core.fused(q, k, v, float_products=float_products))
+    one, two = at_one_and_two_threads(lambda: attention_core.fused(q, k, v, products=products))
     assert torch.equal(one, two)
+
+
+@pytest.mark.skipif("avx512_bf16" not in torch.ops.superblock.attention_core_products(),
+                    reason="this CPU lacks AVX-512 BF16")
+def test_our_bfloat16_kernel_takes_head_sizes_of_16_and_steps_aside_for_others():
+    q, k, v = attention_core.sample(1, 2, 9, 24, torch.bfloat16)
+    with pytest.raises(RuntimeError, match="multiple of 16, not 24"):
+        attention_core.fused(q, k, v, products="avx512_bf16")
+    assert "fused-avx512bf16" not in attention_core.fused_cores(torch.bfloat16, 24)
+    expected = attention_core.run("fused", q, k, v)  # run() falls back to oneDNN's products for such a head
+    assert torch.equal(attention_core.run("fused-avx512bf16", q, k, v), expected)
 
 
 def test_a_nan_query_gives_a_nan_row_and_leaves_the_others():
@@ -87,6 +102,8 @@ def test_fused_kernel_refuses_bad_operands_with_a_reason():
         attention_core.fused(q, k.double(), v)
     with pytest.raises(RuntimeError, match="float32 or bfloat16"):
         attention_core.fused(q.half(), k.half(), v.half())
+    with pytest.raises(RuntimeError, match="products must be onednn, float32 or avx512_bf16, not amx"):
+        attention_core.fused(q, k, v, products="amx")
     assert "float32 or bfloat16" in attention_core.fused_unavailable_reason(torch.float16, 64)
     assert "even head size" in attention_core.fused_unavailable_reason(torch.bfloat16, 33)
 
@@ -94,7 +111,7 @@ def test_fused_kernel_refuses_bad_operands_with_a_reason():
 def test_fused_op_has_a_fake_that_compile_and_export_use():
     q, k, v = attention_core.sample(2, 3, 20, 32, torch.float32)
     attention_core.fused_unavailable_reason(torch.float32, 32)  # registers the fake
-    torch.library.opcheck(torch.ops.superblock.attention_core.default, (q, k, v, 0.2, 8, False))
+    torch.library.opcheck(torch.ops.superblock.attention_core.default, (q, k, v, 0.2, 8, "float32"))
 
 
 def self_attention(batch_first=True, dropout=0.0, seed=0, heads=4, dim=64):
@@ -106,7 +123,7 @@ def self_attention(batch_first=True, dropout=0.0, seed=0, heads=4, dim=64):
     return mha.eval()
 
 
-@pytest.mark.parametrize("core", ["plain", "fused", "fused-fp32"])
+@pytest.mark.parametrize("core", attention_core.CORES[1:])
 @pytest.mark.parametrize("batch_first", [True, False])
 def test_projected_attention_cores_equal_multihead_attention(core, batch_first):
     mha = self_attention(batch_first)
@@ -199,8 +216,9 @@ def test_fused_core_steps_aside_when_the_input_needs_gradients():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_choose_times_every_core_and_keeps_the_fastest(dtype):
     core, seconds = attention_core.choose(2, 32, dtype, tokens=20)
-    # float32 products of float32 inputs are "fused" itself: timed once
-    assert set(seconds) == set(attention_core.CORES) - ({"fused-fp32"} if dtype == torch.float32 else set())
+    # float32 inputs take float32 products whatever the fused core: timed once, as "fused"
+    assert set(seconds) == {"sdpa", "plain"} | set(attention_core.fused_cores(dtype, 32))
+    assert len(attention_core.fused_cores(dtype, 32)) == (1 if dtype == torch.float32 else len(PRODUCT_CASES) - 1)
     assert core == min(seconds, key=seconds.get)
 
 
