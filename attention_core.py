@@ -139,7 +139,7 @@ def fused_runs(q: torch.Tensor) -> bool:
 def run(core: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """softmax(q k^T / sqrt(D)) v for (B, H, L, D) inputs with no mask, as (B, L, H * D)."""
     batch, heads, queries, dim = q.shape
-    if core in PRODUCTS and fused_runs(q):
+    if core in PRODUCTS and fused_runs(q) and _fused_ready(q.dtype, dim):
         products = PRODUCTS[core] if q.dtype == torch.bfloat16 else "float32"
         if products == "avx512_bf16" and dim % 16:
             products = "onednn"  # a head size our kernel does not take
@@ -151,6 +151,13 @@ def run(core: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.T
     else:
         out = F.scaled_dot_product_attention(q, k, v)
     return out.transpose(1, 2).reshape(batch, queries, heads * dim)
+
+
+def _fused_ready(dtype: torch.dtype, head_dim: int) -> bool:
+    """Whether the fused kernel is loaded and passed its check for this dtype and head size: a dictionary lookup once
+    ``fused_unavailable_reason`` has run (apply_bsr runs it), else that first call (a core set by hand)."""
+    checked = _state.get("checked", {}).get((dtype, head_dim))
+    return checked if checked is not None else fused_unavailable_reason(dtype, head_dim) is None
 
 
 def sample(batch: int, heads: int, tokens: int, head_dim: int, dtype: torch.dtype,

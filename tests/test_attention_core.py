@@ -1,5 +1,7 @@
 """The attention core: the fused C++ kernel against SDPA's math backend in float64, ProjectedAttention's cores
 against nn.MultiheadAttention, and apply_bsr's choice between them."""
+import os
+
 import pytest
 import torch
 import torch.nn as nn
@@ -11,6 +13,7 @@ import blocksparse
 import blocksparse_fused
 from attention import ProjectedAttention
 from helpers import at_one_and_two_threads
+from test_blocksparse_fused import printed_by
 
 # The fused kernel is part of the C++ extension, which every test machine builds.
 assert blocksparse_fused.available(), blocksparse_fused.unavailable_reason()
@@ -265,3 +268,27 @@ def test_a_kernel_that_fails_its_self_check_is_left_out_with_one_warning(monkeyp
     with pytest.warns(UserWarning, match=r"head size 16\)"):  # one check per dtype and head size
         result = blocksparse.apply_bsr(block, blocksize=16, kernel="fused")
     assert result.attention_cores == [("self_attention", "nn.MultiheadAttention")]
+
+
+def test_a_core_set_by_hand_in_a_fresh_process_loads_and_checks_the_kernel_itself():
+    script = """
+import torch
+from torch import nn
+from attention import ProjectedAttention
+mha = nn.MultiheadAttention(64, 4, batch_first=True).eval()
+projected = ProjectedAttention.from_attention(mha, lambda linear: linear).eval().requires_grad_(False)
+projected.core = "fused"  # no apply_bsr: nothing has loaded the extension yet
+x = torch.randn(2, 9, 64)
+with torch.no_grad():
+    error = (projected(x, x, x, need_weights=False)[0] - mha(x, x, x, need_weights=False)[0]).abs().max().item()
+
+class Call(nn.Module):
+    def forward(self, x):
+        return projected(x, x, x, need_weights=False)[0]
+
+graph = torch.export.export(Call(), (x,)).graph
+print("error", error)
+print("ops", sum("superblock.attention_core" in str(node.target) for node in graph.nodes))
+"""
+    printed = printed_by(script, dict(os.environ, OMP_NUM_THREADS="1"))
+    assert float(printed["error"]) < 1e-5 and printed["ops"] == "1"
