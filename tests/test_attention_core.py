@@ -40,7 +40,7 @@ def relative_error(got, expected):
 
 
 @pytest.mark.parametrize("dtype,products", PRODUCT_CASES)
-@pytest.mark.parametrize("tokens", [1, 7, 197, 577])
+@pytest.mark.parametrize("tokens", [1, 7, 197, 577, 1025])
 @pytest.mark.parametrize("heads", [1, 3, 12])
 @pytest.mark.parametrize("head_dim", [32, 64])
 def test_fused_kernel_matches_sdpa_math_in_float64(dtype, products, tokens, heads, head_dim):
