@@ -52,6 +52,7 @@ class ProjectedAttention(nn.Module):
         if core not in attention_core.CORES:
             raise ValueError(f"unknown attention core {core!r}; choose one of {', '.join(attention_core.CORES)}")
         self.core = core
+        self.query_tile = attention_core.QUERY_TILE  # the fused cores' queries per tile (apply_bsr measures it)
         self.in_proj = in_proj
         self.out_proj = out_proj
         self.embed_dim = embed_dim
@@ -125,8 +126,8 @@ class ProjectedAttention(nn.Module):
         dropout = self.dropout if self.training else 0.0
         if (self.core != "sdpa" and not need_weights and attn_mask is None and key_padding_mask is None
                 and not is_causal and dropout == 0.0):
-            return self._finish(self.out_proj(attention_core.run(self.core, q, k, v)), None, unbatched,
-                                average_attn_weights)
+            return self._finish(self.out_proj(attention_core.run(self.core, q, k, v, self.query_tile)), None,
+                                unbatched, average_attn_weights)
         mask = _additive_mask(attn_mask, key_padding_mask, batch, self.num_heads, target_len, source_len, q.dtype)
         if need_weights:
             scores = q @ k.transpose(-2, -1) / self.head_dim ** 0.5
@@ -158,8 +159,9 @@ class ProjectedAttention(nn.Module):
         return out, weights
 
     def extra_repr(self):
+        tile = f", query_tile={self.query_tile}" if self.core in attention_core.PRODUCTS else ""
         return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, batch_first={self.batch_first}, "
-                f"core={self.core}")
+                f"core={self.core}{tile}")
 
 
 def restore_sdpa(model: nn.Module) -> None:

@@ -13,8 +13,9 @@
 - ``"fused-avx512bf16"``: the same kernel with its bfloat16 products on our own AVX-512 BF16 micro-kernel instead of
   oneDNN's (CPUs with avx512_bf16, head sizes a multiple of 16).
 
-``choose(...)`` times them at conversion on the model's shape and dtype (``blocksparse.apply_bsr`` calls it) and
-keeps the fastest; the fused kernel competes only after it matched ``reference`` on that shape here.
+``choose(...)`` times them at conversion on the model's shape and dtype (``blocksparse.apply_bsr`` calls it), the
+fused ones at each of ``QUERY_TILES``, and keeps the fastest; the fused kernel competes only after it matched
+``reference`` here.
 """
 
 import math
@@ -35,8 +36,9 @@ PRODUCTS = {"fused": "onednn", "fused-fp32": "float32", "fused-avx512bf16": "avx
 SAMPLE_TOKENS = 197
 SAMPLE_ITEMS = 24
 
-# The fused kernel's queries per tile: its scores (tile x keys floats) stay in cache. 64 measured fastest or within
-# noise of it for ViT-B/16 in both dtypes on the AMX Xeon (benchmarks/RESULTS.md, "The attention core").
+# The fused kernel's queries per tile, whose scores (tile x keys floats) stay in cache: which is fastest depends on the
+# CPU's caches and the shape, so choose() tries each. QUERY_TILE serves a core set by hand.
+QUERY_TILES = (32, 64, 128)
 QUERY_TILE = 64
 
 _state: Dict[str, object] = {"choices": {}}
@@ -136,14 +138,15 @@ def fused_runs(q: torch.Tensor) -> bool:
             and not (torch.is_grad_enabled() and q.requires_grad))
 
 
-def run(core: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """softmax(q k^T / sqrt(D)) v for (B, H, L, D) inputs with no mask, as (B, L, H * D)."""
+def run(core: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, query_tile: int = QUERY_TILE) -> torch.Tensor:
+    """softmax(q k^T / sqrt(D)) v for (B, H, L, D) inputs with no mask, as (B, L, H * D); ``query_tile`` is the fused
+    cores' queries per tile."""
     batch, heads, queries, dim = q.shape
     if core in PRODUCTS and fused_runs(q) and _fused_ready(q.dtype, dim):
         products = PRODUCTS[core] if q.dtype == torch.bfloat16 else "float32"
         if products == "avx512_bf16" and dim % 16:
             products = "onednn"  # a head size our kernel does not take
-        return fused(q, k, v, products=products).view(batch, queries, heads * dim)
+        return fused(q, k, v, query_tile=query_tile, products=products).view(batch, queries, heads * dim)
     if core == "plain":
         flat = lambda t: t.reshape(batch * heads, t.shape[2], dim)  # noqa: E731
         scores = torch.baddbmm(q.new_empty(()), flat(q), flat(k).transpose(1, 2), beta=0.0, alpha=dim ** -0.5)
@@ -168,8 +171,10 @@ def sample(batch: int, heads: int, tokens: int, head_dim: int, dtype: torch.dtyp
 
 
 @torch.no_grad()
-def choose(heads: int, head_dim: int, dtype: torch.dtype, tokens: int = SAMPLE_TOKENS) -> Tuple[str, Dict[str, float]]:
-    """(core, seconds per core): the fastest of ``CORES`` for this shape and dtype here, measured once per process.
+def choose(heads: int, head_dim: int, dtype: torch.dtype,
+           tokens: int = SAMPLE_TOKENS) -> Tuple[str, int, Dict[str, float]]:
+    """(core, query tile, seconds per core): the fastest of ``CORES`` for this shape and dtype here, the fused ones at
+    their fastest of ``QUERY_TILES`` (the tile returned is ``QUERY_TILE`` for the others); measured once per process.
 
     The fused kernel competes only where it runs and matched ``reference`` here (``fused_unavailable_reason``).
     """
@@ -180,6 +185,12 @@ def choose(heads: int, head_dim: int, dtype: torch.dtype, tokens: int = SAMPLE_T
         candidates = ["sdpa", "plain"]
         if fused_unavailable_reason(dtype, head_dim) is None:
             candidates += fused_cores(dtype, head_dim)
-        seconds = {core: blocksparse_fused.median_seconds(lambda: run(core, q, k, v)) for core in candidates}
-        _state["choices"][key] = (min(seconds, key=seconds.get), seconds)
+        seconds, tiles = {}, {}
+        for core in candidates:
+            by_tile = {tile: blocksparse_fused.median_seconds(lambda: run(core, q, k, v, tile))
+                       for tile in (QUERY_TILES if core in PRODUCTS else (QUERY_TILE,))}
+            tiles[core] = min(by_tile, key=by_tile.get)
+            seconds[core] = by_tile[tiles[core]]
+        best = min(seconds, key=seconds.get)
+        _state["choices"][key] = (best, tiles[best], seconds)
     return _state["choices"][key]

@@ -892,7 +892,8 @@ def _convert_attention(model, fqn, mha, convert, reason_to_stay_dense, quantizes
         raise ValueError("apply_bsr needs a model that contains the nn.MultiheadAttention, not the module itself")
     projections = (projected.in_proj, projected.out_proj)
     names = (in_name, out_name)
-    projected.core = _attention_core(projected.in_proj.weight, projected.num_heads, projected.head_dim, kernel, tokens)
+    projected.core, projected.query_tile = _attention_core(projected.in_proj.weight, projected.num_heads,
+                                                           projected.head_dim, kernel, tokens)
     if all(reason_to_stay_dense(layer, name) is not None and not quantizes(layer, name)
            for layer, name in zip(projections, names)):
         # Neither projection gains: keep nn.MultiheadAttention and its fused fast path, unless the core pays.
@@ -920,24 +921,26 @@ def _attention_tokens(model: nn.Module) -> int:
     return tokens if isinstance(tokens, int) and tokens > 0 else attention_core.SAMPLE_TOKENS
 
 
-def _attention_core(weight: torch.Tensor, num_heads: int, head_dim: int, kernel: str, tokens: int) -> str:
-    """The core an attention module whose projection has this weight runs: the fastest measured here ("auto"), the
-    fused kernel where it takes the dtype ("fused"), else SDPA as before."""
+def _attention_core(weight: torch.Tensor, num_heads: int, head_dim: int, kernel: str, tokens: int) -> Tuple[str, int]:
+    """(core, query tile) an attention module whose projection has this weight runs: the fastest measured here
+    ("auto"), the fused kernel where it takes the dtype ("fused"), else SDPA as before."""
     if weight.device.type != "cpu" or kernel not in ("auto", "fused"):
-        return "sdpa"
+        return "sdpa", attention_core.QUERY_TILE
     if kernel == "fused":
-        return "fused" if attention_core.fused_unavailable_reason(weight.dtype, head_dim) is None else "sdpa"
-    return attention_core.choose(num_heads, head_dim, weight.dtype, tokens)[0]
+        runs = attention_core.fused_unavailable_reason(weight.dtype, head_dim) is None
+        return "fused" if runs else "sdpa", attention_core.QUERY_TILE
+    return attention_core.choose(num_heads, head_dim, weight.dtype, tokens)[:2]
 
 
 def _convert_timm_attention(model, fqn, module, result, *, kernel, tokens):
     """Put a ``timm_attention.CoreAttention`` in the place of timm's ``Attention`` where its core is not SDPA."""
     reason = timm_attention.unsupported_reason(module)
-    core = "sdpa" if reason else _attention_core(module.qkv.weight, module.num_heads, module.head_dim, kernel, tokens)
+    core, tile = ("sdpa", 0) if reason else _attention_core(module.qkv.weight, module.num_heads, module.head_dim,
+                                                             kernel, tokens)
     if core == "sdpa":
         result.attention_cores.append((fqn, "timm Attention"))
         return
-    _set_submodule(model, fqn, timm_attention.CoreAttention(module, core))
+    _set_submodule(model, fqn, timm_attention.CoreAttention(module, core, query_tile=tile))
     result.attention_cores.append((fqn, core))
 
 

@@ -27,7 +27,7 @@ def unsupported_reason(module: nn.Module):
 class CoreAttention(nn.Module):
     """timm's ``Attention``, the same children, with its core one of ``attention_core.CORES`` (``core``)."""
 
-    def __init__(self, timm_attention: nn.Module, core: str):
+    def __init__(self, timm_attention: nn.Module, core: str, query_tile: int = attention_core.QUERY_TILE):
         super().__init__()
         reason = unsupported_reason(timm_attention)
         if reason is not None:
@@ -39,7 +39,7 @@ class CoreAttention(nn.Module):
         self.gate = getattr(timm_attention, "gate", None)
         self.num_heads, self.head_dim = timm_attention.num_heads, timm_attention.head_dim
         self.attn_dim = self.num_heads * self.head_dim
-        self.core = core
+        self.core, self.query_tile = core, query_tile
         self.train(timm_attention.training)
 
     def forward(self, x, attn_mask=None, is_causal=False):
@@ -50,7 +50,7 @@ class CoreAttention(nn.Module):
         q, k = self.q_norm(q), self.k_norm(k)
         dropout = self.attn_drop.p if self.training else 0.0
         if attn_mask is None and not is_causal and dropout == 0.0:
-            x = attention_core.run(self.core, q, k, v)
+            x = attention_core.run(self.core, q, k, v, self.query_tile)
         else:
             x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout, is_causal=is_causal)
             x = x.transpose(1, 2).reshape(batch, tokens, self.attn_dim)
@@ -60,4 +60,5 @@ class CoreAttention(nn.Module):
         return self.proj_drop(self.proj(x))
 
     def extra_repr(self):
-        return f"num_heads={self.num_heads}, head_dim={self.head_dim}, core={self.core}"
+        tile = f", query_tile={self.query_tile}" if self.core in attention_core.PRODUCTS else ""
+        return f"num_heads={self.num_heads}, head_dim={self.head_dim}, core={self.core}{tile}"

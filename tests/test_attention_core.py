@@ -218,7 +218,8 @@ def test_fused_core_steps_aside_when_the_input_needs_gradients():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_choose_times_every_core_and_keeps_the_fastest(dtype):
-    core, seconds = attention_core.choose(2, 32, dtype, tokens=20)
+    core, tile, seconds = attention_core.choose(2, 32, dtype, tokens=20)
+    assert tile in attention_core.QUERY_TILES if core in attention_core.PRODUCTS else tile == attention_core.QUERY_TILE
     # float32 inputs take float32 products whatever the fused core: timed once, as "fused"
     assert set(seconds) == {"sdpa", "plain"} | set(attention_core.fused_cores(dtype, 32))
     assert len(attention_core.fused_cores(dtype, 32)) == (1 if dtype == torch.float32 else len(PRODUCT_CASES) - 1)
@@ -243,13 +244,14 @@ def test_auto_keeps_multihead_attention_unless_the_core_makes_it_faster(monkeypa
     with torch.no_grad():
         expected = block(x)
     timings = iter([1.0, 2.0] if faster == "mha" else [2.0, 1.0])  # nn.MultiheadAttention, then ProjectedAttention
-    monkeypatch.setattr(attention_core, "choose", lambda *args, **kwargs: ("fused", {}))
+    monkeypatch.setattr(attention_core, "choose", lambda *args, **kwargs: ("fused", 32, {}))
     monkeypatch.setattr(blocksparse_fused, "median_seconds", lambda fn, repeats=5: (fn(), next(timings))[1])
     result = blocksparse.apply_bsr(block, blocksize=16)
     kept = isinstance(block.self_attention, nn.MultiheadAttention)
     assert kept == (faster == "mha")
     assert result.attention_cores == [("self_attention", "nn.MultiheadAttention" if kept else "fused")]
     assert ("fused x1" in str(result)) == (not kept)
+    assert kept or block.self_attention.query_tile == 32  # the tile choose() measured fastest
     with torch.no_grad():
         torch.testing.assert_close(block(x), expected, rtol=1e-5, atol=1e-5)
 
@@ -262,7 +264,7 @@ def test_a_kernel_that_fails_its_self_check_is_left_out_with_one_warning(monkeyp
     with pytest.warns(UserWarning, match="failed its check against the reference"):
         reason = attention_core.fused_unavailable_reason(torch.float32, 32)
     assert "failed its check" in reason
-    core, seconds = attention_core.choose(2, 32, torch.float32, tokens=20)
+    core, _, seconds = attention_core.choose(2, 32, torch.float32, tokens=20)
     assert set(seconds) == {"sdpa", "plain"} and core in seconds  # neither fused core
     block = Block().eval()
     with pytest.warns(UserWarning, match=r"head size 16\)"):  # one check per dtype and head size
