@@ -7,7 +7,7 @@
 - ``"fused"``: ``torch.ops.superblock.attention_core`` (``csrc/attention_core.cpp``, built with the other kernels by
   ``blocksparse_fused``): one (image, head) per work item, scores a tile of queries at a time in cache, on ATen's
   brgemm micro-kernels (AMX or AVX-512), float32 or bfloat16, bitwise identical at any thread count. It writes its
-  output as (B, L, H, D), which the output projection reads as (B, L, E) without the copy the others need;
+  output as (B, L, H, D), which the output projection reads as (B, L, E) with no copy (as SDPA's flash output);
 - ``"fused-fp32"``: the same kernel with bfloat16 inputs widened to float32 for its products (float32 inputs: the
   same as "fused"), which some CPUs without AMX run faster than their bfloat16 micro-kernels;
 - ``"fused-avx512bf16"``: the same kernel with its bfloat16 products on our own AVX-512 BF16 micro-kernel instead of
