@@ -116,6 +116,15 @@ def assert_ok(result):
     assert result.returncode == 0, f"exit {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
 
 
+def the_error_line(result):
+    """The one "error:" line of a script that refused its input: exit status 2, that line, and no traceback."""
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    return lines[0]
+
+
 def flip_byte_in_tensor_data(path, out):
     """Copy the torch.save file `path` to `out` with one bit flipped in the middle of its largest tensor's bytes.
 

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 import distillation
 from test_models import local_resnet18_weights  # noqa: F401 (a fixture)
 from helpers import (assert_ok, flip_byte_in_tensor_data, free_port, run_in_process, run_script, start_script,
-                     straight_and_resumed_runs, write_image_folder)
+                     straight_and_resumed_runs, the_error_line, write_image_folder)
 
 # vit_tiny on 16x16 crops of a 3-class, 24-image data set: a few steps per epoch.
 TINY = [
@@ -305,10 +305,9 @@ def test_bad_input_exits_2_with_one_error_line(case, data, tmp_path):
     flags, expected = case(data, tmp_path)
     # The case's flags come last: later flags win.
     result = run_in_process("train.py", [*TINY, "--epochs", "1", "--output-dir", str(tmp_path / "out"), *flags])
-    status, stdout, stderr = result.returncode, result.stdout, result.stderr
-    assert status == 2, stderr
-    error_lines = [line for line in stderr.splitlines() if "error:" in line]
-    assert len(error_lines) == 1 and expected in error_lines[0], stderr
+    stdout, stderr = result.stdout, result.stderr
+    error_line = the_error_line(result)
+    assert expected in error_line, stderr
     assert "Traceback" not in stderr and "weights_only" not in stderr, stderr  # never advise full unpickling
     if case is not _corrupt_image:  # an unreadable image is only found when training reads it
         assert "Start training" not in stdout, "the error came after the work had started"
@@ -403,12 +402,10 @@ def test_resume_with_contradicting_sparsity_exits_2_naming_the_flag_and_both_val
     checkpoint = os.path.join(one_epoch[0], "checkpoint.pth")
     result = run_in_process("train.py", ["--data-path", data, *TINY, "--sparsity-linear", "0.9", "--epochs", "2",
                                          "--resume", checkpoint])
-    status, stderr = result.returncode, result.stderr
-    assert status == 2, stderr
-    error_lines = [line for line in stderr.splitlines() if "error:" in line]
-    assert len(error_lines) == 1, stderr
+    stderr = result.stderr
+    error_line = the_error_line(result)
     assert (f"--sparsity-linear 0.9 contradicts --resume {checkpoint}, which was trained with --sparsity-linear 0.5"
-            in error_lines[0]), stderr
+            in error_line), stderr
 
 
 def test_resume_without_sparsity_flags_takes_them_from_the_checkpoint(one_epoch, data):
@@ -443,10 +440,7 @@ IMPOSSIBLE = {
 @pytest.mark.parametrize("flags,expected", IMPOSSIBLE.values(), ids=IMPOSSIBLE.keys())
 def test_impossible_request_exits_2_with_one_error_line(flags, expected, data, tmp_path):
     result = run_in_process("train.py", ["--data-path", data, *TINY, *flags, "--output-dir", str(tmp_path)])
-    status, stderr = result.returncode, result.stderr
-    assert status == 2, stderr
-    error_lines = [line for line in stderr.splitlines() if "error:" in line]
-    assert len(error_lines) == 1 and expected in error_lines[0], stderr
+    assert expected in the_error_line(result), result.stderr
 
 
 ##### Earlier runs, interrupted runs and torn files #####
@@ -457,12 +451,10 @@ def test_fresh_run_into_a_used_output_dir_is_refused_and_leaves_it_untouched(one
     before = {name: open(os.path.join(out, name), "rb").read() for name in os.listdir(out)}
     result = run_in_process("train.py",
         ["--data-path", data, *TINY, *SPARSE, "--epochs", "1", "--output-dir", out])
-    status, stdout, stderr = result.returncode, result.stdout, result.stderr
-    assert status == 2, stderr
-    error_lines = [line for line in stderr.splitlines() if "error:" in line]
-    assert len(error_lines) == 1, stderr
+    stdout, stderr = result.stdout, result.stderr
+    error_line = the_error_line(result)
     assert f"--output-dir {out} already holds a run (checkpoint.pth, model_0.pth); continue it with --resume auto, " \
-           f"pass --start-over" in error_lines[0], stderr
+           f"pass --start-over" in error_line, stderr
     assert "Start training" not in stdout
     assert {name: open(os.path.join(out, name), "rb").read() for name in os.listdir(out)} == before
 
@@ -523,12 +515,11 @@ def test_resume_auto_with_no_checkpoint_that_loads_exits_2_naming_each(one_epoch
         _torn(os.path.join(out, name), tmp_path)
     result = run_in_process("train.py", ["--data-path", data, *TINY, "--epochs", "2", "--resume", "auto",
                                          "--output-dir", out])
-    status, stderr = result.returncode, result.stderr
-    assert status == 2, stderr
-    error_lines = [line for line in stderr.splitlines() if "error:" in line]
-    assert len(error_lines) == 1 and "found no checkpoint in" in error_lines[0], stderr
-    assert "checkpoint.pth: the file is truncated or damaged" in error_lines[0], stderr
-    assert "model_0.pth: the file is truncated or damaged" in error_lines[0], stderr
+    stderr = result.stderr
+    error_line = the_error_line(result)
+    assert "found no checkpoint in" in error_line, stderr
+    assert "checkpoint.pth: the file is truncated or damaged" in error_line, stderr
+    assert "model_0.pth: the file is truncated or damaged" in error_line, stderr
 
 
 def test_ctrl_c_says_which_epoch_the_checkpoint_holds_and_exits_130(data, tmp_path):
@@ -742,14 +733,11 @@ def test_full_disk_while_checkpointing_is_one_line_naming_the_file_and_what_was_
     monkeypatch.setattr(torch, "save", save_until_epoch_1)
     result = run_in_process("train.py", ["--data-path", data, *TINY, "--epochs", "2", "--output-dir", out])
     monkeypatch.undo()
-    status, stderr = result.returncode, result.stderr
-    assert status == 2, stderr
-    error_lines = [line for line in stderr.splitlines() if "error:" in line]
-    assert len(error_lines) == 1, stderr
+    stderr = result.stderr
+    error_line = the_error_line(result)
     assert (f"no space left on the device to write {os.path.join(out, 'model_1.pth')}; no earlier "
             f"{os.path.join(out, 'model_1.pth')} existed (epoch 1); {out} keeps checkpoint.pth, model_0.pth; free "
-            f"some space and continue with --resume auto") in error_lines[0], stderr
-    assert "Traceback" not in stderr, stderr
+            f"some space and continue with --resume auto") in error_line, stderr
     assert sorted(os.listdir(out)) == ["checkpoint.pth", "model_0.pth"]
     assert load(os.path.join(out, "checkpoint.pth"))["epoch"] == 0
 
@@ -758,12 +746,10 @@ def test_resume_with_another_optimizer_exits_2_before_training(one_epoch, data):
     checkpoint = os.path.join(one_epoch[0], "checkpoint.pth")  # trained with --opt adamw
     result = run_in_process("train.py", ["--data-path", data, *TINY, *SPARSE, "--opt", "sgd", "--epochs", "2",
                                          "--resume", checkpoint])
-    status, stdout, stderr = result.returncode, result.stdout, result.stderr
-    assert status == 2, stderr
-    error_lines = [line for line in stderr.splitlines() if "error:" in line]
-    assert len(error_lines) == 1, stderr
-    assert (f"--opt sgd differs from the optimizer {checkpoint} was trained with (--opt adamw)" in error_lines[0]
-            and "resume with --opt adamw" in error_lines[0]), stderr
+    stdout, stderr = result.stdout, result.stderr
+    error_line = the_error_line(result)
+    assert (f"--opt sgd differs from the optimizer {checkpoint} was trained with (--opt adamw)" in error_line
+            and "resume with --opt adamw" in error_line), stderr
     assert "Traceback" not in stderr and "Start training" not in stdout, stderr
 
 
@@ -771,12 +757,10 @@ def test_resuming_a_finished_run_says_there_is_nothing_left_to_train(one_epoch, 
     out = one_epoch[0]  # trained its one epoch
     result = run_in_process("train.py", ["--data-path", data, *TINY, *SPARSE, "--epochs", "1", "--resume", "auto",
                                          "--output-dir", out])
-    status, stdout, stderr = result.returncode, result.stdout, result.stderr
-    assert status == 2, stderr
-    error_lines = [line for line in stderr.splitlines() if "error:" in line]
-    assert len(error_lines) == 1, stderr
+    stdout, stderr = result.stdout, result.stderr
+    error_line = the_error_line(result)
     assert (f"--resume {os.path.join(out, 'checkpoint.pth')} holds epoch 0, and --epochs 1 ends with epoch 0: there "
-            f"is nothing left to train; pass --epochs 2 or more" in error_lines[0]), stderr
+            f"is nothing left to train; pass --epochs 2 or more" in error_line), stderr
     assert "Traceback" not in stderr and "Training time" not in stdout, stderr
 
 
@@ -793,11 +777,9 @@ def test_second_run_into_a_locked_output_dir_is_refused_and_a_killed_run_leaves_
         for extra in ([], ["--resume", "auto"], ["--start-over"]):
             result = run_in_process("train.py", ["--data-path", data, *TINY, "--epochs", "1", "--output-dir", out,
                                                  *extra])
-            status, stdout, stderr = result.returncode, result.stdout, result.stderr
-            assert status == 2, stderr
-            error_lines = [line for line in stderr.splitlines() if "error:" in line]
-            assert len(error_lines) == 1, stderr
-            assert f"--output-dir {out} is in use by another train.py run that is still going" in error_lines[0]
+            stdout, stderr = result.stdout, result.stderr
+            error_line = the_error_line(result)
+            assert f"--output-dir {out} is in use by another train.py run that is still going" in error_line
             assert "Traceback" not in stderr and "Start training" not in stdout, stderr
             assert os.listdir(out) == [], "the refused run wrote into the folder"
     finally:
@@ -856,10 +838,9 @@ OUT_OF_RANGE = {
 def test_numeric_flag_outside_its_range_exits_2_before_any_work(flags, expected, data, tmp_path):
     result = run_in_process("train.py", ["--data-path", data, *TINY, "--epochs", "1", *flags,
                                          "--output-dir", str(tmp_path / "out")])
-    status, stdout, stderr = result.returncode, result.stdout, result.stderr
-    assert status == 2, stderr
-    error_lines = [line for line in stderr.splitlines() if "error:" in line]
-    assert len(error_lines) == 1 and expected in error_lines[0], stderr
+    stdout, stderr = result.stdout, result.stderr
+    error_line = the_error_line(result)
+    assert expected in error_line, stderr
     assert "Traceback" not in stderr and "Settings" not in stdout, stderr
     assert not os.path.exists(tmp_path / "out"), "the output folder was created before the check"
 
