@@ -208,6 +208,13 @@ inline void transpose_words(const void* src, int64_t src_stride_bytes, int64_t r
 }
 #endif
 
+// A buffer of `size` elements whose padding (what the item never writes) is zero. Zero-filled only when its size
+// changes: an op's items all have one shape and write the same places, so the padding stays zero from item to item.
+template <typename T>
+void zeroed(std::vector<T>& buffer, int64_t size) {
+  if (int64_t(buffer.size()) != size) buffer.assign(size, T(0));
+}
+
 struct Heads {
   int64_t batch, heads, queries, keys, dim;
 };
@@ -258,7 +265,7 @@ struct FloatProducts {
       keys_stride = values_stride = s.dim;
       widened_queries.resize(tile * s.dim);
     }
-    keys_t.assign(s.dim * padded, 0.f);  // k transposed: dim x keys
+    zeroed(keys_t, s.dim * padded);  // k transposed: dim x keys
     transpose_words(keys, keys_stride * sizeof(float), s.keys, s.dim, reinterpret_cast<uint32_t*>(keys_t.data()),
                     padded);
     scores.resize(tile * padded);
@@ -365,7 +372,7 @@ struct Bfloat16Products {
            int64_t v_stride, at::BFloat16* out, int64_t out_stride, const Heads& s, float scale, int64_t tile) {
     const int64_t padded = (s.keys + kKeyPadding - 1) / kKeyPadding * kKeyPadding, pairs = s.dim / 2;
     // keys_t[p][j] = (k[j][2p], k[j][2p+1]): the [D/2][keys][2] layout of k.T.
-    keys_t.assign(pairs * padded, 0u);
+    zeroed(keys_t, pairs * padded);
     transpose_words(k, k_stride * sizeof(at::BFloat16), s.keys, pairs, keys_t.data(), padded);
     // values[p][d] = (v[2p][d], v[2p+1][d]): the [keys/2][D][2] layout, padding keys zero.
     values.resize(padded / 2 * s.dim);
@@ -381,7 +388,7 @@ struct Bfloat16Products {
       }
     }
     scores.resize(tile * padded);
-    probabilities.assign(tile * padded, 0);  // the padding columns stay zero
+    zeroed(probabilities, tile * padded);  // the padding columns stay zero
     acc.resize(tile * s.dim);
     const auto* keys_bf16 = reinterpret_cast<const at::BFloat16*>(keys_t.data());
     const auto* values_bf16 = reinterpret_cast<const at::BFloat16*>(values.data());
