@@ -28,6 +28,8 @@ import torch
 # attention_core.py wraps (compiled side by side).
 SOURCES = tuple(os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", name)
                 for name in ("fused_bsr_linear.cpp", "int8_bsr_linear.cpp", "attention_core.cpp"))
+# The headers they include: the build's name covers them, so a change to one rebuilds the extension too.
+HEADERS = tuple(os.path.join(os.path.dirname(SOURCES[0]), name) for name in ("block_index.h",))
 DISABLE_VARIABLE = "SUPERBLOCK_NO_EXTENSION"
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -45,7 +47,7 @@ def _cpu_flags() -> bytes:
 
 def _build_name() -> str:
     digest = hashlib.sha256()
-    for source in SOURCES:
+    for source in SOURCES + HEADERS:
         with open(source, "rb") as f:
             digest.update(f.read())
     digest.update(torch.__version__.encode())

@@ -27,6 +27,8 @@
 #include <string>
 #include <vector>
 
+#include "block_index.h"
+
 namespace {
 
 using at::native::cpublas::brgemm;
@@ -249,12 +251,9 @@ int64_t check_blocks(const char* op, const at::Tensor& x, const at::Tensor& valu
   const int64_t block_rows = row_offsets.numel() - 1;
   TORCH_CHECK(block_rows * blocksize == out_features && in_features % blocksize == 0, op, ": blocks of ", blocksize,
               " do not tile ", out_features, " outputs in ", block_rows, " block-rows");
-  // Indices that point outside the blocks or the input would read out of bounds: check them (a pass over them).
-  const int32_t* offsets = row_offsets.const_data_ptr<int32_t>();
-  const int32_t* col = cols.const_data_ptr<int32_t>();
-  bool ok = offsets[0] == 0 && offsets[block_rows] == cols.numel() && values.size(0) == cols.numel();
-  for (int64_t r = 0; ok && r < block_rows; ++r) ok = offsets[r] <= offsets[r + 1];
-  for (int64_t j = 0; ok && j < cols.numel(); ++j) ok = col[j] >= 0 && col[j] < in_features / blocksize;
+  const bool ok = values.size(0) == cols.numel() &&
+                  superblock::indexes_blocks(row_offsets.const_data_ptr<int32_t>(), block_rows,
+                                             cols.const_data_ptr<int32_t>(), cols.numel(), in_features / blocksize);
   TORCH_CHECK(ok, op, ": row_offsets and cols do not index ", values.size(0), " blocks of a ", out_features, "x",
               in_features, " weight");
   return blocksize;

@@ -25,6 +25,8 @@
 #include <torch/library.h>
 #include <immintrin.h>
 
+#include "block_index.h"
+
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -480,11 +482,9 @@ int64_t check_layer(const char* op, const at::Tensor& blocks, const at::Tensor& 
   TORCH_CHECK(!bias.has_value() || (bias->scalar_type() == at::kFloat && bias->is_contiguous() &&
                                     bias->numel() == out_features),
               op, ": bias must be float32 with one value per output");
-  const int32_t* offsets = row_offsets.const_data_ptr<int32_t>();
-  const int32_t* col = cols.const_data_ptr<int32_t>();
-  bool ok = offsets[0] == 0 && offsets[block_rows] == cols.numel() && blocks.size(0) == cols.numel();
-  for (int64_t r = 0; ok && r < block_rows; ++r) ok = offsets[r] <= offsets[r + 1];
-  for (int64_t j = 0; ok && j < cols.numel(); ++j) ok = col[j] >= 0 && col[j] < in_features / bs;
+  const bool ok = blocks.size(0) == cols.numel() &&
+                  superblock::indexes_blocks(row_offsets.const_data_ptr<int32_t>(), block_rows,
+                                             cols.const_data_ptr<int32_t>(), cols.numel(), in_features / bs);
   TORCH_CHECK(ok, op, ": row_offsets and cols do not index ", blocks.size(0), " blocks of a ", out_features, "x",
               in_features, " weight");
   return bs;
