@@ -133,9 +133,9 @@ def fused_cores(dtype: torch.dtype, head_dim: int) -> Tuple[str, ...]:
 
 
 def fused_runs(q: torch.Tensor) -> bool:
-    """Whether the fused kernel takes these queries as they are (device, dtype, head size, no autograd)."""
-    return (q.device.type == "cpu" and q.dtype in (torch.float32, torch.bfloat16) and q.shape[-1] % 2 == 0
-            and not (torch.is_grad_enabled() and q.requires_grad))
+    """Whether these queries may take the fused kernel (on the CPU, no autograd); ``_fused_ready`` says whether it
+    takes their dtype and head size."""
+    return q.device.type == "cpu" and not (torch.is_grad_enabled() and q.requires_grad)
 
 
 def run(core: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, query_tile: int = QUERY_TILE) -> torch.Tensor:
