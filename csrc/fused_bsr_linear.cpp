@@ -10,9 +10,11 @@
 // bit for bit whatever the thread count.
 //
 // fused_bsr_mlp runs a whole Linear -> activation -> Linear pair per tile of tokens (one work item each): the first
-// Linear's outputs for the hidden blocks the second one reads go to a buffer of the thread's own, the activation runs
-// on it in place, and the second Linear reads it from there. The hidden activations, four times the width of a ViT's
-// tokens, never make the trip to memory and back.
+// Linear's outputs for the hidden blocks the second one reads go to a buffer of the thread's own, activated, and the
+// second Linear reads them from there. The hidden activations, four times the width of a ViT's tokens, never make
+// the trip to memory and back. In bfloat16 on AVX-512 the activation runs in registers as the first Linear's float
+// accumulators are stored (mlp_epilogue.h: one rounding to bfloat16, after it); elsewhere ATen's runs in place on the
+// buffer.
 //
 // The weight blocks come from fused_pack_blocks below: each block transposed (in x out, the brgemm "B" operand),
 // and for bfloat16/float16, where oneDNN's micro-kernel runs on this CPU, in its pair-interleaved (VNNI) layout.
@@ -22,12 +24,14 @@
 #include <ATen/native/CPUBlas.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstring>
 #include <memory>
 #include <string>
 #include <vector>
 
 #include "block_index.h"
+#include "mlp_epilogue.h"
 
 namespace {
 
@@ -96,17 +100,55 @@ struct BlockRows {
   bool vnni;
 };
 
+// bias + activation + bfloat16 rounding of m rows of float accumulators, in AVX-512 registers.
+template <superblock::Activation act>
+SUPERBLOCK_AVX512_EPILOGUE void activate_rows(at::BFloat16* out, int64_t out_stride, const float* acc,
+                                              int64_t acc_stride, const at::BFloat16* bias, int64_t m,
+                                              int64_t blocksize) {
+  for (int64_t i = 0; i < m; ++i) {
+    for (int64_t c = 0; c < blocksize; c += 16) {
+      __m512 v = _mm512_loadu_ps(acc + i * acc_stride + c);
+      if (bias) {
+        const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bias + c));
+        v = _mm512_add_ps(v, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16)));
+      }
+      superblock::store16(out + i * out_stride + c, superblock::activate16<act>(v));
+    }
+  }
+}
+
+// How a product's float accumulators are stored: as they are (bias added, rounded to the output dtype), or, for the
+// first Linear of a bfloat16 MLP on AVX-512, activated in registers on the way (`store`).
+struct Epilogue {
+  bool activates = false;
+  void (*store)(at::BFloat16*, int64_t, const float*, int64_t, const at::BFloat16*, int64_t, int64_t) = nullptr;
+};
+
+// The in-register epilogue for an MLP's first Linear, where it runs: bfloat16, AVX-512, blocks of a multiple of 16.
+template <typename T>
+Epilogue activating_epilogue(const std::string& activation, int64_t blocksize) {
+  if (!std::is_same_v<T, at::BFloat16> || !superblock::has_avx512() || blocksize % 16 != 0) return {};
+  using superblock::Activation;
+  switch (superblock::activation_of(activation)) {
+    case Activation::gelu: return {true, &activate_rows<Activation::gelu>};
+    case Activation::gelu_tanh: return {true, &activate_rows<Activation::gelu_tanh>};
+    case Activation::relu: return {true, &activate_rows<Activation::relu>};
+    default: return {true, &activate_rows<Activation::identity>};
+  }
+}
+
 // out (m x blocksize, row stride out_stride) = x_tile (m rows, row stride x_stride) @ W[block-row `row`].T + bias,
 // reading x_tile's column blocks in place. float32 accumulates straight into `out`; other dtypes into `scratch`
 // (m x blocksize floats), converted at the end. `panel` is the buffer of the gathered variant.
 template <typename T>
 void block_row_product(const BlockRows<T>& w, int64_t row, const T* x_tile, int64_t x_stride, int64_t m, T* out,
-                       int64_t out_stride, float* scratch, std::vector<T>& panel, bool gather) {
+                       int64_t out_stride, float* scratch, std::vector<T>& panel, bool gather,
+                       const Epilogue& epilogue = {}) {
   constexpr bool accumulate_in_output = std::is_same_v<T, float>;
   const int64_t blocksize = w.blocksize, block_numel = blocksize * blocksize;
   const T* row_bias = w.bias ? w.bias + row * blocksize : nullptr;
   const int64_t first = w.offsets[row], last = w.offsets[row + 1];
-  if (first == last) {
+  if (first == last && !epilogue.activates) {
     for (int64_t i = 0; i < m; ++i) {
       for (int64_t c = 0; c < blocksize; ++c) {
         out[i * out_stride + c] = row_bias ? row_bias[c] : T(0.f);
@@ -116,7 +158,9 @@ void block_row_product(const BlockRows<T>& w, int64_t row, const T* x_tile, int6
   }
   float* acc = accumulate_in_output ? reinterpret_cast<float*>(out) : scratch;
   const int64_t acc_stride = accumulate_in_output ? out_stride : blocksize;
-  if (gather && last - first > 1) {
+  if (first == last) {
+    for (int64_t i = 0; i < m; ++i) std::fill_n(acc + i * acc_stride, blocksize, 0.f);
+  } else if (gather && last - first > 1) {
     const int64_t depth = (last - first) * blocksize;
     panel.resize(m * depth);
     for (int64_t i = 0; i < m; ++i) {
@@ -139,6 +183,10 @@ void block_row_product(const BlockRows<T>& w, int64_t row, const T* x_tile, int6
         float* o = acc + i * acc_stride;
         for (int64_t c = 0; c < blocksize; ++c) o[c] += float(row_bias[c]);
       }
+    }
+  } else if (epilogue.activates) {
+    if constexpr (std::is_same_v<T, at::BFloat16>) {
+      epilogue.store(out, out_stride, acc, acc_stride, row_bias, m, blocksize);
     }
   } else {
     for (int64_t i = 0; i < m; ++i) {
@@ -215,6 +263,7 @@ void mlp_items(const at::Tensor& x, const BlockRows<T>& w1, const BlockRows<T>& 
   const T* x_data = x.const_data_ptr<T>();
   T* y_data = y.mutable_data_ptr<T>();
   const auto dtype = x.scalar_type();
+  const Epilogue epilogue = activating_epilogue<T>(activation, blocksize);
   at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scratch(std::is_same_v<T, float> ? 0 : tile_tokens * blocksize);
     // Not zero-filled (a std::vector would clear megabytes per call): every row the activation and W2 read is
@@ -226,9 +275,11 @@ void mlp_items(const at::Tensor& x, const BlockRows<T>& w1, const BlockRows<T>& 
       const T* x_tile = x_data + first_token * x_stride;
       for (size_t k = 0; k < live.size(); ++k) {
         block_row_product(w1, live[k], x_tile, x_stride, m, hidden.get() + k * blocksize, width, scratch.data(),
-                          panel, gather);
+                          panel, gather, epilogue);
       }
-      if (width > 0) activate(at::from_blob(hidden.get(), {m, width}, at::TensorOptions().dtype(dtype)), activation);
+      if (width > 0 && !epilogue.activates) {
+        activate(at::from_blob(hidden.get(), {m, width}, at::TensorOptions().dtype(dtype)), activation);
+      }
       for (int64_t row = 0; row < block_rows; ++row) {
         block_row_product(w2_live, row, hidden.get(), width, m, y_data + first_token * out_features + row * blocksize,
                           out_features, scratch.data(), panel, gather);

@@ -26,6 +26,7 @@
 #include <immintrin.h>
 
 #include "block_index.h"
+#include "mlp_epilogue.h"
 
 #include <cmath>
 #include <cstring>
@@ -35,6 +36,11 @@
 #include <vector>
 
 namespace {
+
+using superblock::Activation;
+using superblock::activate16;
+using superblock::activation_of;
+using superblock::store16;
 
 #define SUPERBLOCK_AVX512 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512vnni")))
 
@@ -226,18 +232,6 @@ void item_products(Isa isa, const uint8_t* a, int64_t lda, int64_t m, const Int8
 
 // ---- Epilogue ----
 
-SUPERBLOCK_AVX512 inline void store16(float* out, __m512 v) { _mm512_storeu_ps(out, v); }
-
-// Round to nearest even, NaN to the quiet NaN 0x7fc0: torch's float -> bfloat16 conversion.
-SUPERBLOCK_AVX512 inline void store16(at::BFloat16* out, __m512 v) {
-  const __m512i bits = _mm512_castps_si512(v);
-  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-  __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), lsb)), 16);
-  const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-  rounded = _mm512_mask_mov_epi32(rounded, nan, _mm512_set1_epi32(0x7fc0));
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), _mm512_cvtepi32_epi16(rounded));
-}
-
 // out (m x blocksize, stride ldo) = float(c - compensation) * (row scale * channel scale) + bias, for the outputs of
 // block-row `row`. Explicit rounding intrinsics keep the compiler from fusing the multiply and add, so the result is
 // the pure-PyTorch reference's bit for bit.
@@ -283,80 +277,6 @@ void linear_items(Isa isa, const at::Tensor& x, const Int8Blocks& w, at::Tensor&
 }
 
 SUPERBLOCK_AVX512 float reduce_max16(const float* lanes) { return _mm512_reduce_max_ps(_mm512_loadu_ps(lanes)); }
-
-// ---- The MLP's activation, in registers ----
-//
-// The activation runs in the first layer's epilogue, so the hidden activations are written once, already activated,
-// with each token's running amax for their quantization. GELU is not ATen's: erf(z) = z P(z^2) on [-3, 3] (a
-// Chebyshev fit of degree 8 in z^2) and +-1 beyond, within 6e-5 of nn.GELU everywhere (the hidden activations are
-// quantized next in steps of amax / 127, hundreds of times coarser), at half the instructions of ATen's
-// exp-based erf, which measured as long as all the rest of the MLP's elementwise work. The tanh form uses exp by
-// range reduction and a degree-7 polynomial, and one Newton step per reciprocal. The tests compare both with nn.GELU.
-
-enum class Activation { identity, relu, gelu, gelu_tanh };
-
-Activation activation_of(const std::string& name) {
-  if (name == "gelu") return Activation::gelu;
-  if (name == "gelu_tanh") return Activation::gelu_tanh;
-  if (name == "relu") return Activation::relu;
-  return Activation::identity;
-}
-
-SUPERBLOCK_AVX512 inline __m512 exp16(__m512 x) {
-  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.f)), _mm512_set1_ps(88.f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);  // ln 2 in two parts: x - n ln 2 stays exact
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.f / 5040);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 720));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
-  return _mm512_scalef_ps(p, n);
-}
-
-SUPERBLOCK_AVX512 inline __m512 reciprocal16(__m512 d) {
-  const __m512 r = _mm512_rcp14_ps(d);
-  return _mm512_mul_ps(r, _mm512_fnmadd_ps(d, r, _mm512_set1_ps(2.f)));
-}
-
-template <Activation act>
-SUPERBLOCK_AVX512 inline __m512 activate16(__m512 x) {
-  const __m512 half = _mm512_set1_ps(0.5f), one = _mm512_set1_ps(1.f);
-  switch (act) {
-    case Activation::relu:
-      return _mm512_max_ps(x, _mm512_setzero_ps());
-    case Activation::gelu: {  // x/2 (1 + erf(z)), z = x / sqrt 2 clamped to [-3, 3], erf z = z P(z^2)
-      const __m512 limit = _mm512_set1_ps(3.f);
-      const __m512 z = _mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(x, _mm512_set1_ps(0.70710678f)),
-                                                   _mm512_sub_ps(_mm512_setzero_ps(), limit)), limit);
-      const __m512 z2 = _mm512_mul_ps(z, z);
-      __m512 p = _mm512_set1_ps(4.312728663e-08f);
-      p = _mm512_fmadd_ps(p, z2, _mm512_set1_ps(-2.029264351e-06f));
-      p = _mm512_fmadd_ps(p, z2, _mm512_set1_ps(4.228137914e-05f));
-      p = _mm512_fmadd_ps(p, z2, _mm512_set1_ps(-5.203090259e-04f));
-      p = _mm512_fmadd_ps(p, z2, _mm512_set1_ps(4.275033716e-03f));
-      p = _mm512_fmadd_ps(p, z2, _mm512_set1_ps(-2.519730292e-02f));
-      p = _mm512_fmadd_ps(p, z2, _mm512_set1_ps(1.111962572e-01f));
-      p = _mm512_fmadd_ps(p, z2, _mm512_set1_ps(-3.753779829e-01f));
-      p = _mm512_fmadd_ps(p, z2, _mm512_set1_ps(1.128277898e+00f));
-      const __m512 erf = _mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(p, z), _mm512_set1_ps(-1.f)), one);
-      return _mm512_mul_ps(_mm512_mul_ps(x, half), _mm512_add_ps(one, erf));
-    }
-    case Activation::gelu_tanh: {  // x/2 (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), tanh u = 1 - 2 / (e^2u + 1)
-      const __m512 x3 = _mm512_mul_ps(_mm512_mul_ps(x, x), x);
-      const __m512 u = _mm512_mul_ps(_mm512_set1_ps(0.7978845608f), _mm512_fmadd_ps(_mm512_set1_ps(0.044715f), x3, x));
-      const __m512 e = exp16(_mm512_add_ps(u, u));
-      const __m512 tanh = _mm512_fnmadd_ps(_mm512_set1_ps(2.f), reciprocal16(_mm512_add_ps(e, one)), one);
-      return _mm512_mul_ps(_mm512_mul_ps(x, half), _mm512_add_ps(one, tanh));
-    }
-    default:
-      return x;
-  }
-}
 
 // The MLP's first layer for block-row `row` into its hidden columns: out = act(float(c - compensation) * scales +
 // bias), and per token the running amax of |out| in 16 lanes. (Finite scales, bias and accumulators give finite

@@ -1,0 +1,106 @@
+// The epilogue both MLP kernels share, in AVX-512 registers: the activation between the two Linears, and the
+// float -> bfloat16 store. The activation runs where the first Linear's outputs are written, so the hidden
+// activations are written once, already activated.
+//
+// GELU is not ATen's: erf(z) = z P(z^2) on [-3, 3] (a Chebyshev fit of degree 8 in z^2) and +-1 beyond, within 6e-5
+// of nn.GELU everywhere, at half the instructions of ATen's exp-based erf, which measured as long as all the rest of
+// the MLP's elementwise work. That is far below what the callers keep (bfloat16 rounds in steps of 4e-3 of the
+// value, int8 in steps of amax / 127); float32 MLPs keep ATen's GELU. The tanh form uses exp by range reduction and
+// a degree-7 polynomial, and one Newton step per reciprocal. The tests compare both with nn.GELU.
+//
+// Every function carries its target attribute, so the files build on any x86 CPU; callers check has_avx512() first.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <immintrin.h>
+
+#include <string>
+
+#define SUPERBLOCK_AVX512_EPILOGUE __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl")))
+
+namespace superblock {
+
+inline bool has_avx512() {
+  static const bool yes = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+  return yes;
+}
+
+enum class Activation { identity, relu, gelu, gelu_tanh };
+
+inline Activation activation_of(const std::string& name) {
+  if (name == "gelu") return Activation::gelu;
+  if (name == "gelu_tanh") return Activation::gelu_tanh;
+  if (name == "relu") return Activation::relu;
+  return Activation::identity;
+}
+
+SUPERBLOCK_AVX512_EPILOGUE inline __m512 exp16(__m512 x) {
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.f)), _mm512_set1_ps(88.f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);  // ln 2 in two parts: x - n ln 2 stays exact
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.f / 5040);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 720));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  return _mm512_scalef_ps(p, n);
+}
+
+SUPERBLOCK_AVX512_EPILOGUE inline __m512 reciprocal16(__m512 d) {
+  const __m512 r = _mm512_rcp14_ps(d);
+  return _mm512_mul_ps(r, _mm512_fnmadd_ps(d, r, _mm512_set1_ps(2.f)));
+}
+
+template <Activation act>
+SUPERBLOCK_AVX512_EPILOGUE inline __m512 activate16(__m512 x) {
+  const __m512 half = _mm512_set1_ps(0.5f), one = _mm512_set1_ps(1.f);
+  switch (act) {
+    case Activation::relu:
+      return _mm512_max_ps(x, _mm512_setzero_ps());
+    case Activation::gelu: {  // x/2 (1 + erf(z)), z = x / sqrt 2 clamped to [-3, 3], erf z = z P(z^2)
+      const __m512 limit = _mm512_set1_ps(3.f);
+      const __m512 z = _mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(x, _mm512_set1_ps(0.70710678f)),
+                                                   _mm512_sub_ps(_mm512_setzero_ps(), limit)), limit);
+      const __m512 z2 = _mm512_mul_ps(z, z);
+      __m512 p = _mm512_set1_ps(4.312728663e-08f);
+      p = _mm512_fmadd_ps(p, z2, _mm512_set1_ps(-2.029264351e-06f));
+      p = _mm512_fmadd_ps(p, z2, _mm512_set1_ps(4.228137914e-05f));
+      p = _mm512_fmadd_ps(p, z2, _mm512_set1_ps(-5.203090259e-04f));
+      p = _mm512_fmadd_ps(p, z2, _mm512_set1_ps(4.275033716e-03f));
+      p = _mm512_fmadd_ps(p, z2, _mm512_set1_ps(-2.519730292e-02f));
+      p = _mm512_fmadd_ps(p, z2, _mm512_set1_ps(1.111962572e-01f));
+      p = _mm512_fmadd_ps(p, z2, _mm512_set1_ps(-3.753779829e-01f));
+      p = _mm512_fmadd_ps(p, z2, _mm512_set1_ps(1.128277898e+00f));
+      const __m512 erf = _mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(p, z), _mm512_set1_ps(-1.f)), one);
+      return _mm512_mul_ps(_mm512_mul_ps(x, half), _mm512_add_ps(one, erf));
+    }
+    case Activation::gelu_tanh: {  // x/2 (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), tanh u = 1 - 2 / (e^2u + 1)
+      const __m512 x3 = _mm512_mul_ps(_mm512_mul_ps(x, x), x);
+      const __m512 u = _mm512_mul_ps(_mm512_set1_ps(0.7978845608f), _mm512_fmadd_ps(_mm512_set1_ps(0.044715f), x3, x));
+      const __m512 e = exp16(_mm512_add_ps(u, u));
+      const __m512 tanh = _mm512_fnmadd_ps(_mm512_set1_ps(2.f), reciprocal16(_mm512_add_ps(e, one)), one);
+      return _mm512_mul_ps(_mm512_mul_ps(x, half), _mm512_add_ps(one, tanh));
+    }
+    default:
+      return x;
+  }
+}
+
+SUPERBLOCK_AVX512_EPILOGUE inline void store16(float* out, __m512 v) { _mm512_storeu_ps(out, v); }
+
+// Round to nearest even, NaN to the quiet NaN 0x7fc0: torch's float -> bfloat16 conversion.
+SUPERBLOCK_AVX512_EPILOGUE inline void store16(at::BFloat16* out, __m512 v) {
+  const __m512i bits = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), lsb)), 16);
+  const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+  rounded = _mm512_mask_mov_epi32(rounded, nan, _mm512_set1_epi32(0x7fc0));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), _mm512_cvtepi32_epi16(rounded));
+}
+
+}  // namespace superblock
