@@ -36,6 +36,7 @@ import blocksparse_fused
 import blocksparse_int8
 import checkpoints
 import cli
+import residual_norm
 import supermask
 import utils
 from attention import restore_sdpa
@@ -45,8 +46,10 @@ TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 5e-2, torch.float16: 1e-2}
 # The int8 variants' check: ||y - ref|| / ||ref|| of the outputs (W8A8 rounds every weight and activation to 8 bits,
 # so single logits can move further than TOLERANCE allows).
 INT8_TOLERANCE = 0.1
-BASELINES = ("dense", "online", "offline", "torch", "bsr-sdpa")
+BASELINES = ("dense", "online", "offline", "torch", "bsr-sdpa", "bsr-unfolded")
 SDPA_VARIANT = "bsr-sdpa"  # bsr with SDPA as its attention core (attention.restore_sdpa): the model before the fused core
+# bsr with its transformer blocks as they were (residual_norm.unfold): ATen's residual adds and LayerNorms
+UNFOLDED_VARIANT = "bsr-unfolded"
 INT8_VARIANT = "bsr-int8"  # the model in int8: apply_bsr(kernel="auto", quantize="int8")
 
 
@@ -73,7 +76,9 @@ def get_args_parser(add_help=True):
                             f"({', '.join(blocksparse.KERNELS[:-1])}; default: auto)")
     group.add_argument("--baselines", default="dense,online,offline,torch", type=str,
                        help="comma-separated variants timed beside bsr; dense is always timed; bsr-sdpa is bsr with "
-                            "SDPA as its attention core, as before the fused core (default: dense,online,offline,torch)")
+                            "SDPA as its attention core, as before the fused core; bsr-unfolded is bsr with its "
+                            "transformer blocks' residual adds and LayerNorms on ATen, as before they were folded "
+                            "(default: dense,online,offline,torch)")
     group.add_argument("--quantize", default="none", choices=("none", "int8"),
                        help=f"int8 also times the int8 (W8A8) model as {INT8_VARIANT} (apply_bsr kernel auto, "
                             f"quantize int8), or with --layer rows int8-auto and int8-fused; CPU only, a block size "
@@ -340,7 +345,7 @@ def build_variants(args, plan, dense, sparsity, tile_size, blocksize, variants):
             continue
         kernel = "torch" if name == "torch" else name.partition("-")[2] or "auto"
         quantize = "int8" if name == INT8_VARIANT else None
-        if quantize or name == SDPA_VARIANT:
+        if quantize or name in (SDPA_VARIANT, UNFOLDED_VARIANT):
             kernel = "auto"
         if kernel == "torch" and not blocksparse.torch_bsr_supports_dtype(plan.dtype, plan.device):
             notes[name] = f"skipped: kernel {kernel} does not take {args.dtype} on {plan.device.type}"
@@ -351,7 +356,11 @@ def build_variants(args, plan, dense, sparsity, tile_size, blocksize, variants):
                                        quantize=quantize)
         if name == SDPA_VARIANT:
             restore_sdpa(model)
+        if name == UNFOLDED_VARIANT:
+            residual_norm.unfold(model)
         cores = "attention sdpa" if name == SDPA_VARIANT else attention_cores_label(result)
+        if result.folded_blocks and name != UNFOLDED_VARIANT:
+            cores += f", {len(result.folded_blocks)} blocks' add and LayerNorm folded"
         fused = f" ({len(result.fused_mlps)} MLPs as one kernel each)" if result.fused_mlps else ""
         notes[name] = (f"{len(result.converted)} Linear converted{fused}, {len(result.left_dense)} left dense; "
                        f"{_kernel_counts(model)}; {cores}")

@@ -47,6 +47,7 @@ import blocksparse_fused
 import blocksparse_int8
 import blocksparse_reference as reference
 import blocksparse_triton
+import residual_norm
 import timm_attention
 import timm_layers
 from attention import ProjectedAttention, unsupported_attention_reason
@@ -474,6 +475,8 @@ class BsrResult:
     # (attention module, what computes its core): a ProjectedAttention's core (attention_core.CORES), or
     # "nn.MultiheadAttention" where torch's module was kept.
     attention_cores: List[Tuple[str, str]] = field(default_factory=list)
+    # The transformer blocks whose residual add and LayerNorm now run as one op (residual_norm.fold).
+    folded_blocks: List[str] = field(default_factory=list)
 
     def skipped_summary(self, most: int = 3) -> str:
         """The layers left dense and why, on one short line: the first ``most``, then how many more."""
@@ -501,6 +504,8 @@ class BsrResult:
             counts = Counter(core for _, core in self.attention_cores)
             lines.append(f"attention cores of {len(self.attention_cores)} attention modules: "
                          + ", ".join(f"{core} x{count}" for core, count in counts.items()))
+        if self.folded_blocks:
+            lines.append(f"folded the residual add and LayerNorm of {len(self.folded_blocks)} transformer blocks")
         return "\n".join(lines)
 
 
@@ -833,7 +838,18 @@ def apply_bsr(
             float_pair = [float_form(float_pairs[name], name) for name in (first_name, second_name)]
             _keep_faster_pair(model, first_name, second_name, between_names, float_pair, result)
         _fuse_mlp(model, first_name, second_name, between_names, always=kernel == "fused", result=result)
+    if kernel in ("auto", "fused"):
+        _fold_blocks(model, result, measure=kernel == "auto")
     return result
+
+
+def _fold_blocks(model: nn.Module, result: BsrResult, *, measure: bool) -> None:
+    """Fold each pre-norm transformer block's residual add and LayerNorm into one op (``residual_norm.fold``) where
+    the op runs and (``measure``) measured faster here."""
+    for fqn, module in list(model.named_modules()):
+        if fqn and residual_norm.fold_reason(module, measure=measure) is None:
+            _set_submodule(model, fqn, residual_norm.fold(module))
+            result.folded_blocks.append(fqn)
 
 
 def _keep_faster_pair(model, first_name, second_name, between_names, float_pair, result):

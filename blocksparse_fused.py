@@ -27,9 +27,9 @@ import torch
 # One extension: the float kernels here, the int8 ones that blocksparse_int8.py wraps and the attention core that
 # attention_core.py wraps (compiled side by side).
 SOURCES = tuple(os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", name)
-                for name in ("fused_bsr_linear.cpp", "int8_bsr_linear.cpp", "attention_core.cpp"))
+                for name in ("fused_bsr_linear.cpp", "int8_bsr_linear.cpp", "attention_core.cpp", "layer_norm.cpp"))
 # The headers they include: the build's name covers them, so a change to one rebuilds the extension too.
-HEADERS = tuple(os.path.join(os.path.dirname(SOURCES[0]), name) for name in ("block_index.h", "mlp_epilogue.h"))
+HEADERS = tuple(os.path.join(os.path.dirname(SOURCES[0]), name) for name in ("block_index.h", "avx512_float.h"))
 DISABLE_VARIABLE = "SUPERBLOCK_NO_EXTENSION"
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 

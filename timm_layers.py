@@ -49,3 +49,13 @@ def mlp_type():
 def gated_mlp_types():
     """timm's gated MLPs (GluMlp, SwiGLU, ...): a product of two projections, not one elementwise activation."""
     return _types(_GATED_MLPS)
+
+
+def plain_block_type():
+    """timm's ViT ``Block`` (norm1, attn, ls1, drop_path1, norm2, mlp, ls2, drop_path2, pre-norm), or None."""
+    return getattr(sys.modules.get("timm.models.vision_transformer"), "Block", None)
+
+
+def layer_norm_type():
+    """timm's ``LayerNorm`` (nn.LayerNorm computed by F.layer_norm, or its fast_norm twin), or None without timm."""
+    return getattr(sys.modules.get("timm.layers.norm"), "LayerNorm", None)

@@ -13,7 +13,7 @@
 // Linear's outputs for the hidden blocks the second one reads go to a buffer of the thread's own, activated, and the
 // second Linear reads them from there. The hidden activations, four times the width of a ViT's tokens, never make
 // the trip to memory and back. In bfloat16 on AVX-512 the activation runs in registers as the first Linear's float
-// accumulators are stored (mlp_epilogue.h: one rounding to bfloat16, after it); elsewhere ATen's runs in place on the
+// accumulators are stored (avx512_float.h: one rounding to bfloat16, after it); elsewhere ATen's runs in place on the
 // buffer.
 //
 // The weight blocks come from fused_pack_blocks below: each block transposed (in x out, the brgemm "B" operand),
@@ -31,7 +31,7 @@
 #include <vector>
 
 #include "block_index.h"
-#include "mlp_epilogue.h"
+#include "avx512_float.h"
 
 namespace {
 
@@ -102,7 +102,7 @@ struct BlockRows {
 
 // bias + activation + bfloat16 rounding of m rows of float accumulators, in AVX-512 registers.
 template <superblock::Activation act>
-SUPERBLOCK_AVX512_EPILOGUE void activate_rows(at::BFloat16* out, int64_t out_stride, const float* acc,
+SUPERBLOCK_AVX512_FLOAT void activate_rows(at::BFloat16* out, int64_t out_stride, const float* acc,
                                               int64_t acc_stride, const at::BFloat16* bias, int64_t m,
                                               int64_t blocksize) {
   for (int64_t i = 0; i < m; ++i) {

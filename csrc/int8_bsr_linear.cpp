@@ -26,7 +26,7 @@
 #include <immintrin.h>
 
 #include "block_index.h"
-#include "mlp_epilogue.h"
+#include "avx512_float.h"
 
 #include <cmath>
 #include <cstring>
@@ -40,6 +40,8 @@ namespace {
 using superblock::Activation;
 using superblock::activate16;
 using superblock::activation_of;
+using superblock::first_lanes;
+using superblock::load16;
 using superblock::store16;
 
 #define SUPERBLOCK_AVX512 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512vnni")))
@@ -74,17 +76,6 @@ Isa isa_of(c10::string_view name) {
 }
 
 // ---- Per-token quantization ----
-
-SUPERBLOCK_AVX512 inline __m512 load16(const float* p, __mmask16 mask) { return _mm512_maskz_loadu_ps(mask, p); }
-
-SUPERBLOCK_AVX512 inline __m512 load16(const at::BFloat16* p, __mmask16 mask) {
-  const __m256i bits = _mm256_maskz_loadu_epi16(mask, p);
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
-}
-
-inline __mmask16 first_lanes(int64_t count) {
-  return count >= 16 ? __mmask16(0xffff) : __mmask16((1u << count) - 1);
-}
 
 // One row of `count` values -> uint8 (round(x * 127 / amax) + 128) and its scale amax / 127, given the row's amax
 // (`top`) and whether it holds inf or NaN. A row of zeros gets scale 0 (every value 128); a row holding inf or NaN

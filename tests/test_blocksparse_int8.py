@@ -16,6 +16,7 @@ import blocksparse
 import blocksparse_fused
 import blocksparse_int8
 import blocksparse_int8_reference as int8_reference
+import residual_norm
 from attention import ProjectedAttention
 from blocksparse import BlockSparseLinear, apply_bsr
 from blocksparse_int8 import Int8BlockSparseLinear
@@ -356,7 +357,7 @@ def test_hidden_instruction_sets_are_not_offered_and_unknown_names_are_refused(m
     monkeypatch.setenv(blocksparse_int8.HIDE_VARIABLE, "amx")
     assert "amx" not in blocksparse_int8.isas(16)
     monkeypatch.setenv(blocksparse_int8.HIDE_VARIABLE, "amx, avx2")
-    with pytest.raises(ValueError, match="SUPERBLOCK_HIDE_ISA=amx, avx2: unknown avx2; name some of amx, vnni"):
+    with pytest.raises(ValueError, match="SUPERBLOCK_HIDE_ISA=amx, avx2: unknown avx2; name some of amx, vnni, avx512"):
         blocksparse_int8.isas(16)
     with pytest.raises(ValueError, match="unknown avx2"):
         apply_bsr(nn.Sequential(nn.Linear(32, 32)).eval(), 16, quantize="int8")
@@ -466,6 +467,7 @@ def test_int8_vit_with_the_bmm_kernel_matches_the_fused_one(relu):
     assert {kernel for _, kernel, _ in result.converted} == {"int8/bmm"}
     for attention in (m for m in fused.modules() if isinstance(m, ProjectedAttention)):
         attention.core = "sdpa"  # as "bmm" leaves it: this test compares the int8 layers
+    residual_norm.unfold(fused)  # so are the blocks' norms
     with torch.inference_mode():
         y, expected = fused(VIT_INPUT), bmm(VIT_INPUT)
     if relu:

@@ -89,7 +89,7 @@ def test_fused_mlp_takes_each_activation_bias_leading_shape_and_strided_input(ac
 @pytest.mark.parametrize("bias1", [True, False])
 def test_fused_bfloat16_mlp_activates_in_its_epilogue_like_the_layers(activation, bias1):
     # bfloat16 on AVX-512 runs the bias and activation in registers as the first Linear's outputs are stored
-    # (mlp_epilogue.h), empty hidden block included; elsewhere ATen's activation runs on the buffer.
+    # (avx512_float.h), empty hidden block included; elsewhere ATen's activation runs on the buffer.
     model = sparse_mlp(64, 192, 16, activation, bias1=bias1, dtype=torch.bfloat16, seed=4)
     fused, _ = fuse(model, 16)
     x = torch.randn(2, 37, 64, dtype=torch.bfloat16)

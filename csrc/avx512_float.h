@@ -1,6 +1,6 @@
-// The epilogue both MLP kernels share, in AVX-512 registers: the activation between the two Linears, and the
-// float -> bfloat16 store. The activation runs where the first Linear's outputs are written, so the hidden
-// activations are written once, already activated.
+// Float vectors in AVX-512 registers, shared by the kernels: bfloat16 loads and stores (torch's rounding), exp, and
+// the MLP activations, which run where the first Linear's outputs are written so the hidden activations are written
+// once, already activated.
 //
 // GELU is not ATen's: erf(z) = z P(z^2) on [-3, 3] (a Chebyshev fit of degree 8 in z^2) and +-1 beyond, within 6e-5
 // of nn.GELU everywhere, at half the instructions of ATen's exp-based erf, which measured as long as all the rest of
@@ -14,15 +14,34 @@
 #include <ATen/ATen.h>
 #include <immintrin.h>
 
+#include <cstdlib>
 #include <string>
 
-#define SUPERBLOCK_AVX512_EPILOGUE __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl")))
+#define SUPERBLOCK_AVX512_FLOAT __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl")))
 
 namespace superblock {
 
+// Whether SUPERBLOCK_HIDE_ISA (comma-separated names, blocksparse_int8.py) names `isa`: the tests hide AVX-512 so
+// that the portable loops run on a CPU that has it.
+inline bool hidden_by_environment(const std::string& isa) {
+  const char* names = std::getenv("SUPERBLOCK_HIDE_ISA");
+  std::string name;
+  for (const char* p = names ? names : ""; ; ++p) {
+    if (*p == ',' || *p == '\0') {
+      if (name == isa) return true;
+      name.clear();
+      if (*p == '\0') return false;
+    } else if (*p != ' ') {
+      name += *p;
+    }
+  }
+}
+
+// Whether the CPU has the AVX-512 these helpers use (read once per process).
 inline bool has_avx512() {
   static const bool yes = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+                          !hidden_by_environment("avx512");
   return yes;
 }
 
@@ -35,7 +54,7 @@ inline Activation activation_of(const std::string& name) {
   return Activation::identity;
 }
 
-SUPERBLOCK_AVX512_EPILOGUE inline __m512 exp16(__m512 x) {
+SUPERBLOCK_AVX512_FLOAT inline __m512 exp16(__m512 x) {
   x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.f)), _mm512_set1_ps(88.f));
   const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT);
   __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);  // ln 2 in two parts: x - n ln 2 stays exact
@@ -51,13 +70,13 @@ SUPERBLOCK_AVX512_EPILOGUE inline __m512 exp16(__m512 x) {
   return _mm512_scalef_ps(p, n);
 }
 
-SUPERBLOCK_AVX512_EPILOGUE inline __m512 reciprocal16(__m512 d) {
+SUPERBLOCK_AVX512_FLOAT inline __m512 reciprocal16(__m512 d) {
   const __m512 r = _mm512_rcp14_ps(d);
   return _mm512_mul_ps(r, _mm512_fnmadd_ps(d, r, _mm512_set1_ps(2.f)));
 }
 
 template <Activation act>
-SUPERBLOCK_AVX512_EPILOGUE inline __m512 activate16(__m512 x) {
+SUPERBLOCK_AVX512_FLOAT inline __m512 activate16(__m512 x) {
   const __m512 half = _mm512_set1_ps(0.5f), one = _mm512_set1_ps(1.f);
   switch (act) {
     case Activation::relu:
@@ -91,16 +110,48 @@ SUPERBLOCK_AVX512_EPILOGUE inline __m512 activate16(__m512 x) {
   }
 }
 
-SUPERBLOCK_AVX512_EPILOGUE inline void store16(float* out, __m512 v) { _mm512_storeu_ps(out, v); }
+inline __mmask16 first_lanes(int64_t count) {
+  return count >= 16 ? __mmask16(0xffff) : __mmask16((1u << count) - 1);
+}
 
-// Round to nearest even, NaN to the quiet NaN 0x7fc0: torch's float -> bfloat16 conversion.
-SUPERBLOCK_AVX512_EPILOGUE inline void store16(at::BFloat16* out, __m512 v) {
+SUPERBLOCK_AVX512_FLOAT inline __m512 load16(const float* p, __mmask16 mask) { return _mm512_maskz_loadu_ps(mask, p); }
+
+SUPERBLOCK_AVX512_FLOAT inline __m512 load16(const at::BFloat16* p, __mmask16 mask) {
+  const __m256i bits = _mm256_maskz_loadu_epi16(mask, p);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
+}
+
+// Round to nearest even, as torch's float -> bfloat16 conversion: one instruction where the CPU has AVX-512 BF16
+// (the build targets this CPU), which keeps a NaN's sign and payload where torch writes 0x7fc0 (a NaN all the same).
+SUPERBLOCK_AVX512_FLOAT inline __m256i bfloat16_bits16(__m512 v) {
+#if defined(__AVX512BF16__)
+  return __m256i(_mm512_cvtneps_pbh(v));
+#endif
   const __m512i bits = _mm512_castps_si512(v);
   const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
   __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), lsb)), 16);
   const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
   rounded = _mm512_mask_mov_epi32(rounded, nan, _mm512_set1_epi32(0x7fc0));
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), _mm512_cvtepi32_epi16(rounded));
+  return _mm512_cvtepi32_epi16(rounded);
+}
+
+SUPERBLOCK_AVX512_FLOAT inline void store16(float* out, __m512 v) { _mm512_storeu_ps(out, v); }
+
+SUPERBLOCK_AVX512_FLOAT inline void store16(at::BFloat16* out, __m512 v) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), bfloat16_bits16(v));
+}
+
+SUPERBLOCK_AVX512_FLOAT inline void store16(float* out, __m512 v, __mmask16 mask) { _mm512_mask_storeu_ps(out, mask, v); }
+
+SUPERBLOCK_AVX512_FLOAT inline void store16(at::BFloat16* out, __m512 v, __mmask16 mask) {
+  _mm256_mask_storeu_epi16(out, mask, bfloat16_bits16(v));
+}
+
+// v as a tensor of dtype T holds it: rounded to bfloat16 and widened back, or itself for float.
+SUPERBLOCK_AVX512_FLOAT inline __m512 as_stored(const float*, __m512 v) { return v; }
+
+SUPERBLOCK_AVX512_FLOAT inline __m512 as_stored(const at::BFloat16*, __m512 v) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bfloat16_bits16(v)), 16));
 }
 
 }  // namespace superblock
