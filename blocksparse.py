@@ -844,12 +844,13 @@ def apply_bsr(
 
 
 def _fold_blocks(model: nn.Module, result: BsrResult, *, measure: bool) -> None:
-    """Fold each pre-norm transformer block's residual add and LayerNorm into one op (``residual_norm.fold``) where
-    the op runs and (``measure``) measured faster here."""
+    """Fold each pre-norm transformer block's residual adds and LayerNorms into the ops (``residual_norm.fold``, and
+    ``residual_norm.chain`` for a run of blocks) where they run and (``measure``) measured faster here."""
     for fqn, module in list(model.named_modules()):
         if fqn and residual_norm.fold_reason(module, measure=measure) is None:
             _set_submodule(model, fqn, residual_norm.fold(module))
             result.folded_blocks.append(fqn)
+    residual_norm.chain(model)
 
 
 def _keep_faster_pair(model, first_name, second_name, between_names, float_pair, result):

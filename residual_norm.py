@@ -9,10 +9,12 @@ over the rows, and ``torch.ops.superblock.layer_norm`` the norm alone; ``referen
 ``blocksparse.apply_bsr`` replaces each pre-norm block it knows (torchvision's ViT ``EncoderBlock``, timm's ``Block``)
 by a folded one, ``FoldedEncoderBlock`` or ``FoldedTimmBlock``: the same children under the same names (so the same
 state dict), the same function, its first norm on the op and the attention's residual add fused with its second
-norm. It does so where ``kernel_is_faster`` measured the op faster than ATen's add and LayerNorm for the block's
-width and dtype on this CPU.
+norm; and an ``nn.Sequential`` of folded blocks (torchvision's ``encoder.layers``, timm's ``blocks``) by
+``FoldedBlocks``, which also fuses each block's last residual add with the next block's first norm. It does so where
+``kernel_is_faster`` measured the ops faster than ATen's add and LayerNorm for the block's width and dtype here.
 """
 
+from collections import OrderedDict
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -134,12 +136,19 @@ class FoldedEncoderBlock(nn.Module):
             setattr(self, name, getattr(block, name))
         self.train(block.training)
 
+    @property
+    def first_norm(self) -> nn.LayerNorm:
+        return self.ln_1
+
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         torch._assert(input.dim() == 3, f"Expected (batch_size, seq_length, hidden_dim) got {input.shape}")
-        x = layer_norm(input, self.ln_1)
-        x, _ = self.self_attention(x, x, x, need_weights=False)
+        return self.chained(input, layer_norm(input, self.ln_1))[0]
+
+    def chained(self, input: torch.Tensor, normed: torch.Tensor, next_norm: Optional[nn.LayerNorm] = None):
+        """(the block's output, ``next_norm`` of it or None) from its input and ``ln_1`` of its input."""
+        x, _ = self.self_attention(normed, normed, normed, need_weights=False)
         x, y = add_layer_norm(self.dropout(x), input, self.ln_2)
-        return x + self.mlp(y)
+        return _residual(self.mlp(y), x, next_norm)
 
 
 class FoldedTimmBlock(nn.Module):
@@ -154,10 +163,38 @@ class FoldedTimmBlock(nn.Module):
             setattr(self, name, getattr(block, name))
         self.train(block.training)
 
+    @property
+    def first_norm(self) -> nn.LayerNorm:
+        return self.norm1
+
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False):
-        h = self.drop_path1(self.ls1(self.attn(layer_norm(x, self.norm1), attn_mask=attn_mask, is_causal=is_causal)))
+        return self.chained(x, layer_norm(x, self.norm1), attn_mask=attn_mask, is_causal=is_causal)[0]
+
+    def chained(self, x: torch.Tensor, normed: torch.Tensor, next_norm: Optional[nn.LayerNorm] = None,
+                attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False):
+        """(the block's output, ``next_norm`` of it or None) from its input and ``norm1`` of its input."""
+        h = self.drop_path1(self.ls1(self.attn(normed, attn_mask=attn_mask, is_causal=is_causal)))
         x, y = add_layer_norm(h, x, self.norm2)
-        return x + self.drop_path2(self.ls2(self.mlp(y)))
+        return _residual(self.drop_path2(self.ls2(self.mlp(y))), x, next_norm)
+
+
+def _residual(update: torch.Tensor, x: torch.Tensor, next_norm: Optional[nn.LayerNorm]):
+    """(x + update, next_norm of it): the block's last residual add, fused with the next block's first norm."""
+    if next_norm is None:
+        return x + update, None
+    return add_layer_norm(update, x, next_norm)
+
+
+class FoldedBlocks(nn.Sequential):
+    """A run of folded blocks (an ``nn.Sequential``'s, under the same names) in which each block's last residual add
+    and the next block's first norm are one ``add_layer_norm``: every add and norm of the run but the last add."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        blocks = list(self)
+        normed = layer_norm(x, blocks[0].first_norm)
+        for block, after in zip(blocks, blocks[1:] + [None]):
+            x, normed = block.chained(x, normed, None if after is None else after.first_norm)
+        return x
 
 
 def fold_reason(block: nn.Module, measure: bool = True) -> Optional[str]:
@@ -183,6 +220,21 @@ def fold(block: nn.Module) -> nn.Module:
     return FoldedEncoderBlock(block) if type(block) is EncoderBlock else FoldedTimmBlock(block)
 
 
+def chain(model: nn.Module) -> None:
+    """Make each ``nn.Sequential`` of ``model`` whose children are all folded blocks a ``FoldedBlocks`` (in place)."""
+    for fqn, module in list(model.named_modules()):
+        if type(module) is nn.Sequential and len(module) > 1 and all(
+                isinstance(child, (FoldedEncoderBlock, FoldedTimmBlock)) for child in module):
+            chained = FoldedBlocks(OrderedDict(module._modules))
+            chained.train(module.training)
+            _set_child(model, fqn, chained)
+
+
+def _set_child(model: nn.Module, fqn: str, module: nn.Module) -> None:
+    parent, _, name = fqn.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, name, module)
+
+
 def unfold(model: nn.Module) -> None:
     """Undo ``fold`` (in place): every folded block is its torchvision or timm block again, with the same children.
     The model as it ran before the blocks were folded, for before/after timings."""
@@ -199,5 +251,9 @@ def unfold(model: nn.Module) -> None:
         for name in names:
             setattr(block, name, getattr(module, name))
         block.train(module.training)
-        parent, _, name = fqn.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, name, block)
+        _set_child(model, fqn, block)
+    for fqn, module in list(model.named_modules()):
+        if isinstance(module, FoldedBlocks):
+            plain = nn.Sequential(OrderedDict(module._modules))
+            plain.train(module.training)
+            _set_child(model, fqn, plain)

@@ -1,15 +1,16 @@
 """Where the time goes in a block-sparse vit_b_16: self CPU time per forward by kind of op, under torch.profiler.
 
-    python benchmarks/profile_model.py [--variant int8] [--attention] [--kernel auto] [--core auto] [--batch-size 8]
-        [--iters 3]
+    python benchmarks/profile_model.py [--variant int8] [--attention] [--kernel auto] [--core auto] [--norms auto]
+        [--batch-size 8] [--iters 3]
 
 vit_b_16 with a random head, blocks of --blocksize pruned at random (--sparsity of them) in every MLP Linear, and with
 --attention in the attention projections (in_proj_weight, out_proj) too; then, by --variant: "dense" (float32, as
 pruned), "float32" or "bf16" (apply_bsr on the float32 or bfloat16 model), "int8" (apply_bsr(quantize="int8") on the
 bfloat16 model); --core sdpa puts back the attention core of before the fused one (SDPA in every ProjectedAttention,
-nn.MultiheadAttention where the projections stay dense). One warm-up forward, then --iters forwards under the profiler; the table groups each op's self CPU
-time into block-sparse and int8 layers (superblock::*), dense Linear, the attention core, LayerNorm and the rest, then
-lists the top ops. Self times are the calling thread's: an op's work on intra-op threads counts once, as wall time;
+nn.MultiheadAttention where the projections stay dense); --norms aten unfolds the blocks (residual_norm.unfold: ATen's
+residual adds and LayerNorms, as before they were folded). One warm-up forward, then --iters forwards under the
+profiler; the table groups each op's self CPU time into block-sparse and int8 layers (superblock::*), dense Linear,
+the attention core, LayerNorm (with the residual adds folded into it) and the rest, then lists the top ops. Self times are the calling thread's: an op's work on intra-op threads counts once, as wall time;
 an op that a superblock op calls (the float fused MLP's GELU) counts in the superblock group.
 """
 import argparse
@@ -26,15 +27,17 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import benchmark  # noqa: E402
 import blocksparse  # noqa: E402
+import residual_norm  # noqa: E402
 from attention import restore_sdpa  # noqa: E402
 import utils  # noqa: E402
 
 VARIANTS = ("dense", "float32", "bf16", "int8")
-GROUPS = ("block-sparse/int8 (superblock::*)", "dense Linear", "attention core", "LayerNorm", "the rest")
+GROUPS = ("block-sparse/int8 (superblock::*)", "dense Linear", "attention core", "LayerNorm (+ folded adds)",
+          "the rest")
 DENSE_LINEAR = {"aten::linear", "aten::addmm", "aten::mm", "aten::_int_mm"}
 ATTENTION = {"aten::bmm", "aten::baddbmm", "aten::softmax", "aten::_softmax", "aten::_transform_bias_rescale_qkv",
              "aten::_native_multi_head_attention"}
-LAYER_NORM = {"aten::layer_norm", "aten::native_layer_norm"}
+LAYER_NORM = {"aten::layer_norm", "aten::native_layer_norm", "superblock::layer_norm", "superblock::add_layer_norm"}
 
 
 def get_args_parser(add_help=True):
@@ -50,6 +53,9 @@ def get_args_parser(add_help=True):
     parser.add_argument("--core", default="auto", choices=["auto", "sdpa"],
                         help="the attention core: 'auto' keeps apply_bsr's choice, 'sdpa' runs SDPA as before the "
                         "fused core existed (default: auto)")
+    parser.add_argument("--norms", default="auto", choices=["auto", "aten"],
+                        help="the blocks' residual adds and LayerNorms: 'auto' keeps apply_bsr's folding, 'aten' "
+                        "unfolds the blocks, as before they were folded (default: auto)")
     parser.add_argument("--sparsity", default=0.9, type=float,
                         help="fraction of blocks pruned at random (default: 0.9)")
     parser.add_argument("-b", "--batch-size", default=8, type=int, help="images per forward (default: 8)")
@@ -94,12 +100,15 @@ def convert(model, args):
     seconds = time.perf_counter() - start
     if args.core == "sdpa":
         restore_sdpa(model)
+    if args.norms == "aten":
+        residual_norm.unfold(model)
     cores = collections.Counter(core for _, core in result.attention_cores)
     kernels = collections.Counter(kernel for _, kernel, _ in result.converted)
     what = (f"apply_bsr in {seconds:.1f} s: {len(result.converted)} layers converted "
             f"({', '.join(f'{n} {k}' for k, n in sorted(kernels.items()))}), {len(result.left_dense)} left dense, "
             f"{len(result.fused_mlps)} MLPs fused; attention cores: "
-            f"{', '.join(f'{n} {c}' for c, n in sorted(cores.items()))}{' (replaced by sdpa)' if args.core == 'sdpa' else ''}")
+            f"{', '.join(f'{n} {c}' for c, n in sorted(cores.items()))}{' (replaced by sdpa)' if args.core == 'sdpa' else ''}; "
+            f"{0 if args.norms == 'aten' else len(result.folded_blocks)} blocks' add and LayerNorm folded")
     return model, what
 
 
@@ -108,6 +117,8 @@ def group_of(event):
     as part of it."""
     if event.name == "superblock::attention_core":
         return GROUPS[2]
+    if event.name in LAYER_NORM:
+        return GROUPS[3]
     parent = event
     while parent is not None:
         if parent.name.startswith("superblock::"):
@@ -118,8 +129,6 @@ def group_of(event):
         return GROUPS[1]
     if name in ATTENTION or "scaled_dot_product" in name:
         return GROUPS[2]
-    if name in LAYER_NORM:
-        return GROUPS[3]
     return GROUPS[4]
 
 

@@ -129,13 +129,22 @@ def test_apply_bsr_folds_each_encoder_block_and_the_model_gives_the_same_logits(
         torch.testing.assert_close(converted(x).double(), expected, **TOL[dtype])
 
 
-def test_the_folded_blocks_run_the_ops():
+def test_a_run_of_folded_blocks_fuses_each_last_add_with_the_next_norm_and_each_block_still_runs_alone():
     model = tiny_vit()
     blocksparse.apply_bsr(model, 16, min_sparsity=0.0, kernel="fused")
+    assert type(model.encoder.layers) is residual_norm.FoldedBlocks
+    x = torch.randn(2, 3, 32, 32)
     with torch.profiler.profile() as profile, torch.inference_mode():
-        model(torch.randn(2, 3, 32, 32))
+        model(x)
     names = [event.name for event in profile.events()]
-    assert names.count("superblock::add_layer_norm") == 2 and names.count("superblock::layer_norm") == 2
+    # Two blocks: the first norm, then per block its add + second norm, and once between them add + next norm.
+    assert names.count("superblock::layer_norm") == 1 and names.count("superblock::add_layer_norm") == 3, names
+    tokens = torch.randn(2, 5, 64)
+    with torch.inference_mode():
+        one_by_one = model.encoder.layers[1](model.encoder.layers[0](tokens))
+        torch.testing.assert_close(model.encoder.layers(tokens), one_by_one)
+    residual_norm.unfold(model)
+    assert type(model.encoder.layers) is nn.Sequential
 
 
 def test_apply_bsr_keeps_the_blocks_where_aten_measured_faster(monkeypatch):
@@ -179,7 +188,7 @@ def test_a_folded_block_in_training_gives_the_blocks_gradients():
 def test_compile_keeps_the_ops_and_export_exports_them():
     model = tiny_vit()
     blocksparse.apply_bsr(model, 16, min_sparsity=0.0, kernel="fused")
-    block = model.encoder.layers[0]
+    block = model.encoder.layers  # FoldedBlocks: two folded blocks, chained
     x = torch.randn(2, 5, 64)
     with torch.inference_mode():
         expected = block(x)
@@ -201,6 +210,7 @@ def test_timm_blocks_are_folded_and_give_the_same_logits():
     result = blocksparse.apply_bsr(converted, 16, min_sparsity=0.0, kernel="fused")
     assert result.folded_blocks == ["blocks.0", "blocks.1"]
     assert all(type(block) is residual_norm.FoldedTimmBlock for block in converted.blocks)
+    assert type(converted.blocks) is residual_norm.FoldedBlocks
     x = torch.randn(2, 3, 32, 32)
     with torch.inference_mode():
         torch.testing.assert_close(converted(x), model(x), atol=1e-4, rtol=1e-4)
