@@ -2,11 +2,12 @@
 // the MLP activations, which run where the first Linear's outputs are written so the hidden activations are written
 // once, already activated.
 //
-// GELU is not ATen's: erf(z) = z P(z^2) on [-3, 3] (a Chebyshev fit of degree 8 in z^2) and +-1 beyond, within 6e-5
-// of nn.GELU everywhere, at half the instructions of ATen's exp-based erf, which measured as long as all the rest of
-// the MLP's elementwise work. That is far below what the callers keep (bfloat16 rounds in steps of 4e-3 of the
-// value, int8 in steps of amax / 127); float32 MLPs keep ATen's GELU. The tanh form uses exp by range reduction and
-// a degree-7 polynomial, and one Newton step per reciprocal. The tests compare both with nn.GELU.
+// GELU ("gelu") is not ATen's: erf(z) = z P(z^2) on [-3, 3] (a Chebyshev fit of degree 8 in z^2) and +-1 beyond,
+// within 6e-5 of nn.GELU everywhere, at half the instructions of ATen's exp-based erf, which measured as long as all
+// the rest of the MLP's elementwise work. That is far below what the bfloat16 and int8 callers keep (bfloat16 rounds
+// in steps of 4e-3 of the value, int8 in steps of amax / 127). float32 MLPs take "gelu_precise", the exp-based erf of
+// Abramowitz & Stegun (7.1.26, within 1.5e-7). The tanh form uses exp by range reduction and a degree-7 polynomial,
+// and one Newton step per reciprocal. The tests compare each with nn.GELU.
 //
 // Every function carries its target attribute, so the files build on any x86 CPU; callers check has_avx512() first.
 #pragma once
@@ -45,7 +46,8 @@ inline bool has_avx512() {
   return yes;
 }
 
-enum class Activation { identity, relu, gelu, gelu_tanh };
+// gelu_precise is GELU with erf within 1.5e-7 (float32 MLPs); "gelu" names the cheaper polynomial.
+enum class Activation { identity, relu, gelu, gelu_tanh, gelu_precise };
 
 inline Activation activation_of(const std::string& name) {
   if (name == "gelu") return Activation::gelu;
@@ -97,6 +99,22 @@ SUPERBLOCK_AVX512_FLOAT inline __m512 activate16(__m512 x) {
       p = _mm512_fmadd_ps(p, z2, _mm512_set1_ps(1.128277898e+00f));
       const __m512 erf = _mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(p, z), _mm512_set1_ps(-1.f)), one);
       return _mm512_mul_ps(_mm512_mul_ps(x, half), _mm512_add_ps(one, erf));
+    }
+    case Activation::gelu_precise: {  // x/2 (1 + erf(x / sqrt 2)), erf by Abramowitz & Stegun 7.1.26
+      // erf |z| = 1 - t (a1 + t (a2 + t (a3 + t (a4 + t a5)))) e^(-z^2), t = 1 / (1 + p |z|): error below 1.5e-7.
+      const __m512 z = _mm512_abs_ps(_mm512_mul_ps(x, _mm512_set1_ps(0.70710678118654752f)));
+      const __m512 t = reciprocal16(_mm512_fmadd_ps(_mm512_set1_ps(0.3275911f), z, one));
+      __m512 p = _mm512_set1_ps(1.061405429f);
+      p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(-1.453152027f));
+      p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(1.421413741f));
+      p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(-0.284496736f));
+      p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(0.254829592f));
+      const __m512 tail = _mm512_mul_ps(_mm512_mul_ps(p, t), exp16(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_mul_ps(z, z))));
+      const __m512 erf_abs = _mm512_sub_ps(one, tail);
+      // erf is odd: 1 + erf(x / sqrt 2) is 1 + erf|z| for x >= 0 and 1 - erf|z| = tail for x < 0 (no cancellation).
+      const __mmask16 negative = _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_LT_OQ);
+      const __m512 one_plus_erf = _mm512_mask_blend_ps(negative, _mm512_add_ps(one, erf_abs), tail);
+      return _mm512_mul_ps(_mm512_mul_ps(x, half), one_plus_erf);
     }
     case Activation::gelu_tanh: {  // x/2 (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), tanh u = 1 - 2 / (e^2u + 1)
       const __m512 x3 = _mm512_mul_ps(_mm512_mul_ps(x, x), x);

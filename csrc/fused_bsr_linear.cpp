@@ -12,9 +12,9 @@
 // fused_bsr_mlp runs a whole Linear -> activation -> Linear pair per tile of tokens (one work item each): the first
 // Linear's outputs for the hidden blocks the second one reads go to a buffer of the thread's own, activated, and the
 // second Linear reads them from there. The hidden activations, four times the width of a ViT's tokens, never make
-// the trip to memory and back. In bfloat16 on AVX-512 the activation runs in registers as the first Linear's float
-// accumulators are stored (avx512_float.h: one rounding to bfloat16, after it); elsewhere ATen's runs in place on the
-// buffer.
+// the trip to memory and back. On AVX-512 the activation runs in registers as the first Linear's float accumulators
+// are stored (avx512_float.h; in bfloat16 one rounding, after it); elsewhere, and for float16, ATen's runs in place
+// on the buffer.
 //
 // The weight blocks come from fused_pack_blocks below: each block transposed (in x out, the brgemm "B" operand),
 // and for bfloat16/float16, where oneDNN's micro-kernel runs on this CPU, in its pair-interleaved (VNNI) layout.
@@ -100,40 +100,46 @@ struct BlockRows {
   bool vnni;
 };
 
-// bias + activation + bfloat16 rounding of m rows of float accumulators, in AVX-512 registers.
-template <superblock::Activation act>
-SUPERBLOCK_AVX512_FLOAT void activate_rows(at::BFloat16* out, int64_t out_stride, const float* acc,
-                                              int64_t acc_stride, const at::BFloat16* bias, int64_t m,
-                                              int64_t blocksize) {
+// bias + activation + rounding to T of m rows of float accumulators, in AVX-512 registers. For float32 `acc` may be
+// `out` itself (the products accumulate in the output).
+template <superblock::Activation act, typename T>
+SUPERBLOCK_AVX512_FLOAT void activate_rows(T* out, int64_t out_stride, const float* acc, int64_t acc_stride,
+                                           const T* bias, int64_t m, int64_t blocksize) {
   for (int64_t i = 0; i < m; ++i) {
     for (int64_t c = 0; c < blocksize; c += 16) {
       __m512 v = _mm512_loadu_ps(acc + i * acc_stride + c);
-      if (bias) {
-        const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bias + c));
-        v = _mm512_add_ps(v, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16)));
-      }
+      if (bias) v = _mm512_add_ps(v, superblock::load16(bias + c, 0xffff));
       superblock::store16(out + i * out_stride + c, superblock::activate16<act>(v));
     }
   }
 }
 
 // How a product's float accumulators are stored: as they are (bias added, rounded to the output dtype), or, for the
-// first Linear of a bfloat16 MLP on AVX-512, activated in registers on the way (`store`).
+// first Linear of an MLP on AVX-512, activated in registers on the way (`store`).
+template <typename T>
 struct Epilogue {
   bool activates = false;
-  void (*store)(at::BFloat16*, int64_t, const float*, int64_t, const at::BFloat16*, int64_t, int64_t) = nullptr;
+  void (*store)(T*, int64_t, const float*, int64_t, const T*, int64_t, int64_t) = nullptr;
 };
 
-// The in-register epilogue for an MLP's first Linear, where it runs: bfloat16, AVX-512, blocks of a multiple of 16.
+// The in-register epilogue for an MLP's first Linear, where it runs: float32 or bfloat16, AVX-512, blocks of a
+// multiple of 16. float32 takes GELU's precise erf, bfloat16 the polynomial (avx512_float.h).
 template <typename T>
-Epilogue activating_epilogue(const std::string& activation, int64_t blocksize) {
-  if (!std::is_same_v<T, at::BFloat16> || !superblock::has_avx512() || blocksize % 16 != 0) return {};
-  using superblock::Activation;
-  switch (superblock::activation_of(activation)) {
-    case Activation::gelu: return {true, &activate_rows<Activation::gelu>};
-    case Activation::gelu_tanh: return {true, &activate_rows<Activation::gelu_tanh>};
-    case Activation::relu: return {true, &activate_rows<Activation::relu>};
-    default: return {true, &activate_rows<Activation::identity>};
+Epilogue<T> activating_epilogue(const std::string& activation, int64_t blocksize) {
+  constexpr bool takes = std::is_same_v<T, float> || std::is_same_v<T, at::BFloat16>;
+  if constexpr (!takes) {
+    return {};
+  } else {
+    if (!superblock::has_avx512() || blocksize % 16 != 0) return {};
+    using superblock::Activation;
+    switch (superblock::activation_of(activation)) {
+      case Activation::gelu:
+        if constexpr (std::is_same_v<T, float>) return {true, &activate_rows<Activation::gelu_precise, T>};
+        return {true, &activate_rows<Activation::gelu, T>};
+      case Activation::gelu_tanh: return {true, &activate_rows<Activation::gelu_tanh, T>};
+      case Activation::relu: return {true, &activate_rows<Activation::relu, T>};
+      default: return {true, &activate_rows<Activation::identity, T>};
+    }
   }
 }
 
@@ -143,7 +149,7 @@ Epilogue activating_epilogue(const std::string& activation, int64_t blocksize) {
 template <typename T>
 void block_row_product(const BlockRows<T>& w, int64_t row, const T* x_tile, int64_t x_stride, int64_t m, T* out,
                        int64_t out_stride, float* scratch, std::vector<T>& panel, bool gather,
-                       const Epilogue& epilogue = {}) {
+                       const Epilogue<T>& epilogue = {}) {
   constexpr bool accumulate_in_output = std::is_same_v<T, float>;
   const int64_t blocksize = w.blocksize, block_numel = blocksize * blocksize;
   const T* row_bias = w.bias ? w.bias + row * blocksize : nullptr;
@@ -177,16 +183,14 @@ void block_row_product(const BlockRows<T>& w, int64_t row, const T* x_tile, int6
              w.blocks + j * block_numel, acc, w.vnni);
     }
   }
-  if (accumulate_in_output) {
+  if (epilogue.activates) {
+    epilogue.store(out, out_stride, acc, acc_stride, row_bias, m, blocksize);
+  } else if (accumulate_in_output) {
     if (row_bias) {
       for (int64_t i = 0; i < m; ++i) {
         float* o = acc + i * acc_stride;
         for (int64_t c = 0; c < blocksize; ++c) o[c] += float(row_bias[c]);
       }
-    }
-  } else if (epilogue.activates) {
-    if constexpr (std::is_same_v<T, at::BFloat16>) {
-      epilogue.store(out, out_stride, acc, acc_stride, row_bias, m, blocksize);
     }
   } else {
     for (int64_t i = 0; i < m; ++i) {
@@ -263,7 +267,7 @@ void mlp_items(const at::Tensor& x, const BlockRows<T>& w1, const BlockRows<T>& 
   const T* x_data = x.const_data_ptr<T>();
   T* y_data = y.mutable_data_ptr<T>();
   const auto dtype = x.scalar_type();
-  const Epilogue epilogue = activating_epilogue<T>(activation, blocksize);
+  const Epilogue<T> epilogue = activating_epilogue<T>(activation, blocksize);
   at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scratch(std::is_same_v<T, float> ? 0 : tile_tokens * blocksize);
     // Not zero-filled (a std::vector would clear megabytes per call): every row the activation and W2 read is
