@@ -722,7 +722,10 @@ def apply_bsr(
     core (``attention_core.CORES``) is the fastest measured on the model's shape (``kernel="auto"``; the sequence
     length is the model's ``seq_length`` where it has one) or the fused C++ kernel (``kernel="fused"``), and an
     attention module whose projections stay dense becomes a ProjectedAttention too where that measures faster
-    than ``nn.MultiheadAttention``'s fast path; ``BsrResult.attention_cores`` lists each choice.
+    than ``nn.MultiheadAttention``'s fast path; ``BsrResult.attention_cores`` lists each choice. With kernel "auto"
+    or "fused", each pre-norm transformer block (torchvision's ``EncoderBlock``, timm's ``Block``) runs its residual
+    adds and LayerNorms as one pass each (``residual_norm``: the same children and state dict) where that measures
+    faster here ("auto") or runs ("fused"); ``BsrResult.folded_blocks`` lists them.
 
     Two Linears in an ``nn.Sequential`` with only elementwise modules between them (``ELEMENTWISE``, e.g.
     torchvision's ``MLPBlock``: Linear, GELU, Dropout, Linear, Dropout), or fc1 and fc2 of timm's ``Mlp`` (act,

@@ -92,7 +92,8 @@ def layer_norm(x: torch.Tensor, norm: nn.LayerNorm) -> torch.Tensor:
 
 def add_layer_norm(x: torch.Tensor, residual: torch.Tensor, norm: nn.LayerNorm) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(x + residual, norm(x + residual))``, in one pass on the op where it runs."""
-    if _kernel_runs(x, norm) and not (torch.is_grad_enabled() and residual.requires_grad):
+    if (_kernel_runs(x, norm) and residual.shape == x.shape and residual.dtype == x.dtype
+            and not (torch.is_grad_enabled() and residual.requires_grad)):
         return torch.ops.superblock.add_layer_norm(x, residual, norm.weight, norm.bias, norm.eps)
     total = x + residual
     return total, norm(total)

@@ -36,7 +36,8 @@ def norm_of(width, dtype, bias=True, seed=0):
 
 def float64_layer_norm(x, norm):
     bias = None if norm.bias is None else norm.bias.double()
-    return nn.functional.layer_norm(x.double(), (x.shape[-1],), norm.weight.double(), bias, norm.eps)
+    return residual_norm.reference(x.double(), torch.zeros_like(x, dtype=torch.float64), norm.weight.double(), bias,
+                                   norm.eps)[1]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -168,6 +169,18 @@ def test_kernel_is_faster_measures_once_per_width_and_dtype():
     first = residual_norm.kernel_is_faster(64, torch.float32)
     assert isinstance(first, bool) and (64, torch.float32) in residual_norm._state["faster"]
     assert residual_norm.kernel_is_faster(64, torch.float32) is first
+
+
+def test_a_folded_model_moved_to_a_dtype_the_ops_do_not_take_runs_atens_ops():
+    dense = tiny_vit()
+    converted = copy.deepcopy(dense)
+    blocksparse.apply_bsr(converted, 16, min_sparsity=0.0, kernel="fused")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.inference_mode(), torch.profiler.profile() as profile:
+        got = converted.to(torch.float64)(x.double())
+    assert not any(event.name.startswith("superblock::add_layer_norm") for event in profile.events())
+    with torch.inference_mode():
+        torch.testing.assert_close(got, dense.double()(x.double()))
 
 
 def test_a_folded_block_in_training_gives_the_blocks_gradients():
