@@ -268,3 +268,22 @@ print("mlp_bfloat16", ((fused(x).double() - expected).abs().max() / expected.abs
     printed = printed_by(script, env)
     assert float(printed["norm_float32"]) < 1e-5 and float(printed["norm_bfloat16"]) < 1e-2, printed
     assert float(printed["mlp_bfloat16"]) < 2e-2, printed
+
+
+def test_blocks_the_ops_cannot_take_stay_as_they_are_and_a_mixed_run_is_not_chained():
+    torch.manual_seed(0)
+    no_affine = EncoderBlock(2, 32, 64, 0.0, 0.0, lambda width: nn.LayerNorm(width, elementwise_affine=False)).eval()
+    assert residual_norm.fold_reason(no_affine, measure=False) == \
+        "the ops take a LayerNorm over the last dimension with a weight"
+    plain = EncoderBlock(2, 32, 64, 0.0, 0.0, nn.LayerNorm).eval()
+    model = nn.Sequential(nn.Sequential(copy.deepcopy(plain), no_affine), nn.Sequential(plain, copy.deepcopy(plain)))
+    model.eval().requires_grad_(False)
+    x = torch.randn(2, 5, 32)
+    with torch.inference_mode():
+        expected = model(x)
+    result = blocksparse.apply_bsr(model, 16, min_sparsity=1.0, kernel="fused")
+    assert result.folded_blocks == ["0.0", "1.0", "1.1"]
+    assert type(model[0]) is nn.Sequential and type(model[0][1]) is EncoderBlock, "a run with an unfolded block"
+    assert type(model[1]) is residual_norm.FoldedBlocks
+    with torch.inference_mode():
+        torch.testing.assert_close(model(x), expected)
