@@ -370,7 +370,9 @@ struct Bfloat16Products {
 
   void run(const at::BFloat16* q, int64_t q_stride, const at::BFloat16* k, int64_t k_stride, const at::BFloat16* v,
            int64_t v_stride, at::BFloat16* out, int64_t out_stride, const Heads& s, float scale, int64_t tile) {
-    const int64_t padded = (s.keys + kKeyPadding - 1) / kKeyPadding * kKeyPadding, pairs = s.dim / 2;
+    // Our kernel takes any multiple of 16 keys (its column blocks); oneDNN's wants kKeyPadding.
+    const int64_t padding = own_kernel ? 16 : kKeyPadding;
+    const int64_t padded = (s.keys + padding - 1) / padding * padding, pairs = s.dim / 2;
     // keys_t[p][j] = (k[j][2p], k[j][2p+1]): the [D/2][keys][2] layout of k.T.
     zeroed(keys_t, pairs * padded);
     transpose_words(k, k_stride * sizeof(at::BFloat16), s.keys, pairs, keys_t.data(), padded);
