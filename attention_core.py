@@ -18,6 +18,7 @@ fused ones at each of ``QUERY_TILES``, and keeps the fastest; the fused kernel c
 ``reference`` here.
 """
 
+import functools
 import math
 import warnings
 from typing import Dict, Optional, Tuple
@@ -185,12 +186,13 @@ def choose(heads: int, head_dim: int, dtype: torch.dtype,
         candidates = ["sdpa", "plain"]
         if fused_unavailable_reason(dtype, head_dim) is None:
             candidates += fused_cores(dtype, head_dim)
+        timings = blocksparse_fused.median_seconds_each({
+            (core, tile): functools.partial(run, core, q, k, v, tile)
+            for core in candidates for tile in (QUERY_TILES if core in PRODUCTS else (QUERY_TILE,))})
         seconds, tiles = {}, {}
-        for core in candidates:
-            by_tile = {tile: blocksparse_fused.median_seconds(lambda: run(core, q, k, v, tile))
-                       for tile in (QUERY_TILES if core in PRODUCTS else (QUERY_TILE,))}
-            tiles[core] = min(by_tile, key=by_tile.get)
-            seconds[core] = by_tile[tiles[core]]
+        for (core, tile), elapsed in timings.items():
+            if core not in seconds or elapsed < seconds[core]:
+                seconds[core], tiles[core] = elapsed, tile
         best = min(seconds, key=seconds.get)
         _state["choices"][key] = (best, tiles[best], seconds)
     return _state["choices"][key]

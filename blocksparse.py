@@ -976,8 +976,8 @@ def _keep_faster_attention(model, fqn, mha, projected, kernel, tokens, result):
         shape = (batch, tokens, mha.embed_dim) if mha.batch_first else (tokens, batch, mha.embed_dim)
         weight = mha.in_proj_weight
         x = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(weight.dtype)
-        seconds = {form: blocksparse_fused.median_seconds(lambda: module(x, x, x, need_weights=False))
-                   for form, module in (("mha", mha), ("projected", projected))}
+        seconds = blocksparse_fused.median_seconds_each({
+            "mha": lambda: mha(x, x, x, need_weights=False), "projected": lambda: projected(x, x, x, need_weights=False)})
         if seconds["mha"] <= seconds["projected"]:
             result.attention_cores.append((fqn, "nn.MultiheadAttention"))
             return

@@ -14,13 +14,14 @@ folder, ``~/.cache/torch_extensions`` or ``$TORCH_EXTENSIONS_DIR``), so later pr
 block-sparse layers fall back to the pure-PyTorch kernels of ``blocksparse_reference`` (one warning says so).
 """
 
+import functools
 import hashlib
 import logging
 import os
 import sys
 import time
 import warnings
-from typing import Optional
+from typing import Callable, Dict, Hashable, Optional
 
 import torch
 
@@ -211,25 +212,32 @@ AUTO_SAMPLE_TOKENS = 256
 TILE_CANDIDATES = (32, 64, 128, 256)
 
 
+def median_seconds_each(fns: Dict[Hashable, Callable[[], object]], repeats: int = 5) -> Dict[Hashable, float]:
+    """Median wall time of each of ``fns`` after one warm-up call each, timed in interleaved rounds (one call of each
+    per round): a VM's speed drifts, and a drift during the measurement then weighs on every candidate alike."""
+    for fn in fns.values():
+        fn()
+    times = {key: [] for key in fns}
+    for _ in range(repeats):
+        for key, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[key].append(time.perf_counter() - start)
+    return {key: sorted(t)[len(t) // 2] for key, t in times.items()}
+
+
 def median_seconds(fn, repeats: int = 5) -> float:
     """Median wall time of ``fn()`` after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
+    return median_seconds_each({"fn": fn}, repeats)["fn"]
 
 
 def fastest_setting(run, tokens: int, variants=(False, True)):
     """((tile_tokens, variant), seconds): the fastest of ``run(tile_tokens, variant)`` over ``TILE_CANDIDATES`` and
-    ``variants`` (whether to gather, or for the int8 kernels the instruction set), timed on ``tokens`` tokens."""
-    timings = {}
-    for tile in TILE_CANDIDATES:
-        if tile > 2 * tokens and timings:
-            break  # bigger tiles than the sample only repeat the last measurement
-        for variant in variants:
-            timings[tile, variant] = median_seconds(lambda: run(tile, variant))
+    ``variants`` (whether to gather, or for the int8 kernels the instruction set), timed on ``tokens`` tokens in
+    interleaved rounds."""
+    # Bigger tiles than twice the sample only repeat the last measurement.
+    tiles = [tile for i, tile in enumerate(TILE_CANDIDATES) if i == 0 or tile <= 2 * tokens]
+    timings = median_seconds_each({(tile, variant): functools.partial(run, tile, variant)
+                                   for tile in tiles for variant in variants})
     best = min(timings, key=timings.get)
     return best, timings[best]

@@ -119,7 +119,8 @@ def kernel_is_faster(width: int, dtype: torch.dtype) -> bool:
             norm(x)
             norm(x + residual)
 
-        _state["faster"][key] = blocksparse_fused.median_seconds(kernel) < blocksparse_fused.median_seconds(aten)
+        seconds = blocksparse_fused.median_seconds_each({"kernel": kernel, "aten": aten})
+        _state["faster"][key] = seconds["kernel"] < seconds["aten"]
     return _state["faster"][key]
 
 

@@ -243,9 +243,10 @@ def test_auto_keeps_multihead_attention_unless_the_core_makes_it_faster(monkeypa
     x = torch.randn(2, 10, 64)
     with torch.no_grad():
         expected = block(x)
-    timings = iter([1.0, 2.0] if faster == "mha" else [2.0, 1.0])  # nn.MultiheadAttention, then ProjectedAttention
+    timings = {"mha": 1.0, "projected": 2.0} if faster == "mha" else {"mha": 2.0, "projected": 1.0}
     monkeypatch.setattr(attention_core, "choose", lambda *args, **kwargs: ("fused", 32, {}))
-    monkeypatch.setattr(blocksparse_fused, "median_seconds", lambda fn, repeats=5: (fn(), next(timings))[1])
+    monkeypatch.setattr(blocksparse_fused, "median_seconds_each",
+                        lambda fns, repeats=5: {key: (fn(), timings[key])[1] for key, fn in fns.items()})
     result = blocksparse.apply_bsr(block, blocksize=16)
     kept = isinstance(block.self_attention, nn.MultiheadAttention)
     assert kept == (faster == "mha")

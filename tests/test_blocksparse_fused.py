@@ -293,3 +293,11 @@ def test_fused_op_refuses_indices_outside_the_weight():
     for crow_, col_ in ((crow, bad_col), (bad_crow, col)):
         with pytest.raises(RuntimeError, match="row_offsets and cols do not index"):
             blocksparse_fused.fused_linear(x, values, crow_, col_, bias, 32, 32)
+
+
+def test_median_seconds_each_times_the_candidates_in_interleaved_rounds():
+    calls = []
+    fns = {key: (lambda key=key: calls.append(key)) for key in ("a", "b", "c")}
+    seconds = blocksparse_fused.median_seconds_each(fns, repeats=3)
+    assert calls == ["a", "b", "c"] + ["a", "b", "c"] * 3, "one warm-up each, then one call of each per round"
+    assert set(seconds) == {"a", "b", "c"} and all(s >= 0 for s in seconds.values())
