@@ -38,6 +38,13 @@ SUPERBLOCK_AVX512_FLOAT inline __m512 summed16(const T* x, const T* residual, T*
   return s;
 }
 
+// The row's lanes at c minus the mean, zero in the lanes past its end. (A function, not a lambda: a lambda does not
+// take its enclosing function's target attribute, and the file must build for CPUs without AVX-512.)
+template <typename T>
+SUPERBLOCK_AVX512_FLOAT inline __m512 centred(const T* row, int64_t c, __mmask16 lanes, __m512 mean) {
+  return _mm512_maskz_sub_ps(lanes, load16(row + c, lanes), mean);
+}
+
 // One row: sum_out = x + residual (when residual is given; otherwise sum_out is x itself and is not written), then
 // out = LayerNorm(sum_out) with weight and bias (as float). Each reduction keeps four accumulators, so its
 // loop is four chains of adds instead of one long one.
@@ -57,24 +64,24 @@ SUPERBLOCK_AVX512_FLOAT void row_avx512(const T* x, const T* residual, T* sum_ou
   const __m512 mean = _mm512_set1_ps(
       _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(t0, t1), _mm512_add_ps(t2, t3))) / float(width));
   const T* source = residual ? sum_out : x;
-  auto centred = [&](int64_t at, __mmask16 lanes) { return _mm512_maskz_sub_ps(lanes, load16(source + at, lanes), mean); };
   __m512 q0 = _mm512_setzero_ps(), q1 = q0, q2 = q0, q3 = q0;
   for (c = 0; c + 64 <= width; c += 64) {
-    const __m512 d0 = centred(c, all), d1 = centred(c + 16, all), d2 = centred(c + 32, all), d3 = centred(c + 48, all);
+    const __m512 d0 = centred(source, c, all, mean), d1 = centred(source, c + 16, all, mean),
+                 d2 = centred(source, c + 32, all, mean), d3 = centred(source, c + 48, all, mean);
     q0 = _mm512_fmadd_ps(d0, d0, q0);
     q1 = _mm512_fmadd_ps(d1, d1, q1);
     q2 = _mm512_fmadd_ps(d2, d2, q2);
     q3 = _mm512_fmadd_ps(d3, d3, q3);
   }
   for (; c < width; c += 16) {
-    const __m512 d = centred(c, first_lanes(width - c));
+    const __m512 d = centred(source, c, first_lanes(width - c), mean);
     q0 = _mm512_fmadd_ps(d, d, q0);
   }
   const float variance = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(q0, q1), _mm512_add_ps(q2, q3))) / float(width);
   const __m512 rstd = _mm512_set1_ps(1.f / std::sqrt(variance + eps));
   for (c = 0; c < width; c += 16) {
     const __mmask16 lanes = first_lanes(width - c);
-    const __m512 normed = _mm512_mul_ps(centred(c, lanes), rstd);
+    const __m512 normed = _mm512_mul_ps(centred(source, c, lanes, mean), rstd);
     store16(out + c, _mm512_fmadd_ps(normed, load16(weight + c, lanes), load16(bias + c, lanes)), lanes);
   }
 }

@@ -301,3 +301,18 @@ def test_median_seconds_each_times_the_candidates_in_interleaved_rounds():
     seconds = blocksparse_fused.median_seconds_each(fns, repeats=3)
     assert calls == ["a", "b", "c"] + ["a", "b", "c"] * 3, "one warm-up each, then one call of each per round"
     assert set(seconds) == {"a", "b", "c"} and all(s >= 0 for s in seconds.values())
+
+
+@pytest.mark.slow
+def test_every_kernel_source_compiles_for_a_cpu_without_avx512(tmp_path):
+    # The extension is built for the CPU it runs on (-march=native), so on an AVX-512 machine a helper or lambda that
+    # lacks its function's target attribute goes unnoticed, and the build fails on an AVX2-only CPU. Build each
+    # source for x86-64-v3 (AVX2, no AVX-512) instead; -O0 still inlines the intrinsics, where such a mismatch fails.
+    from torch.utils import cpp_extension
+
+    includes = [f"-I{path}" for path in cpp_extension.include_paths()]
+    for source in blocksparse_fused.SOURCES:
+        run = subprocess.run(["g++", "-std=c++20", "-O0", "-march=x86-64-v3", "-fopenmp", "-fPIC", *includes, "-c",
+                              source, "-o", str(tmp_path / "kernel.o")], capture_output=True, text=True, timeout=600)
+        errors = [line for line in run.stderr.splitlines() if "error" in line]
+        assert run.returncode == 0, f"{os.path.basename(source)}: {errors[:3]}"
