@@ -47,6 +47,7 @@ import blocksparse_fused
 import blocksparse_int8
 import blocksparse_reference as reference
 import blocksparse_triton
+import patch_embedding
 import residual_norm
 import timm_attention
 import timm_layers
@@ -477,6 +478,8 @@ class BsrResult:
     attention_cores: List[Tuple[str, str]] = field(default_factory=list)
     # The transformer blocks whose residual add and LayerNorm now run as one op (residual_norm.fold).
     folded_blocks: List[str] = field(default_factory=list)
+    # The ViT patch embeddings now computed as one matrix product (patch_embedding.PatchwiseConv2d).
+    patchwise_convolutions: List[str] = field(default_factory=list)
 
     def skipped_summary(self, most: int = 3) -> str:
         """The layers left dense and why, on one short line: the first ``most``, then how many more."""
@@ -506,6 +509,8 @@ class BsrResult:
                          + ", ".join(f"{core} x{count}" for core, count in counts.items()))
         if self.folded_blocks:
             lines.append(f"folded the residual add and LayerNorm of {len(self.folded_blocks)} transformer blocks")
+        if self.patchwise_convolutions:
+            lines.append("computed the patch embedding as one matrix product: " + ", ".join(self.patchwise_convolutions))
         return "\n".join(lines)
 
 
@@ -725,7 +730,9 @@ def apply_bsr(
     than ``nn.MultiheadAttention``'s fast path; ``BsrResult.attention_cores`` lists each choice. With kernel "auto"
     or "fused", each pre-norm transformer block (torchvision's ``EncoderBlock``, timm's ``Block``) runs its residual
     adds and LayerNorms as one pass each (``residual_norm``: the same children and state dict) where that measures
-    faster here ("auto") or runs ("fused"); ``BsrResult.folded_blocks`` lists them.
+    faster here ("auto") or runs ("fused"); ``BsrResult.folded_blocks`` lists them. Likewise a ViT's patch embedding
+    (torchvision's ``conv_proj``, timm's ``patch_embed.proj``) runs as one matrix product over its patches
+    (``patch_embedding``; ``BsrResult.patchwise_convolutions``).
 
     Two Linears in an ``nn.Sequential`` with only elementwise modules between them (``ELEMENTWISE``, e.g.
     torchvision's ``MLPBlock``: Linear, GELU, Dropout, Linear, Dropout), or fc1 and fc2 of timm's ``Mlp`` (act,
@@ -843,7 +850,18 @@ def apply_bsr(
         _fuse_mlp(model, first_name, second_name, between_names, always=kernel == "fused", result=result)
     if kernel in ("auto", "fused"):
         _fold_blocks(model, result, measure=kernel == "auto")
+        _patchwise_convolutions(model, result, measure=kernel == "auto")
     return result
+
+
+def _patchwise_convolutions(model: nn.Module, result: BsrResult, *, measure: bool) -> None:
+    """Compute each ViT patch embedding's convolution as one matrix product (``patch_embedding.PatchwiseConv2d``)
+    where it runs on the CPU and (``measure``) measured faster here."""
+    for fqn, conv, image_size in patch_embedding.patch_convolutions(model):
+        if (patch_embedding.unsupported_reason(conv) is None and conv.weight.device.type == "cpu"
+                and (not measure or patch_embedding.is_faster(conv, image_size))):
+            _set_submodule(model, fqn, patch_embedding.PatchwiseConv2d(conv))
+            result.patchwise_convolutions.append(fqn)
 
 
 def _fold_blocks(model: nn.Module, result: BsrResult, *, measure: bool) -> None:

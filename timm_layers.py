@@ -59,3 +59,8 @@ def plain_block_type():
 def layer_norm_type():
     """timm's ``LayerNorm`` (nn.LayerNorm computed by F.layer_norm, or its fast_norm twin), or None without timm."""
     return getattr(sys.modules.get("timm.layers.norm"), "LayerNorm", None)
+
+
+def patch_embed_type():
+    """timm's ``PatchEmbed`` (its ``proj`` an nn.Conv2d of kernel = stride = the patch size), or None."""
+    return getattr(sys.modules.get("timm.layers.patch_embed"), "PatchEmbed", None)

@@ -468,6 +468,7 @@ def test_int8_vit_with_the_bmm_kernel_matches_the_fused_one(relu):
     for attention in (m for m in fused.modules() if isinstance(m, ProjectedAttention)):
         attention.core = "sdpa"  # as "bmm" leaves it: this test compares the int8 layers
     residual_norm.unfold(fused)  # so are the blocks' norms
+    fused.conv_proj = fused.conv_proj.to_conv()  # and the patch embedding
     with torch.inference_mode():
         y, expected = fused(VIT_INPUT), bmm(VIT_INPUT)
     if relu:
