@@ -1,5 +1,6 @@
 """Shared test helpers: a tiny synthetic ImageFolder, running the CLI scripts as a user does, small models."""
 import contextlib
+import copy
 import io
 import os
 import runpy
@@ -155,6 +156,20 @@ def tiny_vit(num_classes=10):
         image_size=16, patch_size=4, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=64, num_classes=num_classes)
     nn.init.normal_(model.heads.head.weight, std=0.5)
     return model
+
+
+def tiny_deit(depth):
+    """timm's DeiT-Tiny at 32 pixels with ``depth`` blocks, 5 classes and a random head, frozen in eval mode; and the
+    converted copy ``apply_bsr(kernel="fused")`` makes of it, with its BsrResult."""
+    import blocksparse
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model("deit_tiny_patch16_224", pretrained=False, img_size=32, num_classes=5, depth=depth)
+    nn.init.normal_(model.head.weight, std=0.5)
+    model.eval().requires_grad_(False)
+    converted = copy.deepcopy(model)
+    return model, converted, blocksparse.apply_bsr(converted, 16, min_sparsity=0.0, kernel="fused")
 
 
 def tiny_resnet():

@@ -13,6 +13,7 @@ from torch import nn
 
 import blocksparse
 import patch_embedding
+from helpers import tiny_deit
 from patch_embedding import PatchwiseConv2d
 
 TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=3e-2, rtol=2e-2)}
@@ -97,13 +98,8 @@ def test_is_faster_measures_on_the_models_image_size_once():
 
 
 def test_timms_patch_embedding_is_computed_patchwise_too():
-    timm = pytest.importorskip("timm")
-    torch.manual_seed(0)
-    model = timm.create_model("deit_tiny_patch16_224", pretrained=False, img_size=32, num_classes=5, depth=1)
-    nn.init.normal_(model.head.weight, std=0.5)
-    model.eval().requires_grad_(False)
-    converted = copy.deepcopy(model)
-    result = blocksparse.apply_bsr(converted, 16, min_sparsity=0.0, kernel="fused")
+    pytest.importorskip("timm")
+    model, converted, result = tiny_deit(depth=1)
     assert result.patchwise_convolutions == ["patch_embed.proj"]
     assert patch_embedding.patch_convolutions(model)[0][2] == (32, 32)
     x = torch.randn(2, 3, 32, 32)

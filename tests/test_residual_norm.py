@@ -16,7 +16,7 @@ from torchvision.models.vision_transformer import EncoderBlock
 import blocksparse
 import blocksparse_fused
 import residual_norm
-from helpers import at_one_and_two_threads
+from helpers import at_one_and_two_threads, tiny_deit
 from test_blocksparse_fused import printed_by
 
 blocksparse_fused.require()  # builds or loads the ops these tests call
@@ -214,13 +214,8 @@ def test_compile_keeps_the_ops_and_export_exports_them():
 
 
 def test_timm_blocks_are_folded_and_give_the_same_logits():
-    timm = pytest.importorskip("timm")
-    torch.manual_seed(0)
-    model = timm.create_model("deit_tiny_patch16_224", pretrained=False, img_size=32, num_classes=5, depth=2)
-    nn.init.normal_(model.head.weight, std=0.5)
-    model.eval().requires_grad_(False)
-    converted = copy.deepcopy(model)
-    result = blocksparse.apply_bsr(converted, 16, min_sparsity=0.0, kernel="fused")
+    pytest.importorskip("timm")
+    model, converted, result = tiny_deit(depth=2)
     assert result.folded_blocks == ["blocks.0", "blocks.1"]
     assert all(type(block) is residual_norm.FoldedTimmBlock for block in converted.blocks)
     assert type(converted.blocks) is residual_norm.FoldedBlocks
