@@ -176,9 +176,8 @@ def restore_sdpa(model: nn.Module) -> None:
             continue
         module.core = "sdpa"
         if type(module.in_proj) in plain and type(module.out_proj) in plain:
-            mha = module.to_attention(module.in_proj.weight, module.out_proj.weight).requires_grad_(False)
-            parent, _, name = fqn.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, name, mha)
+            model.set_submodule(fqn, module.to_attention(module.in_proj.weight, module.out_proj.weight)
+                                .requires_grad_(False))
 
 
 def _rename_multihead_keys(state_dict, prefix, *args):

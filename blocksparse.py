@@ -686,11 +686,6 @@ def _quantized(linear: nn.Linear, blocksize: int, kernel: str, *, sparse: bool, 
     return BlockSparseLinear.from_dense(linear, blocksize, kernel="auto"), ""
 
 
-def _set_submodule(model: nn.Module, fqn: str, module: nn.Module) -> None:
-    parent, _, name = fqn.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, name, module)
-
-
 def apply_bsr(
     model: nn.Module,
     blocksize: int,
@@ -759,6 +754,9 @@ def apply_bsr(
     """
     if kernel not in KERNELS:
         raise ValueError(f"unknown kernel {kernel!r}; choose one of {', '.join(KERNELS)}")
+    if isinstance(model, nn.Linear):
+        raise ValueError("apply_bsr converts the Linear layers a model contains, not a Linear itself; wrap it "
+                         "(nn.Sequential(linear)) or call BlockSparseLinear.from_dense(linear, blocksize)")
     if not 0.0 <= min_sparsity <= 1.0:
         raise ValueError(f"min_sparsity must be in [0, 1], got {min_sparsity}")
     quantizes = _quantize_filter(model, blocksize, kernel, quantize, quantize_filter_fn)
@@ -825,8 +823,8 @@ def apply_bsr(
             if all(reason_to_stay_dense(layer, name) is None or quantizes(layer, name)
                    for layer, name in ((first, first_name), (second, second_name))):
                 first, second, what = _prepare_mlp_pair(first, second, between, blocksize)
-                _set_submodule(model, first_name, first)
-                _set_submodule(model, second_name, second)
+                model.set_submodule(first_name, first)
+                model.set_submodule(second_name, second)
                 result.mlp_pairs.append((first_name, second_name, what))
                 prepared.append((first_name, second_name, between_names))
     pair_layers.update(name for first, second, _ in prepared for name in (first, second) if quantize)
@@ -842,7 +840,7 @@ def apply_bsr(
         else:
             converted = convert(module, fqn)
             if converted is not module:
-                _set_submodule(model, fqn, converted)
+                model.set_submodule(fqn, converted)
     for first_name, second_name, between_names in prepared:
         if kernel == "auto" and first_name in pair_layers and second_name in pair_layers:
             float_pair = [float_form(float_pairs[name], name) for name in (first_name, second_name)]
@@ -860,7 +858,7 @@ def _patchwise_convolutions(model: nn.Module, result: BsrResult, *, measure: boo
     for fqn, conv, image_size in patch_embedding.patch_convolutions(model):
         if (patch_embedding.unsupported_reason(conv) is None and conv.weight.device.type == "cpu"
                 and (not measure or patch_embedding.is_faster(conv, image_size))):
-            _set_submodule(model, fqn, patch_embedding.PatchwiseConv2d(conv))
+            model.set_submodule(fqn, patch_embedding.PatchwiseConv2d(conv))
             result.patchwise_convolutions.append(fqn)
 
 
@@ -869,7 +867,7 @@ def _fold_blocks(model: nn.Module, result: BsrResult, *, measure: bool) -> None:
     ``residual_norm.chain`` for a run of blocks) where they run and (``measure``) measured faster here."""
     for fqn, module in list(model.named_modules()):
         if fqn and residual_norm.fold_reason(module, measure=measure) is None:
-            _set_submodule(model, fqn, residual_norm.fold(module))
+            model.set_submodule(fqn, residual_norm.fold(module))
             result.folded_blocks.append(fqn)
     residual_norm.chain(model)
 
@@ -892,7 +890,7 @@ def _keep_faster_pair(model, first_name, second_name, between_names, float_pair,
     names = (first_name, second_name)
     result.converted = [entry for entry in result.converted if entry[0] not in names]
     for name, layer in zip(names, float_pair):
-        _set_submodule(model, name, layer)
+        model.set_submodule(name, layer)
         if isinstance(layer, BlockSparseLinear):
             result.converted.append((name, layer.kernel, layer.sparsity))
         else:
@@ -910,9 +908,9 @@ def _fuse_mlp(model, first_name, second_name, between_names, *, always, result):
     int8 = isinstance(fc1, Int8BlockSparseLinear)
     mlp = BlockSparseMLP(fc1, between, fc2, tile_tokens=tile_tokens, gather=False if int8 else variant,
                          isa=variant if int8 else None, second_name=second_name.rpartition(".")[2])
-    _set_submodule(model, first_name, mlp.eval())  # apply_bsr converts eval-mode models only
+    model.set_submodule(first_name, mlp.eval())  # apply_bsr converts eval-mode models only
     for name in between_names + [second_name]:
-        _set_submodule(model, name, nn.Identity().eval())
+        model.set_submodule(name, nn.Identity().eval())
     result.fused_mlps.append(first_name)
 
 
@@ -945,7 +943,7 @@ def _convert_attention(model, fqn, mha, convert, reason_to_stay_dense, quantizes
         _keep_faster_attention(model, fqn, mha, projected, kernel, tokens, result)
         return
     projected.train(mha.training)
-    _set_submodule(model, fqn, projected)
+    model.set_submodule(fqn, projected)
     result.attention_cores.append((fqn, projected.core))
 
 
@@ -978,7 +976,7 @@ def _convert_timm_attention(model, fqn, module, result, *, kernel, tokens):
     if core == "sdpa":
         result.attention_cores.append((fqn, "timm Attention"))
         return
-    _set_submodule(model, fqn, timm_attention.CoreAttention(module, core, query_tile=tile))
+    model.set_submodule(fqn, timm_attention.CoreAttention(module, core, query_tile=tile))
     result.attention_cores.append((fqn, core))
 
 
@@ -1000,5 +998,5 @@ def _keep_faster_attention(model, fqn, mha, projected, kernel, tokens, result):
             result.attention_cores.append((fqn, "nn.MultiheadAttention"))
             return
     projected.train(mha.training)
-    _set_submodule(model, fqn, projected)
+    model.set_submodule(fqn, projected)
     result.attention_cores.append((fqn, projected.core))

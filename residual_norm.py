@@ -225,22 +225,19 @@ def fold(block: nn.Module) -> nn.Module:
 def chain(model: nn.Module) -> None:
     """Make each ``nn.Sequential`` of ``model`` whose children are all folded blocks a ``FoldedBlocks`` (in place)."""
     for fqn, module in list(model.named_modules()):
-        if type(module) is nn.Sequential and len(module) > 1 and all(
+        if fqn and type(module) is nn.Sequential and len(module) > 1 and all(  # the model itself stays what it is
                 isinstance(child, (FoldedEncoderBlock, FoldedTimmBlock)) for child in module):
             chained = FoldedBlocks(OrderedDict(module._modules))
             chained.train(module.training)
-            _set_child(model, fqn, chained)
-
-
-def _set_child(model: nn.Module, fqn: str, module: nn.Module) -> None:
-    parent, _, name = fqn.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, name, module)
+            model.set_submodule(fqn, chained)
 
 
 def unfold(model: nn.Module) -> None:
     """Undo ``fold`` (in place): every folded block is its torchvision or timm block again, with the same children.
     The model as it ran before the blocks were folded, for before/after timings."""
     for fqn, module in list(model.named_modules()):
+        if not fqn:
+            continue  # the model itself stays what it is, as fold and chain leave it
         if isinstance(module, FoldedEncoderBlock):
             width = module.ln_1.normalized_shape[0]
             block = EncoderBlock(module.num_heads, width, width, 0.0, 0.0, nn.LayerNorm)
@@ -253,9 +250,9 @@ def unfold(model: nn.Module) -> None:
         for name in names:
             setattr(block, name, getattr(module, name))
         block.train(module.training)
-        _set_child(model, fqn, block)
+        model.set_submodule(fqn, block)
     for fqn, module in list(model.named_modules()):
-        if isinstance(module, FoldedBlocks):
+        if fqn and isinstance(module, FoldedBlocks):
             plain = nn.Sequential(OrderedDict(module._modules))
             plain.train(module.training)
-            _set_child(model, fqn, plain)
+            model.set_submodule(fqn, plain)

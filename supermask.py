@@ -487,7 +487,11 @@ def apply_supermask(
             replacements[name] = SupermaskConv2d.from_conv(
                 module, sparsity=choice.sparsity, tile_size=choice.tile_size, device=device, score_init=score_init)
     for name, layer in replacements.items():
-        _set_submodule(model, name, layer)
+        if name == "":
+            raise ValueError("apply_supermask needs a model that contains the layers to mask, not a layer itself; "
+                             "wrap it (nn.Sequential(layer)) or call SupermaskLinear.from_linear / "
+                             "SupermaskConv2d.from_conv")
+        model.set_submodule(name, layer)
     _remember(model, skipped=skipped, kinds=kinds)
     if verbose:  # output the caller asked for (the original's flag), not a warning
         print(sparsity_report(model))
@@ -517,7 +521,7 @@ def _mask_attention(model, *, sparsity, tile_size, device, score_init, skipped, 
         if name == "":
             raise ValueError("apply_supermask needs a model that contains the nn.MultiheadAttention, not the "
                              "attention module itself")
-        _set_submodule(model, name, layer)
+        model.set_submodule(name, layer)
         kinds[f"{name}.in_proj"] = kinds[f"{name}.out_proj"] = ("attention", sparsity)
 
 
@@ -557,12 +561,6 @@ def layer_kinds(model):
 
 
 ##### Model-wide operations #####
-
-
-def _set_submodule(model, name, layer):
-    parent_name, _, child_name = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child_name, layer)
 
 
 def supermask_layers(model):
@@ -631,7 +629,7 @@ def sparsify_offline(model):
             raise ValueError("sparsify_offline needs a model that contains Supermask layers, not a Supermask layer itself; "
                              "call layer.to_linear() / layer.to_conv() instead")
         # A new module starts in training mode: keep the mode of the layer it replaces.
-        _set_submodule(model, name, layer.train(model.get_submodule(name).training))
+        model.set_submodule(name, layer.train(model.get_submodule(name).training))
     return model
 
 

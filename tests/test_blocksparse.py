@@ -628,3 +628,9 @@ def test_mlp_pair_is_left_alone_with_dense_kernels():
     model = bsr_mlp()
     result = apply_bsr(model, blocksize=16, min_sparsity=0.3, kernel="dense")
     assert result.mlp_pairs == []
+
+
+def test_apply_bsr_refuses_a_bare_linear_with_a_clear_error():
+    # It converts the Linears a model contains: given one, it used to register a child named "" and leave it dense.
+    with pytest.raises(ValueError, match=r"not a Linear itself; wrap it \(nn.Sequential\(linear\)\)"):
+        apply_bsr(nn.Linear(64, 64).eval(), 16, min_sparsity=0.0)

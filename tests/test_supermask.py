@@ -641,3 +641,9 @@ def test_changing_sparsity_does_not_recompile():
         zeros.append(int((model[0].get_mask() == 0).sum()))
     assert counter.frame_count == 1, f"recompiled {counter.frame_count - 1} times while the sparsity changed"
     assert zeros == sorted(zeros) and zeros[0] == 0 and zeros[-1] > 0, zeros
+
+
+def test_apply_supermask_refuses_a_bare_layer_with_a_clear_error():
+    # It masks the layers a model contains: given one, it used to register a child named "" and mask nothing.
+    with pytest.raises(ValueError, match=r"not a layer itself; wrap it \(nn.Sequential\(layer\)\)"):
+        apply_supermask(nn.Linear(64, 64), linear_sparsity=0.5, linear_sp_tilesize=16)
