@@ -22,6 +22,8 @@
 #include <cstring>
 #include <vector>
 
+#include "avx512_float.h"
+
 #if defined(__x86_64__)
 #include <immintrin.h>
 #endif
@@ -38,19 +40,7 @@ inline float bits_to_float(uint32_t bits) {
   return value;
 }
 
-inline uint32_t float_to_bits(float value) {
-  uint32_t bits;
-  std::memcpy(&bits, &value, sizeof(bits));
-  return bits;
-}
-
-// Round-to-nearest-even float -> bfloat16 bits, branch-free so the loops around it vectorize.
-inline uint16_t to_bfloat16_bits(float value) {
-  const uint32_t bits = float_to_bits(value);
-  const bool nan = (bits & 0x7fffffffu) > 0x7f800000u;
-  const uint32_t rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
-  return nan ? uint16_t(0x7fc0) : uint16_t(rounded);
-}
+using superblock::to_bfloat16_bits;
 
 // Minimax-style fit of 2^f on [0, 1), highest power first: relative error below 2e-7.
 constexpr int kExp2Degree = 5;
@@ -76,21 +66,7 @@ inline float exp2_nonpositive(float x) {
 // The build targets this CPU (-march=native), so its instruction sets are known at compile time; the compiler does
 // not vectorize the portable loop below (its exp polynomial stays scalar), which made the softmax most of the time.
 
-inline __mmask16 first_lanes(int64_t count) {
-  return count >= 16 ? __mmask16(0xffff) : __mmask16((1u << count) - 1);
-}
-
-inline __m256i to_bfloat16x16(__m512 value) {
-#if defined(__AVX512BF16__)
-  return __m256i(_mm512_cvtneps_pbh(value));
-#else
-  const __m512i bits = _mm512_castps_si512(value);
-  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-  __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff))), 16);
-  rounded = _mm512_mask_mov_epi32(rounded, _mm512_cmp_ps_mask(value, value, _CMP_UNORD_Q), _mm512_set1_epi32(0x7fc0));
-  return _mm512_cvtepi32_epi16(rounded);
-#endif
-}
+using superblock::first_lanes;
 
 // kRows rows at a time: their max and exp chains are independent, so they overlap in the pipeline (one row's
 // reductions are long dependency chains: max, then horizontal max, then exp, then horizontal sum).
@@ -128,7 +104,7 @@ inline void softmax_rows(float* scores, int64_t stride, int64_t count, float sca
       }
       const __m512 e = _mm512_scalef_ps(p, whole);  // p * 2^whole
       if (rounded) {
-        _mm256_mask_storeu_epi16(rounded + r * stride + j, mask, to_bfloat16x16(e));
+        _mm256_mask_storeu_epi16(rounded + r * stride + j, mask, superblock::bfloat16_bits16(e));
       } else {
         _mm512_mask_storeu_ps(row + j, mask, e);
       }

@@ -16,6 +16,7 @@
 #include <immintrin.h>
 
 #include <cstdlib>
+#include <cstring>
 #include <string>
 
 #define SUPERBLOCK_AVX512_FLOAT __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl")))
@@ -126,6 +127,16 @@ SUPERBLOCK_AVX512_FLOAT inline __m512 activate16(__m512 x) {
     default:
       return x;
   }
+}
+
+// Round-to-nearest-even float -> bfloat16 bits, NaN to the quiet NaN 0x7fc0 (torch's conversion), one value: the
+// portable loops' store, written without branches so the loops around it vectorize.
+inline uint16_t to_bfloat16_bits(float value) {
+  uint32_t bits;
+  std::memcpy(&bits, &value, sizeof(bits));
+  const bool nan = (bits & 0x7fffffffu) > 0x7f800000u;
+  const uint32_t rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
+  return nan ? uint16_t(0x7fc0) : uint16_t(rounded);
 }
 
 inline __mmask16 first_lanes(int64_t count) {

@@ -37,14 +37,7 @@ namespace {
 
 using at::native::cpublas::brgemm;
 
-// Round-to-nearest-even float -> bfloat16 bits, written without branches so the compiler vectorizes the loop.
-inline uint16_t to_bfloat16_bits(float value) {
-  uint32_t bits;
-  std::memcpy(&bits, &value, sizeof(bits));
-  const bool nan = (bits & 0x7fffffffu) > 0x7f800000u;
-  const uint32_t rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
-  return nan ? uint16_t(0x7fc0) : uint16_t(rounded);
-}
+using superblock::to_bfloat16_bits;
 
 template <typename T>
 inline void store_row(T* out, const float* acc, const T* bias, int64_t count) {
