@@ -46,10 +46,13 @@ TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 5e-2, torch.float16: 1e-2}
 # The int8 variants' check: ||y - ref|| / ||ref|| of the outputs (W8A8 rounds every weight and activation to 8 bits,
 # so single logits can move further than TOLERANCE allows).
 INT8_TOLERANCE = 0.1
-BASELINES = ("dense", "online", "offline", "torch", "bsr-sdpa", "bsr-unfolded")
+BASELINES = ("dense", "online", "offline", "torch", "bsr-sdpa", "bsr-unfolded", "bsr-onednn")
 SDPA_VARIANT = "bsr-sdpa"  # bsr with SDPA as its attention core (attention.restore_sdpa): the model before the fused core
 # bsr with its transformer blocks as they were (residual_norm.unfold): ATen's residual adds and LayerNorms
 UNFOLDED_VARIANT = "bsr-unfolded"
+# bsr with every float block-sparse product on oneDNN's brgemm, one call per kept block, where apply_bsr chose our
+# AMX kernel ("amx" products): the model before that kernel
+ONEDNN_VARIANT = "bsr-onednn"
 INT8_VARIANT = "bsr-int8"  # the model in int8: apply_bsr(kernel="auto", quantize="int8")
 
 
@@ -77,8 +80,9 @@ def get_args_parser(add_help=True):
     group.add_argument("--baselines", default="dense,online,offline,torch", type=str,
                        help="comma-separated variants timed beside bsr; dense is always timed; bsr-sdpa is bsr with "
                             "SDPA as its attention core, as before the fused core; bsr-unfolded is bsr with its "
-                            "transformer blocks' residual adds and LayerNorms on ATen, as before they were folded "
-                            "(default: dense,online,offline,torch)")
+                            "transformer blocks' residual adds and LayerNorms on ATen, as before they were folded; "
+                            "bsr-onednn is bsr with its block-sparse products on oneDNN's brgemm where it chose our "
+                            "AMX kernel (default: dense,online,offline,torch)")
     group.add_argument("--quantize", default="none", choices=("none", "int8"),
                        help=f"int8 also times the int8 (W8A8) model as {INT8_VARIANT} (apply_bsr kernel auto, "
                             f"quantize int8), or with --layer rows int8-auto and int8-fused; CPU only, a block size "
@@ -345,7 +349,7 @@ def build_variants(args, plan, dense, sparsity, tile_size, blocksize, variants):
             continue
         kernel = "torch" if name == "torch" else name.partition("-")[2] or "auto"
         quantize = "int8" if name == INT8_VARIANT else None
-        if quantize or name in (SDPA_VARIANT, UNFOLDED_VARIANT):
+        if quantize or name in (SDPA_VARIANT, UNFOLDED_VARIANT, ONEDNN_VARIANT):
             kernel = "auto"
         if kernel == "torch" and not blocksparse.torch_bsr_supports_dtype(plan.dtype, plan.device):
             notes[name] = f"skipped: kernel {kernel} does not take {args.dtype} on {plan.device.type}"
@@ -358,6 +362,8 @@ def build_variants(args, plan, dense, sparsity, tile_size, blocksize, variants):
             restore_sdpa(model)
         if name == UNFOLDED_VARIANT:
             residual_norm.unfold(model)
+        if name == ONEDNN_VARIANT:
+            _products_on_onednn(model)
         cores = "attention sdpa" if name == SDPA_VARIANT else attention_cores_label(result)
         if result.folded_blocks and name != UNFOLDED_VARIANT:
             cores += f", {len(result.folded_blocks)} blocks' add and LayerNorm folded"
@@ -481,9 +487,16 @@ def attention_cores_label(result):
     return "attention " + (" ".join(f"{core}:{n}" for core, n in counts.items()) or "none")
 
 
+def _products_on_onednn(model):
+    """Every float fused layer and MLP that runs our AMX kernel switched to one brgemm per kept block."""
+    for module in model.modules():
+        if getattr(module, "products", None) == "amx":
+            module.products = "blocks"
+
+
 def _kernel_counts(model):
     """How many block-sparse layers of each kernel a model holds (``blocksparse.kernel_label``: "fused", "int8/amx",
-    ...), and fused MLPs ("mlp", "mlp-int8"), e.g. 'fused:24 mlp:12'."""
+    ...), and fused MLPs ("mlp", "mlp-int8"), e.g. 'fused:24 mlp:12'; "/amx" marks float ones on our AMX kernel."""
     counts = {}
     for module in model.modules():
         if isinstance(module, (blocksparse.BlockSparseLinear, blocksparse.Int8BlockSparseLinear)):
@@ -492,6 +505,8 @@ def _kernel_counts(model):
             label = "mlp" if module.isa is None else "mlp-int8"
         else:
             continue
+        if getattr(module, "products", None) == "amx":
+            label += "/amx"
         counts[label] = counts.get(label, 0) + 1
     return " ".join(f"{k}:{v}" for k, v in sorted(counts.items())) or "none"
 

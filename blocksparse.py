@@ -149,7 +149,7 @@ class KernelChoice:
 
     kernel: str
     tile_tokens: Optional[int] = None  # the fused kernel's fastest tile, when it was measured
-    gather: bool = False  # and whether it gathers a row's inputs first
+    products: str = "blocks"  # and how it runs its products (blocksparse_fused.product_kinds)
     seconds: Dict[str, float] = field(default_factory=dict, compare=False)
 
 
@@ -187,13 +187,13 @@ def choose_kernel(linear: nn.Linear, blocksize: int, candidate: Optional[str] = 
     key = (tuple(weight.shape), weight.dtype, blocksize, int(mask.sum()), torch.get_num_threads(), candidate)
     if key not in _measured:
         seconds, setting = _time_candidates(linear, blocksize, candidate)
-        tile, gather = setting or (None, False)
-        _measured[key] = KernelChoice(faster_of(seconds), tile, gather, seconds)
+        tile, products = setting or (None, "blocks")
+        _measured[key] = KernelChoice(faster_of(seconds), tile, products, seconds)
     return _measured[key]
 
 
 def _time_candidates(linear: nn.Linear, blocksize: int, candidate: str):
-    """({"dense": s, candidate: s}, the fused kernel's fastest (tile, gather) or None) on AUTO_SAMPLE_TOKENS tokens."""
+    """({"dense": s, candidate: s}, the fused kernel's fastest (tile, products) or None) on AUTO_SAMPLE_TOKENS tokens."""
     weight = linear.weight.detach()
     bias = None if linear.bias is None else linear.bias.detach()
     x = torch.randn(AUTO_SAMPLE_TOKENS, weight.shape[1], dtype=weight.dtype, device=weight.device)
@@ -203,8 +203,8 @@ def _time_candidates(linear: nn.Linear, blocksize: int, candidate: str):
         values, crow, col = reference.pack_blocks(weight, blocksize)
         packed, out_features = blocksparse_fused.pack(values), weight.shape[0]
         setting, seconds["fused"] = blocksparse_fused.fastest_setting(
-            lambda tile, gather: blocksparse_fused.fused_linear(x, packed, crow, col, bias, out_features, tile, gather),
-            x.shape[0])
+            lambda tile, kind: blocksparse_fused.fused_linear(x, packed, crow, col, bias, out_features, tile, kind),
+            x.shape[0], blocksparse_fused.product_kinds(weight.dtype, blocksize))
     else:
         layer = BlockSparseLinear.from_dense(linear, blocksize, kernel=candidate)
         seconds[candidate] = blocksparse_fused.median_seconds(lambda: layer(x))
@@ -217,7 +217,7 @@ _measured_mlps: Dict[tuple, tuple] = {}  # one measurement per distinct pair: (s
 @torch.no_grad()
 def choose_mlp_fusion(fc1: nn.Module, between: List[nn.Module], fc2: nn.Module,
                       always: bool = False) -> Optional[Tuple[int, bool]]:
-    """The fused MLP kernel's (tile_tokens, gather) for a converted Linear pair, or None to keep its two layers.
+    """The fused MLP kernel's (tile_tokens, products) for a converted Linear pair, or None to keep its two layers.
 
     Only two "fused" layers of one kind (float ``BlockSparseLinear`` of one dtype, or ``Int8BlockSparseLinear``,
     whose setting's second item is then the instruction set) with the same block size, and between them modules the
@@ -241,7 +241,8 @@ def _mlp_choice(fc1, between, fc2, always):
         dtype, variants = fc1.measured_dtype, blocksparse_int8.isas(fc1.blocksize)
         fused = blocksparse_int8.int8_mlp
     elif isinstance(fc1, BlockSparseLinear) and fc2.packed_values.dtype == first[0].dtype:
-        dtype, variants, fused = first[0].dtype, (False, True), blocksparse_fused.fused_mlp
+        dtype, fused = first[0].dtype, blocksparse_fused.fused_mlp
+        variants = blocksparse_fused.product_kinds(dtype, fc1.blocksize)
     else:
         return None, None
     key = (type(fc1), fc1.in_features, fc1.out_features, fc2.out_features, fc1.blocksize, dtype, fc1.kept_blocks,
@@ -282,7 +283,7 @@ class BlockSparseLinear(reference.FrozenBlockLayer):
 
     def __init__(self, in_features: int, out_features: int, blocksize: int, kernel: str, kept_blocks: int):
         super().__init__(in_features, out_features, blocksize, kernel, kept_blocks)
-        self.gather = False  # "fused": copy a row's input columns into one panel first (measured too)
+        self.products = "blocks"  # "fused": how its products run (blocksparse_fused.product_kinds, measured)
         self.num_groups = 0  # "bmm": row groups, see blocksparse_reference.pack_groups
         self.group_spans: List[Optional[Tuple[int, int]]] = []  # per group: its rows' (start, end) if consecutive
         self.has_empty_rows = False
@@ -326,7 +327,7 @@ class BlockSparseLinear(reference.FrozenBlockLayer):
             module.register_buffer("block_crow", crow)
             module.register_buffer("block_col", col)
             if kernel == "fused":
-                module.tile_tokens, module.gather = choice.tile_tokens, choice.gather
+                module.tile_tokens, module.products = choice.tile_tokens, choice.products
                 module.register_buffer("packed_values", blocksparse_fused.pack(values), persistent=False)
         elif kernel == "torch":
             crow, col, values = reference.to_torch_bsr(weight, blocksize)
@@ -361,6 +362,9 @@ class BlockSparseLinear(reference.FrozenBlockLayer):
             # The C++ kernel has no float64: such a layer computes from block_values in pure PyTorch (forward).
             fused_dtype = self.block_values.dtype in blocksparse_fused.DTYPES
             self.packed_values = blocksparse_fused.pack(self.block_values) if fused_dtype else self.block_values
+            if fused_dtype:  # "amx" is bfloat16's only: another dtype keeps the plain brgemm calls
+                self.products = blocksparse_fused.valid_products(self.products, self.block_values.dtype,
+                                                                 self.blocksize)
 
     def fused_operands(self) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
         """(packed values, row offsets, columns, bias): what the fused kernel reads ("fused" layers only)."""
@@ -376,7 +380,7 @@ class BlockSparseLinear(reference.FrozenBlockLayer):
                                          self.block_col, self.bias, self.out_features)
         elif self.kernel == "fused":
             y = blocksparse_fused.fused_linear(x.to(self.packed_values.dtype), *self.fused_operands(),
-                                               self.out_features, self.tile_tokens, self.gather)
+                                               self.out_features, self.tile_tokens, self.products)
         elif self.kernel == "dense":
             y = F.linear(x, self.weight, self.bias)
         elif self.kernel == "triton":
@@ -434,7 +438,7 @@ class BlockSparseLinear(reference.FrozenBlockLayer):
         return block_mask(self.dense_weight(), self.blocksize)
 
     def setting_repr(self) -> str:
-        return f", tile_tokens={self.tile_tokens}, gather={self.gather}" if self.tile_tokens is not None else ""
+        return f", tile_tokens={self.tile_tokens}, products={self.products!r}" if self.tile_tokens is not None else ""
 
 
 def block_sparse_layers(model: nn.Module) -> Dict[str, nn.Module]:
@@ -906,7 +910,7 @@ def _fuse_mlp(model, first_name, second_name, between_names, *, always, result):
         return
     tile_tokens, variant = setting
     int8 = isinstance(fc1, Int8BlockSparseLinear)
-    mlp = BlockSparseMLP(fc1, between, fc2, tile_tokens=tile_tokens, gather=False if int8 else variant,
+    mlp = BlockSparseMLP(fc1, between, fc2, tile_tokens=tile_tokens, products="blocks" if int8 else variant,
                          isa=variant if int8 else None, second_name=second_name.rpartition(".")[2])
     model.set_submodule(first_name, mlp.eval())  # apply_bsr converts eval-mode models only
     for name in between_names + [second_name]:

@@ -30,7 +30,7 @@ import torch
 SOURCES = tuple(os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", name)
                 for name in ("fused_bsr_linear.cpp", "int8_bsr_linear.cpp", "attention_core.cpp", "layer_norm.cpp"))
 # The headers they include: the build's name covers them, so a change to one rebuilds the extension too.
-HEADERS = tuple(os.path.join(os.path.dirname(SOURCES[0]), name) for name in ("block_index.h", "avx512_float.h"))
+HEADERS = tuple(os.path.join(os.path.dirname(SOURCES[0]), name) for name in ("block_index.h", "avx512_float.h", "amx_bf16.h"))
 DISABLE_VARIABLE = "SUPERBLOCK_NO_EXTENSION"
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -86,12 +86,12 @@ def _build() -> None:
         logger.setLevel(level)
 
     @torch.library.register_fake("superblock::fused_bsr_linear")
-    def _(x, values, row_offsets, cols, bias, out_features, tile_tokens, gather):
+    def _(x, values, row_offsets, cols, bias, out_features, tile_tokens, products):
         return x.new_empty(x.shape[0], out_features)
 
     @torch.library.register_fake("superblock::fused_bsr_mlp")
     def _(x, values1, row_offsets1, cols1, bias1, values2, row_offsets2, cols2, bias2, out_features, activation,
-          tile_tokens, gather):
+          tile_tokens, products):
         return x.new_empty(x.shape[0], out_features)
 
 
@@ -154,26 +154,7 @@ def _packed_layout_is_exact(dtype: torch.dtype, blocksize: int) -> bool:
     """
     key = (dtype, blocksize)
     if key not in _loaded.setdefault("exact", {}):
-        gen = torch.Generator().manual_seed(0)
-        values = torch.randn(3, blocksize, blocksize, generator=gen).to(dtype)
-        try:
-            packed = torch.ops.superblock.fused_pack_blocks(values, True)
-        except RuntimeError:  # oneDNN's packing refuses this block size here (AMX, blocks of 8)
-            packed = None
-        exact = packed is not None
-        if exact and packed.dim() == 4:  # else the micro-kernel does not run here: nothing to check
-            # Two block-rows: blocks (0, 0) and (0, 1), then (1, 1); with and without the gathered panel.
-            x = torch.randn(37, 2 * blocksize, generator=gen).to(dtype)
-            crow, col = torch.tensor([0, 2, 3], dtype=torch.int32), torch.tensor([0, 1, 1], dtype=torch.int32)
-            xd, vd = x.double(), values.double()
-            expected = torch.cat([xd[:, :blocksize] @ vd[0] + xd[:, blocksize:] @ vd[1], xd[:, blocksize:] @ vd[2]], 1)
-            for gather in (False, True):
-                try:
-                    y = fused_linear(x, packed, crow, col, None, 2 * blocksize, 16, gather).double()
-                except RuntimeError:  # a shape the micro-kernel refuses on this CPU
-                    exact = False
-                    break
-                exact &= torch.allclose(y, expected, rtol=2e-2, atol=2e-2 * expected.abs().max().item())
+        exact = _products_are_exact(dtype, blocksize, ("blocks", "gather"))
         if not exact:
             warnings.warn(f"the fused kernel's packed layout is refused or gives wrong products for {dtype} blocks of "
                           f"{blocksize} on this CPU; using the plain layout (slower)", stacklevel=3)
@@ -181,25 +162,77 @@ def _packed_layout_is_exact(dtype: torch.dtype, blocksize: int) -> bool:
     return _loaded["exact"][key]
 
 
+def _products_are_exact(dtype: torch.dtype, blocksize: int, kinds) -> bool:
+    """Whether the pair-interleaved layout is accepted here and each of ``kinds`` of products computes two block-rows
+    (blocks (0, 0) and (0, 1), then (1, 1)) of 37 tokens within bfloat16's rounding of the float64 product."""
+    gen = torch.Generator().manual_seed(0)
+    values = torch.randn(3, blocksize, blocksize, generator=gen).to(dtype)
+    try:
+        packed = torch.ops.superblock.fused_pack_blocks(values, True)
+    except RuntimeError:  # oneDNN's packing refuses this block size here (AMX, blocks of 8)
+        return False
+    if packed.dim() != 4:  # the micro-kernel does not run here: the plain layout, nothing to check
+        return True
+    x = torch.randn(37, 2 * blocksize, generator=gen).to(dtype)
+    crow, col = torch.tensor([0, 2, 3], dtype=torch.int32), torch.tensor([0, 1, 1], dtype=torch.int32)
+    xd, vd = x.double(), values.double()
+    expected = torch.cat([xd[:, :blocksize] @ vd[0] + xd[:, blocksize:] @ vd[1], xd[:, blocksize:] @ vd[2]], 1)
+    for products in kinds:
+        for tile in (16, 64):  # items of 16 tokens, and one of 37 (AMX: two tiles of 16 rows, then 5)
+            try:
+                y = fused_linear(x, packed, crow, col, None, 2 * blocksize, tile, products).double()
+            except RuntimeError:  # a shape the micro-kernel refuses on this CPU
+                return False
+            if not torch.allclose(y, expected, rtol=2e-2, atol=2e-2 * expected.abs().max().item()):
+                return False
+    return True
+
+
+def product_kinds(dtype: torch.dtype, blocksize: int) -> tuple:
+    """How the fused ops can run their products for ``dtype`` blocks of ``blocksize`` on this CPU (``products``):
+    "blocks" (one brgemm per kept block), "gather" (a row's input columns copied into one panel, one brgemm) and,
+    for bfloat16 blocks of a multiple of 32 where the CPU has AMX, "amx" (our own tile kernel, csrc/amx_bf16.h),
+    once it computed a check product right (else one warning, and oneDNN's kernels alone)."""
+    kinds = ("blocks", "gather")
+    if (blocksize % 32 == 0 and "amx" in torch.ops.superblock.fused_products(dtype)
+            and _packed_layout_is_exact(dtype, blocksize)):
+        key = (dtype, blocksize)
+        checked = _loaded.setdefault("amx_exact", {})
+        if key not in checked:
+            checked[key] = _products_are_exact(dtype, blocksize, ("amx",))
+            if not checked[key]:
+                warnings.warn(f"our AMX kernel gave wrong products for {dtype} blocks of {blocksize} on this CPU; "
+                              f"the fused kernel keeps oneDNN's micro-kernels", stacklevel=2)
+        if checked[key]:
+            kinds += ("amx",)
+    return kinds
+
+
+def valid_products(products: str, dtype: torch.dtype, blocksize: int) -> str:
+    """``products`` where the fused ops can run it for ``dtype`` blocks of ``blocksize`` here, else "blocks" (a layer
+    measured as "amx" in bfloat16 and then moved to another dtype)."""
+    return products if products in product_kinds(dtype, blocksize) else "blocks"
+
+
 def fused_linear(x, values, row_offsets, cols, bias, out_features: int, tile_tokens: int,
-                 gather: bool = False) -> torch.Tensor:
+                 products: str = "blocks") -> torch.Tensor:
     """``x (n, in) @ W.T + bias`` from W's packed blocks: the op, (n, out) in x's dtype.
 
-    ``tile_tokens`` tokens make one work item; ``gather`` copies a row's input columns into one panel first.
+    ``tile_tokens`` tokens make one work item; ``products`` is one of ``product_kinds``.
     """
     return torch.ops.superblock.fused_bsr_linear(x, values, row_offsets, cols, bias, out_features, tile_tokens,
-                                                 gather)
+                                                 products)
 
 
 def fused_mlp(x, first, second, out_features: int, activation: str, tile_tokens: int,
-              gather: bool = False) -> torch.Tensor:
+              products: str = "blocks") -> torch.Tensor:
     """``second(act(first(x)))`` for a 2-D ``x``, computed per tile of ``tile_tokens`` tokens in one op.
 
     ``first`` and ``second`` are each ``(packed values, row_offsets, cols, bias)`` of a block-sparse Linear, with the
     same block size; ``activation`` is one of ``MLP_ACTIVATIONS``. Only the hidden blocks that ``second`` reads are
     computed.
     """
-    return torch.ops.superblock.fused_bsr_mlp(x, *first, *second, out_features, activation, tile_tokens, gather)
+    return torch.ops.superblock.fused_bsr_mlp(x, *first, *second, out_features, activation, tile_tokens, products)
 
 
 MLP_ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "identity")
@@ -207,7 +240,7 @@ MLP_ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "identity")
 # "auto" on CPU times the candidates on this many tokens (a 224-pixel ViT-B/16 image is 197).
 AUTO_SAMPLE_TOKENS = 256
 
-# Token tiles tried at conversion, each with and without gathering a row's inputs: the fastest on this CPU,
+# Token tiles tried at conversion, each with every kind of products (product_kinds): the fastest on this CPU,
 # dtype and layer is kept.
 TILE_CANDIDATES = (32, 64, 128, 256)
 
@@ -231,9 +264,9 @@ def median_seconds(fn, repeats: int = 5) -> float:
     return median_seconds_each({"fn": fn}, repeats)["fn"]
 
 
-def fastest_setting(run, tokens: int, variants=(False, True)):
+def fastest_setting(run, tokens: int, variants):
     """((tile_tokens, variant), seconds): the fastest of ``run(tile_tokens, variant)`` over ``TILE_CANDIDATES`` and
-    ``variants`` (whether to gather, or for the int8 kernels the instruction set), timed on ``tokens`` tokens in
+    ``variants`` (the float ops' ``product_kinds``, or the int8 ops' instruction sets), timed on ``tokens`` tokens in
     interleaved rounds."""
     # Bigger tiles than twice the sample only repeat the last measurement.
     tiles = [tile for i, tile in enumerate(TILE_CANDIDATES) if i == 0 or tile <= 2 * tokens]

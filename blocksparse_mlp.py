@@ -45,7 +45,7 @@ class BlockSparseMLP(nn.Module):
     """
 
     def __init__(self, fc1: nn.Module, between: List[nn.Module], fc2: nn.Module, *, tile_tokens: int,
-                 gather: bool, second_name: str, isa: Optional[str] = None):
+                 products: str, second_name: str, isa: Optional[str] = None):
         super().__init__()
         activation = fused_activation(between)
         if activation is None:
@@ -56,9 +56,16 @@ class BlockSparseMLP(nn.Module):
         self.fc2 = fc2
         self.activation = activation
         self.tile_tokens = tile_tokens
-        self.gather = gather
+        self.products = products  # float layers: how the products run (blocksparse_fused.product_kinds)
         self.isa = isa  # int8 layers: the instruction set their kernel uses ("amx" or "vnni")
         self.second_name = second_name
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)  # the layers re-pack their blocks for a new dtype
+        if self.isa is None and self.fc1.block_values.dtype in blocksparse_fused.DTYPES:
+            self.products = blocksparse_fused.valid_products(self.products, self.fc1.block_values.dtype,
+                                                             self.fc1.blocksize)
+        return self
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         # Dropout acts in training; the kernel is the CPU's, and its float form has no float64.
@@ -73,9 +80,9 @@ class BlockSparseMLP(nn.Module):
                                           self.activation, self.tile_tokens, self.isa).to(input.dtype)
         else:
             y = blocksparse_fused.fused_mlp(x.to(first[0].dtype), first, second, self.fc2.out_features,
-                                            self.activation, self.tile_tokens, self.gather)
+                                            self.activation, self.tile_tokens, self.products)
         return y.reshape(*input.shape[:-1], self.fc2.out_features)
 
     def extra_repr(self) -> str:
-        variant = f"isa={self.isa!r}" if self.isa is not None else f"gather={self.gather}"
+        variant = f"isa={self.isa!r}" if self.isa is not None else f"products={self.products!r}"
         return f"activation={self.activation!r}, tile_tokens={self.tile_tokens}, {variant}"

@@ -3,7 +3,8 @@
     python benchmarks/fused_settings.py [--tokens 1576] [--sparsity 0.9]
 
 For 768x3072 and 3072x768 at blocks 32 and 64, float32 and bfloat16: dense, then the speed-up over dense of each
-token tile with one brgemm per block (gather=False) and with a row's inputs gathered into one panel (gather=True).
+token tile with each kind of products (`blocksparse_fused.product_kinds`: one brgemm per block, a row's inputs
+gathered into one panel, and on an AMX CPU our own tile kernel for bfloat16), as `tile:kind`.
 """
 import argparse
 import os
@@ -35,10 +36,10 @@ for dtype in (torch.float32, torch.bfloat16):
             x = torch.randn(args.tokens, in_features).to(dtype)
             dense = blocksparse_fused.median_seconds(lambda: F.linear(x, weight, bias), 7)
             cells = []
-            for gather in (False, True):
+            for kind in blocksparse_fused.product_kinds(dtype, blocksize):
                 for tile in blocksparse_fused.TILE_CANDIDATES:
                     seconds = blocksparse_fused.median_seconds(
-                        lambda: blocksparse_fused.fused_linear(x, packed, crow, col, bias, out_features, tile, gather), 7)
-                    cells.append(f"{tile}{'g' if gather else ''}:{dense / seconds:.2f}")
+                        lambda: blocksparse_fused.fused_linear(x, packed, crow, col, bias, out_features, tile, kind), 7)
+                    cells.append(f"{tile}:{kind} {dense / seconds:.2f}")
             print(f"{str(dtype):14s} block {blocksize} {in_features}x{out_features}: dense {dense * 1e3:.2f} ms, "
                   + " ".join(cells))

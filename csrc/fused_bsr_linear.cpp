@@ -1,13 +1,18 @@
 // The fused block-sparse Linear for CPUs: y = x @ W.T + bias, with W stored as its kept blocks only.
 //
-// Work is split into (tile of tokens, output block-row) items. Each item accumulates one brgemm per kept block of
-// its row, reading the input's column-block in place (leading dimension = the input's row stride, no gather), into
-// a float tile, then adds the bias and writes its output tile in the output dtype. With `gather`, an item whose
-// row keeps several blocks first copies their input columns side by side into a small panel and runs one brgemm
-// over all of them (the row's blocks are stored one after the other, so they already form one K x blocksize
-// operand): fewer, longer products for a copy that stays in cache. Which is faster depends on the CPU and the shape,
-// so the caller measures both. Every item is computed by one thread from start to end, so the result is the same
-// bit for bit whatever the thread count.
+// Work is split into (tile of tokens, output block-row) items. Each item computes its row's products into a float
+// tile, then adds the bias and writes its output tile in the output dtype. How the products run (`products`, which
+// is faster depends on the CPU and the shape, so the caller measures them):
+// - "blocks": one brgemm per kept block, reading the input's column-block in place (leading dimension = the input's
+//   row stride).
+// - "gather": an item whose row keeps several blocks first copies their input columns side by side into a small
+//   panel and runs one brgemm over all of them (the row's blocks are stored one after the other, so they already
+//   form one K x blocksize operand): fewer, longer products for a copy that stays in cache.
+// - "amx": bfloat16 blocks of a multiple of 32 on a CPU with AMX, our own tile kernel (amx_bf16.h): the
+//   accumulators stay in tile registers across the row's blocks. It adds in the order of "blocks" on AMX, so the
+//   two give the same bits.
+// Every item is computed by one thread from start to end, so the result is the same bit for bit whatever the
+// thread count.
 //
 // fused_bsr_mlp runs a whole Linear -> activation -> Linear pair per tile of tokens (one work item each): the first
 // Linear's outputs for the hidden blocks the second one reads go to a buffer of the thread's own, activated, and the
@@ -30,8 +35,9 @@
 #include <string>
 #include <vector>
 
-#include "block_index.h"
+#include "amx_bf16.h"
 #include "avx512_float.h"
+#include "block_index.h"
 
 namespace {
 
@@ -59,6 +65,8 @@ inline void store_row<at::BFloat16>(at::BFloat16* out, const float* acc, const a
     bits[c] = to_bfloat16_bits(acc[c] + b);
   }
 }
+
+enum class Products { blocks, gather, amx };
 
 // Whether oneDNN's brgemm micro-kernel takes pair-interleaved blocks of this dtype on this CPU (probed once).
 bool vnni_runs(at::ScalarType dtype) {
@@ -138,10 +146,10 @@ Epilogue<T> activating_epilogue(const std::string& activation, int64_t blocksize
 
 // out (m x blocksize, row stride out_stride) = x_tile (m rows, row stride x_stride) @ W[block-row `row`].T + bias,
 // reading x_tile's column blocks in place. float32 accumulates straight into `out`; other dtypes into `scratch`
-// (m x blocksize floats), converted at the end. `panel` is the buffer of the gathered variant.
+// (m x blocksize floats), converted at the end. `panel` is the buffer of "gather".
 template <typename T>
 void block_row_product(const BlockRows<T>& w, int64_t row, const T* x_tile, int64_t x_stride, int64_t m, T* out,
-                       int64_t out_stride, float* scratch, std::vector<T>& panel, bool gather,
+                       int64_t out_stride, float* scratch, std::vector<T>& panel, Products products,
                        const Epilogue<T>& epilogue = {}) {
   constexpr bool accumulate_in_output = std::is_same_v<T, float>;
   const int64_t blocksize = w.blocksize, block_numel = blocksize * blocksize;
@@ -159,7 +167,12 @@ void block_row_product(const BlockRows<T>& w, int64_t row, const T* x_tile, int6
   const int64_t acc_stride = accumulate_in_output ? out_stride : blocksize;
   if (first == last) {
     for (int64_t i = 0; i < m; ++i) std::fill_n(acc + i * acc_stride, blocksize, 0.f);
-  } else if (gather && last - first > 1) {
+  } else if (products == Products::amx) {  // never mixed with ATen's brgemm in one call: they share the tiles
+    if constexpr (std::is_same_v<T, at::BFloat16>) {
+      superblock::amx_block_row_product(x_tile, x_stride, m, w.blocks + first * block_numel, w.cols + first,
+                                        last - first, blocksize, acc, acc_stride);
+    }
+  } else if (products == Products::gather && last - first > 1) {
     const int64_t depth = (last - first) * blocksize;
     panel.resize(m * depth);
     for (int64_t i = 0; i < m; ++i) {
@@ -201,7 +214,8 @@ BlockRows<T> block_rows_of(const at::Tensor& values, const at::Tensor& row_offse
 }
 
 template <typename T>
-void linear_items(const at::Tensor& x, const BlockRows<T>& w, at::Tensor& y, int64_t tile_tokens, bool gather) {
+void linear_items(const at::Tensor& x, const BlockRows<T>& w, at::Tensor& y, int64_t tile_tokens,
+                  Products products) {
   const int64_t tokens = x.size(0), out_features = y.size(1), x_stride = x.stride(0);
   const int64_t block_rows = out_features / w.blocksize;
   const int64_t tiles = (tokens + tile_tokens - 1) / tile_tokens;
@@ -215,7 +229,7 @@ void linear_items(const at::Tensor& x, const BlockRows<T>& w, at::Tensor& y, int
       const int64_t m = std::min(tile_tokens, tokens - first_token);
       block_row_product(w, row, x_data + first_token * x_stride, x_stride, m,
                         y_data + first_token * out_features + row * w.blocksize, out_features, scratch.data(), panel,
-                        gather);
+                        products);
     }
     at::native::cpublas::brgemm_release(w.vnni);
   });
@@ -236,7 +250,7 @@ void activate(at::Tensor hidden, const std::string& activation) {
 // of the thread's own (it stays in cache), then y = hidden @ W2.T + b2. The hidden activations never go to memory.
 template <typename T>
 void mlp_items(const at::Tensor& x, const BlockRows<T>& w1, const BlockRows<T>& w2, const at::Tensor& cols2,
-               at::Tensor& y, const std::string& activation, int64_t tile_tokens, bool gather) {
+               at::Tensor& y, const std::string& activation, int64_t tile_tokens, Products products) {
   const int64_t tokens = x.size(0), out_features = y.size(1), x_stride = x.stride(0), blocksize = w1.blocksize;
   // Only the hidden blocks W2 reads are computed, side by side in the buffer: W2's columns are renumbered to them.
   const int32_t* col = cols2.const_data_ptr<int32_t>();
@@ -272,14 +286,14 @@ void mlp_items(const at::Tensor& x, const BlockRows<T>& w1, const BlockRows<T>& 
       const T* x_tile = x_data + first_token * x_stride;
       for (size_t k = 0; k < live.size(); ++k) {
         block_row_product(w1, live[k], x_tile, x_stride, m, hidden.get() + k * blocksize, width, scratch.data(),
-                          panel, gather, epilogue);
+                          panel, products, epilogue);
       }
       if (width > 0 && !epilogue.activates) {
         activate(at::from_blob(hidden.get(), {m, width}, at::TensorOptions().dtype(dtype)), activation);
       }
       for (int64_t row = 0; row < block_rows; ++row) {
         block_row_product(w2_live, row, hidden.get(), width, m, y_data + first_token * out_features + row * blocksize,
-                          out_features, scratch.data(), panel, gather);
+                          out_features, scratch.data(), panel, products);
       }
     }
     at::native::cpublas::brgemm_release(w1.vnni);
@@ -331,17 +345,33 @@ void with_dtype(at::ScalarType dtype, Body body) {
   }
 }
 
+// `products` by name, checked against the operands: "amx" needs AMX, bfloat16 and pair-interleaved blocks of a
+// multiple of 32.
+Products products_of(const char* op, c10::string_view name, const at::Tensor& x, const at::Tensor& values) {
+  const std::string products(name);
+  TORCH_CHECK(products == "blocks" || products == "gather" || products == "amx", op,
+              ": products must be blocks, gather or amx, not '", products, "'");
+  if (products == "blocks") return Products::blocks;
+  if (products == "gather") return Products::gather;
+  TORCH_CHECK(superblock::amx_bf16_runs(), op, ": products 'amx' need AMX (amx_bf16), which this CPU lacks or "
+              "SUPERBLOCK_HIDE_ISA hides");
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && values.dim() == 4 && values.size(1) % 16 == 0, op,
+              ": products 'amx' need bfloat16 blocks of a multiple of 32 in the pair-interleaved layout");
+  return Products::amx;
+}
+
 at::Tensor fused_bsr_linear(const at::Tensor& input, const at::Tensor& values, const at::Tensor& row_offsets,
                             const at::Tensor& cols, const c10::optional<at::Tensor>& bias, int64_t out_features,
-                            int64_t tile_tokens, bool gather) {
+                            int64_t tile_tokens, c10::string_view products) {
   const at::Tensor x = rows_contiguous("fused_bsr_linear", input, tile_tokens);
+  const Products how = products_of("fused_bsr_linear", products, x, values);
   auto y = at::empty({x.size(0), out_features}, x.options());
   if (x.size(0) == 0 || out_features == 0) return y;
   check_blocks("fused_bsr_linear", x, values, row_offsets, cols, x.size(1), out_features);
   const auto b = contiguous_bias(bias);
   with_dtype(x.scalar_type(), [&](auto zero) {
     using T = decltype(zero);
-    linear_items<T>(x, block_rows_of<T>(values, row_offsets, cols, b), y, tile_tokens, gather);
+    linear_items<T>(x, block_rows_of<T>(values, row_offsets, cols, b), y, tile_tokens, how);
   });
   return y;
 }
@@ -350,11 +380,12 @@ at::Tensor fused_bsr_mlp(const at::Tensor& input, const at::Tensor& values1, con
                          const at::Tensor& cols1, const c10::optional<at::Tensor>& bias1, const at::Tensor& values2,
                          const at::Tensor& row_offsets2, const at::Tensor& cols2,
                          const c10::optional<at::Tensor>& bias2, int64_t out_features, c10::string_view activation,
-                         int64_t tile_tokens, bool gather) {
+                         int64_t tile_tokens, c10::string_view products) {
   const std::string act(activation);
   TORCH_CHECK(act == "gelu" || act == "gelu_tanh" || act == "relu" || act == "identity",
               "fused_bsr_mlp: activation must be gelu, gelu_tanh, relu or identity, not ", act);
   const at::Tensor x = rows_contiguous("fused_bsr_mlp", input, tile_tokens);
+  const Products how = products_of("fused_bsr_mlp", products, x, values1);
   auto y = at::empty({x.size(0), out_features}, x.options());
   if (x.size(0) == 0 || out_features == 0) return y;
   const int64_t hidden = (row_offsets1.numel() - 1) * (values1.dim() == 4 ? values1.size(1) * 2 : values1.size(1));
@@ -365,7 +396,7 @@ at::Tensor fused_bsr_mlp(const at::Tensor& input, const at::Tensor& values1, con
   with_dtype(x.scalar_type(), [&](auto zero) {
     using T = decltype(zero);
     mlp_items<T>(x, block_rows_of<T>(values1, row_offsets1, cols1, b1),
-                 block_rows_of<T>(values2, row_offsets2, cols2, b2), cols2, y, act, tile_tokens, gather);
+                 block_rows_of<T>(values2, row_offsets2, cols2, b2), cols2, y, act, tile_tokens, how);
   });
   return y;
 }
@@ -392,15 +423,24 @@ at::Tensor fused_pack_blocks(const at::Tensor& blocks, bool allow_vnni) {
   return source.view({kept, blocksize / 2, 2, blocksize}).transpose(2, 3).contiguous();
 }
 
+// The products fused_bsr_linear and fused_bsr_mlp can take for `dtype` on this CPU (given pair-interleaved blocks
+// of a multiple of 32 for "amx").
+std::vector<std::string> fused_products(at::ScalarType dtype) {
+  std::vector<std::string> products{"blocks", "gather"};
+  if (dtype == at::kBFloat16 && superblock::amx_bf16_runs()) products.push_back("amx");
+  return products;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(superblock, m) {
   m.def("fused_bsr_linear(Tensor input, Tensor values, Tensor row_offsets, Tensor cols, Tensor? bias, "
-        "int out_features, int tile_tokens, bool gather) -> Tensor");
+        "int out_features, int tile_tokens, str products) -> Tensor");
   m.def("fused_bsr_mlp(Tensor input, Tensor values1, Tensor row_offsets1, Tensor cols1, Tensor? bias1, "
         "Tensor values2, Tensor row_offsets2, Tensor cols2, Tensor? bias2, int out_features, str activation, "
-        "int tile_tokens, bool gather) -> Tensor");
+        "int tile_tokens, str products) -> Tensor");
   m.def("fused_pack_blocks(Tensor blocks, bool allow_vnni) -> Tensor");
+  m.def("fused_products(ScalarType dtype) -> str[]", &fused_products);
 }
 
 TORCH_LIBRARY_IMPL(superblock, CPU, m) {

@@ -281,3 +281,28 @@ def test_int8_on_a_cpu_without_the_int8_kernels_is_an_error_naming_the_instructi
                                                r"they need AMX \(amx_int8\) or AVX-512 VNNI \(avx512_vnni\);") as e:
         benchmark.main(args)
     assert str(e.value).endswith("; drop --quantize") and "\n" not in str(e.value)
+
+
+def test_bsr_onednn_is_bsr_with_its_products_on_onednn_where_it_chose_our_amx_kernel():
+    rows = run(["--smoke", "--device", "cpu", "--dtype", "bfloat16", "--baselines", "dense,bsr-onednn",
+                "--kernels", "fused", "--iters", "1"])
+    by_name = {row["variant"]: row for row in rows}
+    assert list(by_name) == ["dense", "bsr-onednn", "bsr-fused"]
+    assert by_name["bsr-onednn"]["matches_offline"] and by_name["bsr-fused"]["matches_offline"]
+    assert "/amx" not in by_name["bsr-onednn"]["note"]
+    amx = FUSED and "amx" in blocksparse_fused.product_kinds(torch.bfloat16, 32)
+    if not amx:
+        assert "/amx" not in by_name["bsr-fused"]["note"], "our AMX kernel only where it runs"
+
+
+@pytest.mark.skipif(not FUSED, reason="the fused kernel's extension is unavailable here")
+def test_kernel_counts_mark_float_layers_on_our_amx_kernel():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 128), nn.GELU(), nn.Linear(128, 64), nn.Linear(64, 64)).eval().bfloat16()
+    blocksparse.apply_bsr(model, 32, min_sparsity=0.0, kernel="fused")
+    for module in model.modules():
+        if hasattr(module, "products"):
+            module.products = "amx"
+    assert benchmark._kernel_counts(model) == "fused/amx:3 mlp/amx:1"
+    benchmark._products_on_onednn(model)
+    assert benchmark._kernel_counts(model) == "fused:3 mlp:1"

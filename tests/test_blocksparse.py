@@ -200,7 +200,7 @@ def test_auto_keeps_the_kernel_that_measured_faster(monkeypatch, faster):
 
     def fake_timings(linear, blocksize, kernel):
         timed.append(kernel)
-        return {"dense": 1.0, kernel: 0.5 if faster == "sparse" else 2.0}, ((64, True) if kernel == "fused" else None)
+        return {"dense": 1.0, kernel: 0.5 if faster == "sparse" else 2.0}, ((64, "gather") if kernel == "fused" else None)
 
     monkeypatch.setattr(blocksparse, "_measured", {})
     monkeypatch.setattr(blocksparse, "_time_candidates", fake_timings)
@@ -210,7 +210,7 @@ def test_auto_keeps_the_kernel_that_measured_faster(monkeypatch, faster):
     assert layer.kernel == (candidate if faster == "sparse" else "dense")
     text = repr(layer)
     assert "blocksize=64" in text and f"kernel='{layer.kernel}'" in text and "sparsity=" in text
-    assert ("tile_tokens=64, gather=True" in text) == (layer.kernel == "fused")
+    assert ("tile_tokens=64, products='gather'" in text) == (layer.kernel == "fused")
     BlockSparseLinear.from_dense(linear, 64)
     assert len(timed) == 1, "a layer of the same shape, dtype and blocks must reuse the measurement"
     x = torch.randn(3, 256)

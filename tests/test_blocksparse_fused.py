@@ -59,8 +59,8 @@ def test_fused_matches_float64_reference(dtype, blocksize, tokens):
     if layer is None:
         return
     x = torch.randn(tokens, 256, dtype=dtype)
-    for gather in (False, True):  # conversion measures which runs faster; both must be exact
-        layer.gather = gather
+    for products in blocksparse_fused.product_kinds(dtype, blocksize):  # conversion measures; each must be exact
+        layer.products = products
         y = layer(x)
         assert y.dtype == dtype and y.shape == (tokens, 128)
         torch.testing.assert_close(y.double(), reference(linear, x), **TOL[dtype])
@@ -77,8 +77,8 @@ def test_fused_takes_any_leading_shape_strided_input_and_no_bias(dtype):
               torch.randn(256, 9, dtype=dtype)[:128].t(),  # column-major
               torch.randn(4, 2, 128, dtype=dtype).transpose(0, 1)]  # leading dimensions out of order
     for x in inputs:
-        for gather in (False, True):
-            layer.gather = gather
+        for products in blocksparse_fused.product_kinds(dtype, 32):
+            layer.products = products
             y = layer(x)
             assert y.shape == x.shape[:-1] + (192,)
             torch.testing.assert_close(y.double(), reference(linear, x), **TOL[dtype])
@@ -128,8 +128,8 @@ def test_fused_is_bitwise_identical_at_one_and_two_threads(dtype):
     if layer is None:
         return
     x = torch.randn(333, 256, dtype=dtype)
-    for gather in (False, True):
-        layer.gather = gather
+    for products in blocksparse_fused.product_kinds(dtype, 32):
+        layer.products = products
         one, two = at_one_and_two_threads(lambda: layer(x))
         assert torch.equal(one, two)
 

@@ -106,10 +106,10 @@ def test_every_tile_setting_of_the_fused_mlp_gives_the_same_result():
     with torch.inference_mode():
         expected = float64_reference(model, x)
         for tile in blocksparse_fused.TILE_CANDIDATES:
-            for gather in (False, True):
-                fused[0].tile_tokens, fused[0].gather = tile, gather
+            for products in blocksparse_fused.product_kinds(torch.float32, 32):
+                fused[0].tile_tokens, fused[0].products = tile, products
                 torch.testing.assert_close(fused(x).double(), expected, atol=1e-4, rtol=1e-4,
-                                           msg=f"tile_tokens={tile}, gather={gather}")
+                                           msg=f"tile_tokens={tile}, products={products}")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -118,9 +118,9 @@ def test_fused_mlp_is_bitwise_identical_at_one_and_two_threads(dtype):
     fused, _ = fuse(model, 32)
     x = torch.randn(333, 128, dtype=dtype)
     with torch.inference_mode():
-        for gather in (False, True):
+        for products in blocksparse_fused.product_kinds(dtype, 32) if FUSED else ("blocks",):
             if FUSED:
-                fused[0].tile_tokens, fused[0].gather = 32, gather
+                fused[0].tile_tokens, fused[0].products = 32, products
             one, two = at_one_and_two_threads(lambda: fused(x))
             assert torch.equal(one, two)
 
@@ -164,12 +164,12 @@ def test_auto_fuses_a_pair_only_where_that_measures_faster(fused_is_faster, monk
     first = BlockSparseLinear.from_dense(model[0], 16, kernel="fused")
     second = BlockSparseLinear.from_dense(model[2], 16, kernel="fused")
     fused_seconds = 1.0 if fused_is_faster else 3.0
-    monkeypatch.setattr(blocksparse_fused, "fastest_setting", lambda run, tokens, variants: ((64, False), fused_seconds))
+    monkeypatch.setattr(blocksparse_fused, "fastest_setting", lambda run, tokens, variants: ((64, "blocks"), fused_seconds))
     monkeypatch.setattr(blocksparse_fused, "median_seconds", lambda fn, repeats=5: 2.0)  # the two layers in turn
     monkeypatch.setattr(blocksparse, "_measured_mlps", {})
     chosen = blocksparse.choose_mlp_fusion(first, [model[1]], second)
-    assert chosen == ((64, False) if fused_is_faster else None)
-    assert blocksparse.choose_mlp_fusion(first, [model[1]], second, always=True) == (64, False)
+    assert chosen == ((64, "blocks") if fused_is_faster else None)
+    assert blocksparse.choose_mlp_fusion(first, [model[1]], second, always=True) == (64, "blocks")
 
 
 def test_fused_mlp_compiles_as_one_node_and_exports():
