@@ -30,7 +30,7 @@ import torch
 SOURCES = tuple(os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", name)
                 for name in ("fused_bsr_linear.cpp", "int8_bsr_linear.cpp", "attention_core.cpp", "layer_norm.cpp"))
 # The headers they include: the build's name covers them, so a change to one rebuilds the extension too.
-HEADERS = tuple(os.path.join(os.path.dirname(SOURCES[0]), name) for name in ("block_index.h", "avx512_float.h", "amx_bf16.h"))
+HEADERS = tuple(os.path.join(os.path.dirname(SOURCES[0]), name) for name in ("block_index.h", "avx512_float.h", "amx_tiles.h"))
 DISABLE_VARIABLE = "SUPERBLOCK_NO_EXTENSION"
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -191,7 +191,7 @@ def _products_are_exact(dtype: torch.dtype, blocksize: int, kinds) -> bool:
 def product_kinds(dtype: torch.dtype, blocksize: int) -> tuple:
     """How the fused ops can run their products for ``dtype`` blocks of ``blocksize`` on this CPU (``products``):
     "blocks" (one brgemm per kept block), "gather" (a row's input columns copied into one panel, one brgemm) and,
-    for bfloat16 blocks of a multiple of 32 where the CPU has AMX, "amx" (our own tile kernel, csrc/amx_bf16.h),
+    for bfloat16 blocks of a multiple of 32 where the CPU has AMX, "amx" (our own tile kernel, csrc/amx_tiles.h),
     once it computed a check product right (else one warning, and oneDNN's kernels alone)."""
     kinds = ("blocks", "gather")
     if (blocksize % 32 == 0 and "amx" in torch.ops.superblock.fused_products(dtype)

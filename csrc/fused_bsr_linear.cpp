@@ -8,7 +8,7 @@
 // - "gather": an item whose row keeps several blocks first copies their input columns side by side into a small
 //   panel and runs one brgemm over all of them (the row's blocks are stored one after the other, so they already
 //   form one K x blocksize operand): fewer, longer products for a copy that stays in cache.
-// - "amx": bfloat16 blocks of a multiple of 32 on a CPU with AMX, our own tile kernel (amx_bf16.h): the
+// - "amx": bfloat16 blocks of a multiple of 32 on a CPU with AMX, our own tile kernel (amx_tiles.h): the
 //   accumulators stay in tile registers across the row's blocks. It adds in the order of "blocks" on AMX, so the
 //   two give the same bits.
 // Every item is computed by one thread from start to end, so the result is the same bit for bit whatever the
@@ -35,7 +35,7 @@
 #include <string>
 #include <vector>
 
-#include "amx_bf16.h"
+#include "amx_tiles.h"
 #include "avx512_float.h"
 #include "block_index.h"
 
@@ -169,8 +169,9 @@ void block_row_product(const BlockRows<T>& w, int64_t row, const T* x_tile, int6
     for (int64_t i = 0; i < m; ++i) std::fill_n(acc + i * acc_stride, blocksize, 0.f);
   } else if (products == Products::amx) {  // never mixed with ATen's brgemm in one call: they share the tiles
     if constexpr (std::is_same_v<T, at::BFloat16>) {
-      superblock::amx_block_row_product(x_tile, x_stride, m, w.blocks + first * block_numel, w.cols + first,
-                                        last - first, blocksize, acc, acc_stride);
+      superblock::amx_block_row_product<superblock::TileProduct::bfloat16>(
+          x_tile, x_stride, m, w.blocks + first * block_numel, w.cols + first, last - first, blocksize, acc,
+          acc_stride);
     }
   } else if (products == Products::gather && last - first > 1) {
     const int64_t depth = (last - first) * blocksize;
@@ -353,7 +354,7 @@ Products products_of(const char* op, c10::string_view name, const at::Tensor& x,
               ": products must be blocks, gather or amx, not '", products, "'");
   if (products == "blocks") return Products::blocks;
   if (products == "gather") return Products::gather;
-  TORCH_CHECK(superblock::amx_bf16_runs(), op, ": products 'amx' need AMX (amx_bf16), which this CPU lacks or "
+  TORCH_CHECK(superblock::amx_runs(), op, ": products 'amx' need AMX (amx_bf16), which this CPU lacks or "
               "SUPERBLOCK_HIDE_ISA hides");
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 && values.dim() == 4 && values.size(1) % 16 == 0, op,
               ": products 'amx' need bfloat16 blocks of a multiple of 32 in the pair-interleaved layout");
@@ -427,7 +428,7 @@ at::Tensor fused_pack_blocks(const at::Tensor& blocks, bool allow_vnni) {
 // of a multiple of 32 for "amx").
 std::vector<std::string> fused_products(at::ScalarType dtype) {
   std::vector<std::string> products{"blocks", "gather"};
-  if (dtype == at::kBFloat16 && superblock::amx_bf16_runs()) products.push_back("amx");
+  if (dtype == at::kBFloat16 && superblock::amx_runs()) products.push_back("amx");
   return products;
 }
 

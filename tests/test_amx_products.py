@@ -1,4 +1,4 @@
-"""The fused float ops' own AMX tile kernel (csrc/amx_bf16.h, products="amx"): offered exactly where it runs, the same
+"""The fused float ops' own AMX tile kernel (csrc/amx_tiles.h, products="amx"): offered exactly where it runs, the same
 bits as one brgemm per kept block, and one clear error where AMX is missing or hidden."""
 import os
 
