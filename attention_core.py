@@ -11,7 +11,9 @@
 - ``"fused-fp32"``: the same kernel with bfloat16 inputs widened to float32 for its products (float32 inputs: the
   same as "fused"), which some CPUs without AMX run faster than their bfloat16 micro-kernels;
 - ``"fused-avx512bf16"``: the same kernel with its bfloat16 products on our own AVX-512 BF16 micro-kernel instead of
-  oneDNN's (CPUs with avx512_bf16, head sizes a multiple of 16).
+  oneDNN's (CPUs with avx512_bf16, head sizes a multiple of 16);
+- ``"fused-amx"``: the same kernel with its bfloat16 products on our own AMX tile kernel (``csrc/amx_tiles.h``, the
+  block-sparse ops' too; CPUs with AMX, head sizes a multiple of 32).
 
 ``choose(...)`` times them at conversion on the model's shape and dtype (``blocksparse.apply_bsr`` calls it), the
 fused ones at each of ``QUERY_TILES``, and keeps the fastest; the fused kernel competes only after it matched
@@ -28,9 +30,11 @@ import torch.nn.functional as F
 
 import blocksparse_fused
 
-CORES = ("sdpa", "plain", "fused", "fused-fp32", "fused-avx512bf16")
+CORES = ("sdpa", "plain", "fused", "fused-fp32", "fused-avx512bf16", "fused-amx")
 # Each fused core's products for bfloat16 inputs (the op's ``products``); float32 inputs take float32 products.
-PRODUCTS = {"fused": "onednn", "fused-fp32": "float32", "fused-avx512bf16": "avx512_bf16"}
+PRODUCTS = {"fused": "onednn", "fused-fp32": "float32", "fused-avx512bf16": "avx512_bf16", "fused-amx": "amx"}
+# The head sizes our own kernels take: a multiple of this.
+HEAD_MULTIPLE = {"avx512_bf16": 16, "amx": 32}
 
 # apply_bsr times the cores on this many tokens when the model does not say its sequence length (a 224-pixel
 # ViT-B/16 image is 197 tokens), and on enough images to give every thread several (image, head) items.
@@ -127,7 +131,7 @@ def fused_cores(dtype: torch.dtype, head_dim: int) -> Tuple[str, ...]:
         return ("fused",)
     available = torch.ops.superblock.attention_core_products()
     return tuple(core for core, products in PRODUCTS.items()
-                 if products in available and (products != "avx512_bf16" or head_dim % 16 == 0))
+                 if products in available and head_dim % HEAD_MULTIPLE.get(products, 1) == 0)
 
 
 ##### Running a core, and choosing one #####
@@ -145,8 +149,8 @@ def run(core: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, query_tile
     batch, heads, queries, dim = q.shape
     if core in PRODUCTS and fused_runs(q) and _fused_ready(q.dtype, dim):
         products = PRODUCTS[core] if q.dtype == torch.bfloat16 else "float32"
-        if products == "avx512_bf16" and dim % 16:
-            products = "onednn"  # a head size our kernel does not take
+        if dim % HEAD_MULTIPLE.get(products, 1):
+            products = "onednn"  # a head size our kernels do not take
         return fused(q, k, v, query_tile=query_tile, products=products).view(batch, queries, heads * dim)
     if core == "plain":
         flat = lambda t: t.reshape(batch * heads, t.shape[2], dim)  # noqa: E731

@@ -1,5 +1,6 @@
 """The attention core alone: SDPA's flash and math backends, the plain batched product, and SuperBlock's fused kernel
-(each form: bfloat16 products on oneDNN's micro-kernels, "fused-fp32" float32 ones, "fused-avx512bf16" our own).
+(each form: bfloat16 products on oneDNN's micro-kernels, "fused-fp32" float32 ones, "fused-avx512bf16" and "fused-amx"
+our own).
 
     python benchmarks/attention_core.py [--shapes 8x12x197x64 1x12x197x64] [--dtypes float32 bfloat16] [--rounds 5]
 
@@ -23,7 +24,7 @@ import benchmark  # noqa: E402
 import blocksparse_fused  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-COLUMNS = ("sdpa flash", "sdpa math", "plain", "fused", "fused-fp32", "fused-avx512bf16")
+COLUMNS = ("sdpa flash", "sdpa math", "plain", "fused", "fused-fp32", "fused-avx512bf16", "fused-amx")
 
 
 def get_args_parser(add_help=True):

@@ -84,13 +84,13 @@ SUPERBLOCK_AMX inline void configure_tiles(int first, int second, int step) {
 }
 
 // acc[0:tokens, n0:n0+32] (row stride acc_bytes; four-byte sums) = the input rows x (row stride x_bytes) times the
-// block-row's kept blocks, block j reading input bytes cols[j] * block_input_bytes onwards and its weights at
-// blocks + j * block_bytes (row stride 4 * blocksize bytes). kSecond: a second row tile of tokens.
+// kept blocks, block j reading input bytes cols[j] * block_input_bytes onwards and its weights at blocks + j *
+// block_bytes (row stride weight_row_bytes). kSecond: a second row tile of tokens.
 template <TileProduct kKind, bool kSecond>
 SUPERBLOCK_AMX inline void amx_columns(const uint8_t* x, int64_t x_bytes, const uint8_t* blocks, int64_t block_bytes,
-                                       int64_t block_input_bytes, const int32_t* cols, int64_t kept, int64_t blocksize,
-                                       int64_t n0, uint8_t* acc, int64_t acc_bytes, int step) {
-  const int64_t weight_row_bytes = blocksize * 4, step_weight_bytes = (step / 4) * weight_row_bytes;
+                                       int64_t block_input_bytes, int64_t weight_row_bytes, const int32_t* cols,
+                                       int64_t kept, int64_t n0, uint8_t* acc, int64_t acc_bytes, int step) {
+  const int64_t step_weight_bytes = (step / 4) * weight_row_bytes;
   _tile_zero(0);
   _tile_zero(1);
   if (kSecond) {
@@ -98,7 +98,7 @@ SUPERBLOCK_AMX inline void amx_columns(const uint8_t* x, int64_t x_bytes, const 
     _tile_zero(3);
   }
   for (int64_t j = 0; j < kept; ++j) {
-    const uint8_t* input = x + cols[j] * block_input_bytes;
+    const uint8_t* input = x + (cols ? cols[j] : 0) * block_input_bytes;
     const uint8_t* weights = blocks + j * block_bytes + n0 * 4;
     for (int64_t k = 0; k < block_input_bytes; k += step, weights += step_weight_bytes) {
       _tile_loadd(4, input + k, x_bytes);
@@ -132,16 +132,17 @@ SUPERBLOCK_AMX inline void amx_columns(const uint8_t* x, int64_t x_bytes, const 
   }
 }
 
-// acc (m x blocksize four-byte sums, row stride acc_stride elements) = x (m rows of element type In, row stride
-// x_stride elements) @ the block-row's `kept` blocks (`blocks`: the first of them, packed, of In's size or int8
-// for uint8 input; `cols`: their column blocks), 32 tokens at a time. blocksize * sizeof(In) must be a multiple of 32 and blocksize of 32. The tiles are
-// configured here, so the caller releases them (cpublas::brgemm_release, which also tells ATen's brgemm to configure
-// its own again) before ATen's brgemm runs on this thread.
+// acc (m x n four-byte sums, row stride acc_stride elements) = the sum over `kept` blocks j of x[:, cols[j] * k :
+// (cols[j] + 1) * k] @ block j, x having m rows of element type In (row stride x_stride elements) and each block
+// k x n, packed (of In's size, or int8 for uint8 input; one after the other from `blocks`), 32 tokens at a time.
+// cols null: one block, reading x's first k columns (a dense product). k * sizeof(In) must be a multiple of 32 and n
+// of 32. The tiles are configured here, so the caller releases them (cpublas::brgemm_release, which also tells
+// ATen's brgemm to configure its own again) before ATen's brgemm runs on this thread.
 template <TileProduct kKind, typename In, typename Sum>
-SUPERBLOCK_AMX inline void amx_block_row_product(const In* x, int64_t x_stride, int64_t m, const void* blocks,
-                                                 const int32_t* cols, int64_t kept, int64_t blocksize, Sum* acc,
-                                                 int64_t acc_stride) {
-  const int64_t block_input_bytes = blocksize * int64_t(sizeof(In));
+SUPERBLOCK_AMX inline void amx_product(const In* x, int64_t x_stride, int64_t m, const void* blocks,
+                                       const int32_t* cols, int64_t kept, int64_t k, int64_t n, Sum* acc,
+                                       int64_t acc_stride) {
+  const int64_t block_input_bytes = k * int64_t(sizeof(In));
   const int step = block_input_bytes % 64 == 0 ? 64 : 32;
   const auto* x_bytes = reinterpret_cast<const uint8_t*>(x);
   const auto* block_bytes = static_cast<const uint8_t*>(blocks);
@@ -155,21 +156,35 @@ SUPERBLOCK_AMX inline void amx_block_row_product(const In* x, int64_t x_stride, 
     }
     const uint8_t* x_rows = x_bytes + r0 * x_stride * int64_t(sizeof(In));
     uint8_t* acc_rows = acc_bytes + r0 * acc_stride * 4;
-    for (int64_t n0 = 0; n0 < blocksize; n0 += 32) {
+    for (int64_t n0 = 0; n0 < n; n0 += 32) {
       if (rows > 16) {
-        amx_columns<kKind, true>(x_rows, x_stride * sizeof(In), block_bytes, blocksize * block_input_bytes,
-                                 block_input_bytes, cols, kept, blocksize, n0, acc_rows, acc_stride * 4, step);
+        amx_columns<kKind, true>(x_rows, x_stride * sizeof(In), block_bytes, n * block_input_bytes,
+                                 block_input_bytes, n * 4, cols, kept, n0, acc_rows, acc_stride * 4, step);
       } else {
-        amx_columns<kKind, false>(x_rows, x_stride * sizeof(In), block_bytes, blocksize * block_input_bytes,
-                                  block_input_bytes, cols, kept, blocksize, n0, acc_rows, acc_stride * 4, step);
+        amx_columns<kKind, false>(x_rows, x_stride * sizeof(In), block_bytes, n * block_input_bytes,
+                                  block_input_bytes, n * 4, cols, kept, n0, acc_rows, acc_stride * 4, step);
       }
     }
   }
 }
 
+// One block-row of a block-sparse weight: its `kept` square blocks of `blocksize` (see amx_product).
+template <TileProduct kKind, typename In, typename Sum>
+SUPERBLOCK_AMX inline void amx_block_row_product(const In* x, int64_t x_stride, int64_t m, const void* blocks,
+                                                 const int32_t* cols, int64_t kept, int64_t blocksize, Sum* acc,
+                                                 int64_t acc_stride) {
+  amx_product<kKind>(x, x_stride, m, blocks, cols, kept, blocksize, blocksize, acc, acc_stride);
+}
+
 #else
 
 inline bool amx_runs() { return false; }
+
+template <TileProduct kKind, typename In, typename Sum>
+inline void amx_product(const In*, int64_t, int64_t, const void*, const int32_t*, int64_t, int64_t, int64_t, Sum*,
+                        int64_t) {
+  TORCH_CHECK(false, "amx_product: AMX needs an x86 CPU running Linux and GCC 11 or Clang 12 or later");
+}
 
 template <TileProduct kKind, typename In, typename Sum>
 inline void amx_block_row_product(const In*, int64_t, int64_t, const void*, const int32_t*, int64_t, int64_t, Sum*,

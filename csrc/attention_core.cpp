@@ -22,6 +22,7 @@
 #include <cstring>
 #include <vector>
 
+#include "amx_tiles.h"
 #include "avx512_float.h"
 
 #if defined(__x86_64__)
@@ -336,17 +337,20 @@ void bfloat16_product(const void*, int64_t, int64_t, const uint32_t*, int64_t, i
 }
 #endif
 
-// bfloat16 products, on oneDNN's pair-interleaved micro-kernels or (own_kernel) on bfloat16_product above, the
-// probabilities rounded to bfloat16 in between.
+// bfloat16 products, on oneDNN's pair-interleaved micro-kernels, on bfloat16_product above, or on our AMX tile
+// kernel (amx_tiles.h; the same pair-interleaved operands), the probabilities rounded to bfloat16 in between.
+enum class Bfloat16Kernel { onednn, avx512_bf16, amx };
+
 struct Bfloat16Products {
-  bool own_kernel = false;
+  Bfloat16Kernel kernel = Bfloat16Kernel::onednn;
   std::vector<uint32_t> keys_t, values;  // pairs of bfloat16
   std::vector<float> scores, acc;
   std::vector<uint16_t> probabilities;
 
   void run(const at::BFloat16* q, int64_t q_stride, const at::BFloat16* k, int64_t k_stride, const at::BFloat16* v,
            int64_t v_stride, at::BFloat16* out, int64_t out_stride, const Heads& s, float scale, int64_t tile) {
-    // Our kernel takes any multiple of 16 keys (its column blocks); oneDNN's wants kKeyPadding.
+    // Our AVX-512 kernel takes any multiple of 16 keys (its column blocks); oneDNN's and the tiles want kKeyPadding.
+    const bool own_kernel = kernel == Bfloat16Kernel::avx512_bf16, tiles = kernel == Bfloat16Kernel::amx;
     const int64_t padding = own_kernel ? 16 : kKeyPadding;
     const int64_t padded = (s.keys + padding - 1) / padding * padding, pairs = s.dim / 2;
     // keys_t[p][j] = (k[j][2p], k[j][2p+1]): the [D/2][keys][2] layout of k.T.
@@ -375,6 +379,9 @@ struct Bfloat16Products {
       const int64_t m = std::min(tile, s.queries - i0);
       if (own_kernel) {
         bfloat16_product(q + i0 * q_stride, q_stride * 2, m, keys_t.data(), padded, pairs, padded, scores.data(), padded);
+      } else if (tiles) {
+        superblock::amx_product<superblock::TileProduct::bfloat16>(q + i0 * q_stride, q_stride, m, keys_t.data(),
+                                                                   nullptr, 1, s.dim, padded, scores.data(), padded);
       } else {
         brgemm(m, padded, s.dim, q_stride, padded, padded, false, q + i0 * q_stride, keys_bf16, scores.data(), true);
       }
@@ -382,6 +389,9 @@ struct Bfloat16Products {
       softmax_tile(scores.data(), m, padded, s.keys, scale, probabilities.data(), inverse);
       if (own_kernel) {
         bfloat16_product(probabilities.data(), padded * 2, m, values.data(), s.dim, padded / 2, s.dim, acc.data(), s.dim);
+      } else if (tiles) {
+        superblock::amx_product<superblock::TileProduct::bfloat16>(probabilities_bf16, padded, m, values.data(),
+                                                                   nullptr, 1, padded, s.dim, acc.data(), s.dim);
       } else {
         brgemm(m, s.dim, padded, padded, s.dim, s.dim, false, probabilities_bf16, values_bf16, acc.data(), true);
       }
@@ -414,11 +424,12 @@ void attention_heads(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
 
 // q (B, H, Lq, D), k and v (B, H, Lk, D), each with unit stride along D -> out (B, Lq, H, D), contiguous.
 // products, for bfloat16 inputs: "onednn" (oneDNN's bfloat16 micro-kernels), "float32" (widened while packed,
-// float32 micro-kernels) or "avx512_bf16" (our own kernel above). float32 inputs always take float32 products.
+// float32 micro-kernels), "avx512_bf16" (our own kernel above) or "amx" (our tile kernel). float32 inputs always take
+// float32 products.
 at::Tensor attention_core(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale,
                           int64_t query_tile, c10::string_view products) {
-  TORCH_CHECK(products == "onednn" || products == "float32" || products == "avx512_bf16",
-              "attention_core: products must be onednn, float32 or avx512_bf16, not ", products);
+  TORCH_CHECK(products == "onednn" || products == "float32" || products == "avx512_bf16" || products == "amx",
+              "attention_core: products must be onednn, float32, avx512_bf16 or amx, not ", products);
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "attention_core: q, k and v must be (B, H, L, D)");
   TORCH_CHECK(q.scalar_type() == k.scalar_type() && k.scalar_type() == v.scalar_type(),
               "attention_core: q, k and v must share a dtype");
@@ -439,11 +450,19 @@ at::Tensor attention_core(const at::Tensor& q, const at::Tensor& k, const at::Te
     attention_heads<at::BFloat16, FloatProducts<at::BFloat16>>(q, k, v, out, s, float(scale), query_tile);
   } else {
     Bfloat16Products settings;
-    settings.own_kernel = products == "avx512_bf16";
-    TORCH_CHECK(!settings.own_kernel || has_avx512_bf16(), "attention_core: products 'avx512_bf16' need AVX-512 "
-                "BF16 (avx512_bf16), which this CPU lacks");
-    TORCH_CHECK(!settings.own_kernel || s.dim % 16 == 0, "attention_core: products 'avx512_bf16' need a head size "
-                "that is a multiple of 16, not ", s.dim);
+    if (products == "avx512_bf16") {
+      settings.kernel = Bfloat16Kernel::avx512_bf16;
+      TORCH_CHECK(has_avx512_bf16(), "attention_core: products 'avx512_bf16' need AVX-512 BF16 (avx512_bf16), which "
+                  "this CPU lacks");
+      TORCH_CHECK(s.dim % 16 == 0, "attention_core: products 'avx512_bf16' need a head size that is a multiple of "
+                  "16, not ", s.dim);
+    } else if (products == "amx") {
+      settings.kernel = Bfloat16Kernel::amx;
+      TORCH_CHECK(superblock::amx_runs(), "attention_core: products 'amx' need AMX (amx_bf16), which this CPU lacks "
+                  "or SUPERBLOCK_HIDE_ISA hides");
+      TORCH_CHECK(s.dim % 32 == 0, "attention_core: products 'amx' need a head size that is a multiple of 32, not ",
+                  s.dim);
+    }
     attention_heads<at::BFloat16, Bfloat16Products>(q, k, v, out, s, float(scale), query_tile, settings);
   }
   return out;
@@ -453,6 +472,7 @@ at::Tensor attention_core(const at::Tensor& q, const at::Tensor& k, const at::Te
 std::vector<std::string> attention_core_products() {
   std::vector<std::string> products{"onednn", "float32"};
   if (has_avx512_bf16()) products.push_back("avx512_bf16");
+  if (superblock::amx_runs()) products.push_back("amx");
   return products;
 }
 

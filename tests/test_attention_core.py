@@ -53,8 +53,9 @@ def test_fused_kernel_matches_sdpa_math_in_float64(dtype, products, tokens, head
 @pytest.mark.parametrize("dtype,products", PRODUCT_CASES)
 def test_fused_kernel_takes_different_query_and_key_lengths_and_any_tile(dtype, products):
     gen = torch.Generator().manual_seed(1)
-    q = torch.randn(3, 2, 50, 48, generator=gen).to(dtype)  # 48: three column blocks of our bfloat16 kernel
-    k, v = (torch.randn(3, 2, 33, 48, generator=gen).to(dtype) for _ in range(2))
+    dim = 64 if products == "amx" else 48  # 48: three column blocks of our AVX-512 kernel; AMX's take 32s
+    q = torch.randn(3, 2, 50, dim, generator=gen).to(dtype)
+    k, v = (torch.randn(3, 2, 33, dim, generator=gen).to(dtype) for _ in range(2))
     expected = truth(q, k, v)
     for tile in (1, 7, 64, 256):
         out = attention_core.fused(q, k, v, query_tile=tile, products=products)
@@ -88,6 +89,17 @@ def test_our_bfloat16_kernel_takes_head_sizes_of_16_and_steps_aside_for_others()
     assert torch.equal(attention_core.run("fused-avx512bf16", q, k, v), expected)
 
 
+@pytest.mark.skipif("amx" not in torch.ops.superblock.attention_core_products(), reason="this CPU lacks AMX")
+def test_our_amx_kernel_takes_head_sizes_of_32_and_steps_aside_for_others():
+    q, k, v = attention_core.sample(1, 2, 9, 48, torch.bfloat16)
+    with pytest.raises(RuntimeError, match="multiple of 32, not 48"):
+        attention_core.fused(q, k, v, products="amx")
+    assert "fused-amx" not in attention_core.fused_cores(torch.bfloat16, 48)
+    assert "fused-amx" in attention_core.fused_cores(torch.bfloat16, 64)
+    expected = attention_core.run("fused", q, k, v)  # run() falls back to oneDNN's products for such a head
+    assert torch.equal(attention_core.run("fused-amx", q, k, v), expected)
+
+
 def test_a_nan_query_gives_a_nan_row_and_leaves_the_others():
     q, k, v = attention_core.sample(1, 2, 9, 32, torch.float32, torch.Generator().manual_seed(4))
     q = q.clone()
@@ -105,8 +117,8 @@ def test_fused_kernel_refuses_bad_operands_with_a_reason():
         attention_core.fused(q, k.double(), v)
     with pytest.raises(RuntimeError, match="float32 or bfloat16"):
         attention_core.fused(q.half(), k.half(), v.half())
-    with pytest.raises(RuntimeError, match="products must be onednn, float32 or avx512_bf16, not amx"):
-        attention_core.fused(q, k, v, products="amx")
+    with pytest.raises(RuntimeError, match="products must be onednn, float32, avx512_bf16 or amx, not tiles"):
+        attention_core.fused(q, k, v, products="tiles")
     assert "float32 or bfloat16" in attention_core.fused_unavailable_reason(torch.float16, 64)
     assert "even head size" in attention_core.fused_unavailable_reason(torch.bfloat16, 33)
 
