@@ -115,16 +115,16 @@ SUPERBLOCK_AVX512_FLOAT void activate_rows(T* out, int64_t out_stride, const flo
   }
 }
 
-// How a product's float accumulators are stored: as they are (bias added, rounded to the output dtype), or, for the
-// first Linear of an MLP on AVX-512, activated in registers on the way (`store`).
+// How a product's float accumulators are stored: on AVX-512, in registers by `store` (bias added, activated for an
+// MLP's first Linear, rounded to the output dtype); elsewhere by portable loops (and ATen's activation).
 template <typename T>
 struct Epilogue {
-  bool activates = false;
+  bool in_registers = false;
   void (*store)(T*, int64_t, const float*, int64_t, const T*, int64_t, int64_t) = nullptr;
 };
 
-// The in-register epilogue for an MLP's first Linear, where it runs: float32 or bfloat16, AVX-512, blocks of a
-// multiple of 16. float32 takes GELU's precise erf, bfloat16 the polynomial (avx512_float.h).
+// The in-register epilogue for `activation` ("identity" for a plain Linear), where it runs: float32 or bfloat16,
+// AVX-512, blocks of a multiple of 16. float32 takes GELU's precise erf, bfloat16 the polynomial (avx512_float.h).
 template <typename T>
 Epilogue<T> activating_epilogue(const std::string& activation, int64_t blocksize) {
   constexpr bool takes = std::is_same_v<T, float> || std::is_same_v<T, at::BFloat16>;
@@ -155,10 +155,12 @@ void block_row_product(const BlockRows<T>& w, int64_t row, const T* x_tile, int6
   const int64_t blocksize = w.blocksize, block_numel = blocksize * blocksize;
   const T* row_bias = w.bias ? w.bias + row * blocksize : nullptr;
   const int64_t first = w.offsets[row], last = w.offsets[row + 1];
-  if (first == last && !epilogue.activates) {
+  if (first == last && !epilogue.in_registers) {  // the bias alone (memcpy: a scalar loop cost a fifth of qkv's time)
     for (int64_t i = 0; i < m; ++i) {
-      for (int64_t c = 0; c < blocksize; ++c) {
-        out[i * out_stride + c] = row_bias ? row_bias[c] : T(0.f);
+      if (row_bias) {
+        std::memcpy(out + i * out_stride, row_bias, blocksize * sizeof(T));
+      } else {
+        std::fill_n(out + i * out_stride, blocksize, T(0.f));
       }
     }
     return;
@@ -190,7 +192,7 @@ void block_row_product(const BlockRows<T>& w, int64_t row, const T* x_tile, int6
              w.blocks + j * block_numel, acc, w.vnni);
     }
   }
-  if (epilogue.activates) {
+  if (epilogue.in_registers) {
     epilogue.store(out, out_stride, acc, acc_stride, row_bias, m, blocksize);
   } else if (accumulate_in_output) {
     if (row_bias) {
@@ -222,6 +224,7 @@ void linear_items(const at::Tensor& x, const BlockRows<T>& w, at::Tensor& y, int
   const int64_t tiles = (tokens + tile_tokens - 1) / tile_tokens;
   const T* x_data = x.const_data_ptr<T>();
   T* y_data = y.mutable_data_ptr<T>();
+  const Epilogue<T> epilogue = activating_epilogue<T>("identity", w.blocksize);  // bias and rounding in registers
   at::parallel_for(0, tiles * block_rows, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scratch(std::is_same_v<T, float> ? 0 : tile_tokens * w.blocksize);
     std::vector<T> panel;
@@ -230,7 +233,7 @@ void linear_items(const at::Tensor& x, const BlockRows<T>& w, at::Tensor& y, int
       const int64_t m = std::min(tile_tokens, tokens - first_token);
       block_row_product(w, row, x_data + first_token * x_stride, x_stride, m,
                         y_data + first_token * out_features + row * w.blocksize, out_features, scratch.data(), panel,
-                        products);
+                        products, epilogue);
     }
     at::native::cpublas::brgemm_release(w.vnni);
   });
@@ -276,6 +279,7 @@ void mlp_items(const at::Tensor& x, const BlockRows<T>& w1, const BlockRows<T>& 
   T* y_data = y.mutable_data_ptr<T>();
   const auto dtype = x.scalar_type();
   const Epilogue<T> epilogue = activating_epilogue<T>(activation, blocksize);
+  const Epilogue<T> second_epilogue = activating_epilogue<T>("identity", blocksize);
   at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scratch(std::is_same_v<T, float> ? 0 : tile_tokens * blocksize);
     // Not zero-filled (a std::vector would clear megabytes per call): every row the activation and W2 read is
@@ -289,12 +293,12 @@ void mlp_items(const at::Tensor& x, const BlockRows<T>& w1, const BlockRows<T>& 
         block_row_product(w1, live[k], x_tile, x_stride, m, hidden.get() + k * blocksize, width, scratch.data(),
                           panel, products, epilogue);
       }
-      if (width > 0 && !epilogue.activates) {
+      if (width > 0 && !epilogue.in_registers) {
         activate(at::from_blob(hidden.get(), {m, width}, at::TensorOptions().dtype(dtype)), activation);
       }
       for (int64_t row = 0; row < block_rows; ++row) {
         block_row_product(w2_live, row, hidden.get(), width, m, y_data + first_token * out_features + row * blocksize,
-                          out_features, scratch.data(), panel, products);
+                          out_features, scratch.data(), panel, products, second_epilogue);
       }
     }
     at::native::cpublas::brgemm_release(w1.vnni);
