@@ -97,6 +97,25 @@ def test_fused_bfloat16_mlp_activates_in_its_epilogue_like_the_layers(activation
         torch.testing.assert_close(fused(x).double(), float64_reference(model, x), **TOL[torch.bfloat16])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_fused_mlps_gelu_is_within_rounding_of_nn_gelu(dtype):
+    # Identity weights in both Linears: the op's output is its GELU of each input, rounded to the dtype.
+    if not FUSED:
+        return
+    identity = torch.eye(64, dtype=dtype)
+    blocks = blocksparse_fused.pack(identity.t().contiguous().unsqueeze(0))
+    layer = (blocks, torch.tensor([0, 1], dtype=torch.int32), torch.tensor([0], dtype=torch.int32), None)
+    x = torch.linspace(-12, 12, 64 * 300, dtype=torch.float64).to(dtype).view(-1, 64)
+    y = blocksparse_fused.fused_mlp(x, layer, layer, 64, "gelu", 64).double()
+    expected = nn.functional.gelu(x.double())
+    # The GELU's own error (bfloat16: the polynomial's 8.1e-5 max(1, |x|); float32: erf within 1.5e-7, avx512_float.h),
+    # then rounding to the dtype (half a unit in the last place: 2^-8 of the value in bfloat16, 2^-24 in float32).
+    gelu_error = (8.1e-5 if dtype == torch.bfloat16 else 1e-6) * x.double().abs().clamp(min=1)
+    allowed = (2.0 ** -8 if dtype == torch.bfloat16 else 2.0 ** -24) * (expected.abs() + gelu_error) + gelu_error
+    worst = ((y - expected).abs() / allowed).max().item()
+    assert worst <= 1, f"GELU off by {worst:.2f}x what {dtype} allows"
+
+
 def test_every_tile_setting_of_the_fused_mlp_gives_the_same_result():
     model = sparse_mlp(128, 512, 32, "gelu", seed=7)
     fused, _ = fuse(model, 32)
