@@ -47,6 +47,8 @@ using superblock::to_bfloat16_bits;
 constexpr int kExp2Degree = 5;
 constexpr float kExp2Coefficients[kExp2Degree + 1] = {1.8762329e-3f, 8.992584e-3f, 5.5823606e-2f,
                                                       2.4015453e-1f, 6.9315296e-1f, 9.9999994e-1f};
+// A degree-3 fit, relative error below 7.5e-5, for probabilities rounded to bfloat16 (steps of 2^-9 of the value).
+constexpr float kExp2Coefficients3[4] = {7.80244917e-2f, 2.26067230e-1f, 6.95833504e-1f, 9.99925196e-1f};
 
 // 2^x for x <= 0 (the softmax's shifted scores); NaN stays NaN, -inf gives 0.
 inline float exp2_nonpositive(float x) {
@@ -71,7 +73,7 @@ using superblock::first_lanes;
 
 // kRows rows at a time: their max and exp chains are independent, so they overlap in the pipeline (one row's
 // reductions are long dependency chains: max, then horizontal max, then exp, then horizontal sum).
-template <int kRows>
+template <int kRows, bool kRounded>
 inline void softmax_rows(float* scores, int64_t stride, int64_t count, float scale, uint16_t* rounded,
                          float* inverse) {
   const __m512 negative_infinity = _mm512_set1_ps(-INFINITY);
@@ -95,16 +97,21 @@ inline void softmax_rows(float* scores, int64_t stride, int64_t count, float sca
     for (int r = 0; r < kRows; ++r) {
       float* row = scores + r * stride;
       // max_ps returns its second operand when either is NaN, so NaN passes the clamp.
+      // (s - max) * c, not one fused s * c - max * c: with huge scores that leaves max * c's rounding, 2^x overflows.
       const __m512 x = _mm512_max_ps(
           lowest, _mm512_mul_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(mask, row + j), shift[r]), log2_scale));
       const __m512 whole = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
       const __m512 fraction = _mm512_sub_ps(x, whole);
-      __m512 p = _mm512_set1_ps(kExp2Coefficients[0]);
-      for (int c = 1; c < kExp2Degree + 1; ++c) {
-        p = _mm512_fmadd_ps(p, fraction, _mm512_set1_ps(kExp2Coefficients[c]));
+      __m512 p;
+      if constexpr (kRounded) {
+        p = _mm512_set1_ps(kExp2Coefficients3[0]);
+        for (int c = 1; c < 4; ++c) p = _mm512_fmadd_ps(p, fraction, _mm512_set1_ps(kExp2Coefficients3[c]));
+      } else {
+        p = _mm512_set1_ps(kExp2Coefficients[0]);
+        for (int c = 1; c < kExp2Degree + 1; ++c) p = _mm512_fmadd_ps(p, fraction, _mm512_set1_ps(kExp2Coefficients[c]));
       }
       const __m512 e = _mm512_scalef_ps(p, whole);  // p * 2^whole
-      if (rounded) {
+      if constexpr (kRounded) {
         _mm256_mask_storeu_epi16(rounded + r * stride + j, mask, superblock::bfloat16_bits16(e));
       } else {
         _mm512_mask_storeu_ps(row + j, mask, e);
@@ -120,10 +127,18 @@ inline void softmax_tile(float* scores, int64_t rows, int64_t stride, int64_t co
                          float* inverse) {
   int64_t r = 0;
   for (; r + 4 <= rows; r += 4) {
-    softmax_rows<4>(scores + r * stride, stride, count, scale, rounded ? rounded + r * stride : nullptr, inverse + r);
+    if (rounded) {
+      softmax_rows<4, true>(scores + r * stride, stride, count, scale, rounded + r * stride, inverse + r);
+    } else {
+      softmax_rows<4, false>(scores + r * stride, stride, count, scale, nullptr, inverse + r);
+    }
   }
   for (; r < rows; ++r) {
-    softmax_rows<1>(scores + r * stride, stride, count, scale, rounded ? rounded + r * stride : nullptr, inverse + r);
+    if (rounded) {
+      softmax_rows<1, true>(scores + r * stride, stride, count, scale, rounded + r * stride, inverse + r);
+    } else {
+      softmax_rows<1, false>(scores + r * stride, stride, count, scale, nullptr, inverse + r);
+    }
   }
 }
 

@@ -109,6 +109,17 @@ def test_a_nan_query_gives_a_nan_row_and_leaves_the_others():
     assert not out[0, :4].isnan().any() and not out[0, 5:].isnan().any() and not out[0, 4, 0].isnan().any()
 
 
+@pytest.mark.parametrize("dtype,products", PRODUCT_CASES)
+def test_huge_scores_give_the_softmax_of_their_differences(dtype, products):
+    # Scores near 1e35 (float32 reaches 3.4e38): only differences from the row's max may reach exp, or the row overflows to inf/NaN.
+    q, k, v = attention_core.sample(1, 2, 40, 64, dtype, torch.Generator().manual_seed(5))
+    q = q * 3e17
+    k = k * 3e17
+    out = attention_core.fused(q, k, v, products=products)
+    assert out.isfinite().all()
+    assert relative_error(out, truth(q, k, v)) < RELATIVE_ERROR[dtype]
+
+
 def test_fused_kernel_refuses_bad_operands_with_a_reason():
     q, k, v = attention_core.sample(1, 2, 9, 32, torch.float32)
     with pytest.raises(RuntimeError, match="D must be contiguous"):
