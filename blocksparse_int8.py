@@ -7,11 +7,13 @@ with every block kept is a dense int8 layer. The output has the input's dtype (f
 dtypes compute in float32). A token holding inf or NaN gives a row of NaN, as ``nn.Linear`` does.
 
 Kernels (``kernel=``): ``"fused"``, the C++ ops of ``csrc/int8_bsr_linear.cpp`` (built with the float kernels by
-``blocksparse_fused``), on AMX (ATen's brgemm, self-checked against the reference at first use) or AVX-512 VNNI (our
-own micro-kernel), whichever measures faster per layer; ``"bmm"``, the pure-PyTorch reference, slow, on any CPU.
+``blocksparse_fused``), on AMX (our tile kernel, ``csrc/amx_tiles.h``, for blocks of a multiple of 32, else ATen's
+brgemm; self-checked against the reference at first use) or AVX-512 VNNI (our own micro-kernel), whichever measures
+faster per layer; ``"bmm"``, the pure-PyTorch reference, slow, on any CPU.
 ``SUPERBLOCK_HIDE_ISA=amx`` (or ``amx,vnni``) in the environment hides instruction sets from the int8 ops, to try
-what a CPU without them does; ``avx512`` in it hides AVX-512 from the float kernels' elementwise code (the fused
-MLP's activation, ``residual_norm``'s LayerNorm), which then run their portable loops (read once per process).
+what a CPU without them does (``amx`` hides our AMX tile kernel from the float ops and the attention core too);
+``avx512`` in it hides AVX-512 from the float kernels' elementwise code (the fused MLP's activation,
+``residual_norm``'s LayerNorm), which then run their portable loops (read once per process).
 """
 
 import os
@@ -77,7 +79,8 @@ def isas(blocksize: int) -> Tuple[str, ...]:
 
 @torch.no_grad()
 def _amx_is_exact(blocksize: int) -> bool:
-    """Whether ATen's AMX int8 brgemm gives the reference's results for blocks of ``blocksize`` (checked once)."""
+    """Whether the int8 ops' AMX path (our tile kernel; ATen's brgemm for blocks of 16) gives the reference's results
+    for blocks of ``blocksize`` (checked once, with items of 16 tokens and one of 37: two row tiles, then a partial one)."""
     checked = _state.setdefault("amx_exact", {})
     if blocksize not in checked:
         gen = torch.Generator().manual_seed(0)
@@ -91,7 +94,7 @@ def _amx_is_exact(blocksize: int) -> bool:
         operands = (int8_reference.vnni_layout(values), crow, col, scale, int8_reference.compensation(weight_q), bias)
         expected = int8_reference.int8_linear(x, weight_q, scale, bias)
         try:
-            exact = torch.equal(int8_linear(x, operands, 3 * blocksize, 16, "amx"), expected)
+            exact = all(torch.equal(int8_linear(x, operands, 3 * blocksize, tile, "amx"), expected) for tile in (16, 64))
         except RuntimeError:  # a shape oneDNN refuses here
             exact = False
         if not exact:
