@@ -193,7 +193,8 @@ def choose_kernel(linear: nn.Linear, blocksize: int, candidate: Optional[str] = 
 
 
 def _time_candidates(linear: nn.Linear, blocksize: int, candidate: str):
-    """({"dense": s, candidate: s}, the fused kernel's fastest (tile, products) or None) on AUTO_SAMPLE_TOKENS tokens."""
+    """({"dense": s, candidate: s}, the fused kernel's fastest (tile, products) or None), timed on
+    AUTO_SAMPLE_TOKENS tokens."""
     weight = linear.weight.detach()
     bias = None if linear.bias is None else linear.bias.detach()
     x = torch.randn(AUTO_SAMPLE_TOKENS, weight.shape[1], dtype=weight.dtype, device=weight.device)
@@ -216,7 +217,7 @@ _measured_mlps: Dict[tuple, tuple] = {}  # one measurement per distinct pair: (s
 
 @torch.no_grad()
 def choose_mlp_fusion(fc1: nn.Module, between: List[nn.Module], fc2: nn.Module,
-                      always: bool = False) -> Optional[Tuple[int, bool]]:
+                      always: bool = False) -> Optional[Tuple[int, str]]:
     """The fused MLP kernel's (tile_tokens, products) for a converted Linear pair, or None to keep its two layers.
 
     Only two "fused" layers of one kind (float ``BlockSparseLinear`` of one dtype, or ``Int8BlockSparseLinear``,

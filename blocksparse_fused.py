@@ -30,7 +30,8 @@ import torch
 SOURCES = tuple(os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", name)
                 for name in ("fused_bsr_linear.cpp", "int8_bsr_linear.cpp", "attention_core.cpp", "layer_norm.cpp"))
 # The headers they include: the build's name covers them, so a change to one rebuilds the extension too.
-HEADERS = tuple(os.path.join(os.path.dirname(SOURCES[0]), name) for name in ("block_index.h", "avx512_float.h", "amx_tiles.h"))
+HEADERS = tuple(os.path.join(os.path.dirname(SOURCES[0]), name)
+                for name in ("block_index.h", "avx512_float.h", "amx_tiles.h"))
 DISABLE_VARIABLE = "SUPERBLOCK_NO_EXTENSION"
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 

@@ -80,7 +80,8 @@ def isas(blocksize: int) -> Tuple[str, ...]:
 @torch.no_grad()
 def _amx_is_exact(blocksize: int) -> bool:
     """Whether the int8 ops' AMX path (our tile kernel; ATen's brgemm for blocks of 16) gives the reference's results
-    for blocks of ``blocksize`` (checked once, with items of 16 tokens and one of 37: two row tiles, then a partial one)."""
+    for blocks of ``blocksize`` (checked once, with items of 16 tokens and one of 37: two row tiles, then a partial
+    one)."""
     checked = _state.setdefault("amx_exact", {})
     if blocksize not in checked:
         gen = torch.Generator().manual_seed(0)
@@ -94,7 +95,8 @@ def _amx_is_exact(blocksize: int) -> bool:
         operands = (int8_reference.vnni_layout(values), crow, col, scale, int8_reference.compensation(weight_q), bias)
         expected = int8_reference.int8_linear(x, weight_q, scale, bias)
         try:
-            exact = all(torch.equal(int8_linear(x, operands, 3 * blocksize, tile, "amx"), expected) for tile in (16, 64))
+            exact = all(torch.equal(int8_linear(x, operands, 3 * blocksize, tile, "amx"), expected)
+                        for tile in (16, 64))
         except RuntimeError:  # a shape oneDNN refuses here
             exact = False
         if not exact:

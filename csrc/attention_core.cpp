@@ -108,7 +108,9 @@ inline void softmax_rows(float* scores, int64_t stride, int64_t count, float sca
         for (int c = 1; c < 4; ++c) p = _mm512_fmadd_ps(p, fraction, _mm512_set1_ps(kExp2Coefficients3[c]));
       } else {
         p = _mm512_set1_ps(kExp2Coefficients[0]);
-        for (int c = 1; c < kExp2Degree + 1; ++c) p = _mm512_fmadd_ps(p, fraction, _mm512_set1_ps(kExp2Coefficients[c]));
+        for (int c = 1; c < kExp2Degree + 1; ++c) {
+          p = _mm512_fmadd_ps(p, fraction, _mm512_set1_ps(kExp2Coefficients[c]));
+        }
       }
       const __m512 e = _mm512_scalef_ps(p, whole);  // p * 2^whole
       if constexpr (kRounded) {

@@ -111,7 +111,8 @@ def test_a_nan_query_gives_a_nan_row_and_leaves_the_others():
 
 @pytest.mark.parametrize("dtype,products", PRODUCT_CASES)
 def test_huge_scores_give_the_softmax_of_their_differences(dtype, products):
-    # Scores near 1e35 (float32 reaches 3.4e38): only differences from the row's max may reach exp, or the row overflows to inf/NaN.
+    # Scores near 1e35 (float32 reaches 3.4e38): only differences from the row's max may reach exp, or the row
+    # overflows to inf/NaN.
     q, k, v = attention_core.sample(1, 2, 40, 64, dtype, torch.Generator().manual_seed(5))
     q = q * 3e17
     k = k * 3e17
