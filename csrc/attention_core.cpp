@@ -47,7 +47,7 @@ using superblock::to_bfloat16_bits;
 constexpr int kExp2Degree = 5;
 constexpr float kExp2Coefficients[kExp2Degree + 1] = {1.8762329e-3f, 8.992584e-3f, 5.5823606e-2f,
                                                       2.4015453e-1f, 6.9315296e-1f, 9.9999994e-1f};
-// A degree-3 fit, relative error below 7.5e-5, for probabilities rounded to bfloat16 (steps of 2^-9 of the value).
+// A degree-3 fit, relative error below 7.5e-5, for bfloat16 outputs (steps of 2^-9 of the value): "coarse".
 constexpr float kExp2Coefficients3[4] = {7.80244917e-2f, 2.26067230e-1f, 6.95833504e-1f, 9.99925196e-1f};
 
 // 2^x for x <= 0 (the softmax's shifted scores); NaN stays NaN, -inf gives 0.
@@ -73,7 +73,7 @@ using superblock::first_lanes;
 
 // kRows rows at a time: their max and exp chains are independent, so they overlap in the pipeline (one row's
 // reductions are long dependency chains: max, then horizontal max, then exp, then horizontal sum).
-template <int kRows, bool kRounded>
+template <int kRows, bool kRounded, bool kCoarse>
 inline void softmax_rows(float* scores, int64_t stride, int64_t count, float scale, uint16_t* rounded,
                          float* inverse) {
   const __m512 negative_infinity = _mm512_set1_ps(-INFINITY);
@@ -103,7 +103,7 @@ inline void softmax_rows(float* scores, int64_t stride, int64_t count, float sca
       const __m512 whole = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
       const __m512 fraction = _mm512_sub_ps(x, whole);
       __m512 p;
-      if constexpr (kRounded) {
+      if constexpr (kCoarse) {
         p = _mm512_set1_ps(kExp2Coefficients3[0]);
         for (int c = 1; c < 4; ++c) p = _mm512_fmadd_ps(p, fraction, _mm512_set1_ps(kExp2Coefficients3[c]));
       } else {
@@ -124,23 +124,30 @@ inline void softmax_rows(float* scores, int64_t stride, int64_t count, float sca
   for (int r = 0; r < kRows; ++r) inverse[r] = 1.f / _mm512_reduce_add_ps(sum16[r]);
 }
 
-// Every row of a tile of scores (rows x count, row stride `stride`); `rounded` as the scores when given.
+template <int kRows>
+inline void softmax_rows_of(float* scores, int64_t stride, int64_t count, float scale, uint16_t* rounded, bool coarse,
+                            float* inverse) {
+  if (rounded) {
+    softmax_rows<kRows, true, true>(scores, stride, count, scale, rounded, inverse);
+  } else if (coarse) {
+    softmax_rows<kRows, false, true>(scores, stride, count, scale, nullptr, inverse);
+  } else {
+    softmax_rows<kRows, false, false>(scores, stride, count, scale, nullptr, inverse);
+  }
+}
+
+// Every row of a tile of scores (rows x count, row stride `stride`); `rounded` as the scores when given. `coarse`:
+// the output is bfloat16, so the degree-3 exp2 serves (rounded implies it).
 inline void softmax_tile(float* scores, int64_t rows, int64_t stride, int64_t count, float scale, uint16_t* rounded,
-                         float* inverse) {
+                         bool coarse, float* inverse) {
   int64_t r = 0;
   for (; r + 4 <= rows; r += 4) {
-    if (rounded) {
-      softmax_rows<4, true>(scores + r * stride, stride, count, scale, rounded + r * stride, inverse + r);
-    } else {
-      softmax_rows<4, false>(scores + r * stride, stride, count, scale, nullptr, inverse + r);
-    }
+    softmax_rows_of<4>(scores + r * stride, stride, count, scale, rounded ? rounded + r * stride : nullptr, coarse,
+                       inverse + r);
   }
   for (; r < rows; ++r) {
-    if (rounded) {
-      softmax_rows<1, true>(scores + r * stride, stride, count, scale, rounded + r * stride, inverse + r);
-    } else {
-      softmax_rows<1, false>(scores + r * stride, stride, count, scale, nullptr, inverse + r);
-    }
+    softmax_rows_of<1>(scores + r * stride, stride, count, scale, rounded ? rounded + r * stride : nullptr, coarse,
+                       inverse + r);
   }
 }
 
@@ -178,7 +185,7 @@ inline float softmax_numerators(float* row, int64_t count, float scale, uint16_t
 }
 
 inline void softmax_tile(float* scores, int64_t rows, int64_t stride, int64_t count, float scale, uint16_t* rounded,
-                         float* inverse) {
+                         bool /*coarse: the portable loops keep degree 5*/, float* inverse) {
   for (int64_t r = 0; r < rows; ++r) {
     inverse[r] = softmax_numerators(scores + r * stride, count, scale, rounded ? rounded + r * stride : nullptr);
   }
@@ -275,7 +282,7 @@ struct FloatProducts {
       }
       brgemm(m, padded, s.dim, queries_stride, padded, padded, false, queries, keys_t.data(), scores.data(), false);
       float inverse[256];
-      softmax_tile(scores.data(), m, padded, s.keys, scale, nullptr, inverse);
+      softmax_tile(scores.data(), m, padded, s.keys, scale, nullptr, !in_place, inverse);  // bfloat16 out: coarse
       brgemm(m, s.dim, s.keys, padded, values_stride, s.dim, false, scores.data(), values, acc.data(), false);
       for (int64_t r = 0; r < m; ++r) {
         In* o = out + (i0 + r) * out_stride;
@@ -403,7 +410,7 @@ struct Bfloat16Products {
         brgemm(m, padded, s.dim, q_stride, padded, padded, false, q + i0 * q_stride, keys_bf16, scores.data(), true);
       }
       float inverse[256];
-      softmax_tile(scores.data(), m, padded, s.keys, scale, probabilities.data(), inverse);
+      softmax_tile(scores.data(), m, padded, s.keys, scale, probabilities.data(), true, inverse);
       if (own_kernel) {
         bfloat16_product(probabilities.data(), padded * 2, m, values.data(), s.dim, padded / 2, s.dim, acc.data(), s.dim);
       } else if (tiles) {
