@@ -131,10 +131,12 @@ class FoldedEncoderBlock(nn.Module):
     """torchvision's ViT ``EncoderBlock`` (the same children: ln_1, self_attention, dropout, ln_2, mlp) with its
     norms on the ops: ``ln_1`` on ``layer_norm``, the attention's residual add and ``ln_2`` in one ``add_layer_norm``."""
 
+    _CHILDREN = ("ln_1", "self_attention", "dropout", "ln_2", "mlp")
+
     def __init__(self, block: EncoderBlock):
         super().__init__()
         self.num_heads = block.num_heads
-        for name in ("ln_1", "self_attention", "dropout", "ln_2", "mlp"):
+        for name in self._CHILDREN:
             setattr(self, name, getattr(block, name))
         self.train(block.training)
 
@@ -241,13 +243,11 @@ def unfold(model: nn.Module) -> None:
         if isinstance(module, FoldedEncoderBlock):
             width = module.ln_1.normalized_shape[0]
             block = EncoderBlock(module.num_heads, width, width, 0.0, 0.0, nn.LayerNorm)
-            names = ("ln_1", "self_attention", "dropout", "ln_2", "mlp")
         elif isinstance(module, FoldedTimmBlock):
             block = timm_layers.plain_block_type()(module.norm1.normalized_shape[0], num_heads=1)
-            names = FoldedTimmBlock._CHILDREN
         else:
             continue
-        for name in names:
+        for name in module._CHILDREN:
             setattr(block, name, getattr(module, name))
         block.train(module.training)
         model.set_submodule(fqn, block)

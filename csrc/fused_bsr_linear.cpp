@@ -116,10 +116,9 @@ SUPERBLOCK_AVX512_FLOAT void activate_rows(T* out, int64_t out_stride, const flo
 }
 
 // How a product's float accumulators are stored: on AVX-512, in registers by `store` (bias added, activated for an
-// MLP's first Linear, rounded to the output dtype); elsewhere by portable loops (and ATen's activation).
+// MLP's first Linear, rounded to the output dtype); where `store` is null, by portable loops (and ATen's activation).
 template <typename T>
 struct Epilogue {
-  bool in_registers = false;
   void (*store)(T*, int64_t, const float*, int64_t, const T*, int64_t, int64_t) = nullptr;
 };
 
@@ -135,11 +134,11 @@ Epilogue<T> activating_epilogue(const std::string& activation, int64_t blocksize
     using superblock::Activation;
     switch (superblock::activation_of(activation)) {
       case Activation::gelu:
-        if constexpr (std::is_same_v<T, float>) return {true, &activate_rows<Activation::gelu_precise, T>};
-        return {true, &activate_rows<Activation::gelu, T>};
-      case Activation::gelu_tanh: return {true, &activate_rows<Activation::gelu_tanh, T>};
-      case Activation::relu: return {true, &activate_rows<Activation::relu, T>};
-      default: return {true, &activate_rows<Activation::identity, T>};
+        if constexpr (std::is_same_v<T, float>) return {&activate_rows<Activation::gelu_precise, T>};
+        return {&activate_rows<Activation::gelu, T>};
+      case Activation::gelu_tanh: return {&activate_rows<Activation::gelu_tanh, T>};
+      case Activation::relu: return {&activate_rows<Activation::relu, T>};
+      default: return {&activate_rows<Activation::identity, T>};
     }
   }
 }
@@ -155,7 +154,7 @@ void block_row_product(const BlockRows<T>& w, int64_t row, const T* x_tile, int6
   const int64_t blocksize = w.blocksize, block_numel = blocksize * blocksize;
   const T* row_bias = w.bias ? w.bias + row * blocksize : nullptr;
   const int64_t first = w.offsets[row], last = w.offsets[row + 1];
-  if (first == last && !epilogue.in_registers) {  // the bias alone (a scalar loop here cost a fifth of qkv's time)
+  if (first == last && !epilogue.store) {  // the bias alone (a scalar loop here cost a fifth of qkv's time)
     for (int64_t i = 0; i < m; ++i) {
       if (row_bias) {
         std::memcpy(out + i * out_stride, row_bias, blocksize * sizeof(T));
@@ -192,7 +191,7 @@ void block_row_product(const BlockRows<T>& w, int64_t row, const T* x_tile, int6
              w.blocks + j * block_numel, acc, w.vnni);
     }
   }
-  if (epilogue.in_registers) {
+  if (epilogue.store) {
     epilogue.store(out, out_stride, acc, acc_stride, row_bias, m, blocksize);
   } else if (accumulate_in_output) {
     if (row_bias) {
@@ -293,7 +292,7 @@ void mlp_items(const at::Tensor& x, const BlockRows<T>& w1, const BlockRows<T>& 
         block_row_product(w1, live[k], x_tile, x_stride, m, hidden.get() + k * blocksize, width, scratch.data(),
                           panel, products, epilogue);
       }
-      if (width > 0 && !epilogue.in_registers) {
+      if (width > 0 && !epilogue.store) {
         activate(at::from_blob(hidden.get(), {m, width}, at::TensorOptions().dtype(dtype)), activation);
       }
       for (int64_t row = 0; row < block_rows; ++row) {
