@@ -3,7 +3,8 @@
 # inference", "The attention core", "Residual adds and LayerNorms folded"), as one script for whichever CPU a session
 # gets, the AMD EPYC above all (both issues define their targets there). Three runs of each whole-model command, one
 # process each; nothing else may run meanwhile. Writes one file per command to ${OUT:-/tmp/cpu_targets}; about 25
-# minutes on 2 cores, the peers (which need `make bench-peers` once) 10 more.
+# minutes on 2 cores, the peers (which need `make bench-peers` once) 10 more. Ends with benchmarks/targets.py's table:
+# every target, the ratio each run measured, and whether every run met it.
 # Usage: benchmarks/cpu_targets.sh [--no-peers]
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -43,4 +44,5 @@ if [ "${1:-}" != "--no-peers" ]; then
 fi
 grep -H -E '^(dense|bsr|int8)[^ ]* ' "$out"/vit_*.txt "$out"/pair_*.txt "$out"/dense_qkv_*.txt \
   | awk '{print $1, $2, $3}' > "$out/summary.txt"
-echo "wrote $out (summary.txt: variant and median ms per file)"
+$PY benchmarks/targets.py "$out" | tee "$out/targets.txt"
+echo "wrote $out (summary.txt: variant and median ms per file; targets.txt: each target's ratio per run)"
