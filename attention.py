@@ -63,6 +63,10 @@ class ProjectedAttention(nn.Module):
         # A dense nn.MultiheadAttention checkpoint stores in_proj_weight / in_proj_bias.
         self._register_load_state_dict_pre_hook(_rename_multihead_keys)
 
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self.core = attention_core.settled(self.core)  # unpickled: perhaps a fresh process, or another CPU
+
     @classmethod
     def from_attention(cls, mha, convert):
         """Wrap `mha`'s weights: `convert(linear)` turns each projection (as an nn.Linear) into its module.

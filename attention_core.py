@@ -129,9 +129,27 @@ def fused_cores(dtype: torch.dtype, head_dim: int) -> Tuple[str, ...]:
     one for float32, whose products are float32 whatever the core; for bfloat16 each kind of products the CPU has."""
     if dtype == torch.float32:
         return ("fused",)
-    available = torch.ops.superblock.attention_core_products()
+    available = _products_here()
     return tuple(core for core, products in PRODUCTS.items()
                  if products in available and head_dim % HEAD_MULTIPLE.get(products, 1) == 0)
+
+
+def _products_here() -> Tuple[str, ...]:
+    """The kinds of bfloat16 products the op takes on this CPU (asked once per process)."""
+    if "products" not in _state:
+        _state["products"] = tuple(torch.ops.superblock.attention_core_products())
+    return _state["products"]
+
+
+def settled(core: str) -> str:
+    """``core`` where this process and CPU can run it, else the fused core on oneDNN's products: for a module that
+    was unpickled (``torch.save(model)``), perhaps on a CPU without the instruction sets its core was measured with.
+    Loads the op (raising RuntimeError, with the reason, where it cannot)."""
+    if core not in PRODUCTS:
+        return core
+    blocksparse_fused.require_for_pickled_model()
+    _register_fake()
+    return core if PRODUCTS[core] in _products_here() else "fused"
 
 
 ##### Running a core, and choosing one #####

@@ -367,6 +367,12 @@ class BlockSparseLinear(reference.FrozenBlockLayer):
                 self.products = blocksparse_fused.valid_products(self.products, self.block_values.dtype,
                                                                  self.blocksize)
 
+    def settle_on_this_cpu(self) -> None:
+        # The packed layout and the products are this CPU's (blocksparse_fused.pack, product_kinds): derive both again.
+        if self.kernel == "fused":
+            blocksparse_fused.require_for_pickled_model()
+            self._repack()
+
     def fused_operands(self) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
         """(packed values, row offsets, columns, bias): what the fused kernel reads ("fused" layers only)."""
         return self.packed_values, self.block_crow, self.block_col, self.bias

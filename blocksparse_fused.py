@@ -138,6 +138,17 @@ def require() -> None:
                            f"or use kernel='auto', which falls back to the pure-PyTorch kernels")
 
 
+def require_for_pickled_model() -> None:
+    """Load the kernels for a converted model that was pickled (``torch.save(model)``) and is being unpickled, perhaps
+    in a fresh process or on another CPU; raise RuntimeError, saying why and what to do, where they cannot run."""
+    reason = unavailable_reason()
+    if reason is not None:
+        fix = (f"unset {DISABLE_VARIABLE}" if reason.startswith(DISABLE_VARIABLE)
+               else "install g++ and ninja (torch.utils.cpp_extension builds it)")
+        raise RuntimeError(f"this pickled model runs SuperBlock's C++ kernels, which cannot run here: {reason}; {fix}, "
+                           f"or convert the model here instead (compact.load_compact, or apply_bsr on its weights)")
+
+
 def pack(values: torch.Tensor) -> torch.Tensor:
     """Kept blocks (kept, in, out), each a transposed weight block, in the layout the kernel reads for their dtype."""
     if values.dtype == torch.float32:

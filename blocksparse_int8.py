@@ -228,6 +228,14 @@ class Int8BlockSparseLinear(reference.FrozenBlockLayer):
         self.register_buffer("packed_values", int8_reference.vnni_layout(self.block_values), persistent=False)
         self.register_buffer("compensation", int8_reference.compensation(self.dense_quantized()), persistent=False)
 
+    def settle_on_this_cpu(self) -> None:
+        # Another CPU may lack the instruction set measured at conversion: measure again among those it has.
+        if self.kernel == "fused":
+            blocksparse_fused.require_for_pickled_model()
+            require(self.blocksize)
+            if self.isa not in isas(self.blocksize):
+                (self.tile_tokens, self.isa), self.seconds = self._fastest_setting(self.measured_dtype)
+
     def fused_operands(self) -> tuple:
         """(packed blocks, row offsets, columns, weight scales, compensation, bias): what the int8 ops read."""
         return self.packed_values, self.block_crow, self.block_col, self.weight_scale, self.compensation, self.bias

@@ -60,6 +60,19 @@ class BlockSparseMLP(nn.Module):
         self.isa = isa  # int8 layers: the instruction set their kernel uses ("amx" or "vnni")
         self.second_name = second_name
 
+    def __setstate__(self, state):
+        # Unpickled (torch.save(model)), perhaps in a fresh process or on another CPU: load the ops and keep only
+        # products and instruction sets that run here.
+        super().__setstate__(state)
+        blocksparse_fused.require_for_pickled_model()
+        if self.isa is not None:
+            blocksparse_int8.require(self.fc1.blocksize)
+            available = blocksparse_int8.isas(self.fc1.blocksize)
+            self.isa = self.isa if self.isa in available else available[0]
+        elif self.fc1.block_values.dtype in blocksparse_fused.DTYPES:
+            self.products = blocksparse_fused.valid_products(self.products, self.fc1.block_values.dtype,
+                                                             self.fc1.blocksize)
+
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)  # the layers re-pack their blocks for a new dtype
         if self.isa is None and self.fc1.block_values.dtype in blocksparse_fused.DTYPES:

@@ -42,6 +42,15 @@ class FrozenBlockLayer(nn.Module):
         self.total_blocks = (in_features // blocksize) * (out_features // blocksize)
         self.tile_tokens: Optional[int] = None  # "fused": tokens per work item, measured at conversion
 
+    def __setstate__(self, state):
+        # A pickled model may be unpickled in a fresh process (the C++ ops not loaded yet) or on another CPU (with
+        # other instruction sets): each kind of layer settles its kernel here.
+        super().__setstate__(state)
+        self.settle_on_this_cpu()
+
+    def settle_on_this_cpu(self) -> None:
+        """Make the layer's kernel runnable in this process and on this CPU (after unpickling)."""
+
     @property
     def sparsity(self) -> float:
         """Fraction of blocks that are entirely zero (and not stored)."""

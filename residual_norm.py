@@ -127,7 +127,17 @@ def kernel_is_faster(width: int, dtype: torch.dtype) -> bool:
 ##### Folded blocks #####
 
 
-class FoldedEncoderBlock(nn.Module):
+class _NormsOnTheOps(nn.Module):
+    """What the folded blocks share: their norms run on the ops, which an unpickled model (``torch.save(model)``,
+    loaded in a fresh process) must load first."""
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        blocksparse_fused.require_for_pickled_model()
+        _register_fakes()
+
+
+class FoldedEncoderBlock(_NormsOnTheOps):
     """torchvision's ViT ``EncoderBlock`` (the same children: ln_1, self_attention, dropout, ln_2, mlp) with its
     norms on the ops: ``ln_1`` on ``layer_norm``, the attention's residual add and ``ln_2`` in one ``add_layer_norm``."""
 
@@ -155,7 +165,7 @@ class FoldedEncoderBlock(nn.Module):
         return _residual(self.mlp(y), x, next_norm)
 
 
-class FoldedTimmBlock(nn.Module):
+class FoldedTimmBlock(_NormsOnTheOps):
     """timm's ``Block`` (the same children: norm1, attn, ls1, drop_path1, norm2, mlp, ls2, drop_path2) with its norms
     on the ops: ``norm1`` on ``layer_norm``, the attention's residual add and ``norm2`` in one ``add_layer_norm``."""
 

@@ -42,6 +42,10 @@ class CoreAttention(nn.Module):
         self.core, self.query_tile = core, query_tile
         self.train(timm_attention.training)
 
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self.core = attention_core.settled(self.core)  # unpickled: perhaps a fresh process, or another CPU
+
     def forward(self, x, attn_mask=None, is_causal=False):
         batch, tokens, _ = x.shape
         gate = self.gate(x).sigmoid() if self.gate is not None else None
