@@ -198,18 +198,16 @@ def _time_candidates(linear: nn.Linear, blocksize: int, candidate: str):
     weight = linear.weight.detach()
     bias = None if linear.bias is None else linear.bias.detach()
     x = torch.randn(AUTO_SAMPLE_TOKENS, weight.shape[1], dtype=weight.dtype, device=weight.device)
-    seconds = {"dense": blocksparse_fused.median_seconds(lambda: F.linear(x, weight, bias))}
-    setting = None
-    if candidate == "fused":
+    dense = lambda: F.linear(x, weight, bias)  # noqa: E731
+    if candidate == "fused":  # dense in the same rounds: "auto" promises never slower than dense
         values, crow, col = reference.pack_blocks(weight, blocksize)
         packed, out_features = blocksparse_fused.pack(values), weight.shape[0]
-        setting, seconds["fused"] = blocksparse_fused.fastest_setting(
+        (setting, fused_seconds), dense_seconds = blocksparse_fused.fastest_setting_against(
             lambda tile, kind: blocksparse_fused.fused_linear(x, packed, crow, col, bias, out_features, tile, kind),
-            x.shape[0], blocksparse_fused.product_kinds(weight.dtype, blocksize))
-    else:
-        layer = BlockSparseLinear.from_dense(linear, blocksize, kernel=candidate)
-        seconds[candidate] = blocksparse_fused.median_seconds(lambda: layer(x))
-    return seconds, setting
+            x.shape[0], blocksparse_fused.product_kinds(weight.dtype, blocksize), dense)
+        return {"dense": dense_seconds, "fused": fused_seconds}, setting
+    layer = BlockSparseLinear.from_dense(linear, blocksize, kernel=candidate)
+    return blocksparse_fused.median_seconds_each({"dense": dense, candidate: lambda: layer(x)}), None
 
 
 _measured_mlps: Dict[tuple, tuple] = {}  # one measurement per distinct pair: (setting or None, seconds)
@@ -250,12 +248,13 @@ def _mlp_choice(fc1, between, fc2, always):
            fc2.kept_blocks, activation, torch.get_num_threads(), always)
     if key not in _measured_mlps:
         x = torch.randn(AUTO_SAMPLE_TOKENS, fc1.in_features, dtype=dtype)
-        setting, seconds = blocksparse_fused.fastest_setting(
-            lambda tile, variant: fused(x, first, second, fc2.out_features, activation, tile, variant), x.shape[0],
-            variants)
-        if not always:
+        run = lambda tile, variant: fused(x, first, second, fc2.out_features, activation, tile, variant)  # noqa: E731
+        if always:
+            setting, seconds = blocksparse_fused.fastest_setting(run, x.shape[0], variants)
+        else:  # the two layers in the same rounds
             separate = nn.Sequential(fc1, *between, fc2)
-            separate_seconds = blocksparse_fused.median_seconds(lambda: separate(x))
+            (setting, seconds), separate_seconds = blocksparse_fused.fastest_setting_against(
+                run, x.shape[0], variants, lambda: separate(x))
             if separate_seconds <= seconds:
                 setting, seconds = None, separate_seconds
         _measured_mlps[key] = setting, seconds

@@ -280,9 +280,23 @@ def fastest_setting(run, tokens: int, variants):
     """((tile_tokens, variant), seconds): the fastest of ``run(tile_tokens, variant)`` over ``TILE_CANDIDATES`` and
     ``variants`` (the float ops' ``product_kinds``, or the int8 ops' instruction sets), timed on ``tokens`` tokens in
     interleaved rounds."""
-    # Bigger tiles than twice the sample only repeat the last measurement.
-    tiles = [tile for i, tile in enumerate(TILE_CANDIDATES) if i == 0 or tile <= 2 * tokens]
-    timings = median_seconds_each({(tile, variant): functools.partial(run, tile, variant)
-                                   for tile in tiles for variant in variants})
+    timings = _setting_timings(run, tokens, variants, {})
     best = min(timings, key=timings.get)
     return best, timings[best]
+
+
+def fastest_setting_against(run, tokens: int, variants, baseline):
+    """(``fastest_setting``'s pair, seconds of ``baseline()``), the baseline timed in the same interleaved rounds:
+    measured apart, a drift of a VM's speed between the two measurements could decide which of them is kept."""
+    timings = _setting_timings(run, tokens, variants, {"baseline": baseline})
+    baseline_seconds = timings.pop("baseline")
+    best = min(timings, key=timings.get)
+    return (best, timings[best]), baseline_seconds
+
+
+def _setting_timings(run, tokens: int, variants, others):
+    """Median seconds of ``run`` at each setting, and of each of ``others`` ({name: fn}), in interleaved rounds."""
+    # Bigger tiles than twice the sample only repeat the last measurement.
+    tiles = [tile for i, tile in enumerate(TILE_CANDIDATES) if i == 0 or tile <= 2 * tokens]
+    fns = {(tile, variant): functools.partial(run, tile, variant) for tile in tiles for variant in variants}
+    return median_seconds_each({**fns, **others})

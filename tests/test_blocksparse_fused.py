@@ -303,6 +303,15 @@ def test_median_seconds_each_times_the_candidates_in_interleaved_rounds():
     assert set(seconds) == {"a", "b", "c"} and all(s >= 0 for s in seconds.values())
 
 
+def test_fastest_setting_against_times_its_baseline_in_the_same_rounds():
+    calls = []
+    (setting, seconds), baseline_seconds = blocksparse_fused.fastest_setting_against(
+        lambda tile, variant: calls.append((tile, variant)), 32, ["blocks"], lambda: calls.append("dense"))
+    rounds = [calls[i:i + 3] for i in range(0, len(calls), 3)]  # tiles 32 and 64 (at most twice the tokens), dense
+    assert rounds == [[(32, "blocks"), (64, "blocks"), "dense"]] * 6, "a warm-up each, then five interleaved rounds"
+    assert setting in ((32, "blocks"), (64, "blocks")) and seconds >= 0 and baseline_seconds >= 0
+
+
 @pytest.mark.slow
 def test_every_kernel_source_compiles_for_a_cpu_without_avx512(tmp_path):
     # The extension is built for the CPU it runs on (-march=native), so on an AVX-512 machine a helper or lambda that

@@ -489,6 +489,8 @@ def test_auto_keeps_int8_only_where_that_measures_faster(int8_is_faster, monkeyp
         return (64, variants[0]), int8_seconds
 
     monkeypatch.setattr(blocksparse_fused, "fastest_setting", fastest_setting)
+    monkeypatch.setattr(blocksparse_fused, "fastest_setting_against",
+                        lambda run, tokens, variants, baseline: (fastest_setting(run, tokens, variants), dense_seconds))
     monkeypatch.setattr(blocksparse_fused, "median_seconds", lambda fn, repeats=5: dense_seconds)
     # Every other comparison a tie (the attention's core against nn.MultiheadAttention: the module stays).
     monkeypatch.setattr(blocksparse_fused, "median_seconds_each", lambda fns, repeats=5: dict.fromkeys(fns, dense_seconds))

@@ -185,7 +185,8 @@ def test_auto_fuses_a_pair_only_where_that_measures_faster(fused_is_faster, monk
     fused_seconds = 1.0 if fused_is_faster else 3.0
     monkeypatch.setattr(blocksparse_fused, "fastest_setting",
                         lambda run, tokens, variants: ((64, "blocks"), fused_seconds))
-    monkeypatch.setattr(blocksparse_fused, "median_seconds", lambda fn, repeats=5: 2.0)  # the two layers in turn
+    monkeypatch.setattr(blocksparse_fused, "fastest_setting_against",  # the two layers in the same rounds: 2 s
+                        lambda run, tokens, variants, baseline: (((64, "blocks"), fused_seconds), 2.0))
     monkeypatch.setattr(blocksparse, "_measured_mlps", {})
     chosen = blocksparse.choose_mlp_fusion(first, [model[1]], second)
     assert chosen == ((64, "blocks") if fused_is_faster else None)
