@@ -7,7 +7,7 @@ from torch import nn
 from torchvision.models.vision_transformer import VisionTransformer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+sys.path.append(os.path.join(ROOT, "benchmarks"))  # after the root: benchmarks/attention_core.py must not shadow the module
 import peers  # noqa: E402
 
 

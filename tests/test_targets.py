@@ -2,7 +2,7 @@ import os
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+sys.path.append(os.path.join(ROOT, "benchmarks"))  # after the root: benchmarks/attention_core.py must not shadow the module
 import targets  # noqa: E402
 
 # Excerpts in the formats benchmark.py, peers.py and attention_core.py print.
