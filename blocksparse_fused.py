@@ -130,23 +130,23 @@ def build_seconds() -> Optional[float]:
 
 def require() -> None:
     """Raise RuntimeError, saying why and how to fix it, when the fused kernel cannot run here."""
-    reason = unavailable_reason()
-    if reason is not None:
-        fix = (f"unset {DISABLE_VARIABLE}" if reason.startswith(DISABLE_VARIABLE)
-               else "install g++ and ninja (torch.utils.cpp_extension builds it)")
-        raise RuntimeError(f"kernel='fused' needs the C++ extension, which is unavailable: {reason}; {fix}, "
-                           f"or use kernel='auto', which falls back to the pure-PyTorch kernels")
+    _raise_if_unavailable("kernel='fused' needs the C++ extension, which is unavailable",
+                          "or use kernel='auto', which falls back to the pure-PyTorch kernels")
 
 
 def require_for_pickled_model() -> None:
     """Load the kernels for a converted model that was pickled (``torch.save(model)``) and is being unpickled, perhaps
     in a fresh process or on another CPU; raise RuntimeError, saying why and what to do, where they cannot run."""
+    _raise_if_unavailable("this pickled model runs SuperBlock's C++ kernels, which cannot run here",
+                          "or convert the model here instead (compact.load_compact, or apply_bsr on its weights)")
+
+
+def _raise_if_unavailable(what: str, otherwise: str) -> None:
     reason = unavailable_reason()
     if reason is not None:
         fix = (f"unset {DISABLE_VARIABLE}" if reason.startswith(DISABLE_VARIABLE)
                else "install g++ and ninja (torch.utils.cpp_extension builds it)")
-        raise RuntimeError(f"this pickled model runs SuperBlock's C++ kernels, which cannot run here: {reason}; {fix}, "
-                           f"or convert the model here instead (compact.load_compact, or apply_bsr on its weights)")
+        raise RuntimeError(f"{what}: {reason}; {fix}, {otherwise}")
 
 
 def pack(values: torch.Tensor) -> torch.Tensor:
