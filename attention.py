@@ -65,7 +65,7 @@ class ProjectedAttention(nn.Module):
 
     def __setstate__(self, state):
         super().__setstate__(state)
-        self.core = attention_core.settled(self.core)  # unpickled: perhaps a fresh process, or another CPU
+        self.core = attention_core.settled(self.core, self.head_dim)  # unpickled: a fresh process, or another CPU
 
     @classmethod
     def from_attention(cls, mha, convert):

@@ -141,14 +141,16 @@ def _products_here() -> Tuple[str, ...]:
     return _state["products"]
 
 
-def settled(core: str) -> str:
+def settled(core: str, head_dim: int) -> str:
     """``core`` where this process and CPU can run it, else the fused core on oneDNN's products: for a module that
     was unpickled (``torch.save(model)``), perhaps on a CPU without the instruction sets its core was measured with.
-    Loads the op (raising RuntimeError, with the reason, where it cannot)."""
+    Loads the op (raising RuntimeError, with the reason, where it cannot) and checks the kernel against the reference
+    for this head size now, not at the first call, which may be under torch.compile or torch.export."""
     if core not in PRODUCTS:
         return core
     blocksparse_fused.require_for_pickled_model()
-    _register_fake()
+    for dtype in (torch.float32, torch.bfloat16):
+        fused_unavailable_reason(dtype, head_dim)
     return core if PRODUCTS[core] in _products_here() else "fused"
 
 

@@ -44,7 +44,7 @@ class CoreAttention(nn.Module):
 
     def __setstate__(self, state):
         super().__setstate__(state)
-        self.core = attention_core.settled(self.core)  # unpickled: perhaps a fresh process, or another CPU
+        self.core = attention_core.settled(self.core, self.head_dim)  # unpickled: a fresh process, or another CPU
 
     def forward(self, x, attn_mask=None, is_causal=False):
         batch, tokens, _ = x.shape

@@ -19,15 +19,23 @@ from timm_attention import CoreAttention
 from test_blocksparse import small_vit
 
 # Loads the models torch.save wrote, runs each on its input and compares with the output it gave before saving; then
-# prints every setting that names an instruction set.
+# prints every setting that names an instruction set. With "export" it exports each instead (the ops' fakes must be
+# registered by the unpickling alone) and prints the SuperBlock ops in its graph.
 LOADER = f"""
 import sys
 sys.path.insert(0, {ROOT!r})
 import torch
 saved = torch.load(sys.argv[1], weights_only=False)
 for name, (model, x, expected) in saved.items():
+    tolerance = 1e-5 if expected.dtype == torch.float32 else 1e-2
+    if sys.argv[2:] == ["export"]:
+        program = torch.export.export(model, (x,))
+        ops = {{str(n.target).split(".")[1] for n in program.graph.nodes if str(n.target).startswith("superblock.")}}
+        with torch.inference_mode():
+            torch.testing.assert_close(program.module()(x), expected, rtol=tolerance, atol=tolerance)
+        print(name, "exported", *sorted(ops))
+        continue
     with torch.inference_mode():
-        tolerance = 1e-5 if expected.dtype == torch.float32 else 1e-2
         torch.testing.assert_close(model(x), expected, rtol=tolerance, atol=tolerance)
     settings = sorted({{str(getattr(m, a)) for m in model.modules() for a in ("products", "isa", "core")
                         if hasattr(m, a)}})
@@ -60,7 +68,8 @@ def converted_models():
 def folded_model():
     """{"folded": (model, input, output)}: a ViT whose blocks are folded and nothing else, its only C++ ops its
     norms' (a file of its own: loading the other models loads the ops too)."""
-    model = small_vit(blocksize=32)
+    # Frozen, as apply_bsr leaves a model: the ops compute no gradients, so export takes them only then.
+    model = small_vit(blocksize=32).requires_grad_(False)
     for i, block in enumerate(model.encoder.layers):
         model.encoder.layers[i] = residual_norm.fold(block)
     residual_norm.chain(model)
@@ -85,10 +94,10 @@ def saved(tmp_path_factory):
     return folder
 
 
-def load_elsewhere(saved, file="models.pth", **env):
+def load_elsewhere(saved, file="models.pth", *args, **env):
     os.environ.update(env)
     try:
-        return run_script([str(saved / "loader.py"), str(saved / file)])
+        return run_script([str(saved / "loader.py"), str(saved / file), *args])
     finally:
         for key in env:
             del os.environ[key]
@@ -101,6 +110,19 @@ def test_a_pickled_model_runs_in_a_fresh_process(saved):
     result = load_elsewhere(saved, "folded.pth")
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.split()[:2] == ["folded", "ok"]
+
+
+def test_a_pickled_model_exports_in_a_fresh_process(saved):
+    result = load_elsewhere(saved, "models.pth", "export")
+    assert result.returncode == 0, result.stderr[-2000:]
+    exported = {line.split()[0]: set(line.split()[2:]) for line in result.stdout.splitlines()}
+    # The MLPs are pruned; in int8 the dense attention projections are int8 layers.
+    assert {"fused_bsr_mlp", "attention_core"} <= exported["float32"]
+    assert {"fused_bsr_mlp", "attention_core"} <= exported["bfloat16"]
+    assert {"int8_bsr_mlp", "int8_bsr_linear", "attention_core"} <= exported["int8"]
+    result = load_elsewhere(saved, "folded.pth", "export")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["folded", "exported", "add_layer_norm", "layer_norm"]
 
 
 def test_a_pickled_model_drops_what_this_cpu_lacks(saved):
@@ -124,9 +146,9 @@ def test_a_pickled_model_says_why_it_cannot_load_without_the_extension(saved):
 def test_an_unpickled_attention_takes_onednn_products_where_its_own_are_missing(monkeypatch):
     # As on a CPU without AMX or AVX-512 BF16: the op lists oneDNN's and float32 products alone.
     monkeypatch.setitem(attention_core._state, "products", ("onednn", "float32"))
-    assert [attention_core.settled(core) for core in ("fused-amx", "fused-avx512bf16", "fused-fp32", "fused")] == [
-        "fused", "fused", "fused-fp32", "fused"]
-    assert attention_core.settled("sdpa") == "sdpa" and attention_core.settled("plain") == "plain"
+    cores = ("fused-amx", "fused-avx512bf16", "fused-fp32", "fused", "sdpa", "plain")
+    assert [attention_core.settled(core, 32) for core in cores] == [
+        "fused", "fused", "fused-fp32", "fused", "sdpa", "plain"]
     import timm  # requirements-dev.txt
     attention = ProjectedAttention(nn.Linear(64, 192), nn.Linear(64, 64), embed_dim=64, num_heads=2,
                                    core="fused-amx")
