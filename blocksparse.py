@@ -198,7 +198,10 @@ def _time_candidates(linear: nn.Linear, blocksize: int, candidate: str):
     weight = linear.weight.detach()
     bias = None if linear.bias is None else linear.bias.detach()
     x = torch.randn(AUTO_SAMPLE_TOKENS, weight.shape[1], dtype=weight.dtype, device=weight.device)
-    dense = lambda: F.linear(x, weight, bias)  # noqa: E731
+
+    def dense():
+        return F.linear(x, weight, bias)
+
     if candidate == "fused":  # dense in the same rounds: "auto" promises never slower than dense
         values, crow, col = reference.pack_blocks(weight, blocksize)
         packed, out_features = blocksparse_fused.pack(values), weight.shape[0]
@@ -248,7 +251,10 @@ def _mlp_choice(fc1, between, fc2, always):
            fc2.kept_blocks, activation, torch.get_num_threads(), always)
     if key not in _measured_mlps:
         x = torch.randn(AUTO_SAMPLE_TOKENS, fc1.in_features, dtype=dtype)
-        run = lambda tile, variant: fused(x, first, second, fc2.out_features, activation, tile, variant)  # noqa: E731
+
+        def run(tile, variant):
+            return fused(x, first, second, fc2.out_features, activation, tile, variant)
+
         if always:
             setting, seconds = blocksparse_fused.fastest_setting(run, x.shape[0], variants)
         else:  # the two layers in the same rounds
