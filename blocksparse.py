@@ -691,18 +691,16 @@ def _quantized(linear: nn.Linear, blocksize: int, kernel: str, *, sparse: bool, 
     int8 = Int8BlockSparseLinear.from_dense(linear, size, kernel="bmm" if kernel == "bmm" else "fused")
     if kernel != "auto":
         return int8, ""
-    if sparse:
-        choice = choose_kernel(linear, blocksize)
-        float_kernel, float_seconds = choice.kernel, choice.seconds[choice.kernel]
-    else:
-        weight, bias = linear.weight.detach(), None if linear.bias is None else linear.bias.detach()
-        x = torch.randn(AUTO_SAMPLE_TOKENS, shape[1], dtype=weight.dtype)
-        float_kernel, float_seconds = "dense", blocksparse_fused.median_seconds(lambda: F.linear(x, weight, bias))
-    if int8.seconds < float_seconds:
+    float_kernel = choose_kernel(linear, blocksize).kernel if sparse else "dense"
+    float_form = linear if float_kernel == "dense" else BlockSparseLinear.from_dense(linear, blocksize, kernel="auto")
+    # Both forms in the same interleaved rounds: measured apart, a drift of the VM's speed could decide.
+    x = torch.randn(AUTO_SAMPLE_TOKENS, shape[1], dtype=int8.measured_dtype)
+    seconds = blocksparse_fused.median_seconds_each({"int8": lambda: int8(x), float_kernel: lambda: float_form(x)})
+    if seconds["int8"] < seconds[float_kernel]:
         return int8, ""
     if float_kernel == "dense":
         return linear, "float dense measured faster than int8"
-    return BlockSparseLinear.from_dense(linear, blocksize, kernel="auto"), ""
+    return float_form, ""
 
 
 def apply_bsr(

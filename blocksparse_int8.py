@@ -168,7 +168,7 @@ class Int8BlockSparseLinear(reference.FrozenBlockLayer):
     def __init__(self, in_features: int, out_features: int, blocksize: int, kernel: str, kept_blocks: int):
         super().__init__(in_features, out_features, blocksize, kernel, kept_blocks)
         self.isa: Optional[str] = None  # "fused": "amx" or "vnni", measured at conversion
-        self.seconds: Optional[float] = None  # "fused": its time on the conversion's sample, for apply_bsr's choice
+        self.seconds: Optional[float] = None  # "fused": its fastest setting's time on the conversion's sample
         self.measured_dtype = torch.float32  # "fused": the input dtype it was timed with (the model's)
         self.register_load_state_dict_post_hook(_repack_after_load)
 

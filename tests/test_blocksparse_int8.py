@@ -492,8 +492,11 @@ def test_auto_keeps_int8_only_where_that_measures_faster(int8_is_faster, monkeyp
     monkeypatch.setattr(blocksparse_fused, "fastest_setting_against",
                         lambda run, tokens, variants, baseline: (fastest_setting(run, tokens, variants), dense_seconds))
     monkeypatch.setattr(blocksparse_fused, "median_seconds", lambda fn, repeats=5: dense_seconds)
-    # Every other comparison a tie (the attention's core against nn.MultiheadAttention: the module stays).
-    monkeypatch.setattr(blocksparse_fused, "median_seconds_each", lambda fns, repeats=5: dict.fromkeys(fns, dense_seconds))
+    # A layer's int8 form against its float one in the same rounds; every other comparison a tie (the attention's
+    # core against nn.MultiheadAttention: the module stays).
+    seconds = {"int8": int8_seconds, "fused": float_sparse_seconds, "dense": dense_seconds}
+    monkeypatch.setattr(blocksparse_fused, "median_seconds_each",
+                        lambda fns, repeats=5: {key: seconds.get(key, dense_seconds) for key in fns})
     monkeypatch.setitem(residual_norm._state, "faster", {})  # measured under the tie: not kept for later tests
     monkeypatch.setattr(blocksparse, "_measured", {})
     monkeypatch.setattr(blocksparse, "_measured_mlps", {})
