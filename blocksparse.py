@@ -333,11 +333,11 @@ class BlockSparseLinear(reference.FrozenBlockLayer):
             module.register_buffer("block_crow", crow)
             module.register_buffer("block_col", col)
             if kernel == "fused":
-                module.register_buffer("packed_values", blocksparse_fused.pack(values), persistent=False)
-                # A choice measured earlier in the process may name products this layout no longer takes (a layout
-                # check that failed since): valid_products keeps it runnable.
-                module.tile_tokens = choice.tile_tokens
-                module.products = blocksparse_fused.valid_products(choice.products, weight.dtype, blocksize)
+                module.tile_tokens, module.products = choice.tile_tokens, choice.products
+                # _repack packs the blocks, and keeps the products only where this layout takes them (a choice
+                # measured earlier in the process may predate a layout check that failed).
+                module.register_buffer("packed_values", values, persistent=False)
+                module._repack()
         elif kernel == "torch":
             crow, col, values = reference.to_torch_bsr(weight, blocksize)
             module.register_buffer("crow_indices", crow)

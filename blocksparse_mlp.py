@@ -69,16 +69,19 @@ class BlockSparseMLP(nn.Module):
             blocksparse_int8.require(self.fc1.blocksize)
             available = blocksparse_int8.isas(self.fc1.blocksize)
             self.isa = self.isa if self.isa in available else available[0]
-        elif self.fc1.block_values.dtype in blocksparse_fused.DTYPES:
-            self.products = blocksparse_fused.valid_products(self.products, self.fc1.block_values.dtype,
-                                                             self.fc1.blocksize)
+        self._keep_runnable_products()
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)  # the layers re-pack their blocks for a new dtype
+        self._keep_runnable_products()
+        return self
+
+    def _keep_runnable_products(self) -> None:
+        """Float layers: ``products`` where this CPU and dtype take it, else "blocks" (a pair measured on our AMX
+        kernel in bfloat16, then moved to another dtype or unpickled on a CPU without AMX)."""
         if self.isa is None and self.fc1.block_values.dtype in blocksparse_fused.DTYPES:
             self.products = blocksparse_fused.valid_products(self.products, self.fc1.block_values.dtype,
                                                              self.fc1.blocksize)
-        return self
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         # Dropout acts in training; the kernel is the CPU's, and its float form has no float64.
